@@ -1,0 +1,155 @@
+//! The admin endpoints on `admin_listen`: `/healthz`, `/readyz`, `/status`.
+//!
+//! Kept off the proxy port so a route can never shadow them and so they can be firewalled
+//! separately.
+//!
+//! Try it: `curl localhost:9090/readyz`, `curl localhost:9090/status`.
+
+use async_trait::async_trait;
+use http::{Response, StatusCode};
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+use serde::Serialize;
+use std::sync::Arc;
+
+use crate::selection::Balancer;
+
+/// A route as the status page shows it.
+pub struct RouteInfo {
+    pub uri: String,
+    pub pool: usize,
+}
+
+pub struct AdminApp {
+    pub routes: Vec<RouteInfo>,
+    pub pools: Vec<Arc<Balancer>>,
+}
+
+#[derive(Serialize)]
+struct PodStatus {
+    addr: String,
+    inflight: usize,
+    limit: usize,
+    active: bool,
+    recently_failed: bool,
+    requests: u64,
+    connect_failures: u64,
+}
+
+#[derive(Serialize)]
+struct PoolStatus {
+    name: String,
+    limit: usize,
+    resolved: bool,
+    queue_depth: usize,
+    inflight: usize,
+    pods: Vec<PodStatus>,
+}
+
+#[derive(Serialize)]
+struct RouteStatus {
+    uri: String,
+    pool: String,
+}
+
+#[derive(Serialize)]
+struct Status {
+    ready: bool,
+    routes: Vec<RouteStatus>,
+    pools: Vec<PoolStatus>,
+}
+
+impl AdminApp {
+    /// Ready once every pool has learned its pod list at least once (an empty list counts:
+    /// requests then queue until pods appear) or has pods.
+    pub fn ready(&self) -> bool {
+        self.pools
+            .iter()
+            .all(|b| b.pool().resolved() || b.pool().has_pods())
+    }
+
+    fn status(&self) -> Status {
+        let pools: Vec<PoolStatus> = self
+            .pools
+            .iter()
+            .map(|b| {
+                let p = b.pool();
+                let limit = p.limit();
+                let pods = p.pods();
+                PoolStatus {
+                    name: p.name().to_string(),
+                    limit,
+                    resolved: p.resolved(),
+                    queue_depth: p.waiting(),
+                    inflight: pods.iter().map(|x| x.inflight).sum(),
+                    pods: pods
+                        .into_iter()
+                        .map(|x| PodStatus {
+                            addr: x.addr.to_string(),
+                            inflight: x.inflight,
+                            limit,
+                            active: x.active,
+                            recently_failed: x.recently_failed,
+                            requests: x.requests,
+                            connect_failures: x.connect_failures,
+                        })
+                        .collect(),
+                }
+            })
+            .collect();
+        Status {
+            ready: self.ready(),
+            routes: self
+                .routes
+                .iter()
+                .map(|r| RouteStatus {
+                    uri: r.uri.clone(),
+                    pool: pools[r.pool].name.clone(),
+                })
+                .collect(),
+            pools,
+        }
+    }
+}
+
+fn reply(code: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
+    Response::builder()
+        .status(code)
+        .header("content-type", content_type)
+        .header("content-length", body.len())
+        .body(body)
+        .unwrap_or_else(|_| Response::new(Vec::new()))
+}
+
+#[async_trait]
+impl ServeHttp for AdminApp {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let path = session.req_header().uri.path().to_string();
+        match path.as_str() {
+            "/healthz" => reply(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
+            "/readyz" => {
+                if self.ready() {
+                    reply(StatusCode::OK, "text/plain", b"ready\n".to_vec())
+                } else {
+                    let waiting: Vec<&str> = self
+                        .pools
+                        .iter()
+                        .filter(|b| !(b.pool().resolved() || b.pool().has_pods()))
+                        .map(|b| b.pool().name())
+                        .collect();
+                    let body = format!("not ready: no pod list yet for {}\n", waiting.join(", "));
+                    reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", body.into_bytes())
+                }
+            }
+            "/status" => {
+                let body = serde_json::to_vec_pretty(&self.status()).unwrap_or_default();
+                reply(StatusCode::OK, "application/json", body)
+            }
+            _ => reply(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                b"admin endpoints: /healthz /readyz /status\n".to_vec(),
+            ),
+        }
+    }
+}

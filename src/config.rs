@@ -1,0 +1,648 @@
+//! The YAML config: the file format (compatible with the Go lb-agent) and the validated
+//! [`Config`] the rest of the crate uses.
+//!
+//! The two are kept apart on purpose: the file format has to accept the Go agent's field
+//! names (`K8s_port`, `http_port`, …) and leave everything optional, while the rest of the
+//! code wants resolved values (durations parsed, defaults applied, a pool per target).
+//! Every validation error names the field it is about (`routes[1].limit: must be at least 1`).
+
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Where the config is looked for when `-c` is not given: the repo-relative path the Go agent
+/// used, then the absolute path its container image used.
+pub const DEFAULT_CONFIG_PATHS: [&str; 2] = [
+    "conf/config.yaml",
+    "/usr/local/services/ai-media/conf/config.yaml",
+];
+
+/// A config problem, always naming the field (or the file) it is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub field: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.field, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+// ---------------------------------------------------------------------------------------------
+// File format
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    /// Go agent: raises the log level to debug.
+    #[serde(default)]
+    debug: bool,
+    port: Option<u16>,
+    log_file: Option<String>,
+    /// Go agent: path of a kubeconfig. Accepted and ignored: discovery uses DNS.
+    #[allow(dead_code)]
+    kube_config_file: Option<String>,
+    listen: Option<String>,
+    threads: Option<usize>,
+    admin_listen: Option<String>,
+    cluster_domain: Option<String>,
+    #[serde(default)]
+    dns: FileDns,
+    #[serde(default)]
+    queue: FileQueue,
+    connect_timeout: Option<String>,
+    max_attempts: Option<usize>,
+    shutdown_grace: Option<String>,
+    #[serde(default)]
+    routes: Vec<FileRoute>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDns {
+    nameservers: Option<Vec<String>>,
+    refresh_interval: Option<String>,
+    stability_samples: Option<usize>,
+    stability_interval: Option<String>,
+    unstable_retry: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileQueue {
+    max_waiting: Option<usize>,
+    timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRoute {
+    uri: Option<String>,
+    #[serde(rename = "match")]
+    match_kind: Option<String>,
+    limit: Option<usize>,
+    service_name: Option<String>,
+    namespace: Option<String>,
+    http_port: Option<u16>,
+    /// Older Go route form: a full DNS name …
+    k8s_host: Option<String>,
+    /// … and its port, spelled with a capital K in those configs.
+    #[serde(rename = "K8s_port", alias = "k8s_port")]
+    k8s_port: Option<u16>,
+    host: Option<String>,
+    endpoints: Option<Vec<String>>,
+    queue: Option<FileQueue>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validated config
+// ---------------------------------------------------------------------------------------------
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub debug: bool,
+    /// Where the proxy listens (`listen`, or `0.0.0.0:<port>`).
+    pub listen: String,
+    pub admin_listen: Option<String>,
+    pub threads: usize,
+    pub log_file: Option<PathBuf>,
+    pub dns: DnsConfig,
+    pub connect_timeout: Duration,
+    /// Attempts per request on connect failure (each on a different pod).
+    pub max_attempts: usize,
+    pub shutdown_grace: Duration,
+    pub routes: Vec<RouteConfig>,
+    /// One entry per distinct target; routes refer to it by index.
+    pub pools: Vec<PoolConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DnsConfig {
+    /// Empty: follow /etc/resolv.conf.
+    pub nameservers: Vec<SocketAddr>,
+    pub refresh_interval: Duration,
+    pub stability_samples: usize,
+    pub stability_interval: Duration,
+    pub unstable_retry: Duration,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        Self {
+            nameservers: Vec::new(),
+            refresh_interval: Duration::from_secs(2),
+            stability_samples: 5,
+            stability_interval: Duration::from_millis(500),
+            unstable_retry: Duration::from_secs(10),
+        }
+    }
+}
+
+/// How long and how many requests may wait when every pod of a pool is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueuePolicy {
+    pub max_waiting: usize,
+    pub timeout: Duration,
+}
+
+impl Default for QueuePolicy {
+    fn default() -> Self {
+        Self {
+            max_waiting: 1000,
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MatchKind {
+    Exact,
+    Prefix,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteConfig {
+    pub uri: String,
+    pub match_kind: MatchKind,
+    pub pool: usize,
+    pub queue: QueuePolicy,
+}
+
+/// Where a pool's pods come from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Target {
+    /// A DNS name whose A/AAAA records are the pods (a headless Service).
+    Dns { host: String, port: u16 },
+    /// A fixed list of pods.
+    Static(Vec<SocketAddr>),
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Dns { host, port } => write!(f, "{host}:{port}"),
+            Target::Static(addrs) => {
+                let list: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+                write!(f, "static[{}]", list.join(","))
+            }
+        }
+    }
+}
+
+/// The per-pod slots shared by every route that targets the same service and port.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolConfig {
+    pub name: String,
+    pub target: Target,
+    pub limit: usize,
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new("", format!("cannot read {}: {e}", path.display())))?;
+        Self::parse(&text)
+    }
+
+    /// Finds the config file: the given path, else the first default path that exists.
+    pub fn locate(explicit: Option<&Path>) -> Result<PathBuf, ConfigError> {
+        if let Some(p) = explicit {
+            return Ok(p.to_path_buf());
+        }
+        DEFAULT_CONFIG_PATHS
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+            .ok_or_else(|| {
+                ConfigError::new(
+                    "",
+                    format!(
+                        "no config file given (-c PATH) and none found at {}",
+                        DEFAULT_CONFIG_PATHS.join(" or ")
+                    ),
+                )
+            })
+    }
+
+    /// Parses and validates YAML text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let file: FileConfig = serde_yaml::from_str(text).map_err(yaml_error)?;
+        validate(file)
+    }
+}
+
+/// serde_yaml reports unknown fields as "routes[0]: unknown field `limt`, expected …"
+/// which already carries the path; keep it, and say where in the file it is.
+fn yaml_error(e: serde_yaml::Error) -> ConfigError {
+    let location = e
+        .location()
+        .map(|l| format!(" (line {}, column {})", l.line(), l.column()))
+        .unwrap_or_default();
+    ConfigError::new("", format!("{e}{location}"))
+}
+
+fn duration(field: &str, value: &Option<String>, default: Duration) -> Result<Duration, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(s) => humantime::parse_duration(s.trim()).map_err(|e| {
+            ConfigError::new(
+                field,
+                format!("bad duration {s:?} ({e}); write it like 500ms, 30s or 2m"),
+            )
+        }),
+    }
+}
+
+fn socket_addr(field: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value.trim().parse().map_err(|_| {
+        ConfigError::new(
+            field,
+            format!("{value:?} is not an IP:PORT address (e.g. 127.0.0.1:8080 or [::1]:8080)"),
+        )
+    })
+}
+
+fn queue_policy(prefix: &str, q: &FileQueue, base: QueuePolicy) -> Result<QueuePolicy, ConfigError> {
+    let timeout = duration(&format!("{prefix}.timeout"), &q.timeout, base.timeout)?;
+    if timeout.is_zero() {
+        return Err(ConfigError::new(
+            format!("{prefix}.timeout"),
+            "must be greater than 0 (use max_waiting: 0 to refuse instead of queueing)",
+        ));
+    }
+    Ok(QueuePolicy {
+        max_waiting: q.max_waiting.unwrap_or(base.max_waiting),
+        timeout,
+    })
+}
+
+fn validate(f: FileConfig) -> Result<Config, ConfigError> {
+    let listen = match (&f.listen, f.port) {
+        (Some(l), _) => {
+            socket_addr("listen", l)?;
+            l.trim().to_string()
+        }
+        (None, Some(0)) | (None, None) => "0.0.0.0:8080".to_string(),
+        (None, Some(p)) => format!("0.0.0.0:{p}"),
+    };
+    let admin_listen = match &f.admin_listen {
+        Some(a) => {
+            let addr = socket_addr("admin_listen", a)?;
+            if addr.to_string() == listen || a.trim() == listen {
+                return Err(ConfigError::new(
+                    "admin_listen",
+                    "must differ from the proxy's listen address",
+                ));
+            }
+            Some(a.trim().to_string())
+        }
+        None => None,
+    };
+    let threads = f.threads.unwrap_or(1);
+    if threads == 0 {
+        return Err(ConfigError::new("threads", "must be at least 1"));
+    }
+    let cluster_domain = f
+        .cluster_domain
+        .clone()
+        .unwrap_or_else(|| "cluster.local".to_string());
+    if cluster_domain.trim().is_empty() {
+        return Err(ConfigError::new("cluster_domain", "must not be empty"));
+    }
+
+    let d = DnsConfig::default();
+    let mut nameservers = Vec::new();
+    for (i, ns) in f.dns.nameservers.iter().flatten().enumerate() {
+        let field = format!("dns.nameservers[{i}]");
+        // A bare IP means port 53, as in resolv.conf.
+        let addr = match ns.trim().parse::<std::net::IpAddr>() {
+            Ok(ip) => SocketAddr::new(ip, 53),
+            Err(_) => socket_addr(&field, ns)?,
+        };
+        nameservers.push(addr);
+    }
+    let dns = DnsConfig {
+        nameservers,
+        refresh_interval: duration("dns.refresh_interval", &f.dns.refresh_interval, d.refresh_interval)?,
+        stability_samples: f.dns.stability_samples.unwrap_or(d.stability_samples),
+        stability_interval: duration(
+            "dns.stability_interval",
+            &f.dns.stability_interval,
+            d.stability_interval,
+        )?,
+        unstable_retry: duration("dns.unstable_retry", &f.dns.unstable_retry, d.unstable_retry)?,
+    };
+    if dns.stability_samples == 0 {
+        return Err(ConfigError::new("dns.stability_samples", "must be at least 1"));
+    }
+    if dns.refresh_interval.is_zero() {
+        return Err(ConfigError::new("dns.refresh_interval", "must be greater than 0"));
+    }
+
+    let queue = queue_policy("queue", &f.queue, QueuePolicy::default())?;
+    let connect_timeout = duration("connect_timeout", &f.connect_timeout, Duration::from_secs(2))?;
+    if connect_timeout.is_zero() {
+        return Err(ConfigError::new("connect_timeout", "must be greater than 0"));
+    }
+    let max_attempts = f.max_attempts.unwrap_or(3);
+    if max_attempts == 0 {
+        return Err(ConfigError::new("max_attempts", "must be at least 1"));
+    }
+    let shutdown_grace = duration("shutdown_grace", &f.shutdown_grace, Duration::from_secs(30))?;
+
+    if f.routes.is_empty() {
+        return Err(ConfigError::new("routes", "at least one route is required"));
+    }
+
+    let mut routes = Vec::new();
+    let mut pools: Vec<PoolConfig> = Vec::new();
+    // Which route first set each pool's limit, to name both in a conflict.
+    let mut pool_owner: BTreeMap<usize, usize> = BTreeMap::new();
+    let mut seen_uris: HashSet<(String, bool)> = HashSet::new();
+
+    for (i, r) in f.routes.iter().enumerate() {
+        let p = format!("routes[{i}]");
+        let uri = r
+            .uri
+            .clone()
+            .ok_or_else(|| ConfigError::new(format!("{p}.uri"), "missing"))?;
+        if !uri.starts_with('/') {
+            return Err(ConfigError::new(format!("{p}.uri"), format!("{uri:?} must start with /")));
+        }
+        let match_kind = match r.match_kind.as_deref() {
+            None | Some("exact") => MatchKind::Exact,
+            Some("prefix") => MatchKind::Prefix,
+            Some(other) => {
+                return Err(ConfigError::new(
+                    format!("{p}.match"),
+                    format!("{other:?} is not one of: exact, prefix"),
+                ))
+            }
+        };
+        if !seen_uris.insert((uri.clone(), match_kind == MatchKind::Prefix)) {
+            return Err(ConfigError::new(
+                format!("{p}.uri"),
+                format!("duplicate uri {uri:?} (already used by an earlier route)"),
+            ));
+        }
+        let limit = r
+            .limit
+            .ok_or_else(|| ConfigError::new(format!("{p}.limit"), "missing"))?;
+        if limit == 0 {
+            return Err(ConfigError::new(format!("{p}.limit"), "must be at least 1"));
+        }
+        let target = route_target(&p, r, &cluster_domain)?;
+        let queue = match &r.queue {
+            Some(q) => queue_policy(&format!("{p}.queue"), q, queue)?,
+            None => queue,
+        };
+
+        let pool = match pools.iter().position(|pc| pc.target == target) {
+            Some(idx) => {
+                if pools[idx].limit != limit {
+                    let owner = pool_owner[&idx];
+                    return Err(ConfigError::new(
+                        format!("{p}.limit"),
+                        format!(
+                            "{limit} conflicts with routes[{owner}].limit = {}: both routes target {} and share its per-pod slots, so they must agree",
+                            pools[idx].limit, pools[idx].name
+                        ),
+                    ));
+                }
+                idx
+            }
+            None => {
+                pools.push(PoolConfig {
+                    name: target.to_string(),
+                    target,
+                    limit,
+                });
+                pool_owner.insert(pools.len() - 1, i);
+                pools.len() - 1
+            }
+        };
+        routes.push(RouteConfig {
+            uri,
+            match_kind,
+            pool,
+            queue,
+        });
+    }
+
+    Ok(Config {
+        debug: f.debug,
+        listen,
+        admin_listen,
+        threads,
+        log_file: f.log_file.filter(|s| !s.trim().is_empty()).map(PathBuf::from),
+        dns,
+        connect_timeout,
+        max_attempts,
+        shutdown_grace,
+        routes,
+        pools,
+    })
+}
+
+/// Works out where a route's pods come from. Exactly one of: `endpoints`, `host`,
+/// `service_name` + `namespace`, or the older `k8s_host`.
+fn route_target(p: &str, r: &FileRoute, cluster_domain: &str) -> Result<Target, ConfigError> {
+    let forms = [
+        r.endpoints.is_some(),
+        r.host.is_some(),
+        r.service_name.is_some() || r.namespace.is_some(),
+        r.k8s_host.is_some(),
+    ];
+    let count = forms.iter().filter(|x| **x).count();
+    if count == 0 {
+        return Err(ConfigError::new(
+            p,
+            "no target: give service_name + namespace + http_port, host + http_port, k8s_host + K8s_port, or endpoints",
+        ));
+    }
+    if count > 1 {
+        return Err(ConfigError::new(
+            p,
+            "give only one target: service_name/namespace, host, k8s_host or endpoints",
+        ));
+    }
+    if let Some(eps) = &r.endpoints {
+        if eps.is_empty() {
+            return Err(ConfigError::new(format!("{p}.endpoints"), "must list at least one IP:PORT"));
+        }
+        let mut addrs = Vec::new();
+        for (j, e) in eps.iter().enumerate() {
+            let a = socket_addr(&format!("{p}.endpoints[{j}]"), e)?;
+            if addrs.contains(&a) {
+                return Err(ConfigError::new(format!("{p}.endpoints[{j}]"), format!("{a} listed twice")));
+            }
+            addrs.push(a);
+        }
+        addrs.sort();
+        return Ok(Target::Static(addrs));
+    }
+    let (host, port) = if let Some(h) = &r.k8s_host {
+        let port = r
+            .k8s_port
+            .or(r.http_port)
+            .ok_or_else(|| ConfigError::new(format!("{p}.K8s_port"), "missing (the port that goes with k8s_host)"))?;
+        (h.clone(), port)
+    } else if let Some(h) = &r.host {
+        let port = r
+            .http_port
+            .ok_or_else(|| ConfigError::new(format!("{p}.http_port"), "missing"))?;
+        (h.clone(), port)
+    } else {
+        let svc = r
+            .service_name
+            .as_ref()
+            .ok_or_else(|| ConfigError::new(format!("{p}.service_name"), "missing"))?;
+        let ns = r
+            .namespace
+            .as_ref()
+            .ok_or_else(|| ConfigError::new(format!("{p}.namespace"), "missing"))?;
+        let port = r
+            .http_port
+            .ok_or_else(|| ConfigError::new(format!("{p}.http_port"), "missing"))?;
+        (format!("{svc}.{ns}.svc.{cluster_domain}"), port)
+    };
+    if port == 0 {
+        return Err(ConfigError::new(format!("{p}.http_port"), "must be between 1 and 65535"));
+    }
+    let host = host.trim().trim_end_matches('.').to_ascii_lowercase();
+    if host.is_empty() || host.contains(char::is_whitespace) || host.contains('/') || host.contains(':') {
+        return Err(ConfigError::new(p, format!("{host:?} is not a DNS name")));
+    }
+    Ok(Target::Dns { host, port })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GO_CONFIG: &str = r#"
+debug: false
+port: 8080
+log_file: ./logs/agent.log
+kube_config_file: /root/kube/config
+routes:
+  - uri: /VideoCodecService/VideoCodec
+    limit: 2
+    service_name: yt-server-video-codec
+    namespace: ai-media
+    http_port: 20109
+"#;
+
+    fn err(text: &str) -> String {
+        Config::parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn go_agent_config_loads_unchanged() {
+        let c = Config::parse(GO_CONFIG).unwrap();
+        assert_eq!(c.listen, "0.0.0.0:8080");
+        assert_eq!(c.routes.len(), 1);
+        assert_eq!(
+            c.pools[0].target,
+            Target::Dns {
+                host: "yt-server-video-codec.ai-media.svc.cluster.local".into(),
+                port: 20109
+            }
+        );
+        assert_eq!(c.pools[0].limit, 2);
+        assert_eq!(c.log_file, Some(PathBuf::from("./logs/agent.log")));
+        assert_eq!(c.shutdown_grace, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn old_k8s_host_form_loads() {
+        let c = Config::parse(
+            "routes:\n  - uri: /a\n    limit: 1\n    k8s_host: codec.ai-media.svc.cluster.local\n    K8s_port: 9000\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.pools[0].target,
+            Target::Dns {
+                host: "codec.ai-media.svc.cluster.local".into(),
+                port: 9000
+            }
+        );
+    }
+
+    #[test]
+    fn routes_to_one_service_share_a_pool() {
+        let c = Config::parse(
+            "routes:\n  - {uri: /a, limit: 2, service_name: s, namespace: n, http_port: 1}\n  - {uri: /b, limit: 2, service_name: s, namespace: n, http_port: 1}\n  - {uri: /c, limit: 2, service_name: s, namespace: n, http_port: 2}\n",
+        )
+        .unwrap();
+        assert_eq!(c.pools.len(), 2);
+        assert_eq!(c.routes[0].pool, c.routes[1].pool);
+        assert_ne!(c.routes[0].pool, c.routes[2].pool);
+    }
+
+    #[test]
+    fn bad_configs_name_their_field() {
+        let cases: &[(&str, &str)] = &[
+            ("routes:\n  - {uri: /a, limit: 0, endpoints: [\"127.0.0.1:1\"]}\n", "routes[0].limit: must be at least 1"),
+            ("routes:\n  - {uri: /a, limit: 1, endpoints: [\"127.0.0.1:1\"]}\n  - {uri: /b, endpoints: [\"127.0.0.1:1\"]}\n", "routes[1].limit: missing"),
+            ("routes:\n  - {uri: /a, limit: 1, endpoints: [\"127.0.0.1:1\"]}\n  - {uri: /a, limit: 1, endpoints: [\"127.0.0.1:2\"]}\n", "routes[1].uri: duplicate"),
+            ("queue: {timeout: 5 parsecs}\nroutes:\n  - {uri: /a, limit: 1, endpoints: [\"127.0.0.1:1\"]}\n", "queue.timeout: bad duration"),
+            ("routes:\n  - {uri: /a, limt: 1, endpoints: [\"127.0.0.1:1\"]}\n", "unknown field `limt`"),
+            ("bogus: 1\nroutes: []\n", "unknown field `bogus`"),
+            ("routes: []\n", "routes: at least one route"),
+            ("routes:\n  - {uri: /a, limit: 1, service_name: s, http_port: 1}\n", "routes[0].namespace: missing"),
+            ("routes:\n  - {uri: /a, limit: 1, endpoints: [\"nope\"]}\n", "routes[0].endpoints[0]"),
+            ("routes:\n  - {uri: a, limit: 1, endpoints: [\"127.0.0.1:1\"]}\n", "routes[0].uri"),
+            ("routes:\n  - {uri: /a, limit: 1, match: fuzzy, endpoints: [\"127.0.0.1:1\"]}\n", "routes[0].match"),
+            ("dns: {stability_interval: fast}\nroutes:\n  - {uri: /a, limit: 1, endpoints: [\"127.0.0.1:1\"]}\n", "dns.stability_interval"),
+            ("dns: {nameservers: [\"x:y\"]}\nroutes:\n  - {uri: /a, limit: 1, endpoints: [\"127.0.0.1:1\"]}\n", "dns.nameservers[0]"),
+            ("routes:\n  - {uri: /a, limit: 1, service_name: s, namespace: n, http_port: 1}\n  - {uri: /b, limit: 3, service_name: s, namespace: n, http_port: 1}\n", "routes[1].limit: 3 conflicts with routes[0].limit"),
+            ("routes:\n  - {uri: /a, limit: 1, queue: {timeout: 0s}, endpoints: [\"127.0.0.1:1\"]}\n", "routes[0].queue.timeout"),
+            ("listen: \"localhost\"\nroutes:\n  - {uri: /a, limit: 1, endpoints: [\"127.0.0.1:1\"]}\n", "listen:"),
+            ("routes:\n  - {uri: /a, limit: 1}\n", "routes[0]: no target"),
+        ];
+        for (text, want) in cases {
+            let got = err(text);
+            assert!(got.contains(want), "config {text:?}\n gave {got:?}\n want it to contain {want:?}");
+        }
+    }
+
+    #[test]
+    fn additions_parse() {
+        let c = Config::parse(
+            "listen: 127.0.0.1:9000\nadmin_listen: 127.0.0.1:9001\nthreads: 2\ncluster_domain: corp.local\nqueue: {max_waiting: 5, timeout: 1500ms}\ndns: {nameservers: [\"127.0.0.1:5353\", \"10.0.0.10\"], refresh_interval: 1s, stability_samples: 3, stability_interval: 100ms, unstable_retry: 2s}\nroutes:\n  - {uri: /a, limit: 1, service_name: s, namespace: n, http_port: 1}\n  - {uri: /b/, match: prefix, limit: 4, host: x.example, http_port: 2, queue: {max_waiting: 1}}\n",
+        )
+        .unwrap();
+        assert_eq!(c.listen, "127.0.0.1:9000");
+        assert_eq!(c.threads, 2);
+        assert_eq!(c.dns.nameservers[1], "10.0.0.10:53".parse().unwrap());
+        assert_eq!(c.dns.stability_interval, Duration::from_millis(100));
+        assert_eq!(c.routes[0].queue, QueuePolicy { max_waiting: 5, timeout: Duration::from_millis(1500) });
+        assert_eq!(c.routes[1].queue, QueuePolicy { max_waiting: 1, timeout: Duration::from_millis(1500) });
+        assert_eq!(c.routes[1].match_kind, MatchKind::Prefix);
+        assert_eq!(c.pools[0].target, Target::Dns { host: "s.n.svc.corp.local".into(), port: 1 });
+    }
+}

@@ -1,0 +1,170 @@
+//! `lb-agent demo`: the problem and the fix on one machine, without a cluster.
+//!
+//! Starts 4 slow fake pods on 127.0.1.1–127.0.1.4 (one port, like real pods; each works on 2
+//! requests at a time, extra ones wait inside the pod as on a busy CPU), runs this same
+//! binary as lb-agent in front of them with `limit: 2`, and sends one burst of 16 requests of
+//! 500 ms each twice: once the way kube-proxy's iptables mode spreads connections (a pod at random
+//! per connection), once through lb-agent. It prints what each pod went through.
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::fakepod::{start_pods_with_workers, FakePod};
+use crate::loadgen;
+
+const PODS: usize = 4;
+const LIMIT: usize = 2;
+const REQUESTS: usize = 16;
+const WORK_MS: u64 = 500;
+
+struct Agent(Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+pub fn run() -> ExitCode {
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("demo: cannot start a runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(demo()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("demo failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn report(title: &str, pods: &[FakePod], waits: &[Duration], makespan: Duration) {
+    println!("\n{title}");
+    println!("  {:<12} {:>9} {:>16}", "pod", "requests", "max in flight");
+    for p in pods {
+        println!(
+            "  {:<12} {:>9} {:>16}",
+            p.addr.ip().to_string(),
+            p.stats.started(),
+            p.stats.max_inflight()
+        );
+    }
+    let mut w: Vec<u128> = waits.iter().map(|d| d.as_millis()).collect();
+    w.sort();
+    println!(
+        "  all {} requests done in {} ms (best possible: {} ms); request times min {} ms, median {} ms, max {} ms",
+        waits.len(),
+        makespan.as_millis(),
+        WORK_MS * (REQUESTS as u64).div_ceil((PODS * LIMIT) as u64),
+        w.first().copied().unwrap_or(0),
+        w.get(w.len() / 2).copied().unwrap_or(0),
+        w.last().copied().unwrap_or(0),
+    );
+}
+
+async fn burst(targets: Vec<SocketAddr>) -> Result<(Vec<Duration>, Duration), String> {
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for (i, addr) in targets.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            let r = loadgen::get(addr, &format!("/VideoCodecService/VideoCodec?ms={WORK_MS}&n={i}"), &[]).await;
+            r.map_err(|e| e.to_string()).and_then(|r| {
+                if r.status == 200 {
+                    Ok(r.elapsed)
+                } else {
+                    Err(format!("status {}: {}", r.status, r.body.trim()))
+                }
+            })
+        }));
+    }
+    let mut times = Vec::new();
+    for t in tasks {
+        times.push(t.await.map_err(|e| e.to_string())??);
+    }
+    Ok((times, start.elapsed()))
+}
+
+/// A tiny xorshift, so the random spread needs no extra dependency.
+fn random_picks(n: usize, of: usize) -> Vec<usize> {
+    let mut x = (Instant::now().elapsed().as_nanos() as u64) ^ 0x9e37_79b9_7f4a_7c15 ^ std::process::id() as u64;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % of as u64) as usize
+        })
+        .collect()
+}
+
+async fn demo() -> Result<(), String> {
+    println!(
+        "lb-agent demo: {PODS} fake compute pods on 127.0.1.1-127.0.1.{PODS}, each request takes {WORK_MS} ms,\n\
+         limit {LIMIT} per pod, a burst of {REQUESTS} requests at once."
+    );
+
+    // 1. kube-proxy (iptables mode): every connection goes to a pod picked at random.
+    let direct = start_pods_with_workers(1, PODS, Some(LIMIT)).await.map_err(|e| format!("cannot start fake pods: {e}"))?;
+    let addrs: Vec<SocketAddr> = direct.iter().map(|p| p.addr).collect();
+    let picks = random_picks(REQUESTS, PODS).into_iter().map(|i| addrs[i]).collect();
+    let (waits, makespan) = burst(picks).await?;
+    report("Without lb-agent (a random pod per connection, like kube-proxy):", &direct, &waits, makespan);
+    drop(direct);
+
+    // 2. The same burst through lb-agent.
+    let pods = start_pods_with_workers(1, PODS, Some(LIMIT)).await.map_err(|e| format!("cannot start fake pods: {e}"))?;
+    let port = free_port().map_err(|e| e.to_string())?;
+    let admin = free_port().map_err(|e| e.to_string())?;
+    let endpoints: Vec<String> = pods.iter().map(|p| format!("\"{}\"", p.addr)).collect();
+    let config = format!(
+        "listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:{admin}\nqueue: {{max_waiting: 100, timeout: 30s}}\nroutes:\n  - uri: /VideoCodecService/VideoCodec\n    limit: {LIMIT}\n    endpoints: [{}]\n",
+        endpoints.join(", ")
+    );
+    let dir = std::env::temp_dir().join(format!("lb-agent-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let path = dir.join("config.yaml");
+    std::fs::write(&path, config).map_err(|e| e.to_string())?;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let _agent = Agent(
+        Command::new(exe)
+            .arg("-c")
+            .arg(&path)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start lb-agent: {e}"))?,
+    );
+    let admin_addr: SocketAddr = ([127, 0, 0, 1], admin).into();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(r) = loadgen::get(admin_addr, "/readyz", &[]).await {
+            if r.status == 200 {
+                break;
+            }
+        }
+        if Instant::now() > deadline {
+            return Err("lb-agent did not become ready within 10 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let agent: SocketAddr = ([127, 0, 0, 1], port).into();
+    let (waits, makespan) = burst(vec![agent; REQUESTS]).await?;
+    report(&format!("Through lb-agent (least in flight, limit {LIMIT}, FIFO queue):"), &pods, &waits, makespan);
+    let over = pods.iter().filter(|p| p.stats.max_inflight() > LIMIT).count();
+    println!(
+        "\n{} pods went over the limit of {LIMIT} through lb-agent.",
+        if over == 0 { "No".to_string() } else { over.to_string() }
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

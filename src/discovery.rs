@@ -1,0 +1,236 @@
+//! Headless-Service DNS discovery with the stability check, as a Pingora background service.
+//!
+//! A headless Service (`clusterIP: None`) answers its DNS name with one A/AAAA record per ready
+//! pod. While pods restart those answers flicker, so a *changed* answer is trusted only after it
+//! came back identical `stability_samples` times, `stability_interval` apart; otherwise the
+//! current pod list stays and the name is looked at again after `unstable_retry`. An answer
+//! equal to the current list changes nothing.
+//!
+//! DNS errors (timeout, SERVFAIL, unreachable server) keep the last good pod list; they are
+//! logged once per episode. NXDOMAIN or an empty answer is an answer: zero pods, once stable.
+//!
+//! One service runs per DNS name; every pool (port) behind that name is fed from it.
+
+use async_trait::async_trait;
+use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
+use hickory_resolver::TokioResolver;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::config::DnsConfig;
+use crate::selection::Balancer;
+
+/// A DNS answer: the set of pod IPs (empty for NXDOMAIN / no records).
+pub type Answer = BTreeSet<IpAddr>;
+
+/// Builds a resolver that never answers from a cache: the refresh and the stability check need
+/// to see every change as soon as the DNS server makes it.
+pub fn resolver(cfg: &DnsConfig) -> Result<TokioResolver, String> {
+    let mut builder = if cfg.nameservers.is_empty() {
+        // /etc/resolv.conf, with its search domains and ndots, as a pod expects.
+        TokioResolver::builder_tokio().map_err(|e| format!("cannot read /etc/resolv.conf: {e}"))?
+    } else {
+        let servers = cfg
+            .nameservers
+            .iter()
+            .map(|a| {
+                let mut udp = ConnectionConfig::udp();
+                udp.port = a.port();
+                let mut tcp = ConnectionConfig::tcp();
+                tcp.port = a.port();
+                NameServerConfig::new(a.ip(), true, vec![udp, tcp])
+            })
+            .collect();
+        TokioResolver::builder_with_config(
+            ResolverConfig::from_name_servers(servers),
+            Default::default(),
+        )
+    };
+    let opts = builder.options_mut();
+    opts.cache_size = 0;
+    opts.positive_max_ttl = Some(Duration::ZERO);
+    opts.negative_max_ttl = Some(Duration::ZERO);
+    opts.timeout = Duration::from_secs(2);
+    opts.attempts = 1;
+    opts.ip_strategy = hickory_resolver::config::LookupIpStrategy::Ipv4AndIpv6;
+    builder.build().map_err(|e| format!("cannot build DNS resolver: {e}"))
+}
+
+/// Resolves `host` once. `Ok(empty)` for NXDOMAIN / no records; `Err` for failures that say
+/// nothing about the pods (timeouts, SERVFAIL, network errors).
+pub async fn resolve(resolver: &TokioResolver, host: &str) -> Result<Answer, String> {
+    match resolver.lookup_ip(host).await {
+        Ok(lookup) => Ok(lookup.iter().collect()),
+        Err(e) if e.is_no_records_found() => Ok(Answer::new()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Counters for the status page and metrics.
+#[derive(Default, Debug)]
+pub struct DiscoveryStats {
+    pub resolutions: AtomicU64,
+    pub errors: AtomicU64,
+    pub unstable_ignored: AtomicU64,
+    /// Unix seconds of the last successful resolution (0: never).
+    pub last_success_unix: AtomicU64,
+}
+
+/// The background service for one DNS name.
+pub struct DnsDiscovery {
+    host: String,
+    /// (port, balancer) for every pool behind this name.
+    pools: Vec<(u16, Arc<Balancer>)>,
+    cfg: DnsConfig,
+    pub stats: Arc<DiscoveryStats>,
+}
+
+/// What one refresh round concluded.
+#[derive(Debug, PartialEq, Eq)]
+enum Round {
+    /// The current pod list is confirmed or a new one was adopted.
+    Settled,
+    /// A changed answer did not repeat identically; the current list stays.
+    Unstable,
+    /// DNS failed; the current list stays.
+    Failed,
+}
+
+impl DnsDiscovery {
+    pub fn new(host: String, pools: Vec<(u16, Arc<Balancer>)>, cfg: DnsConfig) -> Self {
+        Self {
+            host,
+            pools,
+            cfg,
+            stats: Arc::default(),
+        }
+    }
+
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    async fn apply(&self, answer: &Answer) {
+        for (port, balancer) in &self.pools {
+            let pods = answer.iter().map(|ip| SocketAddr::new(*ip, *port)).collect();
+            balancer.set_pods(pods).await;
+        }
+    }
+
+    fn record(&self, r: &Result<Answer, String>) {
+        self.stats.resolutions.fetch_add(1, Ordering::Relaxed);
+        match r {
+            Ok(_) => {
+                let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                self.stats.last_success_unix.store(now, Ordering::Relaxed);
+            }
+            Err(_) => {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// One refresh: look up the name, and if the answer differs from `current`, adopt it only
+    /// after it repeats identically.
+    async fn round(&self, resolver: &TokioResolver, current: &mut Option<Answer>, failing: &mut bool) -> Round {
+        let first = resolve(resolver, &self.host).await;
+        self.record(&first);
+        let answer = match first {
+            Ok(a) => a,
+            Err(e) => {
+                if !*failing {
+                    log::warn!(
+                        "DNS lookup of {} failed: {e}; keeping the last known pods {:?} until it recovers",
+                        self.host,
+                        current.as_ref().map(|c| c.iter().collect::<Vec<_>>())
+                    );
+                    *failing = true;
+                }
+                return Round::Failed;
+            }
+        };
+        if *failing {
+            log::info!("DNS lookup of {} works again", self.host);
+            *failing = false;
+        }
+        if current.as_ref() == Some(&answer) {
+            return Round::Settled;
+        }
+        // The first answer is taken at once: there is no pod list yet to protect, and requests
+        // are waiting for one.
+        if current.is_some() {
+            for _ in 1..self.cfg.stability_samples {
+                tokio::time::sleep(self.cfg.stability_interval).await;
+                let again = resolve(resolver, &self.host).await;
+                self.record(&again);
+                if again.as_ref() != Ok(&answer) {
+                    self.stats.unstable_ignored.fetch_add(1, Ordering::Relaxed);
+                    log::debug!(
+                        "DNS answer for {} is unstable ({:?} then {:?}); keeping the current pods",
+                        self.host,
+                        answer,
+                        again
+                    );
+                    return Round::Unstable;
+                }
+            }
+        }
+        log::info!(
+            "DNS {}: pods {:?} -> {:?}",
+            self.host,
+            current.as_ref().map(|c| c.iter().collect::<Vec<_>>()),
+            answer.iter().collect::<Vec<_>>()
+        );
+        self.apply(&answer).await;
+        *current = Some(answer);
+        Round::Settled
+    }
+
+    /// Runs rounds until `stop` completes.
+    pub async fn run(&self, stop: impl std::future::Future<Output = ()>) {
+        tokio::pin!(stop);
+        let resolver = match resolver(&self.cfg) {
+            Ok(r) => r,
+            Err(e) => {
+                log::error!("discovery for {} cannot start: {e}", self.host);
+                return;
+            }
+        };
+        let mut current = None;
+        let mut failing = false;
+        loop {
+            let round = tokio::select! {
+                r = self.round(&resolver, &mut current, &mut failing) => r,
+                _ = &mut stop => return,
+            };
+            let wait = match round {
+                Round::Unstable => self.cfg.unstable_retry,
+                Round::Settled | Round::Failed => self.cfg.refresh_interval,
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = &mut stop => return,
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for DnsDiscovery {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let stop = async move {
+            // Stop on the shutdown signal, or if the server dropped the sender.
+            while shutdown.changed().await.is_ok() {
+                if *shutdown.borrow() {
+                    return;
+                }
+            }
+        };
+        self.run(stop).await;
+    }
+}

@@ -1,0 +1,60 @@
+//! `lb-agent [-c PATH] [--check]` runs (or validates) the proxy; `lb-agent demo` shows its job
+//! on fake pods without a cluster.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+const USAGE: &str = "usage: lb-agent [-c|--config PATH] [--check]
+       lb-agent demo
+
+  -c, --config PATH  config file (default: conf/config.yaml, then
+                     /usr/local/services/ai-media/conf/config.yaml)
+  --check            validate the config and exit (0: valid)
+  demo               start fake pods on loopback, send a burst through lb-agent,
+                     print how the requests spread";
+
+fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1);
+    let mut config_path: Option<PathBuf> = None;
+    let mut check = false;
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "-c" | "--config" => match args.next() {
+                Some(p) => config_path = Some(PathBuf::from(p)),
+                None => return fail("-c needs a path"),
+            },
+            "--check" => check = true,
+            "demo" => return lb_agent::demo::run(),
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return ExitCode::SUCCESS;
+            }
+            other => return fail(&format!("unknown argument {other:?}")),
+        }
+    }
+    let config = match lb_agent::config::Config::locate(config_path.as_deref())
+        .and_then(|p| lb_agent::config::Config::load(&p).map(|c| (p, c)))
+    {
+        Ok((path, c)) => {
+            if check {
+                println!("{}: ok ({} routes, {} pools)", path.display(), c.routes.len(), c.pools.len());
+                return ExitCode::SUCCESS;
+            }
+            c
+        }
+        Err(e) => return fail(&format!("config error: {e}")),
+    };
+    if let Err(e) = lb_agent::logging::init(config.debug, config.log_file.as_deref()) {
+        return fail(&e);
+    }
+    log::info!("lb-agent listening on {} ({} routes)", config.listen, config.routes.len());
+    match lb_agent::build_server(&config) {
+        Ok(server) => server.run_forever(),
+        Err(e) => fail(&e),
+    }
+}
+
+fn fail(msg: &str) -> ExitCode {
+    eprintln!("lb-agent: {msg}\n{USAGE}");
+    ExitCode::from(2)
+}

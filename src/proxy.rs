@@ -1,0 +1,336 @@
+//! The `ProxyHttp` implementation: route → wait for a slot → proxy → give the slot back.
+//!
+//! Try it: `cargo run -- demo`, or with a config of your own:
+//! `cargo run -- -c conf/config.yaml` then `curl -v localhost:8080/VideoCodecService/VideoCodec`.
+//!
+//! The slot a request holds lives in its CTX as a [`Slot`] guard. Pingora drops the CTX on every
+//! path (success, error, client abort, task cancellation), so the slot is given back exactly once
+//! whatever happens; a retry drops the old slot before taking the next one.
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::http::ResponseHeader;
+use pingora::prelude::*;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::{Error, ErrorSource, ErrorType};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::QueuePolicy;
+use crate::pool::{QueueError, Slot};
+use crate::route::RouteTable;
+use crate::selection::Balancer;
+
+/// What a route resolves to at request time.
+pub struct RouteEntry {
+    pub uri: String,
+    pub balancer: Arc<Balancer>,
+    pub queue: QueuePolicy,
+}
+
+/// Seconds a refused client is told to wait before trying again.
+const RETRY_AFTER_SECS: u64 = 1;
+
+/// Bodies up to this size are read while the request waits in the queue, so that a client that
+/// goes away is noticed (and the body is replayed to the pod from Pingora's retry buffer).
+/// It is Pingora's retry-buffer size: a larger body could not be replayed.
+const QUEUED_BODY_LIMIT: usize = 64 * 1024;
+
+pub struct LbProxy {
+    routes: RouteTable<Arc<RouteEntry>>,
+    connect_timeout: Duration,
+    max_attempts: usize,
+}
+
+impl LbProxy {
+    pub fn new(routes: RouteTable<Arc<RouteEntry>>, connect_timeout: Duration, max_attempts: usize) -> Self {
+        Self {
+            routes,
+            connect_timeout,
+            max_attempts,
+        }
+    }
+}
+
+/// How a request ended, for the log line (and metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    NoRoute,
+    QueueFull,
+    QueueTimeout,
+    ClientGone,
+    UpstreamError,
+}
+
+impl Outcome {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::NoRoute => "no_route",
+            Outcome::QueueFull => "queue_full",
+            Outcome::QueueTimeout => "queue_timeout",
+            Outcome::ClientGone => "client_gone",
+            Outcome::UpstreamError => "upstream_error",
+        }
+    }
+}
+
+pub struct Ctx {
+    route: Option<Arc<RouteEntry>>,
+    slot: Option<Slot>,
+    /// Pods this request failed to connect to; never tried again by this request.
+    tried: Vec<SocketAddr>,
+    /// The pod of the last attempt, for the log line.
+    pod: Option<SocketAddr>,
+    /// Connection attempts made (each on its own pod).
+    attempts: usize,
+    start: Instant,
+    queue_wait: Duration,
+    /// The queue timeout runs from the first wait; retries do not extend it.
+    deadline: Option<tokio::time::Instant>,
+    refusal: Option<Refusal>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    NoRoute,
+    Queue(QueueError),
+    ClientGone,
+}
+
+/// Completes when the client goes away; never completes otherwise. Reads a small request body
+/// into Pingora's retry buffer while doing so (Pingora replays it to the pod), because the close
+/// of a connection can only be seen by reading past the body.
+async fn client_gone(session: &mut Session) {
+    let fits = session.as_mut().is_body_empty()
+        || session
+            .req_header()
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .is_some_and(|n| n <= QUEUED_BODY_LIMIT);
+    if !fits {
+        // A large or chunked body cannot be buffered for replay: leave it unread.
+        return std::future::pending().await;
+    }
+    session.as_mut().enable_retry_buffering();
+    loop {
+        let done = session.as_mut().is_body_done();
+        if session.as_mut().read_body_or_idle(done).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn text_response(code: u16, body: &str, retry_after: bool) -> pingora::Result<Box<ResponseHeader>> {
+    let mut resp = ResponseHeader::build(code, Some(4))?;
+    resp.insert_header("content-type", "text/plain; charset=utf-8")?;
+    resp.insert_header("content-length", body.len().to_string())?;
+    if retry_after {
+        resp.insert_header("retry-after", RETRY_AFTER_SECS.to_string())?;
+    }
+    resp.insert_header("server", "lb-agent")?;
+    Ok(Box::new(resp))
+}
+
+async fn write_text(session: &mut Session, code: u16, body: String, retry_after: bool) -> pingora::Result<()> {
+    session
+        .write_response_header(text_response(code, &body, retry_after)?, false)
+        .await?;
+    session.write_response_body(Some(Bytes::from(body)), true).await
+}
+
+#[async_trait]
+impl ProxyHttp for LbProxy {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            route: None,
+            slot: None,
+            tried: Vec::new(),
+            pod: None,
+            attempts: 0,
+            start: Instant::now(),
+            queue_wait: Duration::ZERO,
+            deadline: None,
+            refusal: None,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
+        let path = session.req_header().uri.path().to_string();
+        match self.routes.lookup(&path) {
+            Some(route) => {
+                ctx.route = Some(Arc::clone(route));
+                Ok(false)
+            }
+            None => {
+                ctx.refusal = Some(Refusal::NoRoute);
+                write_text(session, 404, format!("lb-agent: no route for path {path}\n"), false).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<Box<HttpPeer>> {
+        let Some(route) = ctx.route.clone() else {
+            return Error::e_explain(ErrorType::InternalError, "no route in context");
+        };
+        if ctx.slot.is_none() {
+            let deadline = *ctx
+                .deadline
+                .get_or_insert_with(|| tokio::time::Instant::now() + route.queue.timeout);
+            let waited_from = Instant::now();
+            let result = {
+                let acquire = route.balancer.acquire(&route.queue, deadline, &ctx.tried);
+                tokio::pin!(acquire);
+                tokio::select! {
+                    // A client that is already gone must not be sent to a pod, even if a slot
+                    // is free at the same moment.
+                    biased;
+                    _ = client_gone(session) => Err(Refusal::ClientGone),
+                    r = &mut acquire => r.map_err(Refusal::Queue),
+                }
+            };
+            ctx.queue_wait += waited_from.elapsed();
+            match result {
+                Ok(slot) => ctx.slot = Some(slot),
+                Err(refusal) => {
+                    ctx.refusal = Some(refusal);
+                    let reason = match refusal {
+                        Refusal::Queue(q) => q.reason(),
+                        Refusal::ClientGone => "client went away while queued",
+                        Refusal::NoRoute => "no route",
+                    };
+                    let mut e = Error::explain(ErrorType::HTTPStatus(503), reason);
+                    e.set_retry(false);
+                    return Err(e);
+                }
+            }
+        }
+        let Some(slot) = ctx.slot.as_ref() else {
+            return Error::e_explain(ErrorType::InternalError, "slot missing after acquire");
+        };
+        ctx.pod = Some(slot.addr());
+        ctx.attempts += 1;
+        let mut peer = HttpPeer::new(slot.addr(), false, String::new());
+        peer.options.connection_timeout = Some(self.connect_timeout);
+        Ok(Box::new(peer))
+    }
+
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        _reused: bool,
+        _peer: &HttpPeer,
+        #[cfg(unix)] _fd: std::os::unix::io::RawFd,
+        #[cfg(windows)] _sock: std::os::windows::io::RawSocket,
+        _digest: Option<&pingora::protocols::Digest>,
+        ctx: &mut Ctx,
+    ) -> pingora::Result<()> {
+        if let Some(slot) = &ctx.slot {
+            slot.pool().report_connected(slot.addr());
+        }
+        Ok(())
+    }
+
+    fn fail_to_connect(&self, _session: &mut Session, _peer: &HttpPeer, ctx: &mut Ctx, mut e: Box<Error>) -> Box<Error> {
+        // Nothing was sent: give the slot back now and let the retry pick another pod.
+        if let Some(slot) = ctx.slot.take() {
+            let addr = slot.addr();
+            slot.pool().report_connect_failure(addr);
+            ctx.tried.push(addr);
+            log::warn!("connect to pod {addr} failed: {e}");
+        }
+        let can_retry = ctx.tried.len() < self.max_attempts
+            && ctx
+                .route
+                .as_ref()
+                .is_some_and(|r| r.balancer.pool().has_untried(&ctx.tried));
+        e.set_retry(can_retry);
+        e
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        let (code, body, retry_after) = match ctx.refusal {
+            Some(Refusal::ClientGone) => (0, String::new(), false),
+            Some(Refusal::Queue(QueueError::Full)) => (
+                503,
+                format!(
+                    "lb-agent: queue full: every pod is at its limit and {} requests are already waiting\n",
+                    ctx.route.as_ref().map_or(0, |r| r.queue.max_waiting)
+                ),
+                true,
+            ),
+            Some(Refusal::Queue(QueueError::Timeout)) => (
+                503,
+                format!(
+                    "lb-agent: queue timeout: no pod had a free slot within {:?}\n",
+                    ctx.route.as_ref().map_or(Duration::ZERO, |r| r.queue.timeout)
+                ),
+                true,
+            ),
+            Some(Refusal::Queue(QueueError::NoUntriedPod)) | None | Some(Refusal::NoRoute) => {
+                let code = match e.etype() {
+                    ErrorType::HTTPStatus(c) => *c,
+                    _ => match e.esource() {
+                        ErrorSource::Upstream => 502,
+                        ErrorSource::Downstream => match e.etype() {
+                            ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
+                            _ => 400,
+                        },
+                        _ => 502,
+                    },
+                };
+                let pod = ctx.pod.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
+                (code, format!("lb-agent: upstream error (pod {pod}): {}\n", e.etype().as_str()), false)
+            }
+        };
+        if code > 0 {
+            if let Err(err) = write_text(session, code, body, retry_after).await {
+                log::debug!("could not send the {code} response: {err}");
+            }
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        let status = session
+            .response_written()
+            .map_or(0, |r| r.status.as_u16());
+        let outcome = outcome(ctx, e, status);
+        let route = ctx.route.as_ref().map_or("-", |r| r.uri.as_str());
+        let pod = ctx.pod.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
+        log::info!(
+            "{} {} route={} pod={} status={} outcome={} queue_wait_ms={} duration_ms={} attempts={}",
+            session.req_header().method,
+            session.req_header().uri,
+            route,
+            pod,
+            status,
+            outcome.as_str(),
+            ctx.queue_wait.as_millis(),
+            ctx.start.elapsed().as_millis(),
+            ctx.attempts,
+        );
+    }
+}
+
+fn outcome(ctx: &Ctx, e: Option<&Error>, status: u16) -> Outcome {
+    match ctx.refusal {
+        Some(Refusal::NoRoute) => Outcome::NoRoute,
+        Some(Refusal::Queue(QueueError::Full)) => Outcome::QueueFull,
+        Some(Refusal::Queue(QueueError::Timeout)) => Outcome::QueueTimeout,
+        Some(Refusal::ClientGone) => Outcome::ClientGone,
+        Some(Refusal::Queue(QueueError::NoUntriedPod)) => Outcome::UpstreamError,
+        None if e.is_some() || status >= 500 && ctx.pod.is_none() => Outcome::UpstreamError,
+        None => Outcome::Ok,
+    }
+}

@@ -4,7 +4,7 @@
 //! distinct loopback addresses (127.0.1.1, 127.0.1.2, …), like real pods behind a Service.
 //!
 //! Each request sleeps for `?ms=N` (or the `x-delay-ms` header, default 0) and answers
-//! `200` with the body `pod=<ip>`. The pod records its in-flight count, the highest in-flight
+//! `200` with the body `pod=<ip> request=<method> <path?query> body_bytes=<n>`. The pod records its in-flight count, the highest in-flight
 //! count it ever saw, how many requests started, and the `x-req-id` of each request in the
 //! order they arrived.
 
@@ -121,7 +121,7 @@ pub async fn start_pods_with_workers(first: u8, n: usize, workers: Option<usize>
 }
 
 struct Request {
-    path: String,
+    target: String,
     delay: Duration,
     req_id: Option<String>,
     close: bool,
@@ -131,7 +131,7 @@ struct Request {
 fn parse_head(head: &str) -> Option<Request> {
     let mut lines = head.split("\r\n");
     let mut first = lines.next()?.split(' ');
-    let _method = first.next()?;
+    let method = first.next()?.to_string();
     let target = first.next()?.to_string();
     let version = first.next().unwrap_or("HTTP/1.1");
     let mut delay_ms: u64 = 0;
@@ -158,7 +158,7 @@ fn parse_head(head: &str) -> Option<Request> {
         }
     }
     Some(Request {
-        path: path.to_string(),
+        target: format!("{method} {path}{}{query}", if query.is_empty() { "" } else { "?" }),
         delay: Duration::from_millis(delay_ms),
         req_id,
         close,
@@ -221,7 +221,7 @@ async fn serve(
         stats.inflight.fetch_sub(1, Ordering::SeqCst);
         stats.finished.fetch_add(1, Ordering::SeqCst);
 
-        let body = format!("pod={ip} path={} body_bytes={body_len}\n", req.path);
+        let body = format!("pod={ip} request={} body_bytes={body_len}\n", req.target);
         let resp = format!(
             "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nx-pod: {ip}\r\n{}\r\n{body}",
             body.len(),

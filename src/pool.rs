@@ -543,6 +543,8 @@ mod tests {
             order.push(rx.recv().await.unwrap());
         }
         assert_eq!(order, (0..10).collect::<Vec<_>>());
+        // The last waiter gives its slot back after its 10 ms of work.
+        tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(pool.available(), 1);
     }
 

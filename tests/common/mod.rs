@@ -1,0 +1,136 @@
+//! Test helpers: run the real `lb-agent` binary against fake pods on loopback.
+#![allow(dead_code, unused_imports)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub use lb_agent::fakepod::{start_pods, FakePod};
+pub use lb_agent::loadgen;
+
+/// A running lb-agent process; killed on drop.
+pub struct Agent {
+    child: Child,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: PathBuf,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn temp_dir(tag: &str) -> PathBuf {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let dir = std::env::temp_dir().join(format!("lb-agent-test-{}-{tag}-{n}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_lb-agent")
+}
+
+/// `endpoints: [...]` YAML for a set of pods.
+pub fn endpoints(pods: &[FakePod]) -> String {
+    let v: Vec<String> = pods.iter().map(|p| format!("\"{}\"", p.addr)).collect();
+    format!("[{}]", v.join(", "))
+}
+
+impl Agent {
+    /// Starts lb-agent with `body` (a config without `listen`/`admin_listen`, which are added)
+    /// and waits until /readyz answers 200.
+    pub async fn start(body: &str) -> Agent {
+        let agent = Self::spawn(body);
+        agent.wait_ready(Duration::from_secs(20)).await;
+        agent
+    }
+
+    /// Starts lb-agent without waiting for readiness.
+    pub fn spawn(body: &str) -> Agent {
+        let port = free_port();
+        let admin = free_port();
+        let dir = temp_dir("agent");
+        let config = format!("listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:{admin}\n{body}");
+        let path = dir.join("config.yaml");
+        std::fs::write(&path, config).unwrap();
+        let log = std::fs::File::create(dir.join("stderr.log")).unwrap();
+        let child = Command::new(bin())
+            .arg("-c")
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start lb-agent");
+        Agent {
+            child,
+            addr: ([127, 0, 0, 1], port).into(),
+            admin: ([127, 0, 0, 1], admin).into(),
+            dir,
+        }
+    }
+
+    pub async fn wait_ready(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(r) = loadgen::get(self.admin, "/readyz", &[]).await {
+                if r.status == 200 {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "lb-agent not ready; log:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default()
+    }
+
+    pub async fn status(&self) -> serde_json::Value {
+        let r = loadgen::get(self.admin, "/status", &[]).await.expect("status");
+        serde_json::from_str(&r.body).expect("status json")
+    }
+
+    /// Queue depth of the first pool.
+    pub async fn queue_depth(&self) -> u64 {
+        self.status().await["pools"][0]["queue_depth"].as_u64().unwrap()
+    }
+
+    /// In-flight slots of the first pool, summed over pods.
+    pub async fn inflight(&self) -> u64 {
+        self.status().await["pools"][0]["inflight"].as_u64().unwrap()
+    }
+
+    pub async fn get(&self, path: &str) -> loadgen::Response {
+        loadgen::get(self.addr, path, &[]).await.expect("request through lb-agent")
+    }
+}
+
+/// Polls `cond` every 10 ms until it holds; panics with `what` after `within`.
+pub async fn eventually<F, Fut>(within: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while !cond().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

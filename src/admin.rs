@@ -138,7 +138,11 @@ impl ServeHttp for AdminApp {
                         .map(|b| b.pool().name())
                         .collect();
                     let body = format!("not ready: no pod list yet for {}\n", waiting.join(", "));
-                    reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", body.into_bytes())
+                    reply(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain",
+                        body.into_bytes(),
+                    )
                 }
             }
             "/status" => {

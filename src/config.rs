@@ -264,7 +264,11 @@ fn yaml_error(e: serde_yaml::Error) -> ConfigError {
     ConfigError::new("", format!("{e}{location}"))
 }
 
-fn duration(field: &str, value: &Option<String>, default: Duration) -> Result<Duration, ConfigError> {
+fn duration(
+    field: &str,
+    value: &Option<String>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
     match value {
         None => Ok(default),
         Some(s) => humantime::parse_duration(s.trim()).map_err(|e| {
@@ -285,7 +289,11 @@ fn socket_addr(field: &str, value: &str) -> Result<SocketAddr, ConfigError> {
     })
 }
 
-fn queue_policy(prefix: &str, q: &FileQueue, base: QueuePolicy) -> Result<QueuePolicy, ConfigError> {
+fn queue_policy(
+    prefix: &str,
+    q: &FileQueue,
+    base: QueuePolicy,
+) -> Result<QueuePolicy, ConfigError> {
     let timeout = duration(&format!("{prefix}.timeout"), &q.timeout, base.timeout)?;
     if timeout.is_zero() {
         return Err(ConfigError::new(
@@ -346,26 +354,47 @@ fn validate(f: FileConfig) -> Result<Config, ConfigError> {
     }
     let dns = DnsConfig {
         nameservers,
-        refresh_interval: duration("dns.refresh_interval", &f.dns.refresh_interval, d.refresh_interval)?,
+        refresh_interval: duration(
+            "dns.refresh_interval",
+            &f.dns.refresh_interval,
+            d.refresh_interval,
+        )?,
         stability_samples: f.dns.stability_samples.unwrap_or(d.stability_samples),
         stability_interval: duration(
             "dns.stability_interval",
             &f.dns.stability_interval,
             d.stability_interval,
         )?,
-        unstable_retry: duration("dns.unstable_retry", &f.dns.unstable_retry, d.unstable_retry)?,
+        unstable_retry: duration(
+            "dns.unstable_retry",
+            &f.dns.unstable_retry,
+            d.unstable_retry,
+        )?,
     };
     if dns.stability_samples == 0 {
-        return Err(ConfigError::new("dns.stability_samples", "must be at least 1"));
+        return Err(ConfigError::new(
+            "dns.stability_samples",
+            "must be at least 1",
+        ));
     }
     if dns.refresh_interval.is_zero() {
-        return Err(ConfigError::new("dns.refresh_interval", "must be greater than 0"));
+        return Err(ConfigError::new(
+            "dns.refresh_interval",
+            "must be greater than 0",
+        ));
     }
 
     let queue = queue_policy("queue", &f.queue, QueuePolicy::default())?;
-    let connect_timeout = duration("connect_timeout", &f.connect_timeout, Duration::from_secs(2))?;
+    let connect_timeout = duration(
+        "connect_timeout",
+        &f.connect_timeout,
+        Duration::from_secs(2),
+    )?;
     if connect_timeout.is_zero() {
-        return Err(ConfigError::new("connect_timeout", "must be greater than 0"));
+        return Err(ConfigError::new(
+            "connect_timeout",
+            "must be greater than 0",
+        ));
     }
     let max_attempts = f.max_attempts.unwrap_or(3);
     if max_attempts == 0 {
@@ -390,7 +419,10 @@ fn validate(f: FileConfig) -> Result<Config, ConfigError> {
             .clone()
             .ok_or_else(|| ConfigError::new(format!("{p}.uri"), "missing"))?;
         if !uri.starts_with('/') {
-            return Err(ConfigError::new(format!("{p}.uri"), format!("{uri:?} must start with /")));
+            return Err(ConfigError::new(
+                format!("{p}.uri"),
+                format!("{uri:?} must start with /"),
+            ));
         }
         let match_kind = match r.match_kind.as_deref() {
             None | Some("exact") => MatchKind::Exact,
@@ -457,7 +489,10 @@ fn validate(f: FileConfig) -> Result<Config, ConfigError> {
         listen,
         admin_listen,
         threads,
-        log_file: f.log_file.filter(|s| !s.trim().is_empty()).map(PathBuf::from),
+        log_file: f
+            .log_file
+            .filter(|s| !s.trim().is_empty())
+            .map(PathBuf::from),
         dns,
         connect_timeout,
         max_attempts,
@@ -491,13 +526,19 @@ fn route_target(p: &str, r: &FileRoute, cluster_domain: &str) -> Result<Target, 
     }
     if let Some(eps) = &r.endpoints {
         if eps.is_empty() {
-            return Err(ConfigError::new(format!("{p}.endpoints"), "must list at least one IP:PORT"));
+            return Err(ConfigError::new(
+                format!("{p}.endpoints"),
+                "must list at least one IP:PORT",
+            ));
         }
         let mut addrs = Vec::new();
         for (j, e) in eps.iter().enumerate() {
             let a = socket_addr(&format!("{p}.endpoints[{j}]"), e)?;
             if addrs.contains(&a) {
-                return Err(ConfigError::new(format!("{p}.endpoints[{j}]"), format!("{a} listed twice")));
+                return Err(ConfigError::new(
+                    format!("{p}.endpoints[{j}]"),
+                    format!("{a} listed twice"),
+                ));
             }
             addrs.push(a);
         }
@@ -505,10 +546,12 @@ fn route_target(p: &str, r: &FileRoute, cluster_domain: &str) -> Result<Target, 
         return Ok(Target::Static(addrs));
     }
     let (host, port) = if let Some(h) = &r.k8s_host {
-        let port = r
-            .k8s_port
-            .or(r.http_port)
-            .ok_or_else(|| ConfigError::new(format!("{p}.K8s_port"), "missing (the port that goes with k8s_host)"))?;
+        let port = r.k8s_port.or(r.http_port).ok_or_else(|| {
+            ConfigError::new(
+                format!("{p}.K8s_port"),
+                "missing (the port that goes with k8s_host)",
+            )
+        })?;
         (h.clone(), port)
     } else if let Some(h) = &r.host {
         let port = r
@@ -530,10 +573,17 @@ fn route_target(p: &str, r: &FileRoute, cluster_domain: &str) -> Result<Target, 
         (format!("{svc}.{ns}.svc.{cluster_domain}"), port)
     };
     if port == 0 {
-        return Err(ConfigError::new(format!("{p}.http_port"), "must be between 1 and 65535"));
+        return Err(ConfigError::new(
+            format!("{p}.http_port"),
+            "must be between 1 and 65535",
+        ));
     }
     let host = host.trim().trim_end_matches('.').to_ascii_lowercase();
-    if host.is_empty() || host.contains(char::is_whitespace) || host.contains('/') || host.contains(':') {
+    if host.is_empty()
+        || host.contains(char::is_whitespace)
+        || host.contains('/')
+        || host.contains(':')
+    {
         return Err(ConfigError::new(p, format!("{host:?} is not a DNS name")));
     }
     Ok(Target::Dns { host, port })
@@ -626,7 +676,10 @@ routes:
         ];
         for (text, want) in cases {
             let got = err(text);
-            assert!(got.contains(want), "config {text:?}\n gave {got:?}\n want it to contain {want:?}");
+            assert!(
+                got.contains(want),
+                "config {text:?}\n gave {got:?}\n want it to contain {want:?}"
+            );
         }
     }
 
@@ -640,9 +693,27 @@ routes:
         assert_eq!(c.threads, 2);
         assert_eq!(c.dns.nameservers[1], "10.0.0.10:53".parse().unwrap());
         assert_eq!(c.dns.stability_interval, Duration::from_millis(100));
-        assert_eq!(c.routes[0].queue, QueuePolicy { max_waiting: 5, timeout: Duration::from_millis(1500) });
-        assert_eq!(c.routes[1].queue, QueuePolicy { max_waiting: 1, timeout: Duration::from_millis(1500) });
+        assert_eq!(
+            c.routes[0].queue,
+            QueuePolicy {
+                max_waiting: 5,
+                timeout: Duration::from_millis(1500)
+            }
+        );
+        assert_eq!(
+            c.routes[1].queue,
+            QueuePolicy {
+                max_waiting: 1,
+                timeout: Duration::from_millis(1500)
+            }
+        );
         assert_eq!(c.routes[1].match_kind, MatchKind::Prefix);
-        assert_eq!(c.pools[0].target, Target::Dns { host: "s.n.svc.corp.local".into(), port: 1 });
+        assert_eq!(
+            c.pools[0].target,
+            Target::Dns {
+                host: "s.n.svc.corp.local".into(),
+                port: 1
+            }
+        );
     }
 }

@@ -28,7 +28,9 @@ impl Drop for Agent {
 }
 
 fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 pub fn run() -> ExitCode {
@@ -77,7 +79,12 @@ async fn burst(targets: Vec<SocketAddr>) -> Result<(Vec<Duration>, Duration), St
     let mut tasks = Vec::new();
     for (i, addr) in targets.into_iter().enumerate() {
         tasks.push(tokio::spawn(async move {
-            let r = loadgen::get(addr, &format!("/VideoCodecService/VideoCodec?ms={WORK_MS}&n={i}"), &[]).await;
+            let r = loadgen::get(
+                addr,
+                &format!("/VideoCodecService/VideoCodec?ms={WORK_MS}&n={i}"),
+                &[],
+            )
+            .await;
             r.map_err(|e| e.to_string()).and_then(|r| {
                 if r.status == 200 {
                     Ok(r.elapsed)
@@ -96,7 +103,9 @@ async fn burst(targets: Vec<SocketAddr>) -> Result<(Vec<Duration>, Duration), St
 
 /// A tiny xorshift, so the random spread needs no extra dependency.
 fn random_picks(n: usize, of: usize) -> Vec<usize> {
-    let mut x = (Instant::now().elapsed().as_nanos() as u64) ^ 0x9e37_79b9_7f4a_7c15 ^ std::process::id() as u64;
+    let mut x = (Instant::now().elapsed().as_nanos() as u64)
+        ^ 0x9e37_79b9_7f4a_7c15
+        ^ std::process::id() as u64;
     (0..n)
         .map(|_| {
             x ^= x << 13;
@@ -114,15 +123,27 @@ async fn demo() -> Result<(), String> {
     );
 
     // 1. kube-proxy (iptables mode): every connection goes to a pod picked at random.
-    let direct = start_pods_with_workers(1, PODS, Some(LIMIT)).await.map_err(|e| format!("cannot start fake pods: {e}"))?;
+    let direct = start_pods_with_workers(1, PODS, Some(LIMIT))
+        .await
+        .map_err(|e| format!("cannot start fake pods: {e}"))?;
     let addrs: Vec<SocketAddr> = direct.iter().map(|p| p.addr).collect();
-    let picks = random_picks(REQUESTS, PODS).into_iter().map(|i| addrs[i]).collect();
+    let picks = random_picks(REQUESTS, PODS)
+        .into_iter()
+        .map(|i| addrs[i])
+        .collect();
     let (waits, makespan) = burst(picks).await?;
-    report("Without lb-agent (a random pod per connection, like kube-proxy):", &direct, &waits, makespan);
+    report(
+        "Without lb-agent (a random pod per connection, like kube-proxy):",
+        &direct,
+        &waits,
+        makespan,
+    );
     drop(direct);
 
     // 2. The same burst through lb-agent.
-    let pods = start_pods_with_workers(1, PODS, Some(LIMIT)).await.map_err(|e| format!("cannot start fake pods: {e}"))?;
+    let pods = start_pods_with_workers(1, PODS, Some(LIMIT))
+        .await
+        .map_err(|e| format!("cannot start fake pods: {e}"))?;
     let port = free_port().map_err(|e| e.to_string())?;
     let admin = free_port().map_err(|e| e.to_string())?;
     let endpoints: Vec<String> = pods.iter().map(|p| format!("\"{}\"", p.addr)).collect();
@@ -159,11 +180,23 @@ async fn demo() -> Result<(), String> {
     }
     let agent: SocketAddr = ([127, 0, 0, 1], port).into();
     let (waits, makespan) = burst(vec![agent; REQUESTS]).await?;
-    report(&format!("Through lb-agent (least in flight, limit {LIMIT}, FIFO queue):"), &pods, &waits, makespan);
-    let over = pods.iter().filter(|p| p.stats.max_inflight() > LIMIT).count();
+    report(
+        &format!("Through lb-agent (least in flight, limit {LIMIT}, FIFO queue):"),
+        &pods,
+        &waits,
+        makespan,
+    );
+    let over = pods
+        .iter()
+        .filter(|p| p.stats.max_inflight() > LIMIT)
+        .count();
     println!(
         "\n{} pods went over the limit of {LIMIT} through lb-agent.",
-        if over == 0 { "No".to_string() } else { over.to_string() }
+        if over == 0 {
+            "No".to_string()
+        } else {
+            over.to_string()
+        }
     );
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())

@@ -58,7 +58,9 @@ pub fn resolver(cfg: &DnsConfig) -> Result<TokioResolver, String> {
     opts.timeout = Duration::from_secs(2);
     opts.attempts = 1;
     opts.ip_strategy = hickory_resolver::config::LookupIpStrategy::Ipv4AndIpv6;
-    builder.build().map_err(|e| format!("cannot build DNS resolver: {e}"))
+    builder
+        .build()
+        .map_err(|e| format!("cannot build DNS resolver: {e}"))
 }
 
 /// Resolves `host` once. `Ok(empty)` for NXDOMAIN / no records; `Err` for failures that say
@@ -117,7 +119,10 @@ impl DnsDiscovery {
 
     async fn apply(&self, answer: &Answer) {
         for (port, balancer) in &self.pools {
-            let pods = answer.iter().map(|ip| SocketAddr::new(*ip, *port)).collect();
+            let pods = answer
+                .iter()
+                .map(|ip| SocketAddr::new(*ip, *port))
+                .collect();
             balancer.set_pods(pods).await;
         }
     }
@@ -126,7 +131,9 @@ impl DnsDiscovery {
         self.stats.resolutions.fetch_add(1, Ordering::Relaxed);
         match r {
             Ok(_) => {
-                let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
                 self.stats.last_success_unix.store(now, Ordering::Relaxed);
             }
             Err(_) => {
@@ -137,7 +144,12 @@ impl DnsDiscovery {
 
     /// One refresh: look up the name, and if the answer differs from `current`, adopt it only
     /// after it repeats identically.
-    async fn round(&self, resolver: &TokioResolver, current: &mut Option<Answer>, failing: &mut bool) -> Round {
+    async fn round(
+        &self,
+        resolver: &TokioResolver,
+        current: &mut Option<Answer>,
+        failing: &mut bool,
+    ) -> Round {
         let first = resolve(resolver, &self.host).await;
         self.record(&first);
         let answer = match first {

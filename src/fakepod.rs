@@ -37,7 +37,10 @@ impl PodStats {
         self.inflight.load(Ordering::SeqCst)
     }
     pub fn arrivals(&self) -> Vec<String> {
-        self.arrivals.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.arrivals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -65,7 +68,11 @@ impl FakePod {
     }
 
     /// Like [`FakePod::start`], with at most `workers` requests worked on at once.
-    pub async fn start_with_workers(ip: IpAddr, port: u16, workers: Option<usize>) -> std::io::Result<FakePod> {
+    pub async fn start_with_workers(
+        ip: IpAddr,
+        port: u16,
+        workers: Option<usize>,
+    ) -> std::io::Result<FakePod> {
         let workers = workers.map(|n| Arc::new(tokio::sync::Semaphore::new(n)));
         let listener = TcpListener::bind(SocketAddr::new(ip, port)).await?;
         let addr = listener.local_addr()?;
@@ -94,7 +101,11 @@ pub async fn start_pods(first: u8, n: usize) -> std::io::Result<Vec<FakePod>> {
 }
 
 /// Like [`start_pods`], each pod working on at most `workers` requests at once.
-pub async fn start_pods_with_workers(first: u8, n: usize, workers: Option<usize>) -> std::io::Result<Vec<FakePod>> {
+pub async fn start_pods_with_workers(
+    first: u8,
+    n: usize,
+    workers: Option<usize>,
+) -> std::io::Result<Vec<FakePod>> {
     let mut last_err = None;
     for _ in 0..20 {
         let ip0 = IpAddr::from([127, 0, 1, first]);
@@ -158,7 +169,10 @@ fn parse_head(head: &str) -> Option<Request> {
         }
     }
     Some(Request {
-        target: format!("{method} {path}{}{query}", if query.is_empty() { "" } else { "?" }),
+        target: format!(
+            "{method} {path}{}{query}",
+            if query.is_empty() { "" } else { "?" }
+        ),
         delay: Duration::from_millis(delay_ms),
         req_id,
         close,
@@ -207,7 +221,11 @@ async fn serve(
 
         stats.started.fetch_add(1, Ordering::SeqCst);
         if let Some(id) = &req.req_id {
-            stats.arrivals.lock().unwrap_or_else(|e| e.into_inner()).push(id.clone());
+            stats
+                .arrivals
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(id.clone());
         }
         let now = stats.inflight.fetch_add(1, Ordering::SeqCst) + 1;
         stats.max_inflight.fetch_max(now, Ordering::SeqCst);

@@ -72,7 +72,10 @@ pub fn build_server(config: &Config) -> Result<Server, String> {
                     .now_or_never()
                     .ok_or("static pod list did not apply synchronously")?;
             }
-            Target::Dns { host, port } => by_host.entry(host.clone()).or_default().push((*port, Arc::clone(b))),
+            Target::Dns { host, port } => by_host
+                .entry(host.clone())
+                .or_default()
+                .push((*port, Arc::clone(b))),
         }
     }
     for (host, pools) in by_host {

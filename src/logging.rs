@@ -28,7 +28,8 @@ impl Write for Tee {
 /// Sets up logging. Creates the log file's directory. Call once.
 pub fn init(debug: bool, log_file: Option<&Path>) -> Result<(), String> {
     let default = if debug { "debug" } else { "info" };
-    let mut builder = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default));
+    let mut builder =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default));
     // Pingora and hickory are chatty at info about things that are ours to report.
     if std::env::var_os("RUST_LOG").is_none() {
         builder.filter_module("pingora_core", log::LevelFilter::Warn);
@@ -49,5 +50,7 @@ pub fn init(debug: bool, log_file: Option<&Path>) -> Result<(), String> {
             .map_err(|e| format!("log_file: cannot open {}: {e}", path.display()))?;
         builder.target(env_logger::Target::Pipe(Box::new(Tee { file })));
     }
-    builder.try_init().map_err(|e| format!("logging already initialised: {e}"))
+    builder
+        .try_init()
+        .map_err(|e| format!("logging already initialised: {e}"))
 }

@@ -37,7 +37,12 @@ fn main() -> ExitCode {
     {
         Ok((path, c)) => {
             if check {
-                println!("{}: ok ({} routes, {} pools)", path.display(), c.routes.len(), c.pools.len());
+                println!(
+                    "{}: ok ({} routes, {} pools)",
+                    path.display(),
+                    c.routes.len(),
+                    c.pools.len()
+                );
                 return ExitCode::SUCCESS;
             }
             c
@@ -47,7 +52,11 @@ fn main() -> ExitCode {
     if let Err(e) = lb_agent::logging::init(config.debug, config.log_file.as_deref()) {
         return fail(&e);
     }
-    log::info!("lb-agent listening on {} ({} routes)", config.listen, config.routes.len());
+    log::info!(
+        "lb-agent listening on {} ({} routes)",
+        config.listen,
+        config.routes.len()
+    );
     match lb_agent::build_server(&config) {
         Ok(server) => server.run_forever(),
         Err(e) => fail(&e),

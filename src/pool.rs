@@ -373,9 +373,7 @@ impl Pool {
     /// Whether some active pod is not in `tried`.
     pub fn has_untried(&self, tried: &[SocketAddr]) -> bool {
         let st = self.lock();
-        st.pods
-            .iter()
-            .any(|(a, p)| p.active && !tried.contains(a))
+        st.pods.iter().any(|(a, p)| p.active && !tried.contains(a))
     }
 
     /// Whether some active pod exists at all.
@@ -508,7 +506,11 @@ mod tests {
         let q = policy(1, 10_000);
         let _held = take(&pool, &q, 10_000).await.unwrap();
         let p2 = Arc::clone(&pool);
-        let waiter = tokio::spawn(async move { take(&p2, &policy(1, 10_000), 10_000).await.map(|s| s.addr()) });
+        let waiter = tokio::spawn(async move {
+            take(&p2, &policy(1, 10_000), 10_000)
+                .await
+                .map(|s| s.addr())
+        });
         tokio::task::yield_now().await;
         assert_eq!(pool.waiting(), 1);
         let start = tokio::time::Instant::now();
@@ -555,7 +557,11 @@ mod tests {
         let q = policy(10, 60_000);
         let held = take(&pool, &q, 60_000).await.unwrap();
         let p2 = Arc::clone(&pool);
-        let waiter = tokio::spawn(async move { take(&p2, &policy(10, 60_000), 60_000).await.map(|s| s.addr()) });
+        let waiter = tokio::spawn(async move {
+            take(&p2, &policy(10, 60_000), 60_000)
+                .await
+                .map(|s| s.addr())
+        });
         tokio::task::yield_now().await;
         assert_eq!(pool.waiting(), 1);
         waiter.abort();
@@ -571,7 +577,11 @@ mod tests {
         let pool = Pool::new("p", 1);
         let q = policy(10, 60_000);
         let p2 = Arc::clone(&pool);
-        let waiter = tokio::spawn(async move { take(&p2, &policy(10, 60_000), 60_000).await.map(|s| s.addr()) });
+        let waiter = tokio::spawn(async move {
+            take(&p2, &policy(10, 60_000), 60_000)
+                .await
+                .map(|s| s.addr())
+        });
         tokio::task::yield_now().await;
         assert_eq!(pool.waiting(), 1);
         pool.set_pods([addr(7)]);
@@ -605,7 +615,11 @@ mod tests {
         let a = take(&pool, &q, 1000).await.unwrap();
         pool.set_pods([]);
         pool.set_pods([addr(1)]);
-        assert_eq!(pool.available(), 1, "the old request still holds one of its two slots");
+        assert_eq!(
+            pool.available(),
+            1,
+            "the old request still holds one of its two slots"
+        );
         let b = take(&pool, &q, 1000).await.unwrap();
         assert_eq!(pool.pods()[0].inflight, 2);
         assert_eq!(take(&pool, &q, 100).await.unwrap_err(), QueueError::Timeout);

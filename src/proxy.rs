@@ -44,7 +44,11 @@ pub struct LbProxy {
 }
 
 impl LbProxy {
-    pub fn new(routes: RouteTable<Arc<RouteEntry>>, connect_timeout: Duration, max_attempts: usize) -> Self {
+    pub fn new(
+        routes: RouteTable<Arc<RouteEntry>>,
+        connect_timeout: Duration,
+        max_attempts: usize,
+    ) -> Self {
         Self {
             routes,
             connect_timeout,
@@ -136,11 +140,18 @@ fn text_response(code: u16, body: &str, retry_after: bool) -> pingora::Result<Bo
     Ok(Box::new(resp))
 }
 
-async fn write_text(session: &mut Session, code: u16, body: String, retry_after: bool) -> pingora::Result<()> {
+async fn write_text(
+    session: &mut Session,
+    code: u16,
+    body: String,
+    retry_after: bool,
+) -> pingora::Result<()> {
     session
         .write_response_header(text_response(code, &body, retry_after)?, false)
         .await?;
-    session.write_response_body(Some(Bytes::from(body)), true).await
+    session
+        .write_response_body(Some(Bytes::from(body)), true)
+        .await
 }
 
 #[async_trait]
@@ -170,13 +181,23 @@ impl ProxyHttp for LbProxy {
             }
             None => {
                 ctx.refusal = Some(Refusal::NoRoute);
-                write_text(session, 404, format!("lb-agent: no route for path {path}\n"), false).await?;
+                write_text(
+                    session,
+                    404,
+                    format!("lb-agent: no route for path {path}\n"),
+                    false,
+                )
+                .await?;
                 Ok(true)
             }
         }
     }
 
-    async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<Box<HttpPeer>> {
+    async fn upstream_peer(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+    ) -> pingora::Result<Box<HttpPeer>> {
         let Some(route) = ctx.route.clone() else {
             return Error::e_explain(ErrorType::InternalError, "no route in context");
         };
@@ -238,7 +259,13 @@ impl ProxyHttp for LbProxy {
         Ok(())
     }
 
-    fn fail_to_connect(&self, _session: &mut Session, _peer: &HttpPeer, ctx: &mut Ctx, mut e: Box<Error>) -> Box<Error> {
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Ctx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
         // Nothing was sent: give the slot back now and let the retry pick another pod.
         if let Some(slot) = ctx.slot.take() {
             let addr = slot.addr();
@@ -302,9 +329,7 @@ impl ProxyHttp for LbProxy {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
-        let status = session
-            .response_written()
-            .map_or(0, |r| r.status.as_u16());
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let outcome = outcome(ctx, e, status);
         let route = ctx.route.as_ref().map_or("-", |r| r.uri.as_str());
         let pod = ctx.pod.map(|p| p.to_string()).unwrap_or_else(|| "-".into());

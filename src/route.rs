@@ -27,7 +27,7 @@ impl<T> RouteTable<T> {
                 MatchKind::Prefix => prefix.push((r.uri.clone(), make(r))),
             }
         }
-        prefix.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        prefix.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
         Self { exact, prefix }
     }
 
@@ -43,7 +43,9 @@ impl<T> RouteTable<T> {
 
     /// Every route's attachment, exact routes first.
     pub fn iter(&self) -> impl Iterator<Item = &T> {
-        self.exact.values().chain(self.prefix.iter().map(|(_, t)| t))
+        self.exact
+            .values()
+            .chain(self.prefix.iter().map(|(_, t)| t))
     }
 }
 
@@ -61,15 +63,22 @@ mod tests {
         let t = RouteTable::new(&c.routes, |r| r.uri.clone());
         assert_eq!(t.lookup("/api/x").map(String::as_str), Some("/api/"));
         assert_eq!(t.lookup("/api/v2/x").map(String::as_str), Some("/api/v2/"));
-        assert_eq!(t.lookup("/api/v2/special").map(String::as_str), Some("/api/v2/special"));
-        assert_eq!(t.lookup("/api/v2/special/more").map(String::as_str), Some("/api/v2/"));
+        assert_eq!(
+            t.lookup("/api/v2/special").map(String::as_str),
+            Some("/api/v2/special")
+        );
+        assert_eq!(
+            t.lookup("/api/v2/special/more").map(String::as_str),
+            Some("/api/v2/")
+        );
         assert_eq!(t.lookup("/other"), None);
         assert_eq!(t.lookup("/api"), None);
     }
 
     #[test]
     fn exact_route_does_not_match_longer_paths() {
-        let c = Config::parse("routes:\n  - {uri: /a, limit: 1, endpoints: [\"127.0.0.1:1\"]}\n").unwrap();
+        let c = Config::parse("routes:\n  - {uri: /a, limit: 1, endpoints: [\"127.0.0.1:1\"]}\n")
+            .unwrap();
         let t = RouteTable::new(&c.routes, |r| r.uri.clone());
         assert!(t.lookup("/a").is_some());
         assert!(t.lookup("/a/b").is_none());

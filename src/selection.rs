@@ -248,7 +248,11 @@ mod tests {
         }
         let mut first: Vec<_> = slots.iter().map(|s| s.addr()).collect();
         first.sort();
-        assert_eq!(first, vec![addr(1), addr(2), addr(3)], "one per pod before any pod gets two");
+        assert_eq!(
+            first,
+            vec![addr(1), addr(2), addr(3)],
+            "one per pod before any pod gets two"
+        );
         // Free pod 2: it is now the only least-loaded pod.
         slots.retain(|s| s.addr() != addr(2));
         let s = b.acquire(&q(), later(), &[]).await.unwrap();
@@ -262,7 +266,9 @@ mod tests {
         assert_eq!(s.addr(), addr(2));
         drop(s);
         assert_eq!(
-            b.acquire(&q(), later(), &[addr(1), addr(2)]).await.unwrap_err(),
+            b.acquire(&q(), later(), &[addr(1), addr(2)])
+                .await
+                .unwrap_err(),
             QueueError::NoUntriedPod
         );
     }
@@ -274,7 +280,11 @@ mod tests {
         assert_eq!(held.addr(), addr(2));
         // Only pod 1 is free, and it was tried: the request waits for pod 2.
         let b2 = Arc::clone(&b);
-        let waiter = tokio::spawn(async move { b2.acquire(&q(), later(), &[addr(1)]).await.map(|s| s.addr()) });
+        let waiter = tokio::spawn(async move {
+            b2.acquire(&q(), later(), &[addr(1)])
+                .await
+                .map(|s| s.addr())
+        });
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(!waiter.is_finished());
         // Someone else can still use pod 1 meanwhile.
@@ -288,7 +298,8 @@ mod tests {
     async fn pod_list_change_reaches_the_pool() {
         let b = balancer(2, &[1, 2]).await;
         assert_eq!(b.pool().available(), 4);
-        b.set_pods([addr(2), addr(3), addr(4)].into_iter().collect()).await;
+        b.set_pods([addr(2), addr(3), addr(4)].into_iter().collect())
+            .await;
         assert_eq!(b.pool().available(), 6);
         let active: Vec<_> = b.pool().pods().iter().map(|p| p.addr).collect();
         assert_eq!(active, vec![addr(2), addr(3), addr(4)]);

@@ -6,8 +6,17 @@ use std::path::Path;
 use std::process::Command;
 
 fn check(path: &Path) -> (bool, String) {
-    let out = Command::new(common::bin()).arg("--check").arg("-c").arg(path).output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(common::bin())
+        .arg("--check")
+        .arg("-c")
+        .arg(path)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     (out.status.success(), text)
 }
 
@@ -37,7 +46,11 @@ fn every_bad_config_fails_and_names_its_field() {
             .unwrap_or_else(|| panic!("{} lacks an '# expect:' first line", path.display()));
         let (ok, out) = check(&path);
         assert!(!ok, "{} should fail --check", path.display());
-        assert!(out.contains(want), "{}: output {out:?} does not contain {want:?}", path.display());
+        assert!(
+            out.contains(want),
+            "{}: output {out:?} does not contain {want:?}",
+            path.display()
+        );
         n += 1;
     }
     assert!(n >= 10, "expected the bad fixtures, found {n}");
@@ -47,5 +60,8 @@ fn every_bad_config_fails_and_names_its_field() {
 fn missing_config_file_is_a_clear_error() {
     let (ok, out) = check(Path::new("/nonexistent/lb-agent.yaml"));
     assert!(!ok);
-    assert!(out.contains("cannot read /nonexistent/lb-agent.yaml"), "{out}");
+    assert!(
+        out.contains("cannot read /nonexistent/lb-agent.yaml"),
+        "{out}"
+    );
 }

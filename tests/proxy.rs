@@ -31,10 +31,16 @@ async fn burst_of_120_never_exceeds_the_cap_and_uses_every_slot() {
     let maxes: Vec<usize> = pods.iter().map(|p| p.stats.max_inflight()).collect();
     let counts: Vec<usize> = pods.iter().map(|p| p.stats.started()).collect();
     println!("max in flight per pod: {maxes:?}; requests per pod: {counts:?}");
-    assert!(maxes.iter().all(|m| *m == 2), "every pod used to its cap and never above: {maxes:?}");
+    assert!(
+        maxes.iter().all(|m| *m == 2),
+        "every pod used to its cap and never above: {maxes:?}"
+    );
     assert_eq!(counts.iter().sum::<usize>(), 120);
     assert!(counts.iter().all(|c| *c >= 25), "spread evenly: {counts:?}");
-    eventually(SECS, "slots returned", || async { agent.inflight().await == 0 }).await;
+    eventually(SECS, "slots returned", || async {
+        agent.inflight().await == 0
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -50,7 +56,9 @@ async fn each_request_goes_to_the_least_loaded_pod() {
     // so after 3 every pod has 1, after 6 every pod has 2.
     for n in 1..=6 {
         let addr = agent.addr;
-        held.push(tokio::spawn(async move { loadgen::get(addr, "/work?ms=1500", &[]).await }));
+        held.push(tokio::spawn(async move {
+            loadgen::get(addr, "/work?ms=1500", &[]).await
+        }));
         eventually(SECS, "request reached a pod", || async {
             pods.iter().map(|p| p.stats.inflight()).sum::<usize>() == n
         })
@@ -75,15 +83,23 @@ async fn queued_requests_are_served_in_arrival_order() {
     ))
     .await;
     let addr = agent.addr;
-    let blocker = tokio::spawn(async move { loadgen::get(addr, "/work?ms=300", &[("x-req-id", "blocker")]).await });
-    eventually(SECS, "blocker at the pod", || async { pods[0].stats.inflight() == 1 }).await;
+    let blocker = tokio::spawn(async move {
+        loadgen::get(addr, "/work?ms=300", &[("x-req-id", "blocker")]).await
+    });
+    eventually(SECS, "blocker at the pod", || async {
+        pods[0].stats.inflight() == 1
+    })
+    .await;
     let mut waiters = Vec::new();
     for i in 0..10 {
         let id = i.to_string();
         waiters.push(tokio::spawn(async move {
             loadgen::get(addr, "/work?ms=20", &[("x-req-id", id.as_str())]).await
         }));
-        eventually(SECS, "request queued", || async { agent.queue_depth().await == i + 1 }).await;
+        eventually(SECS, "request queued", || async {
+            agent.queue_depth().await == i + 1
+        })
+        .await;
     }
     assert_eq!(blocker.await.unwrap().unwrap().status, 200);
     for w in waiters {
@@ -104,14 +120,25 @@ async fn queue_timeout_is_a_503_with_retry_after() {
     .await;
     let addr = agent.addr;
     let blocker = tokio::spawn(async move { loadgen::get(addr, "/work?ms=2000", &[]).await });
-    eventually(SECS, "blocker at the pod", || async { pods[0].stats.inflight() == 1 }).await;
+    eventually(SECS, "blocker at the pod", || async {
+        pods[0].stats.inflight() == 1
+    })
+    .await;
     let start = Instant::now();
     let r = agent.get("/work?ms=10").await;
     assert_eq!(r.status, 503);
-    assert!(r.header("retry-after").is_some(), "headers: {:?}", r.headers);
+    assert!(
+        r.header("retry-after").is_some(),
+        "headers: {:?}",
+        r.headers
+    );
     assert!(r.body.contains("queue timeout"), "{}", r.body);
     assert!(start.elapsed() >= Duration::from_millis(300));
-    assert_eq!(pods[0].stats.started(), 1, "the timed-out request never reached the pod");
+    assert_eq!(
+        pods[0].stats.started(),
+        1,
+        "the timed-out request never reached the pod"
+    );
     assert_eq!(blocker.await.unwrap().unwrap().status, 200);
 }
 
@@ -125,15 +152,24 @@ async fn full_queue_refuses_at_once() {
     .await;
     let addr = agent.addr;
     let blocker = tokio::spawn(async move { loadgen::get(addr, "/work?ms=1500", &[]).await });
-    eventually(SECS, "blocker at the pod", || async { pods[0].stats.inflight() == 1 }).await;
+    eventually(SECS, "blocker at the pod", || async {
+        pods[0].stats.inflight() == 1
+    })
+    .await;
     let queued = tokio::spawn(async move { loadgen::get(addr, "/work?ms=10", &[]).await });
-    eventually(SECS, "one queued", || async { agent.queue_depth().await == 1 }).await;
+    eventually(SECS, "one queued", || async {
+        agent.queue_depth().await == 1
+    })
+    .await;
     let start = Instant::now();
     let r = agent.get("/work?ms=10").await;
     assert_eq!(r.status, 503);
     assert!(r.body.contains("queue full"), "{}", r.body);
     assert!(r.header("retry-after").is_some());
-    assert!(start.elapsed() < Duration::from_secs(1), "refused without waiting");
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "refused without waiting"
+    );
     assert_eq!(blocker.await.unwrap().unwrap().status, 200);
     assert_eq!(queued.await.unwrap().unwrap().status, 200);
 }
@@ -157,7 +193,10 @@ async fn abandoned_queued_clients_leak_nothing_and_never_reach_a_pod() {
     let blockers: Vec<_> = (0..2)
         .map(|_| tokio::spawn(async move { loadgen::get(addr, "/work?ms=800", &[]).await }))
         .collect();
-    eventually(SECS, "both pods busy", || async { pods.iter().all(|p| p.stats.inflight() == 1) }).await;
+    eventually(SECS, "both pods busy", || async {
+        pods.iter().all(|p| p.stats.inflight() == 1)
+    })
+    .await;
 
     // 10 GETs and 10 POSTs with small bodies wait in the queue, then their clients go away.
     let mut clients = Vec::new();
@@ -169,9 +208,15 @@ async fn abandoned_queued_clients_leak_nothing_and_never_reach_a_pod() {
         };
         clients.push(open_request(addr, &req).await);
     }
-    eventually(SECS, "20 queued", || async { agent.queue_depth().await == 20 }).await;
+    eventually(SECS, "20 queued", || async {
+        agent.queue_depth().await == 20
+    })
+    .await;
     drop(clients);
-    eventually(SECS, "queue emptied by the departures", || async { agent.queue_depth().await == 0 }).await;
+    eventually(SECS, "queue emptied by the departures", || async {
+        agent.queue_depth().await == 0
+    })
+    .await;
 
     for b in blockers {
         assert_eq!(b.await.unwrap().unwrap().status, 200);
@@ -185,14 +230,19 @@ async fn abandoned_queued_clients_leak_nothing_and_never_reach_a_pod() {
     let both: Vec<_> = (0..2)
         .map(|_| tokio::spawn(async move { loadgen::get(addr, "/work?ms=500", &[]).await }))
         .collect();
-    eventually(Duration::from_millis(400), "both slots taken at once", || async {
-        pods.iter().all(|p| p.stats.inflight() == 1)
-    })
+    eventually(
+        Duration::from_millis(400),
+        "both slots taken at once",
+        || async { pods.iter().all(|p| p.stats.inflight() == 1) },
+    )
     .await;
     for b in both {
         assert_eq!(b.await.unwrap().unwrap().status, 200);
     }
-    eventually(SECS, "all slots free", || async { agent.inflight().await == 0 }).await;
+    eventually(SECS, "all slots free", || async {
+        agent.inflight().await == 0
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -220,7 +270,10 @@ async fn refused_connection_is_retried_on_another_pod() {
         .unwrap();
     assert!(dead_pod["connect_failures"].as_u64().unwrap() >= 1);
     assert_eq!(dead_pod["inflight"], 0);
-    eventually(SECS, "all slots free", || async { agent.inflight().await == 0 }).await;
+    eventually(SECS, "all slots free", || async {
+        agent.inflight().await == 0
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -282,17 +335,33 @@ async fn method_path_query_headers_and_body_reach_the_pod() {
     .unwrap();
     assert_eq!(r.status, 200);
     assert!(
-        r.body.contains("request=POST /VideoCodecService/VideoCodec?task=42&ms=1 body_bytes=100000"),
+        r.body
+            .contains("request=POST /VideoCodecService/VideoCodec?task=42&ms=1 body_bytes=100000"),
         "{}",
         r.body
     );
     assert_eq!(pods[0].stats.arrivals(), vec!["abc".to_string()]);
     // A small body goes through the queue-time buffering path.
-    let r = loadgen::request(agent.addr, "PUT", "/VideoCodecService/VideoCodec", &[], b"small body").await.unwrap();
-    assert!(r.body.contains("request=PUT /VideoCodecService/VideoCodec body_bytes=10"), "{}", r.body);
+    let r = loadgen::request(
+        agent.addr,
+        "PUT",
+        "/VideoCodecService/VideoCodec",
+        &[],
+        b"small body",
+    )
+    .await
+    .unwrap();
+    assert!(
+        r.body
+            .contains("request=PUT /VideoCodecService/VideoCodec body_bytes=10"),
+        "{}",
+        r.body
+    );
     let log = agent.log();
     assert!(
-        log.contains("route=/VideoCodecService/VideoCodec") && log.contains("queue_wait_ms=") && log.contains("status=200"),
+        log.contains("route=/VideoCodecService/VideoCodec")
+            && log.contains("queue_wait_ms=")
+            && log.contains("status=200"),
         "one info line per request:\n{log}"
     );
 }
@@ -307,9 +376,14 @@ async fn queued_small_post_body_is_delivered_whole() {
     .await;
     let addr = agent.addr;
     let blocker = tokio::spawn(async move { loadgen::get(addr, "/work?ms=400", &[]).await });
-    eventually(SECS, "blocker at the pod", || async { pods[0].stats.inflight() == 1 }).await;
+    eventually(SECS, "blocker at the pod", || async {
+        pods[0].stats.inflight() == 1
+    })
+    .await;
     let body = vec![b'y'; 60_000];
-    let r = loadgen::request(addr, "POST", "/work?ms=1", &[], &body).await.unwrap();
+    let r = loadgen::request(addr, "POST", "/work?ms=1", &[], &body)
+        .await
+        .unwrap();
     assert!(r.body.contains("body_bytes=60000"), "{}", r.body);
     assert_eq!(blocker.await.unwrap().unwrap().status, 200);
 }

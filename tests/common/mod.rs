@@ -93,7 +93,11 @@ impl Agent {
                     return;
                 }
             }
-            assert!(Instant::now() < deadline, "lb-agent not ready; log:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "lb-agent not ready; log:\n{}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -103,22 +107,30 @@ impl Agent {
     }
 
     pub async fn status(&self) -> serde_json::Value {
-        let r = loadgen::get(self.admin, "/status", &[]).await.expect("status");
+        let r = loadgen::get(self.admin, "/status", &[])
+            .await
+            .expect("status");
         serde_json::from_str(&r.body).expect("status json")
     }
 
     /// Queue depth of the first pool.
     pub async fn queue_depth(&self) -> u64 {
-        self.status().await["pools"][0]["queue_depth"].as_u64().unwrap()
+        self.status().await["pools"][0]["queue_depth"]
+            .as_u64()
+            .unwrap()
     }
 
     /// In-flight slots of the first pool, summed over pods.
     pub async fn inflight(&self) -> u64 {
-        self.status().await["pools"][0]["inflight"].as_u64().unwrap()
+        self.status().await["pools"][0]["inflight"]
+            .as_u64()
+            .unwrap()
     }
 
     pub async fn get(&self, path: &str) -> loadgen::Response {
-        loadgen::get(self.addr, path, &[]).await.expect("request through lb-agent")
+        loadgen::get(self.addr, path, &[])
+            .await
+            .expect("request through lb-agent")
     }
 }
 

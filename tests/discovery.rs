@@ -1,0 +1,362 @@
+//! End-to-end discovery: the real binary, a real DNS server on loopback whose zone the test
+//! changes, and fake pods on 127.0.1.x. Intervals are short so the tests run in seconds.
+
+mod common;
+
+use common::dns::{Answer, DnsServer};
+use common::*;
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+const SECS: Duration = Duration::from_secs(10);
+const NAME: &str = "codec.ai-media.svc.cluster.local";
+
+fn ips(pods: &[FakePod]) -> Vec<IpAddr> {
+    pods.iter().map(|p| p.addr.ip()).collect()
+}
+
+fn config(dns: &DnsServer, port: u16, limit: usize, queue: &str) -> String {
+    format!(
+        "dns: {{nameservers: [\"{}\"], refresh_interval: 100ms, stability_samples: 3, stability_interval: 50ms, unstable_retry: 300ms}}\n\
+         queue: {queue}\n\
+         routes:\n  - {{uri: /work, limit: {limit}, service_name: codec, namespace: ai-media, http_port: {port}}}\n",
+        dns.addr
+    )
+}
+
+/// Active pod addresses of the first pool, from /status.
+async fn active_pods(agent: &Agent) -> BTreeSet<String> {
+    agent.status().await["pools"][0]["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["active"] == true)
+        .map(|p| p["addr"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn addrs(pods: &[FakePod]) -> BTreeSet<String> {
+    pods.iter().map(|p| p.addr.to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn added_pods_take_traffic_and_drain_the_queue() {
+    let pods = start_pods(1, 3).await.unwrap();
+    let dns = DnsServer::start().await;
+    dns.set_ips(NAME, &ips(&pods[..1]));
+    let agent = Agent::start(&config(&dns, pods[0].addr.port(), 1, "{timeout: 30s}")).await;
+    let addr = agent.addr;
+
+    // Pod 1 is busy and three requests wait.
+    let blocker = tokio::spawn(async move { loadgen::get(addr, "/work?ms=3000", &[]).await });
+    eventually(SECS, "blocker on pod 1", || async {
+        pods[0].stats.inflight() == 1
+    })
+    .await;
+    let queued: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(async move { loadgen::get(addr, "/work?ms=200", &[]).await }))
+        .collect();
+    eventually(SECS, "3 queued", || async {
+        agent.queue_depth().await == 3
+    })
+    .await;
+
+    // Two pods appear: the queued requests start on them without waiting for pod 1.
+    let changed = Instant::now();
+    dns.set_ips(NAME, &ips(&pods));
+    eventually(SECS, "a new pod got a request", || async {
+        pods[1].stats.started() + pods[2].stats.started() > 0
+    })
+    .await;
+    println!(
+        "DNS change to first request on a new pod: {:?}",
+        changed.elapsed()
+    );
+    for q in queued {
+        assert_eq!(q.await.unwrap().unwrap().status, 200);
+    }
+    assert_eq!(
+        pods[0].stats.inflight(),
+        1,
+        "pod 1 is still busy: the queue drained onto the new pods"
+    );
+    assert_eq!(pods[1].stats.started() + pods[2].stats.started(), 3);
+    assert_eq!(blocker.await.unwrap().unwrap().status, 200);
+    assert!(
+        agent.log().contains("added"),
+        "pod-list change logged:\n{}",
+        agent.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn removed_pod_finishes_its_request_and_gets_no_new_ones() {
+    let pods = start_pods(1, 2).await.unwrap();
+    let dns = DnsServer::start().await;
+    dns.set_ips(NAME, &ips(&pods));
+    let agent = Agent::start(&config(&dns, pods[0].addr.port(), 1, "{timeout: 30s}")).await;
+    let addr = agent.addr;
+
+    let long = tokio::spawn(async move { loadgen::get(addr, "/work?ms=1500", &[]).await });
+    eventually(SECS, "long request on a pod", || async {
+        pods.iter().map(|p| p.stats.inflight()).sum::<usize>() == 1
+    })
+    .await;
+    let (busy, other) = if pods[0].stats.inflight() == 1 {
+        (0, 1)
+    } else {
+        (1, 0)
+    };
+
+    // The busy pod leaves the DNS answer.
+    dns.set_ips(NAME, &[pods[other].addr.ip()]);
+    eventually(SECS, "pod removed from the pool", || async {
+        active_pods(&agent).await == BTreeSet::from([pods[other].addr.to_string()])
+    })
+    .await;
+    for _ in 0..5 {
+        assert_eq!(agent.get("/work?ms=10").await.status, 200);
+    }
+    assert_eq!(
+        pods[busy].stats.started(),
+        1,
+        "no new request went to the removed pod"
+    );
+    assert_eq!(pods[other].stats.started(), 5);
+    let r = long.await.unwrap().unwrap();
+    assert_eq!(
+        r.status, 200,
+        "the in-flight request on the removed pod completed"
+    );
+    eventually(SECS, "removed pod forgotten, no slot leaked", || async {
+        let s = agent.status().await;
+        s["pools"][0]["inflight"] == 0 && s["pools"][0]["pods"].as_array().unwrap().len() == 1
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn answers_flapping_faster_than_the_stability_window_do_not_churn() {
+    let pods = start_pods(1, 3).await.unwrap();
+    let dns = DnsServer::start().await;
+    dns.set_ips(NAME, &ips(&pods[..2]));
+    let agent = Agent::start(&config(&dns, pods[0].addr.port(), 1, "{timeout: 30s}")).await;
+    let stable = addrs(&pods[..2]);
+    assert_eq!(active_pods(&agent).await, stable);
+
+    // Flip between {1,2} and {1,2,3} every 20 ms for 1.5 s: no answer repeats 3 times 50 ms apart.
+    let until = Instant::now() + Duration::from_millis(1500);
+    let mut flip = false;
+    while Instant::now() < until {
+        flip = !flip;
+        let set = if flip { &pods[..] } else { &pods[..2] };
+        dns.set_ips(NAME, &ips(set));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(
+            active_pods(&agent).await,
+            stable,
+            "pod list changed during flapping"
+        );
+    }
+    assert_eq!(pods[2].stats.started(), 0);
+
+    // Once the answer settles, the change is taken.
+    dns.set_ips(NAME, &ips(&pods));
+    eventually(SECS, "settled answer adopted", || async {
+        active_pods(&agent).await == addrs(&pods)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dns_server_stopping_mid_traffic_fails_no_request() {
+    let pods = start_pods(1, 2).await.unwrap();
+    let mut dns = DnsServer::start().await;
+    dns.set_ips(NAME, &ips(&pods));
+    let agent = Agent::start(&config(&dns, pods[0].addr.port(), 1, "{timeout: 30s}")).await;
+    let addr = agent.addr;
+
+    let traffic = || async move {
+        let mut statuses = Vec::new();
+        for _ in 0..15 {
+            let batch: Vec<_> = (0..2)
+                .map(|_| tokio::spawn(async move { loadgen::get(addr, "/work?ms=50", &[]).await }))
+                .collect();
+            for b in batch {
+                statuses.push(b.await.unwrap().map(|r| r.status).unwrap_or(0));
+            }
+        }
+        statuses
+    };
+    let during = tokio::spawn(traffic());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    dns.stop();
+    let warning = format!("DNS lookup of {NAME} failed");
+    eventually(SECS, "DNS failure noticed", || async {
+        agent.log().contains(&warning)
+    })
+    .await;
+    let mut statuses = during.await.unwrap();
+    // Keep going while lookups keep failing.
+    statuses.extend(traffic().await);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    statuses.extend(traffic().await);
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert_eq!(
+        active_pods(&agent).await,
+        addrs(&pods),
+        "pods kept while DNS is down"
+    );
+    let log = agent.log();
+    assert_eq!(
+        log.matches(&warning).count(),
+        1,
+        "warned once per episode:\n{log}"
+    );
+
+    dns.restart().await;
+    eventually(SECS, "recovery logged", || async {
+        agent.log().contains("works again")
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nxdomain_means_zero_pods_requests_wait_then_proceed() {
+    let pods = start_pods(1, 1).await.unwrap();
+    let dns = DnsServer::start().await;
+    dns.set(NAME, Answer::NxDomain);
+    let agent = Agent::start(&config(&dns, pods[0].addr.port(), 1, "{timeout: 30s}")).await;
+    assert!(active_pods(&agent).await.is_empty());
+    let addr = agent.addr;
+    let waiting = tokio::spawn(async move { loadgen::get(addr, "/work?ms=10", &[]).await });
+    eventually(SECS, "request queued", || async {
+        agent.queue_depth().await == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiting.is_finished(),
+        "with zero pods the request waits instead of failing"
+    );
+
+    // An empty NOERROR answer is zero pods too.
+    dns.set(NAME, Answer::Records(vec![]));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished());
+
+    dns.set_ips(NAME, &ips(&pods));
+    let r = waiting.await.unwrap().unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(pods[0].stats.started(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn zero_pods_times_out_with_503() {
+    let dns = DnsServer::start().await;
+    dns.set(NAME, Answer::NxDomain);
+    let agent = Agent::start(&config(&dns, 8080, 1, "{timeout: 300ms}")).await;
+    let r = agent.get("/work").await;
+    assert_eq!(r.status, 503);
+    assert!(r.body.contains("queue timeout"), "{}", r.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn servfail_keeps_the_last_good_pods() {
+    let pods = start_pods(1, 1).await.unwrap();
+    let dns = DnsServer::start().await;
+    dns.set_ips(NAME, &ips(&pods));
+    let agent = Agent::start(&config(&dns, pods[0].addr.port(), 1, "{timeout: 30s}")).await;
+    dns.set(NAME, Answer::ServFail);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(active_pods(&agent).await, addrs(&pods));
+    assert_eq!(agent.get("/work").await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn readyz_waits_for_the_first_resolution() {
+    let pods = start_pods(1, 1).await.unwrap();
+    let dns = DnsServer::start().await;
+    dns.set(NAME, Answer::ServFail);
+    let agent = Agent::spawn(&config(&dns, pods[0].addr.port(), 1, "{timeout: 30s}"));
+    // Up, but not ready: the name has not resolved yet.
+    eventually(SECS, "healthz up", || async {
+        loadgen::get(agent.admin, "/healthz", &[])
+            .await
+            .is_ok_and(|r| r.status == 200)
+    })
+    .await;
+    let r = loadgen::get(agent.admin, "/readyz", &[]).await.unwrap();
+    assert_eq!(r.status, 503, "{}", r.body);
+    // The proxy already accepts requests; they wait.
+    let addr = agent.addr;
+    let early = tokio::spawn(async move { loadgen::get(addr, "/work", &[]).await });
+    dns.set_ips(NAME, &ips(&pods));
+    agent.wait_ready(SECS).await;
+    assert_eq!(early.await.unwrap().unwrap().status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_routes_on_one_service_share_one_resolver_and_one_pool() {
+    let pods = start_pods(1, 1).await.unwrap();
+    let dns = DnsServer::start().await;
+    dns.set_ips(NAME, &ips(&pods));
+    let port = pods[0].addr.port();
+    let agent = Agent::start(&format!(
+        "dns: {{nameservers: [\"{}\"], refresh_interval: 100ms, stability_samples: 3, stability_interval: 50ms}}\n\
+         routes:\n  - {{uri: /a, limit: 1, service_name: codec, namespace: ai-media, http_port: {port}}}\n  - {{uri: /b, limit: 1, service_name: codec, namespace: ai-media, http_port: {port}}}\n",
+        dns.addr
+    ))
+    .await;
+    let status = agent.status().await;
+    assert_eq!(status["pools"].as_array().unwrap().len(), 1, "{status}");
+
+    // One resolver: over 1 s with a 100 ms refresh, about 10 rounds of A + AAAA, not 20.
+    let before = dns.queries.load(std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rounds = (dns.queries.load(std::sync::atomic::Ordering::SeqCst) - before) / 2;
+    assert!((5..=14).contains(&rounds), "{rounds} lookups in 1 s");
+
+    // One pool: the pod's single slot is shared by both routes.
+    let addr = agent.addr;
+    let a = tokio::spawn(async move { loadgen::get(addr, "/a?ms=300", &[]).await });
+    let b = tokio::spawn(async move { loadgen::get(addr, "/b?ms=300", &[]).await });
+    assert_eq!(a.await.unwrap().unwrap().status, 200);
+    assert_eq!(b.await.unwrap().unwrap().status, 200);
+    assert_eq!(pods[0].stats.max_inflight(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn default_settings_adopt_a_new_pod_after_the_stability_window() {
+    let pods = start_pods(1, 2).await.unwrap();
+    let dns = DnsServer::start().await;
+    dns.set_ips(NAME, &ips(&pods[..1]));
+    // Only the nameserver is set: refresh 2s, 5 samples 500ms apart, unstable retry 10s.
+    let agent = Agent::start(&format!(
+        "dns: {{nameservers: [\"{}\"]}}\nroutes:\n  - {{uri: /work, limit: 1, service_name: codec, namespace: ai-media, http_port: {}}}\n",
+        dns.addr,
+        pods[0].addr.port()
+    ))
+    .await;
+    let addr = agent.addr;
+    let blocker = tokio::spawn(async move { loadgen::get(addr, "/work?ms=8000", &[]).await });
+    eventually(SECS, "blocker on pod 1", || async {
+        pods[0].stats.inflight() == 1
+    })
+    .await;
+    let queued = tokio::spawn(async move { loadgen::get(addr, "/work?ms=10", &[]).await });
+    eventually(SECS, "queued", || async { agent.queue_depth().await == 1 }).await;
+    let changed = Instant::now();
+    dns.set_ips(NAME, &ips(&pods));
+    assert_eq!(queued.await.unwrap().unwrap().status, 200);
+    let took = changed.elapsed();
+    println!("default settings: DNS change to first request on the new pod took {took:?}");
+    assert_eq!(pods[1].stats.started(), 1);
+    // Never before the 5 samples 500 ms apart have been seen.
+    assert!(
+        took >= Duration::from_secs(2),
+        "adopted after {took:?}, before the stability window"
+    );
+    blocker.abort();
+}

@@ -1,4 +1,4 @@
-//! The admin endpoints on `admin_listen`: `/healthz`, `/readyz`, `/status`.
+//! The admin endpoints on `admin_listen`: `/healthz`, `/readyz`, `/status`, `/metrics`.
 //!
 //! Kept off the proxy port so a route can never shadow them and so they can be firewalled
 //! separately.
@@ -145,6 +145,11 @@ impl ServeHttp for AdminApp {
                     )
                 }
             }
+            "/metrics" => reply(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                crate::metrics::render(&self.pools),
+            ),
             "/status" => {
                 let body = serde_json::to_vec_pretty(&self.status()).unwrap_or_default();
                 reply(StatusCode::OK, "application/json", body)
@@ -152,7 +157,7 @@ impl ServeHttp for AdminApp {
             _ => reply(
                 StatusCode::NOT_FOUND,
                 "text/plain",
-                b"admin endpoints: /healthz /readyz /status\n".to_vec(),
+                b"admin endpoints: /healthz /readyz /status /metrics\n".to_vec(),
             ),
         }
     }

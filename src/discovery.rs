@@ -182,6 +182,9 @@ impl DnsDiscovery {
                 self.record(&again);
                 if again.as_ref() != Ok(&answer) {
                     self.stats.unstable_ignored.fetch_add(1, Ordering::Relaxed);
+                    if let Some(m) = crate::metrics::get() {
+                        m.discovery_unstable.with_label_values(&[&self.host]).inc();
+                    }
                     log::debug!(
                         "DNS answer for {} is unstable ({:?} then {:?}); keeping the current pods",
                         self.host,

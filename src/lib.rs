@@ -14,19 +14,22 @@ pub mod discovery;
 pub mod fakepod;
 pub mod loadgen;
 pub mod logging;
+pub mod metrics;
 pub mod pool;
 pub mod proxy;
 pub mod route;
 pub mod selection;
+pub mod shutdown;
 
 use futures::FutureExt;
 use pingora::proxy::http_proxy_service;
 use pingora::server::configuration::ServerConf;
-use pingora::server::Server;
+use pingora::server::{RunArgs, Server};
 use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use config::{Config, Target};
 use discovery::DnsDiscovery;
@@ -38,14 +41,39 @@ use selection::Balancer;
 /// Seconds Pingora's runtimes get to finish after the grace period.
 const FINAL_SHUTDOWN_SECS: u64 = 1;
 
+/// A built server, ready to run.
+pub struct Agent {
+    server: Server,
+    pools: Vec<Arc<Balancer>>,
+    grace: Duration,
+}
+
+impl Agent {
+    /// Runs until SIGTERM (graceful, see [`shutdown`]), SIGINT (fast) or SIGQUIT, then exits.
+    pub fn run(self) -> ! {
+        let drain = shutdown::DrainOnTerm {
+            pools: self.pools,
+            grace: self.grace,
+        };
+        self.server.run(RunArgs {
+            shutdown_signal: Box::new(drain),
+        });
+        std::process::exit(0)
+    }
+}
+
 /// Builds the Pingora server: the proxy on `listen`, the admin endpoints on `admin_listen`,
 /// and one DNS discovery background service per distinct DNS name.
-pub fn build_server(config: &Config) -> Result<Server, String> {
+pub fn build_server(config: &Config) -> Result<Agent, String> {
+    // Pingora sleeps `grace_period_seconds` after SIGTERM, then gives its runtimes
+    // FINAL_SHUTDOWN_SECS: together they make up `shutdown_grace` (never Pingora's 300 s default).
+    let grace_secs = config
+        .shutdown_grace
+        .as_secs()
+        .saturating_sub(FINAL_SHUTDOWN_SECS);
     let conf = ServerConf {
         threads: config.threads,
-        // Pingora sleeps this long after SIGTERM before stopping its runtimes; it must not be
-        // Pingora's own default of 300 s.
-        grace_period_seconds: Some(config.shutdown_grace.as_secs()),
+        grace_period_seconds: Some(grace_secs),
         graceful_shutdown_timeout_seconds: Some(FINAL_SHUTDOWN_SECS),
         // Total attempts per request; our fail_to_connect decides which are retried.
         max_retries: config.max_attempts,
@@ -113,5 +141,9 @@ pub fn build_server(config: &Config) -> Result<Server, String> {
         admin.add_tcp(admin_listen);
         server.add_service(admin);
     }
-    Ok(server)
+    Ok(Agent {
+        server,
+        pools: balancers,
+        grace: Duration::from_secs(grace_secs),
+    })
 }

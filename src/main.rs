@@ -58,7 +58,7 @@ fn main() -> ExitCode {
         config.routes.len()
     );
     match lb_agent::build_server(&config) {
-        Ok(server) => server.run_forever(),
+        Ok(agent) => agent.run(),
         Err(e) => fail(&e),
     }
 }

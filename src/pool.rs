@@ -42,6 +42,8 @@ pub enum QueueError {
     Timeout,
     /// Every pod of the pool was already tried by this request (retries only).
     NoUntriedPod,
+    /// The agent is shutting down and stopped serving its queue.
+    ShuttingDown,
 }
 
 impl QueueError {
@@ -51,6 +53,7 @@ impl QueueError {
             QueueError::Full => "queue_full",
             QueueError::Timeout => "queue_timeout",
             QueueError::NoUntriedPod => "no_untried_pod",
+            QueueError::ShuttingDown => "shutting_down",
         }
     }
 }
@@ -330,14 +333,15 @@ impl Pool {
         deadline: tokio::time::Instant,
     ) -> Result<SemaphorePermit<'_>, QueueError> {
         // A semaphore with waiters never has permits available, so this cannot jump the queue.
-        if let Ok(p) = self.sem.try_acquire() {
-            return Ok(p);
+        match self.sem.try_acquire() {
+            Ok(p) => return Ok(p),
+            Err(tokio::sync::TryAcquireError::Closed) => return Err(QueueError::ShuttingDown),
+            Err(tokio::sync::TryAcquireError::NoPermits) => {}
         }
         let _in_queue = self.enter_queue(policy.max_waiting)?;
         match tokio::time::timeout_at(deadline, self.sem.acquire()).await {
             Ok(Ok(p)) => Ok(p),
-            // The semaphore is never closed.
-            Ok(Err(_)) => Err(QueueError::Timeout),
+            Ok(Err(_closed)) => Err(QueueError::ShuttingDown),
             Err(_) => Err(QueueError::Timeout),
         }
     }
@@ -349,6 +353,13 @@ impl Pool {
             })
             .map_err(|_| QueueError::Full)?;
         Ok(QueueTicket { pool: self })
+    }
+
+    /// Stops the queue for good: every waiting and future request gets
+    /// [`QueueError::ShuttingDown`]. Requests already holding a slot are not affected.
+    pub fn close(&self) {
+        self.sem.close();
+        self.changed.notify_waiters();
     }
 
     /// Settles a permit for which the selector found no acceptable pod.
@@ -469,6 +480,29 @@ mod tests {
             }
             assert_eq!(pool.no_pod_for(permit), NoPod::PaidDebt);
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn closing_answers_waiters_and_spares_slots_in_flight() {
+        let pool = Pool::new("p", 1);
+        pool.set_pods([addr(1)]);
+        let held = take(&pool, &policy(10, 60_000), 60_000).await.unwrap();
+        let p2 = Arc::clone(&pool);
+        let waiter = tokio::spawn(async move {
+            take(&p2, &policy(10, 60_000), 60_000)
+                .await
+                .map(|s| s.addr())
+        });
+        tokio::task::yield_now().await;
+        pool.close();
+        assert_eq!(waiter.await.unwrap(), Err(QueueError::ShuttingDown));
+        assert_eq!(
+            take(&pool, &policy(10, 60_000), 60_000).await.unwrap_err(),
+            QueueError::ShuttingDown
+        );
+        assert_eq!(pool.inflight(), 1);
+        drop(held);
+        assert_eq!(pool.inflight(), 0);
     }
 
     #[tokio::test(start_paused = true)]

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::QueuePolicy;
+use crate::metrics;
 use crate::pool::{QueueError, Slot};
 use crate::route::RouteTable;
 use crate::selection::Balancer;
@@ -66,6 +67,7 @@ pub enum Outcome {
     QueueTimeout,
     ClientGone,
     UpstreamError,
+    ShuttingDown,
 }
 
 impl Outcome {
@@ -77,6 +79,7 @@ impl Outcome {
             Outcome::QueueTimeout => "queue_timeout",
             Outcome::ClientGone => "client_gone",
             Outcome::UpstreamError => "upstream_error",
+            Outcome::ShuttingDown => "shutting_down",
         }
     }
 }
@@ -238,6 +241,11 @@ impl ProxyHttp for LbProxy {
         };
         ctx.pod = Some(slot.addr());
         ctx.attempts += 1;
+        if let Some(m) = metrics::get() {
+            m.pod_requests
+                .with_label_values(&[slot.pool().name(), &slot.addr().to_string()])
+                .inc();
+        }
         let mut peer = HttpPeer::new(slot.addr(), false, String::new());
         peer.options.connection_timeout = Some(self.connect_timeout);
         Ok(Box::new(peer))
@@ -270,6 +278,11 @@ impl ProxyHttp for LbProxy {
         if let Some(slot) = ctx.slot.take() {
             let addr = slot.addr();
             slot.pool().report_connect_failure(addr);
+            if let Some(m) = metrics::get() {
+                m.pod_connect_failures
+                    .with_label_values(&[slot.pool().name(), &addr.to_string()])
+                    .inc();
+            }
             ctx.tried.push(addr);
             log::warn!("connect to pod {addr} failed: {e}");
         }
@@ -299,6 +312,11 @@ impl ProxyHttp for LbProxy {
                     "lb-agent: queue timeout: no pod had a free slot within {:?}\n",
                     ctx.route.as_ref().map_or(Duration::ZERO, |r| r.queue.timeout)
                 ),
+                true,
+            ),
+            Some(Refusal::Queue(QueueError::ShuttingDown)) => (
+                503,
+                "lb-agent: shutting down; retry on another instance\n".to_string(),
                 true,
             ),
             Some(Refusal::Queue(QueueError::NoUntriedPod)) | None | Some(Refusal::NoRoute) => {
@@ -332,6 +350,20 @@ impl ProxyHttp for LbProxy {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let outcome = outcome(ctx, e, status);
         let route = ctx.route.as_ref().map_or("-", |r| r.uri.as_str());
+        if let Some(m) = metrics::get() {
+            // Unrouted requests share the label "-": request paths must not become labels.
+            m.requests
+                .with_label_values(&[route, outcome.as_str()])
+                .inc();
+            if ctx.route.is_some() {
+                m.request_duration
+                    .with_label_values(&[route])
+                    .observe(ctx.start.elapsed().as_secs_f64());
+                m.queue_wait
+                    .with_label_values(&[route])
+                    .observe(ctx.queue_wait.as_secs_f64());
+            }
+        }
         let pod = ctx.pod.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
         log::info!(
             "{} {} route={} pod={} status={} outcome={} queue_wait_ms={} duration_ms={} attempts={}",
@@ -355,6 +387,7 @@ fn outcome(ctx: &Ctx, e: Option<&Error>, status: u16) -> Outcome {
         Some(Refusal::Queue(QueueError::Timeout)) => Outcome::QueueTimeout,
         Some(Refusal::ClientGone) => Outcome::ClientGone,
         Some(Refusal::Queue(QueueError::NoUntriedPod)) => Outcome::UpstreamError,
+        Some(Refusal::Queue(QueueError::ShuttingDown)) => Outcome::ShuttingDown,
         None if e.is_some() || status >= 500 && ctx.pod.is_none() => Outcome::UpstreamError,
         None => Outcome::Ok,
     }

@@ -49,14 +49,12 @@ async fn added_pods_take_traffic_and_drain_the_queue() {
     let addr = agent.addr;
 
     // Pod 1 is busy and three requests wait.
-    let blocker = tokio::spawn(async move { loadgen::get(addr, "/work?ms=3000", &[]).await });
+    let blocker = spawn_get(addr, "/work?ms=3000");
     eventually(SECS, "blocker on pod 1", || async {
         pods[0].stats.inflight() == 1
     })
     .await;
-    let queued: Vec<_> = (0..3)
-        .map(|_| tokio::spawn(async move { loadgen::get(addr, "/work?ms=200", &[]).await }))
-        .collect();
+    let queued: Vec<_> = (0..3).map(|_| spawn_get(addr, "/work?ms=200")).collect();
     eventually(SECS, "3 queued", || async {
         agent.queue_depth().await == 3
     })
@@ -98,7 +96,7 @@ async fn removed_pod_finishes_its_request_and_gets_no_new_ones() {
     let agent = Agent::start(&config(&dns, pods[0].addr.port(), 1, "{timeout: 30s}")).await;
     let addr = agent.addr;
 
-    let long = tokio::spawn(async move { loadgen::get(addr, "/work?ms=1500", &[]).await });
+    let long = spawn_get(addr, "/work?ms=1500");
     eventually(SECS, "long request on a pod", || async {
         pods.iter().map(|p| p.stats.inflight()).sum::<usize>() == 1
     })
@@ -180,9 +178,7 @@ async fn dns_server_stopping_mid_traffic_fails_no_request() {
     let traffic = || async move {
         let mut statuses = Vec::new();
         for _ in 0..15 {
-            let batch: Vec<_> = (0..2)
-                .map(|_| tokio::spawn(async move { loadgen::get(addr, "/work?ms=50", &[]).await }))
-                .collect();
+            let batch: Vec<_> = (0..2).map(|_| spawn_get(addr, "/work?ms=50")).collect();
             for b in batch {
                 statuses.push(b.await.unwrap().map(|r| r.status).unwrap_or(0));
             }
@@ -230,7 +226,7 @@ async fn nxdomain_means_zero_pods_requests_wait_then_proceed() {
     let agent = Agent::start(&config(&dns, pods[0].addr.port(), 1, "{timeout: 30s}")).await;
     assert!(active_pods(&agent).await.is_empty());
     let addr = agent.addr;
-    let waiting = tokio::spawn(async move { loadgen::get(addr, "/work?ms=10", &[]).await });
+    let waiting = spawn_get(addr, "/work?ms=10");
     eventually(SECS, "request queued", || async {
         agent.queue_depth().await == 1
     })
@@ -291,7 +287,7 @@ async fn readyz_waits_for_the_first_resolution() {
     assert_eq!(r.status, 503, "{}", r.body);
     // The proxy already accepts requests; they wait.
     let addr = agent.addr;
-    let early = tokio::spawn(async move { loadgen::get(addr, "/work", &[]).await });
+    let early = spawn_get(addr, "/work");
     dns.set_ips(NAME, &ips(&pods));
     agent.wait_ready(SECS).await;
     assert_eq!(early.await.unwrap().unwrap().status, 200);
@@ -320,8 +316,8 @@ async fn two_routes_on_one_service_share_one_resolver_and_one_pool() {
 
     // One pool: the pod's single slot is shared by both routes.
     let addr = agent.addr;
-    let a = tokio::spawn(async move { loadgen::get(addr, "/a?ms=300", &[]).await });
-    let b = tokio::spawn(async move { loadgen::get(addr, "/b?ms=300", &[]).await });
+    let a = spawn_get(addr, "/a?ms=300");
+    let b = spawn_get(addr, "/b?ms=300");
     assert_eq!(a.await.unwrap().unwrap().status, 200);
     assert_eq!(b.await.unwrap().unwrap().status, 200);
     assert_eq!(pods[0].stats.max_inflight(), 1);
@@ -340,12 +336,12 @@ async fn default_settings_adopt_a_new_pod_after_the_stability_window() {
     ))
     .await;
     let addr = agent.addr;
-    let blocker = tokio::spawn(async move { loadgen::get(addr, "/work?ms=8000", &[]).await });
+    let blocker = spawn_get(addr, "/work?ms=8000");
     eventually(SECS, "blocker on pod 1", || async {
         pods[0].stats.inflight() == 1
     })
     .await;
-    let queued = tokio::spawn(async move { loadgen::get(addr, "/work?ms=10", &[]).await });
+    let queued = spawn_get(addr, "/work?ms=10");
     eventually(SECS, "queued", || async { agent.queue_depth().await == 1 }).await;
     let changed = Instant::now();
     dns.set_ips(NAME, &ips(&pods));

@@ -56,6 +56,9 @@ async fn metrics_follow_a_burst() {
     })
     .await;
     let during = metrics(&agent).await;
+    for line in during.lines().filter(|l| l.starts_with("lb_queue_depth") || l.starts_with("lb_pod_")) {
+        println!("during the burst: {line}");
+    }
     assert_eq!(
         sample(&during, &format!("lb_queue_depth{{pool=\"{pool}\"}}")),
         6.0,
@@ -131,12 +134,12 @@ async fn sigterm_lets_in_flight_and_queued_requests_finish_then_exits() {
     ))
     .await;
     let addr = agent.addr;
-    let in_flight = tokio::spawn(async move { loadgen::get(addr, "/work?ms=800", &[]).await });
+    let in_flight = spawn_get(addr, "/work?ms=800");
     eventually(SECS, "in flight", || async {
         pods[0].stats.inflight() == 1
     })
     .await;
-    let queued = tokio::spawn(async move { loadgen::get(addr, "/work?ms=300", &[]).await });
+    let queued = spawn_get(addr, "/work?ms=300");
     eventually(SECS, "queued", || async { agent.queue_depth().await == 1 }).await;
     let t0 = Instant::now();
     agent.terminate();
@@ -166,12 +169,12 @@ async fn requests_still_queued_at_the_deadline_get_503() {
     ))
     .await;
     let addr = agent.addr;
-    let _long = tokio::spawn(async move { loadgen::get(addr, "/work?ms=20000", &[]).await });
+    let _long = spawn_get(addr, "/work?ms=20000");
     eventually(SECS, "in flight", || async {
         pods[0].stats.inflight() == 1
     })
     .await;
-    let queued = tokio::spawn(async move { loadgen::get(addr, "/work?ms=10", &[]).await });
+    let queued = spawn_get(addr, "/work?ms=10");
     eventually(SECS, "queued", || async { agent.queue_depth().await == 1 }).await;
     let t0 = Instant::now();
     agent.terminate();

@@ -119,7 +119,7 @@ async fn queue_timeout_is_a_503_with_retry_after() {
     ))
     .await;
     let addr = agent.addr;
-    let blocker = tokio::spawn(async move { loadgen::get(addr, "/work?ms=2000", &[]).await });
+    let blocker = spawn_get(addr, "/work?ms=2000");
     eventually(SECS, "blocker at the pod", || async {
         pods[0].stats.inflight() == 1
     })
@@ -151,12 +151,12 @@ async fn full_queue_refuses_at_once() {
     ))
     .await;
     let addr = agent.addr;
-    let blocker = tokio::spawn(async move { loadgen::get(addr, "/work?ms=1500", &[]).await });
+    let blocker = spawn_get(addr, "/work?ms=1500");
     eventually(SECS, "blocker at the pod", || async {
         pods[0].stats.inflight() == 1
     })
     .await;
-    let queued = tokio::spawn(async move { loadgen::get(addr, "/work?ms=10", &[]).await });
+    let queued = spawn_get(addr, "/work?ms=10");
     eventually(SECS, "one queued", || async {
         agent.queue_depth().await == 1
     })
@@ -190,9 +190,7 @@ async fn abandoned_queued_clients_leak_nothing_and_never_reach_a_pod() {
     ))
     .await;
     let addr = agent.addr;
-    let blockers: Vec<_> = (0..2)
-        .map(|_| tokio::spawn(async move { loadgen::get(addr, "/work?ms=800", &[]).await }))
-        .collect();
+    let blockers: Vec<_> = (0..2).map(|_| spawn_get(addr, "/work?ms=800")).collect();
     eventually(SECS, "both pods busy", || async {
         pods.iter().all(|p| p.stats.inflight() == 1)
     })
@@ -227,9 +225,7 @@ async fn abandoned_queued_clients_leak_nothing_and_never_reach_a_pod() {
     assert_eq!(started, vec![1, 1], "no abandoned request reached a pod");
 
     // Every slot is usable at once: two concurrent requests run side by side on both pods.
-    let both: Vec<_> = (0..2)
-        .map(|_| tokio::spawn(async move { loadgen::get(addr, "/work?ms=500", &[]).await }))
-        .collect();
+    let both: Vec<_> = (0..2).map(|_| spawn_get(addr, "/work?ms=500")).collect();
     eventually(
         Duration::from_millis(400),
         "both slots taken at once",
@@ -375,7 +371,7 @@ async fn queued_small_post_body_is_delivered_whole() {
     ))
     .await;
     let addr = agent.addr;
-    let blocker = tokio::spawn(async move { loadgen::get(addr, "/work?ms=400", &[]).await });
+    let blocker = spawn_get(addr, "/work?ms=400");
     eventually(SECS, "blocker at the pod", || async {
         pods[0].stats.inflight() == 1
     })

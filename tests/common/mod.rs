@@ -159,6 +159,15 @@ impl Agent {
     }
 }
 
+/// Sends `GET path` to `addr` in a task of its own.
+pub fn spawn_get(
+    addr: SocketAddr,
+    path: &str,
+) -> tokio::task::JoinHandle<std::io::Result<loadgen::Response>> {
+    let path = path.to_string();
+    tokio::spawn(async move { loadgen::get(addr, &path, &[]).await })
+}
+
 /// Polls `cond` every 10 ms until it holds; panics with `what` after `within`.
 pub async fn eventually<F, Fut>(within: Duration, what: &str, mut cond: F)
 where

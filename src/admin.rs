@@ -63,9 +63,7 @@ impl AdminApp {
     /// Ready once every pool has learned its pod list at least once (an empty list counts:
     /// requests then queue until pods appear) or has pods.
     pub fn ready(&self) -> bool {
-        self.pools
-            .iter()
-            .all(|b| b.pool().resolved() || b.pool().has_pods())
+        self.pools.iter().all(|b| pod_list_known(b))
     }
 
     fn status(&self) -> Status {
@@ -112,6 +110,11 @@ impl AdminApp {
     }
 }
 
+/// A pool counts as ready once its pod list was learned (even empty) or it has pods.
+fn pod_list_known(b: &Balancer) -> bool {
+    b.pool().resolved() || b.pool().has_pods()
+}
+
 fn reply(code: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
     Response::builder()
         .status(code)
@@ -134,7 +137,7 @@ impl ServeHttp for AdminApp {
                     let waiting: Vec<&str> = self
                         .pools
                         .iter()
-                        .filter(|b| !(b.pool().resolved() || b.pool().has_pods()))
+                        .filter(|b| !pod_list_known(b))
                         .map(|b| b.pool().name())
                         .collect();
                     let body = format!("not ready: no pod list yet for {}\n", waiting.join(", "));

@@ -482,17 +482,22 @@ mod tests {
         }
     }
 
+    /// A task that waits for a slot and reports the pod it got (or why not).
+    fn spawn_waiter(
+        pool: &Arc<Pool>,
+        q: QueuePolicy,
+    ) -> tokio::task::JoinHandle<Result<SocketAddr, QueueError>> {
+        let pool = Arc::clone(pool);
+        let ms = q.timeout.as_millis() as u64;
+        tokio::spawn(async move { take(&pool, &q, ms).await.map(|s| s.addr()) })
+    }
+
     #[tokio::test(start_paused = true)]
     async fn closing_answers_waiters_and_spares_slots_in_flight() {
         let pool = Pool::new("p", 1);
         pool.set_pods([addr(1)]);
         let held = take(&pool, &policy(10, 60_000), 60_000).await.unwrap();
-        let p2 = Arc::clone(&pool);
-        let waiter = tokio::spawn(async move {
-            take(&p2, &policy(10, 60_000), 60_000)
-                .await
-                .map(|s| s.addr())
-        });
+        let waiter = spawn_waiter(&pool, policy(10, 60_000));
         tokio::task::yield_now().await;
         pool.close();
         assert_eq!(waiter.await.unwrap(), Err(QueueError::ShuttingDown));
@@ -539,12 +544,7 @@ mod tests {
         pool.set_pods([addr(1)]);
         let q = policy(1, 10_000);
         let _held = take(&pool, &q, 10_000).await.unwrap();
-        let p2 = Arc::clone(&pool);
-        let waiter = tokio::spawn(async move {
-            take(&p2, &policy(1, 10_000), 10_000)
-                .await
-                .map(|s| s.addr())
-        });
+        let waiter = spawn_waiter(&pool, policy(1, 10_000));
         tokio::task::yield_now().await;
         assert_eq!(pool.waiting(), 1);
         let start = tokio::time::Instant::now();
@@ -590,12 +590,7 @@ mod tests {
         pool.set_pods([addr(1)]);
         let q = policy(10, 60_000);
         let held = take(&pool, &q, 60_000).await.unwrap();
-        let p2 = Arc::clone(&pool);
-        let waiter = tokio::spawn(async move {
-            take(&p2, &policy(10, 60_000), 60_000)
-                .await
-                .map(|s| s.addr())
-        });
+        let waiter = spawn_waiter(&pool, policy(10, 60_000));
         tokio::task::yield_now().await;
         assert_eq!(pool.waiting(), 1);
         waiter.abort();
@@ -610,12 +605,7 @@ mod tests {
     async fn added_pod_wakes_queued_request() {
         let pool = Pool::new("p", 1);
         let q = policy(10, 60_000);
-        let p2 = Arc::clone(&pool);
-        let waiter = tokio::spawn(async move {
-            take(&p2, &policy(10, 60_000), 60_000)
-                .await
-                .map(|s| s.addr())
-        });
+        let waiter = spawn_waiter(&pool, policy(10, 60_000));
         tokio::task::yield_now().await;
         assert_eq!(pool.waiting(), 1);
         pool.set_pods([addr(7)]);

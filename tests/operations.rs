@@ -27,11 +27,7 @@ async fn metrics(agent: &Agent) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn metrics_follow_a_burst() {
     let pods = start_pods(1, 2).await.unwrap();
-    let agent = Agent::start(&format!(
-        "queue: {{max_waiting: 6, timeout: 400ms}}\nroutes:\n  - {{uri: /work, limit: 1, endpoints: {}}}\n",
-        endpoints(&pods)
-    ))
-    .await;
+    let agent = start_work_route("queue: {max_waiting: 6, timeout: 400ms}\n", 1, &pods).await;
     let pool = format!("static[{},{}]", pods[0].addr, pods[1].addr);
     let addr = agent.addr;
     // 2 run at once, 6 wait, 4 are refused at once (queue full). Of the 6 waiting, the 2 that
@@ -56,7 +52,10 @@ async fn metrics_follow_a_burst() {
     })
     .await;
     let during = metrics(&agent).await;
-    for line in during.lines().filter(|l| l.starts_with("lb_queue_depth") || l.starts_with("lb_pod_")) {
+    for line in during
+        .lines()
+        .filter(|l| l.starts_with("lb_queue_depth") || l.starts_with("lb_pod_"))
+    {
         println!("during the burst: {line}");
     }
     assert_eq!(
@@ -128,11 +127,7 @@ async fn metrics_follow_a_burst() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_lets_in_flight_and_queued_requests_finish_then_exits() {
     let pods = start_pods(1, 1).await.unwrap();
-    let mut agent = Agent::start(&format!(
-        "shutdown_grace: 10s\nroutes:\n  - {{uri: /work, limit: 1, endpoints: {}}}\n",
-        endpoints(&pods)
-    ))
-    .await;
+    let mut agent = start_work_route("shutdown_grace: 10s\n", 1, &pods).await;
     let addr = agent.addr;
     let in_flight = spawn_get(addr, "/work?ms=800");
     eventually(SECS, "in flight", || async {
@@ -163,11 +158,7 @@ async fn sigterm_lets_in_flight_and_queued_requests_finish_then_exits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn requests_still_queued_at_the_deadline_get_503() {
     let pods = start_pods(1, 1).await.unwrap();
-    let mut agent = Agent::start(&format!(
-        "shutdown_grace: 3s\nqueue: {{timeout: 60s}}\nroutes:\n  - {{uri: /work, limit: 1, endpoints: {}}}\n",
-        endpoints(&pods)
-    ))
-    .await;
+    let mut agent = start_work_route("shutdown_grace: 3s\nqueue: {timeout: 60s}\n", 1, &pods).await;
     let addr = agent.addr;
     let _long = spawn_get(addr, "/work?ms=20000");
     eventually(SECS, "in flight", || async {

@@ -12,11 +12,7 @@ const SECS: Duration = Duration::from_secs(10);
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn burst_of_120_never_exceeds_the_cap_and_uses_every_slot() {
     let pods = start_pods(1, 4).await.unwrap();
-    let agent = Agent::start(&format!(
-        "queue: {{max_waiting: 1000, timeout: 60s}}\nroutes:\n  - {{uri: /work, limit: 2, endpoints: {}}}\n",
-        endpoints(&pods)
-    ))
-    .await;
+    let agent = start_work_route("queue: {max_waiting: 1000, timeout: 60s}\n", 2, &pods).await;
     let mut tasks = Vec::new();
     for i in 0..120 {
         let addr = agent.addr;
@@ -46,11 +42,7 @@ async fn burst_of_120_never_exceeds_the_cap_and_uses_every_slot() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn each_request_goes_to_the_least_loaded_pod() {
     let pods = start_pods(1, 3).await.unwrap();
-    let agent = Agent::start(&format!(
-        "routes:\n  - {{uri: /work, limit: 4, endpoints: {}}}\n",
-        endpoints(&pods)
-    ))
-    .await;
+    let agent = start_work_route("", 4, &pods).await;
     let mut held = Vec::new();
     // Six long requests, one at a time: each must land on a pod with the fewest in flight,
     // so after 3 every pod has 1, after 6 every pod has 2.
@@ -77,11 +69,7 @@ async fn each_request_goes_to_the_least_loaded_pod() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn queued_requests_are_served_in_arrival_order() {
     let pods = start_pods(1, 1).await.unwrap();
-    let agent = Agent::start(&format!(
-        "routes:\n  - {{uri: /work, limit: 1, endpoints: {}}}\n",
-        endpoints(&pods)
-    ))
-    .await;
+    let agent = start_work_route("", 1, &pods).await;
     let addr = agent.addr;
     let blocker = tokio::spawn(async move {
         loadgen::get(addr, "/work?ms=300", &[("x-req-id", "blocker")]).await
@@ -113,11 +101,7 @@ async fn queued_requests_are_served_in_arrival_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn queue_timeout_is_a_503_with_retry_after() {
     let pods = start_pods(1, 1).await.unwrap();
-    let agent = Agent::start(&format!(
-        "queue: {{timeout: 300ms}}\nroutes:\n  - {{uri: /work, limit: 1, endpoints: {}}}\n",
-        endpoints(&pods)
-    ))
-    .await;
+    let agent = start_work_route("queue: {timeout: 300ms}\n", 1, &pods).await;
     let addr = agent.addr;
     let blocker = spawn_get(addr, "/work?ms=2000");
     eventually(SECS, "blocker at the pod", || async {
@@ -145,11 +129,7 @@ async fn queue_timeout_is_a_503_with_retry_after() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn full_queue_refuses_at_once() {
     let pods = start_pods(1, 1).await.unwrap();
-    let agent = Agent::start(&format!(
-        "queue: {{max_waiting: 1, timeout: 30s}}\nroutes:\n  - {{uri: /work, limit: 1, endpoints: {}}}\n",
-        endpoints(&pods)
-    ))
-    .await;
+    let agent = start_work_route("queue: {max_waiting: 1, timeout: 30s}\n", 1, &pods).await;
     let addr = agent.addr;
     let blocker = spawn_get(addr, "/work?ms=1500");
     eventually(SECS, "blocker at the pod", || async {
@@ -184,11 +164,7 @@ async fn open_request(addr: std::net::SocketAddr, req: &str) -> TcpStream {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn abandoned_queued_clients_leak_nothing_and_never_reach_a_pod() {
     let pods = start_pods(1, 2).await.unwrap();
-    let agent = Agent::start(&format!(
-        "queue: {{max_waiting: 100, timeout: 60s}}\nroutes:\n  - {{uri: /work, limit: 1, endpoints: {}}}\n",
-        endpoints(&pods)
-    ))
-    .await;
+    let agent = start_work_route("queue: {max_waiting: 100, timeout: 60s}\n", 1, &pods).await;
     let addr = agent.addr;
     let blockers: Vec<_> = (0..2).map(|_| spawn_get(addr, "/work?ms=800")).collect();
     eventually(SECS, "both pods busy", || async {
@@ -365,11 +341,7 @@ async fn method_path_query_headers_and_body_reach_the_pod() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn queued_small_post_body_is_delivered_whole() {
     let pods = start_pods(1, 1).await.unwrap();
-    let agent = Agent::start(&format!(
-        "routes:\n  - {{uri: /work, limit: 1, endpoints: {}}}\n",
-        endpoints(&pods)
-    ))
-    .await;
+    let agent = start_work_route("", 1, &pods).await;
     let addr = agent.addr;
     let blocker = spawn_get(addr, "/work?ms=400");
     eventually(SECS, "blocker at the pod", || async {

@@ -159,6 +159,16 @@ impl Agent {
     }
 }
 
+/// Starts lb-agent with top-level keys `top` (may be empty) and one exact route `/work` with
+/// `limit` over `pods`.
+pub async fn start_work_route(top: &str, limit: usize, pods: &[FakePod]) -> Agent {
+    Agent::start(&format!(
+        "{top}routes:\n  - {{uri: /work, limit: {limit}, endpoints: {}}}\n",
+        endpoints(pods)
+    ))
+    .await
+}
+
 /// Sends `GET path` to `addr` in a task of its own.
 pub fn spawn_get(
     addr: SocketAddr,

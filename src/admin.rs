@@ -12,17 +12,11 @@ use pingora::protocols::http::ServerSession;
 use serde::Serialize;
 use std::sync::Arc;
 
+use crate::live::Live;
 use crate::selection::Balancer;
 
-/// A route as the status page shows it.
-pub struct RouteInfo {
-    pub uri: String,
-    pub pool: usize,
-}
-
 pub struct AdminApp {
-    pub routes: Vec<RouteInfo>,
-    pub pools: Vec<Arc<Balancer>>,
+    pub live: Arc<Live>,
 }
 
 #[derive(Serialize)]
@@ -43,6 +37,8 @@ struct PoolStatus {
     resolved: bool,
     queue_depth: usize,
     inflight: usize,
+    /// Removed by a config reload, still finishing requests that started on it.
+    retired: bool,
     pods: Vec<PodStatus>,
 }
 
@@ -63,14 +59,19 @@ impl AdminApp {
     /// Ready once every pool has learned its pod list at least once (an empty list counts:
     /// requests then queue until pods appear) or has pods.
     pub fn ready(&self) -> bool {
-        self.pools.iter().all(|b| pod_list_known(b))
+        self.live.snapshot().pools.iter().all(|b| pod_list_known(b))
     }
 
     fn status(&self) -> Status {
-        let pools: Vec<PoolStatus> = self
+        let snapshot = self.live.snapshot();
+        let in_force = snapshot.pools.len();
+        let pools: Vec<PoolStatus> = snapshot
             .pools
             .iter()
-            .map(|b| {
+            .cloned()
+            .chain(self.live.retired_pools())
+            .enumerate()
+            .map(|(i, b)| {
                 let p = b.pool();
                 let limit = p.limit();
                 let pods = p.pods();
@@ -80,6 +81,7 @@ impl AdminApp {
                     resolved: p.resolved(),
                     queue_depth: p.waiting(),
                     inflight: pods.iter().map(|x| x.inflight).sum(),
+                    retired: i >= in_force,
                     pods: pods
                         .into_iter()
                         .map(|x| PodStatus {
@@ -97,12 +99,12 @@ impl AdminApp {
             .collect();
         Status {
             ready: self.ready(),
-            routes: self
-                .routes
+            routes: snapshot
+                .route_list
                 .iter()
-                .map(|r| RouteStatus {
-                    uri: r.uri.clone(),
-                    pool: pools[r.pool].name.clone(),
+                .map(|(uri, pool)| RouteStatus {
+                    uri: uri.clone(),
+                    pool: pools[*pool].name.clone(),
                 })
                 .collect(),
             pools,
@@ -134,7 +136,8 @@ impl ServeHttp for AdminApp {
                 if self.ready() {
                     reply(StatusCode::OK, "text/plain", b"ready\n".to_vec())
                 } else {
-                    let waiting: Vec<&str> = self
+                    let snapshot = self.live.snapshot();
+                    let waiting: Vec<&str> = snapshot
                         .pools
                         .iter()
                         .filter(|b| !pod_list_known(b))
@@ -151,7 +154,7 @@ impl ServeHttp for AdminApp {
             "/metrics" => reply(
                 StatusCode::OK,
                 "text/plain; version=0.0.4",
-                crate::metrics::render(&self.pools),
+                crate::metrics::render(&self.live.all_pools()),
             ),
             "/status" => {
                 let body = serde_json::to_vec_pretty(&self.status()).unwrap_or_default();

@@ -74,6 +74,7 @@ struct FileConfig {
     connect_timeout: Option<String>,
     max_attempts: Option<usize>,
     shutdown_grace: Option<String>,
+    reload_interval: Option<String>,
     #[serde(default)]
     routes: Vec<FileRoute>,
 }
@@ -133,6 +134,8 @@ pub struct Config {
     /// Attempts per request on connect failure (each on a different pod).
     pub max_attempts: usize,
     pub shutdown_grace: Duration,
+    /// How often the config file is checked for changes (zero: only on SIGHUP).
+    pub reload_interval: Duration,
     pub routes: Vec<RouteConfig>,
     /// One entry per distinct target; routes refer to it by index.
     pub pools: Vec<PoolConfig>,
@@ -401,6 +404,11 @@ fn validate(f: FileConfig) -> Result<Config, ConfigError> {
         return Err(ConfigError::new("max_attempts", "must be at least 1"));
     }
     let shutdown_grace = duration("shutdown_grace", &f.shutdown_grace, Duration::from_secs(30))?;
+    let reload_interval = duration(
+        "reload_interval",
+        &f.reload_interval,
+        Duration::from_secs(2),
+    )?;
 
     if f.routes.is_empty() {
         return Err(ConfigError::new("routes", "at least one route is required"));
@@ -497,6 +505,7 @@ fn validate(f: FileConfig) -> Result<Config, ConfigError> {
         connect_timeout,
         max_attempts,
         shutdown_grace,
+        reload_interval,
         routes,
         pools,
     })

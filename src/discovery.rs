@@ -1,4 +1,4 @@
-//! Headless-Service DNS discovery with the stability check, as a Pingora background service.
+//! Headless-Service DNS discovery with the stability check.
 //!
 //! A headless Service (`clusterIP: None`) answers its DNS name with one A/AAAA record per ready
 //! pod. While pods restart those answers flicker, so a *changed* answer is trusted only after it
@@ -9,13 +9,12 @@
 //! DNS errors (timeout, SERVFAIL, unreachable server) keep the last good pod list; they are
 //! logged once per episode. NXDOMAIN or an empty answer is an answer: zero pods, once stable.
 //!
-//! One service runs per DNS name; every pool (port) behind that name is fed from it.
+//! One discovery task runs per DNS name; every pool (port) behind that name is fed from it.
+//! The tasks run inside the config background service ([`crate::reload`]), which starts and
+//! stops them as config reloads add and remove names.
 
-use async_trait::async_trait;
 use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
 use hickory_resolver::TokioResolver;
-use pingora::server::ShutdownWatch;
-use pingora::services::background::BackgroundService;
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -83,13 +82,25 @@ pub struct DiscoveryStats {
     pub last_success_unix: AtomicU64,
 }
 
-/// The background service for one DNS name.
+/// Discovery for one DNS name.
 pub struct DnsDiscovery {
     host: String,
-    /// (port, balancer) for every pool behind this name.
-    pools: Vec<(u16, Arc<Balancer>)>,
+    attached: tokio::sync::Mutex<Attached>,
     cfg: DnsConfig,
     pub stats: Arc<DiscoveryStats>,
+}
+
+/// The pools fed from one name, and the answer they were last given. Kept under one lock so a
+/// pool attached by a config reload gets exactly the answer its siblings have.
+struct Attached {
+    /// (port, balancer) for every pool behind this name.
+    pools: Vec<(u16, Arc<Balancer>)>,
+    adopted: Option<Answer>,
+}
+
+async fn feed(port: u16, balancer: &Balancer, answer: &Answer) {
+    let pods = answer.iter().map(|ip| SocketAddr::new(*ip, port)).collect();
+    balancer.set_pods(pods).await;
 }
 
 /// What one refresh round concluded.
@@ -107,10 +118,31 @@ impl DnsDiscovery {
     pub fn new(host: String, pools: Vec<(u16, Arc<Balancer>)>, cfg: DnsConfig) -> Self {
         Self {
             host,
-            pools,
+            attached: tokio::sync::Mutex::new(Attached {
+                pools,
+                adopted: None,
+            }),
             cfg,
             stats: Arc::default(),
         }
+    }
+
+    /// Replaces the pools fed from this name (a config reload). A newly attached pool gets the
+    /// adopted answer at once, without a new stability check: the answer is already trusted.
+    pub async fn set_pools(&self, pools: Vec<(u16, Arc<Balancer>)>) {
+        let mut att = self.attached.lock().await;
+        if let Some(answer) = att.adopted.clone() {
+            for (port, b) in &pools {
+                let known = att
+                    .pools
+                    .iter()
+                    .any(|(p, old)| p == port && Arc::ptr_eq(old, b));
+                if !known {
+                    feed(*port, b, &answer).await;
+                }
+            }
+        }
+        att.pools = pools;
     }
 
     pub fn host(&self) -> &str {
@@ -118,13 +150,11 @@ impl DnsDiscovery {
     }
 
     async fn apply(&self, answer: &Answer) {
-        for (port, balancer) in &self.pools {
-            let pods = answer
-                .iter()
-                .map(|ip| SocketAddr::new(*ip, *port))
-                .collect();
-            balancer.set_pods(pods).await;
+        let mut att = self.attached.lock().await;
+        for (port, balancer) in &att.pools {
+            feed(*port, balancer, answer).await;
         }
+        att.adopted = Some(answer.clone());
     }
 
     fn record(&self, r: &Result<Answer, String>) {
@@ -232,20 +262,5 @@ impl DnsDiscovery {
                 _ = &mut stop => return,
             }
         }
-    }
-}
-
-#[async_trait]
-impl BackgroundService for DnsDiscovery {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        let stop = async move {
-            // Stop on the shutdown signal, or if the server dropped the sender.
-            while shutdown.changed().await.is_ok() {
-                if *shutdown.borrow() {
-                    return;
-                }
-            }
-        };
-        self.run(stop).await;
     }
 }

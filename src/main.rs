@@ -32,7 +32,7 @@ fn main() -> ExitCode {
             other => return fail(&format!("unknown argument {other:?}")),
         }
     }
-    let config = match lb_agent::config::Config::locate(config_path.as_deref())
+    let (path, config) = match lb_agent::config::Config::locate(config_path.as_deref())
         .and_then(|p| lb_agent::config::Config::load(&p).map(|c| (p, c)))
     {
         Ok((path, c)) => {
@@ -45,7 +45,7 @@ fn main() -> ExitCode {
                 );
                 return ExitCode::SUCCESS;
             }
-            c
+            (path, c)
         }
         Err(e) => return fail(&format!("config error: {e}")),
     };
@@ -57,7 +57,7 @@ fn main() -> ExitCode {
         config.listen,
         config.routes.len()
     );
-    match lb_agent::build_server(&config) {
+    match lb_agent::build_server(&config, Some(&path)) {
         Ok(agent) => agent.run(),
         Err(e) => fail(&e),
     }

@@ -26,6 +26,7 @@ pub struct Metrics {
     pub discovery_last_success: GaugeVec,
     pub discovery_errors: IntCounterVec,
     pub discovery_unstable: IntCounterVec,
+    pub config_reloads: IntCounterVec,
 }
 
 /// Buckets for requests that take from milliseconds to many minutes.
@@ -82,6 +83,11 @@ fn build() -> Result<Metrics, prometheus::Error> {
             "Changed DNS answers ignored because they did not repeat identically",
             &["service"]
         )?,
+        config_reloads: register_int_counter_vec!(
+            "lb_config_reloads_total",
+            "Config reloads by result (applied, rejected: the running config stayed in force)",
+            &["result"]
+        )?,
     })
 }
 
@@ -101,8 +107,11 @@ pub fn get() -> Option<&'static Metrics> {
 /// Samples pool state into the gauges and renders the default registry as Prometheus text.
 pub fn render(pools: &[Arc<Balancer>]) -> Vec<u8> {
     if let Some(m) = get() {
+        // Reset first: a pool or pod that is gone must not leave its last value behind.
         m.pod_inflight.reset();
         m.pod_limit.reset();
+        m.queue_depth.reset();
+        m.discovery_pods.reset();
         for b in pools {
             let p = b.pool();
             let limit = p.limit() as i64;

@@ -18,9 +18,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::QueuePolicy;
+use crate::live::Live;
 use crate::metrics;
 use crate::pool::{QueueError, Slot};
-use crate::route::RouteTable;
 use crate::selection::Balancer;
 
 /// What a route resolves to at request time.
@@ -28,6 +28,7 @@ pub struct RouteEntry {
     pub uri: String,
     pub balancer: Arc<Balancer>,
     pub queue: QueuePolicy,
+    pub connect_timeout: Duration,
 }
 
 /// Seconds a refused client is told to wait before trying again.
@@ -39,22 +40,13 @@ const RETRY_AFTER_SECS: u64 = 1;
 const QUEUED_BODY_LIMIT: usize = 64 * 1024;
 
 pub struct LbProxy {
-    routes: RouteTable<Arc<RouteEntry>>,
-    connect_timeout: Duration,
+    live: Arc<Live>,
     max_attempts: usize,
 }
 
 impl LbProxy {
-    pub fn new(
-        routes: RouteTable<Arc<RouteEntry>>,
-        connect_timeout: Duration,
-        max_attempts: usize,
-    ) -> Self {
-        Self {
-            routes,
-            connect_timeout,
-            max_attempts,
-        }
+    pub fn new(live: Arc<Live>, max_attempts: usize) -> Self {
+        Self { live, max_attempts }
     }
 }
 
@@ -177,7 +169,8 @@ impl ProxyHttp for LbProxy {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
         let path = session.req_header().uri.path().to_string();
-        match self.routes.lookup(&path) {
+        // The route found here stays with the request, whatever a config reload does meanwhile.
+        match self.live.snapshot().routes.lookup(&path) {
             Some(route) => {
                 ctx.route = Some(Arc::clone(route));
                 Ok(false)
@@ -247,7 +240,7 @@ impl ProxyHttp for LbProxy {
                 .inc();
         }
         let mut peer = HttpPeer::new(slot.addr(), false, String::new());
-        peer.options.connection_timeout = Some(self.connect_timeout);
+        peer.options.connection_timeout = Some(route.connect_timeout);
         Ok(Box::new(peer))
     }
 

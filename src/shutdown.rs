@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::signal::unix::{signal, SignalKind};
 
+use crate::live::Live;
 use crate::selection::Balancer;
 
 /// How long before the end of the grace period the queues are closed.
@@ -24,7 +25,8 @@ const QUEUE_CLOSE_MARGIN: Duration = Duration::from_millis(500);
 const DRAIN_POLL: Duration = Duration::from_millis(20);
 
 pub struct DrainOnTerm {
-    pub pools: Vec<Arc<Balancer>>,
+    /// Every pool in force or still held by requests is drained (looked up afresh each time).
+    pub live: Arc<Live>,
     /// Time from SIGTERM until Pingora stops its runtimes.
     pub grace: Duration,
 }
@@ -35,24 +37,28 @@ fn drained(pools: &[Arc<Balancer>]) -> bool {
         .all(|b| b.pool().inflight() == 0 && b.pool().waiting() == 0)
 }
 
-fn drain(pools: Vec<Arc<Balancer>>, grace: Duration) {
+fn drain(live: Arc<Live>, grace: Duration) {
     let start = Instant::now();
     let close_at = grace.saturating_sub(QUEUE_CLOSE_MARGIN);
     let mut closed = false;
     loop {
+        let pools = live.all_pools();
         if drained(&pools) {
             log::info!("shutdown: drained after {:?}; exiting", start.elapsed());
             std::process::exit(0);
         }
-        if !closed && start.elapsed() >= close_at {
-            let queued: usize = pools.iter().map(|b| b.pool().waiting()).sum();
-            log::warn!(
-                "shutdown: grace period ending; answering {queued} queued requests with 503"
-            );
+        if start.elapsed() >= close_at {
+            if !closed {
+                let queued: usize = pools.iter().map(|b| b.pool().waiting()).sum();
+                log::warn!(
+                    "shutdown: grace period ending; answering {queued} queued requests with 503"
+                );
+                closed = true;
+            }
+            // Every round, not once: closing is idempotent and covers any pool seen late.
             for b in &pools {
                 b.pool().close();
             }
-            closed = true;
         }
         std::thread::sleep(DRAIN_POLL);
     }
@@ -73,15 +79,16 @@ impl ShutdownSignalWatch for DrainOnTerm {
             _ = quit.recv() => ShutdownSignal::GracefulUpgrade,
             _ = int.recv() => ShutdownSignal::FastShutdown,
             _ = term.recv() => {
-                let in_flight: usize = self.pools.iter().map(|b| b.pool().inflight()).sum();
-                let queued: usize = self.pools.iter().map(|b| b.pool().waiting()).sum();
+                let pools = self.live.all_pools();
+                let in_flight: usize = pools.iter().map(|b| b.pool().inflight()).sum();
+                let queued: usize = pools.iter().map(|b| b.pool().waiting()).sum();
                 log::info!(
                     "SIGTERM: no new connections; {in_flight} requests in flight and {queued} queued get up to {:?}",
                     self.grace
                 );
-                let pools = self.pools.clone();
+                let live = Arc::clone(&self.live);
                 let grace = self.grace;
-                std::thread::spawn(move || drain(pools, grace));
+                std::thread::spawn(move || drain(live, grace));
                 ShutdownSignal::GracefulTerminate
             }
         }

@@ -356,3 +356,62 @@ async fn default_settings_adopt_a_new_pod_after_the_stability_window() {
     );
     blocker.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reload_starts_discovery_for_a_new_name_and_stops_it_for_a_removed_one() {
+    const OTHER: &str = "render.ai-media.svc.cluster.local";
+    let codec = start_pods(41, 1).await.unwrap();
+    let render = start_pods(45, 2).await.unwrap();
+    let dns = DnsServer::start().await;
+    dns.set_ips(NAME, &ips(&codec));
+    dns.set_ips(OTHER, &ips(&render));
+    let dns_line = format!(
+        "reload_interval: 50ms\ndns: {{nameservers: [\"{}\"], refresh_interval: 100ms, stability_samples: 3, stability_interval: 50ms, unstable_retry: 300ms}}\n",
+        dns.addr
+    );
+    let codec_route = format!(
+        "  - {{uri: /work, limit: 1, service_name: codec, namespace: ai-media, http_port: {}}}\n",
+        codec[0].addr.port()
+    );
+    let render_route = format!(
+        "  - {{uri: /render, limit: 1, service_name: render, namespace: ai-media, http_port: {}}}\n",
+        render[0].addr.port()
+    );
+    let agent = Agent::start(&format!("{dns_line}routes:\n{codec_route}")).await;
+    assert_eq!(agent.get("/render").await.status, 404);
+
+    agent.update_config(&format!("{dns_line}routes:\n{codec_route}{render_route}"));
+    eventually(
+        SECS,
+        "render route served by its discovered pods",
+        || async { agent.get("/render").await.status == 200 },
+    )
+    .await;
+    let r1 = spawn_get(agent.addr, "/render?ms=300");
+    let r2 = spawn_get(agent.addr, "/render?ms=300");
+    assert_eq!(r1.await.unwrap().unwrap().status, 200);
+    assert_eq!(r2.await.unwrap().unwrap().status, 200);
+    assert!(render.iter().all(|p| p.stats.max_inflight() == 1));
+    assert!(
+        render.iter().all(|p| p.stats.started() >= 1),
+        "both render pods used"
+    );
+
+    // Drop the codec route: its name is no longer looked up.
+    agent.update_config(&format!("{dns_line}routes:\n{render_route}"));
+    eventually(SECS, "codec discovery stopped", || async {
+        agent
+            .log()
+            .contains(&format!("stopped discovery of {NAME}"))
+    })
+    .await;
+    let before = dns.queries_for(NAME);
+    assert!(before > 0, "the codec name was looked up while in use");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        dns.queries_for(NAME),
+        before,
+        "no more lookups of a removed name"
+    );
+    assert_eq!(agent.get("/render").await.status, 200);
+}

@@ -22,6 +22,8 @@ pub enum Answer {
 #[derive(Default)]
 struct Zone {
     names: HashMap<String, Answer>,
+    /// Queries seen per name.
+    asked: HashMap<String, usize>,
 }
 
 pub struct DnsServer {
@@ -70,6 +72,10 @@ impl DnsServer {
                     continue;
                 };
                 queries.fetch_add(1, Ordering::SeqCst);
+                if let Some(query) = q.queries.first() {
+                    let name = key(&query.name().to_string());
+                    *zone.lock().unwrap().asked.entry(name).or_default() += 1;
+                }
                 let reply = answer(&zone, &q);
                 if let Ok(bytes) = reply.to_vec() {
                     let _ = sock.send_to(&bytes, peer).await;
@@ -85,6 +91,17 @@ impl DnsServer {
 
     pub fn set_ips(&self, name: &str, ips: &[IpAddr]) {
         self.set(name, Answer::Records(ips.to_vec()));
+    }
+
+    /// How many queries (any record type) asked for `name`.
+    pub fn queries_for(&self, name: &str) -> usize {
+        self.zone
+            .lock()
+            .unwrap()
+            .asked
+            .get(&key(name))
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Stops answering: the port is closed.

@@ -67,7 +67,7 @@ impl Agent {
         let dir = temp_dir("agent");
         let config = format!("listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:{admin}\n{body}");
         let path = dir.join("config.yaml");
-        std::fs::write(&path, config).unwrap();
+        write_configmap(&dir, &config);
         let log = std::fs::File::create(dir.join("stderr.log")).unwrap();
         let child = Command::new(bin())
             .arg("-c")
@@ -127,6 +127,32 @@ impl Agent {
         }
     }
 
+    /// Replaces the config file the way a ConfigMap update does (see [`write_configmap`]),
+    /// with the same `listen`/`admin_listen` in front of `body`.
+    pub fn update_config(&self, body: &str) {
+        let config = format!(
+            "listen: {}\nadmin_listen: {}\n{body}",
+            self.addr, self.admin
+        );
+        write_configmap(&self.dir, &config);
+    }
+
+    /// Replaces the config file with `text` as it is (no listen addresses added).
+    pub fn update_config_raw(&self, text: &str) {
+        write_configmap(&self.dir, text);
+    }
+
+    /// Sends SIGHUP (reload the config now).
+    pub fn hangup(&self) {
+        let ok = Command::new("kill")
+            .arg("-HUP")
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -HUP failed");
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default()
     }
@@ -156,6 +182,25 @@ impl Agent {
         loadgen::get(self.addr, path, &[])
             .await
             .expect("request through lb-agent")
+    }
+}
+
+/// Writes `dir/config.yaml` the way the kubelet writes a mounted ConfigMap: the content goes
+/// into a fresh directory `..<n>`, the symlink `..data` is swapped to it atomically (rename),
+/// and `config.yaml` is a symlink to `..data/config.yaml`.
+pub fn write_configmap(dir: &std::path::Path, text: &str) {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let version = format!("..v{n}");
+    std::fs::create_dir_all(dir.join(&version)).unwrap();
+    std::fs::write(dir.join(&version).join("config.yaml"), text).unwrap();
+    let tmp = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(&version, &tmp).unwrap();
+    std::fs::rename(&tmp, dir.join("..data")).unwrap();
+    let link = dir.join("config.yaml");
+    if std::fs::symlink_metadata(&link).is_err() {
+        std::os::unix::fs::symlink("..data/config.yaml", &link).unwrap();
     }
 }
 

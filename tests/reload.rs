@@ -1,0 +1,192 @@
+//! Live config reload: the config file is rewritten the way a ConfigMap update rewrites it
+//! (symlink swap) while requests are in flight and queued.
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+
+const SECS: Duration = Duration::from_secs(10);
+
+fn work_route(limit: usize, pods: &[FakePod], extra: &str) -> String {
+    format!(
+        "reload_interval: 50ms\n{extra}routes:\n  - {{uri: /work, limit: {limit}, endpoints: {}}}\n",
+        endpoints(pods)
+    )
+}
+
+async fn pool_limit(agent: &Agent) -> u64 {
+    agent.status().await["pools"][0]["limit"].as_u64().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn raised_limit_starts_queued_requests_and_lowered_limit_holds_new_ones() {
+    let pods = start_pods(1, 2).await.unwrap();
+    let agent = Agent::start(&work_route(1, &pods, "")).await;
+
+    // Limit 1 on 2 pods: 2 run, 4 wait.
+    let long: Vec<_> = (0..6)
+        .map(|_| spawn_get(agent.addr, "/work?ms=1500"))
+        .collect();
+    eventually(SECS, "2 in flight, 4 queued", || async {
+        agent.queue_depth().await == 4 && agent.inflight().await == 2
+    })
+    .await;
+
+    // Raise to 3: the 4 queued start at once, 3 per pod, nothing dropped.
+    agent.update_config(&work_route(3, &pods, ""));
+    eventually(
+        SECS,
+        "queued requests start under the new limit",
+        || async { agent.queue_depth().await == 0 && agent.inflight().await == 6 },
+    )
+    .await;
+    assert!(pods.iter().all(|p| p.stats.inflight() == 3));
+
+    // Lower to 1 while 3 run on each pod: they go on, new requests wait until a pod is
+    // below the new cap.
+    agent.update_config(&work_route(1, &pods, ""));
+    eventually(SECS, "limit 1 in force", || async {
+        pool_limit(&agent).await == 1
+    })
+    .await;
+    let short: Vec<_> = (0..2)
+        .map(|_| spawn_get(agent.addr, "/work?ms=10"))
+        .collect();
+    eventually(
+        SECS,
+        "new requests queue behind the lowered cap",
+        || async { agent.queue_depth().await == 2 },
+    )
+    .await;
+    assert!(
+        pods.iter().all(|p| p.stats.inflight() == 3),
+        "no new request may start on a pod at or above the lowered cap"
+    );
+    assert_eq!(pods.iter().map(|p| p.stats.started()).sum::<usize>(), 6);
+
+    for t in long.into_iter().chain(short) {
+        assert_eq!(t.await.unwrap().unwrap().status, 200);
+    }
+    assert!(pods.iter().all(|p| p.stats.max_inflight() == 3));
+    assert_eq!(pods.iter().map(|p| p.stats.started()).sum::<usize>(), 8);
+    assert_eq!(agent.inflight().await, 0);
+    assert!(agent.log().contains("limit 1 -> 3"), "{}", agent.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_invalid_edit_is_rejected_and_the_running_config_stays() {
+    let pods = start_pods(11, 1).await.unwrap();
+    let agent = Agent::start(&work_route(1, &pods, "")).await;
+
+    agent.update_config(&work_route(0, &pods, ""));
+    eventually(SECS, "rejection logged", || async {
+        agent.log().contains("config reload rejected")
+    })
+    .await;
+    let log = agent.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("config reload rejected"))
+        .unwrap();
+    assert!(line.contains("routes[0].limit"), "{line}");
+    assert_eq!(pool_limit(&agent).await, 1);
+    assert_eq!(agent.get("/work").await.status, 200);
+
+    // Not YAML at all: also rejected, the config stays in force.
+    agent.update_config_raw("routes: [ {uri: /work");
+    eventually(SECS, "second rejection logged", || async {
+        agent.log().matches("config reload rejected").count() == 2
+    })
+    .await;
+    assert_eq!(agent.get("/work").await.status, 200);
+    let metrics = loadgen::get(agent.admin, "/metrics", &[])
+        .await
+        .unwrap()
+        .body;
+    assert!(
+        metrics.contains("lb_config_reloads_total{result=\"rejected\"} 2"),
+        "{metrics}"
+    );
+
+    // A valid edit after the bad ones applies.
+    agent.update_config(&work_route(2, &pods, ""));
+    eventually(SECS, "valid edit applied", || async {
+        pool_limit(&agent).await == 2
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reload_adds_and_removes_routes_without_dropping_queued_requests() {
+    let old_pods = start_pods(21, 1).await.unwrap();
+    let new_pods = start_pods(25, 2).await.unwrap();
+    let agent = Agent::start(&work_route(1, &old_pods, "")).await;
+
+    // One request runs and one waits on /work when /work is removed.
+    let running = spawn_get(agent.addr, "/work?ms=800");
+    eventually(SECS, "running", || async {
+        old_pods[0].stats.inflight() == 1
+    })
+    .await;
+    let queued = spawn_get(agent.addr, "/work?ms=10");
+    eventually(SECS, "queued", || async { agent.queue_depth().await == 1 }).await;
+
+    agent.update_config(&format!(
+        "reload_interval: 50ms\nroutes:\n  - {{uri: /other, limit: 2, endpoints: {}}}\n",
+        endpoints(&new_pods)
+    ));
+    eventually(SECS, "new route served", || async {
+        agent.get("/other").await.status == 200
+    })
+    .await;
+    assert_eq!(agent.get("/work").await.status, 404);
+
+    // The removed pool is retired but still shown while it serves its last requests.
+    let status = agent.status().await;
+    let retired: Vec<_> = status["pools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["retired"] == true)
+        .collect();
+    assert_eq!(retired.len(), 1, "{status}");
+    assert_eq!(retired[0]["queue_depth"], 1, "{status}");
+
+    assert_eq!(running.await.unwrap().unwrap().status, 200);
+    assert_eq!(queued.await.unwrap().unwrap().status, 200);
+    assert_eq!(old_pods[0].stats.started(), 2);
+    assert_eq!(old_pods[0].stats.max_inflight(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sighup_reloads_and_restart_only_settings_are_reported() {
+    let pods = start_pods(31, 1).await.unwrap();
+    // No polling: only SIGHUP reloads.
+    let body = |limit: usize, threads: usize| {
+        format!(
+            "reload_interval: 0s\nthreads: {threads}\nroutes:\n  - {{uri: /work, limit: {limit}, endpoints: {}}}\n",
+            endpoints(&pods)
+        )
+    };
+    let agent = Agent::start(&body(1, 1)).await;
+    agent.update_config(&body(4, 2));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        pool_limit(&agent).await,
+        1,
+        "no polling with reload_interval 0s"
+    );
+
+    agent.hangup();
+    eventually(SECS, "SIGHUP applied the new limit", || async {
+        pool_limit(&agent).await == 4
+    })
+    .await;
+    let log = agent.log();
+    assert!(
+        log.contains("threads changed and only take effect after a restart"),
+        "{log}"
+    );
+    assert_eq!(agent.get("/work").await.status, 200);
+}

@@ -114,6 +114,7 @@ struct FileRoute {
     host: Option<String>,
     endpoints: Option<Vec<String>>,
     queue: Option<FileQueue>,
+    protocol: Option<String>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -185,12 +186,22 @@ pub enum MatchKind {
     Prefix,
 }
 
+/// What lb-agent speaks to a route's pods. Clients may use HTTP/1.1 or h2c either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UpstreamProtocol {
+    #[default]
+    Http1,
+    /// Cleartext HTTP/2 with prior knowledge: gRPC services. Calls to a pod share connections.
+    H2c,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct RouteConfig {
     pub uri: String,
     pub match_kind: MatchKind,
     pub pool: usize,
     pub queue: QueuePolicy,
+    pub protocol: UpstreamProtocol,
 }
 
 /// Where a pool's pods come from.
@@ -454,6 +465,16 @@ fn validate(f: FileConfig) -> Result<Config, ConfigError> {
         if limit == 0 {
             return Err(ConfigError::new(format!("{p}.limit"), "must be at least 1"));
         }
+        let protocol = match r.protocol.as_deref() {
+            None | Some("http1") => UpstreamProtocol::Http1,
+            Some("h2c") => UpstreamProtocol::H2c,
+            Some(other) => {
+                return Err(ConfigError::new(
+                    format!("{p}.protocol"),
+                    format!("{other:?} is not one of: http1, h2c"),
+                ))
+            }
+        };
         let target = route_target(&p, r, &cluster_domain)?;
         let queue = match &r.queue {
             Some(q) => queue_policy(&format!("{p}.queue"), q, queue)?,
@@ -489,6 +510,7 @@ fn validate(f: FileConfig) -> Result<Config, ConfigError> {
             match_kind,
             pool,
             queue,
+            protocol,
         });
     }
 

@@ -24,6 +24,7 @@ pub mod route;
 pub mod selection;
 pub mod shutdown;
 
+use pingora::apps::HttpServerOptions;
 use pingora::proxy::http_proxy_service;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server};
@@ -97,6 +98,13 @@ pub fn build_server(config: &Config, config_path: Option<&Path>) -> Result<Agent
         &server.configuration,
         LbProxy::new(Arc::clone(&live), config.max_attempts),
     );
+    // HTTP/1.1 and cleartext HTTP/2 (prior knowledge, what gRPC clients use in a cluster) on
+    // the same port: Pingora looks for the HTTP/2 preface on each new connection.
+    if let Some(app) = proxy.app_logic_mut() {
+        let mut options = HttpServerOptions::default();
+        options.h2c = true;
+        app.server_options = Some(options);
+    }
     proxy.add_tcp(&config.listen);
     server.add_service(proxy);
 

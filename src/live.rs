@@ -96,6 +96,7 @@ fn route_table(config: &Config, pools: &[Arc<Balancer>]) -> Snapshot {
             balancer: Arc::clone(&pools[r.pool]),
             queue: r.queue,
             connect_timeout: config.connect_timeout,
+            protocol: r.protocol,
         })
     });
     Snapshot {

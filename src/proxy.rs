@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::config::QueuePolicy;
+use crate::config::{QueuePolicy, UpstreamProtocol};
 use crate::live::Live;
 use crate::metrics;
 use crate::pool::{QueueError, Slot};
@@ -29,6 +29,7 @@ pub struct RouteEntry {
     pub balancer: Arc<Balancer>,
     pub queue: QueuePolicy,
     pub connect_timeout: Duration,
+    pub protocol: UpstreamProtocol,
 }
 
 /// Seconds a refused client is told to wait before trying again.
@@ -38,6 +39,19 @@ const RETRY_AFTER_SECS: u64 = 1;
 /// goes away is noticed (and the body is replayed to the pod from Pingora's retry buffer).
 /// It is Pingora's retry-buffer size: a larger body could not be replayed.
 const QUEUED_BODY_LIMIT: usize = 64 * 1024;
+
+/// HTTP/2 streams per upstream connection for `h2c` routes. Each call still takes its own slot,
+/// so the pod's `limit` bounds the streams in use; this only decides when a second connection
+/// to the same pod is opened.
+const H2_STREAMS_PER_CONNECTION: usize = 100;
+
+/// gRPC status codes lb-agent answers with itself.
+mod grpc_status {
+    /// The call can be retried (queue full or timed out, no pod reachable, shutting down).
+    pub const UNAVAILABLE: u32 = 14;
+    /// No route for the method.
+    pub const UNIMPLEMENTED: u32 = 12;
+}
 
 pub struct LbProxy {
     live: Arc<Live>,
@@ -90,6 +104,8 @@ pub struct Ctx {
     /// The queue timeout runs from the first wait; retries do not extend it.
     deadline: Option<tokio::time::Instant>,
     refusal: Option<Refusal>,
+    /// A gRPC call: refusals are answered with a gRPC status, not an HTTP error.
+    grpc: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,6 +119,12 @@ enum Refusal {
 /// into Pingora's retry buffer while doing so (Pingora replays it to the pod), because the close
 /// of a connection can only be seen by reading past the body.
 async fn client_gone(session: &mut Session) {
+    // HTTP/2 tells us directly (RST_STREAM, e.g. a cancelled gRPC call, or the connection
+    // closing), without touching the request body, which then streams to the pod as usual.
+    if let Some(closed) = session.as_mut().watch_h2_stream_close() {
+        let _ = closed.await;
+        return;
+    }
     let fits = session.as_mut().is_body_empty()
         || session
             .req_header()
@@ -135,6 +157,42 @@ fn text_response(code: u16, body: &str, retry_after: bool) -> pingora::Result<Bo
     Ok(Box::new(resp))
 }
 
+/// `grpc-message` is percent-encoded: printable ASCII except `%` goes as it is.
+fn grpc_message(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.trim_end().bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Refuses a gRPC call the way gRPC clients understand: a "trailers-only" response, HTTP 200
+/// with `grpc-status` and `grpc-message` in the one and only header block.
+async fn write_grpc_status(session: &mut Session, code: u32, message: &str) -> pingora::Result<()> {
+    let mut resp = ResponseHeader::build(200, Some(4))?;
+    resp.insert_header("content-type", "application/grpc")?;
+    resp.insert_header("grpc-status", code.to_string())?;
+    resp.insert_header("grpc-message", grpc_message(message))?;
+    if session.req_header().version < http::Version::HTTP_2 {
+        resp.insert_header("content-length", "0")?;
+    }
+    resp.insert_header("server", "lb-agent")?;
+    session.write_response_header(Box::new(resp), true).await
+}
+
+fn is_grpc(session: &Session) -> bool {
+    session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
 async fn write_text(
     session: &mut Session,
     code: u16,
@@ -164,11 +222,13 @@ impl ProxyHttp for LbProxy {
             queue_wait: Duration::ZERO,
             deadline: None,
             refusal: None,
+            grpc: false,
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
         let path = session.req_header().uri.path().to_string();
+        ctx.grpc = is_grpc(session);
         // The route found here stays with the request, whatever a config reload does meanwhile.
         match self.live.snapshot().routes.lookup(&path) {
             Some(route) => {
@@ -177,13 +237,12 @@ impl ProxyHttp for LbProxy {
             }
             None => {
                 ctx.refusal = Some(Refusal::NoRoute);
-                write_text(
-                    session,
-                    404,
-                    format!("lb-agent: no route for path {path}\n"),
-                    false,
-                )
-                .await?;
+                let message = format!("lb-agent: no route for path {path}\n");
+                if ctx.grpc {
+                    write_grpc_status(session, grpc_status::UNIMPLEMENTED, &message).await?;
+                } else {
+                    write_text(session, 404, message, false).await?;
+                }
                 Ok(true)
             }
         }
@@ -241,6 +300,10 @@ impl ProxyHttp for LbProxy {
         }
         let mut peer = HttpPeer::new(slot.addr(), false, String::new());
         peer.options.connection_timeout = Some(route.connect_timeout);
+        if route.protocol == UpstreamProtocol::H2c {
+            peer.options.set_http_version(2, 2);
+            peer.options.max_h2_streams = H2_STREAMS_PER_CONNECTION;
+        }
         Ok(Box::new(peer))
     }
 
@@ -328,7 +391,19 @@ impl ProxyHttp for LbProxy {
                 (code, format!("lb-agent: upstream error (pod {pod}): {}\n", e.etype().as_str()), false)
             }
         };
-        if code > 0 {
+        // Only while nothing of the response has been sent yet.
+        let code = if session.response_written().is_some() {
+            0
+        } else {
+            code
+        };
+        if code > 0 && ctx.grpc {
+            // Every refusal of a call that can go elsewhere is UNAVAILABLE, which gRPC clients
+            // retry; the HTTP status must be 200 for them to read it.
+            if let Err(err) = write_grpc_status(session, grpc_status::UNAVAILABLE, &body).await {
+                log::debug!("could not send the gRPC status: {err}");
+            }
+        } else if code > 0 {
             if let Err(err) = write_text(session, code, body, retry_after).await {
                 log::debug!("could not send the {code} response: {err}");
             }

@@ -26,6 +26,7 @@ fn go_agent_and_shipped_configs_pass() {
         "tests/fixtures/go-configmap.yaml",
         "tests/fixtures/go-repo-config.yaml",
         "tests/fixtures/go-old-route-form.yaml",
+        "tests/fixtures/grpc-routes.yaml",
         "conf/config.yaml",
     ] {
         let (ok, text) = check(Path::new(f));

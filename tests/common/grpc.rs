@@ -1,0 +1,313 @@
+//! Real gRPC on both sides of lb-agent: tonic servers as compute pods speaking h2c on
+//! 127.0.1.x, and a tonic client on one HTTP/2 connection.
+//!
+//! Messages are raw bytes ([`RawCodec`]), so no protobuf code generation is needed; the gRPC
+//! framing, HTTP/2 streams, trailers and status codes are tonic's own.
+//!
+//! Methods of `lbtest.Work`:
+//! * `Run` (unary): the request is a delay in ms as ASCII; the pod sleeps, then answers
+//!   `pod=<ip>`.
+//! * `Fail` (unary): answers `NOT_FOUND` with the message `no such model`.
+//! * `Stream` (server streaming): the request is `<count>x<ms>`; sends `count` messages, one
+//!   every `ms`.
+//!
+//! Each pod records in-flight calls (a stream counts until it ends), their maximum, and the
+//! `x-req-id` metadata of every call in arrival order (reusing the HTTP fake pod's stats).
+#![allow(dead_code)]
+
+use bytes::{Buf, BufMut, Bytes};
+use lb_agent::fakepod::PodStats;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::server::{NamedService, ServerStreamingService, UnaryService};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+pub const RUN: &str = "/lbtest.Work/Run";
+pub const FAIL: &str = "/lbtest.Work/Fail";
+pub const STREAM: &str = "/lbtest.Work/Stream";
+
+/// Passes message bytes through unchanged.
+#[derive(Clone, Copy, Default)]
+pub struct RawCodec;
+
+impl Codec for RawCodec {
+    type Encode = Bytes;
+    type Decode = Bytes;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+    fn decoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+}
+
+impl Encoder for RawCodec {
+    type Item = Bytes;
+    type Error = Status;
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl Decoder for RawCodec {
+    type Item = Bytes;
+    type Error = Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
+        let n = src.remaining();
+        Ok(Some(src.copy_to_bytes(n)))
+    }
+}
+
+/// Counts a call as in flight until dropped.
+struct InFlight(Arc<PodStats>);
+
+impl InFlight {
+    fn enter(stats: &Arc<PodStats>, id: Option<String>) -> InFlight {
+        let now = stats.inflight.fetch_add(1, Ordering::SeqCst) + 1;
+        stats.max_inflight.fetch_max(now, Ordering::SeqCst);
+        stats.started.fetch_add(1, Ordering::SeqCst);
+        if let Some(id) = id {
+            stats.arrivals.lock().unwrap().push(id);
+        }
+        InFlight(Arc::clone(stats))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Ordering::SeqCst);
+        self.0.finished.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[derive(Clone)]
+struct WorkService {
+    ip: IpAddr,
+    stats: Arc<PodStats>,
+}
+
+impl NamedService for WorkService {
+    const NAME: &'static str = "lbtest.Work";
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+type MessageStream = Pin<Box<dyn futures::Stream<Item = Result<Bytes, Status>> + Send>>;
+
+fn req_id<T>(req: &tonic::Request<T>) -> Option<String> {
+    req.metadata()
+        .get("x-req-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+fn text(b: &Bytes) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+struct Run(WorkService);
+
+impl UnaryService<Bytes> for Run {
+    type Response = Bytes;
+    type Future = BoxFuture<Result<tonic::Response<Bytes>, Status>>;
+    fn call(&mut self, req: tonic::Request<Bytes>) -> Self::Future {
+        let svc = self.0.clone();
+        Box::pin(async move {
+            let _busy = InFlight::enter(&svc.stats, req_id(&req));
+            let ms: u64 = text(req.get_ref()).trim().parse().unwrap_or(0);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok(tonic::Response::new(Bytes::from(format!("pod={}", svc.ip))))
+        })
+    }
+}
+
+struct Fail(WorkService);
+
+impl UnaryService<Bytes> for Fail {
+    type Response = Bytes;
+    type Future = BoxFuture<Result<tonic::Response<Bytes>, Status>>;
+    fn call(&mut self, req: tonic::Request<Bytes>) -> Self::Future {
+        let svc = self.0.clone();
+        Box::pin(async move {
+            let _busy = InFlight::enter(&svc.stats, req_id(&req));
+            Err(Status::not_found("no such model"))
+        })
+    }
+}
+
+struct Streamer(WorkService);
+
+impl ServerStreamingService<Bytes> for Streamer {
+    type Response = Bytes;
+    type ResponseStream = MessageStream;
+    type Future = BoxFuture<Result<tonic::Response<MessageStream>, Status>>;
+    fn call(&mut self, req: tonic::Request<Bytes>) -> Self::Future {
+        let svc = self.0.clone();
+        Box::pin(async move {
+            let busy = InFlight::enter(&svc.stats, req_id(&req));
+            let spec = text(req.get_ref());
+            let (count, ms) = spec
+                .split_once('x')
+                .and_then(|(c, m)| Some((c.parse::<usize>().ok()?, m.parse::<u64>().ok()?)))
+                .ok_or_else(|| Status::invalid_argument("want <count>x<ms>"))?;
+            let ip = svc.ip;
+            // The in-flight guard lives in the stream's state: it ends with the stream.
+            let stream = futures::stream::unfold((0, busy), move |(i, busy)| async move {
+                if i == count {
+                    return None;
+                }
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                Some((
+                    Ok(Bytes::from(format!("pod={ip} message={i}"))),
+                    (i + 1, busy),
+                ))
+            });
+            Ok(tonic::Response::new(Box::pin(stream) as MessageStream))
+        })
+    }
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for WorkService {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let svc = self.clone();
+        Box::pin(async move {
+            let mut grpc = tonic::server::Grpc::new(RawCodec);
+            let resp = match req.uri().path() {
+                RUN => grpc.unary(Run(svc), req).await,
+                FAIL => grpc.unary(Fail(svc), req).await,
+                STREAM => grpc.server_streaming(Streamer(svc), req).await,
+                _ => Status::unimplemented("no such method").into_http(),
+            };
+            Ok(resp)
+        })
+    }
+}
+
+/// A gRPC pod on `ip:port`; stops when dropped.
+pub struct GrpcPod {
+    pub addr: SocketAddr,
+    pub stats: Arc<PodStats>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for GrpcPod {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Starts `n` gRPC pods on 127.0.1.`first`, … sharing one port.
+pub async fn start_grpc_pods(first: u8, n: usize) -> Vec<GrpcPod> {
+    let mut pods = Vec::new();
+    let mut port = 0;
+    for i in 0..n {
+        let ip = IpAddr::from([127, 0, 1, first + i as u8]);
+        let listener = tokio::net::TcpListener::bind(SocketAddr::new(ip, port))
+            .await
+            .expect("bind gRPC pod");
+        let addr = listener.local_addr().unwrap();
+        port = addr.port();
+        let stats = Arc::new(PodStats::default());
+        let svc = WorkService {
+            ip,
+            stats: Arc::clone(&stats),
+        };
+        let task = tokio::spawn(async move {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            let _ = tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(incoming)
+                .await;
+        });
+        pods.push(GrpcPod { addr, stats, task });
+    }
+    pods
+}
+
+/// A client channel to lb-agent on exactly one HTTP/2 connection; `connections` counts the
+/// connections it opened.
+pub struct Client {
+    pub channel: Channel,
+    pub connections: Arc<AtomicUsize>,
+}
+
+pub async fn connect(addr: SocketAddr) -> Client {
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&connections);
+    let connector = tower::service_fn(move |_uri: http::Uri| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tcp))
+        }
+    });
+    let channel = Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_with_connector(connector)
+        .await
+        .expect("connect gRPC client");
+    Client {
+        channel,
+        connections,
+    }
+}
+
+/// One unary call; `Ok(body)` or the gRPC status.
+pub async fn unary(
+    channel: Channel,
+    path: &'static str,
+    body: &str,
+    id: &str,
+) -> Result<String, Status> {
+    let mut client = tonic::client::Grpc::new(channel);
+    client
+        .ready()
+        .await
+        .map_err(|e| Status::new(Code::Unknown, format!("channel not ready: {e}")))?;
+    let mut req = tonic::Request::new(Bytes::from(body.to_string()));
+    req.metadata_mut()
+        .insert("x-req-id", id.parse().expect("ascii id"));
+    let resp = client
+        .unary(req, http::uri::PathAndQuery::from_static(path), RawCodec)
+        .await?;
+    Ok(text(resp.get_ref()))
+}
+
+/// A server-streaming call; all messages, or the gRPC status.
+pub async fn stream(channel: Channel, body: &str, id: &str) -> Result<Vec<String>, Status> {
+    let mut client = tonic::client::Grpc::new(channel);
+    client
+        .ready()
+        .await
+        .map_err(|e| Status::new(Code::Unknown, format!("channel not ready: {e}")))?;
+    let mut req = tonic::Request::new(Bytes::from(body.to_string()));
+    req.metadata_mut()
+        .insert("x-req-id", id.parse().expect("ascii id"));
+    let mut messages = client
+        .server_streaming(req, http::uri::PathAndQuery::from_static(STREAM), RawCodec)
+        .await?
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(m) = messages.message().await? {
+        out.push(text(&m));
+    }
+    Ok(out)
+}

@@ -1,0 +1,259 @@
+//! HTTP/2 and gRPC through lb-agent: real tonic pods speaking h2c behind it, a real tonic
+//! client on one HTTP/2 connection in front (and a plain h2c client for HTTP/1.1 pods). Every
+//! call is placed on its own, under the same caps and queue as HTTP/1.1 requests.
+
+mod common;
+#[path = "common/grpc.rs"]
+mod grpc;
+
+use common::*;
+use grpc::*;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tonic::Code;
+
+const SECS: Duration = Duration::from_secs(10);
+
+fn grpc_route(pods: &[GrpcPod], limit: usize, queue: &str) -> String {
+    let list: Vec<String> = pods.iter().map(|p| format!("\"{}\"", p.addr)).collect();
+    format!(
+        "routes:\n  - {{uri: /lbtest.Work/, match: prefix, limit: {limit}, protocol: h2c, endpoints: [{}], queue: {queue}}}\n",
+        list.join(", ")
+    )
+}
+
+fn spread(pods: &[GrpcPod]) -> (Vec<usize>, Vec<usize>) {
+    (
+        pods.iter().map(|p| p.stats.started()).collect(),
+        pods.iter().map(|p| p.stats.max_inflight()).collect(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn calls_on_one_connection_are_placed_one_by_one_under_the_cap() {
+    let pods = start_grpc_pods(51, 4).await;
+    let agent = Agent::start(&grpc_route(&pods, 2, "{timeout: 30s}")).await;
+    let client = connect(agent.addr).await;
+
+    // 8 concurrent calls, 4 pods, limit 2: 2 calls on each pod.
+    let calls: Vec<_> = (0..8)
+        .map(|i| {
+            let ch = client.channel.clone();
+            tokio::spawn(async move { unary(ch, RUN, "400", &format!("a{i}")).await })
+        })
+        .collect();
+    for c in calls {
+        let body = c.await.unwrap().expect("call ok");
+        assert!(body.starts_with("pod=127.0.1.5"), "{body}");
+    }
+    let (started, max) = spread(&pods);
+    println!("8 calls on one connection: calls per pod {started:?}, max in flight {max:?}");
+    assert_eq!(started, vec![2, 2, 2, 2]);
+    assert_eq!(max, vec![2, 2, 2, 2]);
+
+    // 40 more at once: 8 run, 32 queue; the cap holds throughout and the work spreads evenly.
+    let calls: Vec<_> = (0..40)
+        .map(|i| {
+            let ch = client.channel.clone();
+            tokio::spawn(async move { unary(ch, RUN, "150", &format!("b{i}")).await })
+        })
+        .collect();
+    eventually(SECS, "calls queued in lb-agent", || async {
+        agent.queue_depth().await > 0
+    })
+    .await;
+    for c in calls {
+        c.await.unwrap().expect("call ok");
+    }
+    let (started, max) = spread(&pods);
+    println!("48 calls on one connection: calls per pod {started:?}, max in flight {max:?}");
+    // Each slot takes the next queued call when it frees, so the split follows the pods' pace:
+    // 12 each when all run alike (what this machine shows); timing jitter may move a call.
+    assert_eq!(started.iter().sum::<usize>(), 48);
+    assert!(
+        started.iter().all(|&n| n >= 8),
+        "every pod takes its share: {started:?}"
+    );
+    assert_eq!(max, vec![2, 2, 2, 2]);
+    assert_eq!(
+        client.connections.load(Ordering::SeqCst),
+        1,
+        "one client connection"
+    );
+    assert_eq!(agent.inflight().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refusals_are_grpc_statuses() {
+    let pods = start_grpc_pods(61, 1).await;
+    // A second service whose only pod is not listening.
+    let dead = std::net::SocketAddr::from(([127, 0, 1, 69], free_port()));
+    let agent = Agent::start(&format!(
+        "{}  - {{uri: /lbtest.Down/, match: prefix, limit: 1, protocol: h2c, endpoints: [\"{dead}\"]}}\n",
+        grpc_route(&pods, 1, "{max_waiting: 1, timeout: 300ms}")
+    ))
+    .await;
+    let client = connect(agent.addr).await;
+
+    let ch = client.channel.clone();
+    let long = tokio::spawn(async move { unary(ch, RUN, "1500", "long").await });
+    eventually(SECS, "pod busy", || async { pods[0].stats.inflight() == 1 }).await;
+
+    // Waits 300 ms in the queue, then UNAVAILABLE.
+    let ch = client.channel.clone();
+    let waiting = tokio::spawn(async move { unary(ch, RUN, "10", "timeout").await });
+    eventually(SECS, "one queued", || async {
+        agent.queue_depth().await == 1
+    })
+    .await;
+    // The queue holds 1: the next call is refused at once.
+    let full = unary(client.channel.clone(), RUN, "10", "full")
+        .await
+        .unwrap_err();
+    assert_eq!(full.code(), Code::Unavailable, "{full:?}");
+    assert!(full.message().contains("queue full"), "{full:?}");
+
+    let timeout = waiting.await.unwrap().unwrap_err();
+    assert_eq!(timeout.code(), Code::Unavailable, "{timeout:?}");
+    assert!(timeout.message().contains("queue timeout"), "{timeout:?}");
+
+    // A method no route covers.
+    let none = unary(client.channel.clone(), "/other.Service/Run", "1", "none")
+        .await
+        .unwrap_err();
+    assert_eq!(none.code(), Code::Unimplemented, "{none:?}");
+
+    assert_eq!(long.await.unwrap().unwrap(), "pod=127.0.1.61");
+    assert_eq!(pods[0].stats.arrivals(), vec!["long".to_string()]);
+
+    // No pod reachable: UNAVAILABLE too.
+    let down = unary(client.channel.clone(), "/lbtest.Down/Run", "1", "down")
+        .await
+        .unwrap_err();
+    assert_eq!(down.code(), Code::Unavailable, "{down:?}");
+    assert_eq!(agent.inflight().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_call_cancelled_while_queued_never_reaches_a_pod() {
+    let pods = start_grpc_pods(71, 1).await;
+    let agent = Agent::start(&grpc_route(&pods, 1, "{timeout: 30s}")).await;
+    let client = connect(agent.addr).await;
+
+    let ch = client.channel.clone();
+    let long = tokio::spawn(async move { unary(ch, RUN, "800", "long").await });
+    eventually(SECS, "pod busy", || async { pods[0].stats.inflight() == 1 }).await;
+    let ch = client.channel.clone();
+    let cancelled = tokio::spawn(async move { unary(ch, RUN, "10", "cancelled").await });
+    eventually(SECS, "queued", || async { agent.queue_depth().await == 1 }).await;
+
+    // Dropping the call resets its stream; lb-agent takes it out of the queue.
+    cancelled.abort();
+    eventually(SECS, "cancelled call left the queue", || async {
+        agent.queue_depth().await == 0
+    })
+    .await;
+    assert_eq!(long.await.unwrap().unwrap(), "pod=127.0.1.71");
+    // The freed slot went to nobody: the next call runs at once, and the pod never saw the
+    // cancelled one.
+    unary(client.channel.clone(), RUN, "1", "after")
+        .await
+        .unwrap();
+    assert_eq!(
+        pods[0].stats.arrivals(),
+        vec!["long".to_string(), "after".to_string()]
+    );
+    assert_eq!(agent.inflight().await, 0);
+    let metrics = loadgen::get(agent.admin, "/metrics", &[])
+        .await
+        .unwrap()
+        .body;
+    assert!(
+        metrics.contains("lb_requests_total{outcome=\"client_gone\",route=\"/lbtest.Work/\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pod_statuses_pass_through_and_a_stream_holds_its_slot() {
+    let pods = start_grpc_pods(81, 1).await;
+    let agent = Agent::start(&grpc_route(&pods, 1, "{timeout: 30s}")).await;
+    let client = connect(agent.addr).await;
+
+    // The pod's own status (in its trailers) reaches the client unchanged.
+    let err = unary(client.channel.clone(), FAIL, "", "fail")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    assert_eq!(err.message(), "no such model");
+
+    // A stream of 5 messages, 150 ms apart, holds the only slot until it ends: a unary call
+    // made meanwhile waits in the queue.
+    let ch = client.channel.clone();
+    let streaming = tokio::spawn(async move { stream(ch, "5x150", "stream").await });
+    eventually(SECS, "stream running", || async {
+        pods[0].stats.inflight() == 1
+    })
+    .await;
+    let ch = client.channel.clone();
+    let after = tokio::spawn(async move { unary(ch, RUN, "1", "after-stream").await });
+    eventually(SECS, "unary call queued behind the stream", || async {
+        agent.queue_depth().await == 1
+    })
+    .await;
+    let messages = streaming.await.unwrap().unwrap();
+    assert_eq!(messages.len(), 5, "{messages:?}");
+    assert_eq!(messages[4], "pod=127.0.1.81 message=4");
+    after.await.unwrap().unwrap();
+    assert_eq!(pods[0].stats.max_inflight(), 1);
+    assert_eq!(
+        pods[0].stats.arrivals(),
+        vec![
+            "fail".to_string(),
+            "stream".to_string(),
+            "after-stream".to_string()
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn h2c_requests_on_one_connection_spread_over_http1_pods() {
+    use http_body_util::{BodyExt, Empty};
+    let pods = start_pods(91, 4).await.unwrap();
+    let agent = start_work_route("", 2, &pods).await;
+
+    // Prior-knowledge HTTP/2 on the proxy port (which also serves HTTP/1.1), one connection.
+    let tcp = tokio::net::TcpStream::connect(agent.addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("h2c handshake");
+    tokio::spawn(conn);
+    let requests: Vec<_> = (0..8)
+        .map(|i| {
+            let mut sender = sender.clone();
+            tokio::spawn(async move {
+                let req = http::Request::get(format!("http://lb-agent/work?ms=300&i={i}"))
+                    .body(Empty::<bytes::Bytes>::new())
+                    .unwrap();
+                let resp = sender.send_request(req).await.expect("h2 response");
+                let status = resp.status();
+                let body = resp.into_body().collect().await.unwrap().to_bytes();
+                (status, String::from_utf8_lossy(&body).into_owned())
+            })
+        })
+        .collect();
+    for r in requests {
+        let (status, body) = r.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert!(body.starts_with("pod=127.0.1.9"), "{body}");
+    }
+    let started: Vec<usize> = pods.iter().map(|p| p.stats.started()).collect();
+    let max: Vec<usize> = pods.iter().map(|p| p.stats.max_inflight()).collect();
+    assert_eq!(started, vec![2, 2, 2, 2]);
+    assert_eq!(max, vec![2, 2, 2, 2]);
+    // HTTP/1.1 still works on the same port.
+    assert_eq!(agent.get("/work").await.status, 200);
+}

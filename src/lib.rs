@@ -25,6 +25,7 @@ pub mod selection;
 pub mod shutdown;
 
 use pingora::apps::HttpServerOptions;
+use pingora::protocols::http::v2::server::default_h2_options;
 use pingora::proxy::http_proxy_service;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server};
@@ -37,6 +38,13 @@ use std::time::Duration;
 use config::Config;
 use live::Live;
 use proxy::LbProxy;
+
+/// Concurrent HTTP/2 streams a client connection may open (calls running plus queued);
+/// further calls wait in the client until one ends.
+const H2_STREAMS_PER_CLIENT_CONNECTION: u32 = 256;
+
+/// HTTP/2 flow-control window per stream (the protocol's default, 64 KiB − 1).
+const H2_STREAM_WINDOW: u32 = 65_535;
 
 /// Seconds Pingora's runtimes get to finish after the grace period.
 const FINAL_SHUTDOWN_SECS: u64 = 1;
@@ -104,6 +112,17 @@ pub fn build_server(config: &Config, config_path: Option<&Path>) -> Result<Agent
         let mut options = HttpServerOptions::default();
         options.h2c = true;
         app.server_options = Some(options);
+        // A queued call is an open stream whose request body waits unread (so a reset can still
+        // take it out of the queue). Unread bodies hold HTTP/2 flow-control window; with the
+        // default 64 KiB connection window, a few queued calls with large messages would
+        // starve the call at the head of the queue of its own body: a deadlock. A connection
+        // window of streams × stream window means each stream only ever blocks on its own
+        // window. Worst-case memory: 16 MiB of buffered request data per client connection.
+        let mut h2 = default_h2_options();
+        h2.max_concurrent_streams(H2_STREAMS_PER_CLIENT_CONNECTION);
+        h2.initial_window_size(H2_STREAM_WINDOW);
+        h2.initial_connection_window_size(H2_STREAMS_PER_CLIENT_CONNECTION * H2_STREAM_WINDOW);
+        app.h2_options = Some(h2);
     }
     proxy.add_tcp(&config.listen);
     server.add_service(proxy);

@@ -84,6 +84,60 @@ async fn calls_on_one_connection_are_placed_one_by_one_under_the_cap() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn more_than_a_hundred_calls_on_one_connection_wait_in_our_queue() {
+    let pods = start_grpc_pods(55, 2).await;
+    let agent = Agent::start(&grpc_route(&pods, 2, "{timeout: 30s}")).await;
+    let client = connect(agent.addr).await;
+    let calls: Vec<_> = (0..160)
+        .map(|i| {
+            let ch = client.channel.clone();
+            tokio::spawn(async move { unary(ch, RUN, "100", &format!("c{i}")).await })
+        })
+        .collect();
+    // 4 run, the rest are open streams waiting in lb-agent's queue (not in the client).
+    let mut deepest = 0;
+    for _ in 0..300 {
+        deepest = deepest.max(agent.queue_depth().await);
+        if deepest > 120 || calls.iter().all(|c| c.is_finished()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(deepest > 120, "queue depth reached only {deepest}");
+    for c in calls {
+        c.await.unwrap().expect("call ok");
+    }
+    assert!(pods.iter().all(|p| p.stats.max_inflight() == 2));
+    assert_eq!(client.connections.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn queued_calls_with_large_messages_do_not_block_the_connection() {
+    let pods = start_grpc_pods(57, 1).await;
+    let agent = Agent::start(&grpc_route(&pods, 1, "{timeout: 30s}")).await;
+    let client = connect(agent.addr).await;
+    // 12 calls of 100 KB each: more than a stream's 64 KiB window each, and far more than
+    // HTTP/2's default 64 KiB connection window while they wait unread in the queue.
+    let padding = "x".repeat(100_000);
+    let calls: Vec<_> = (0..12)
+        .map(|i| {
+            let ch = client.channel.clone();
+            let body = format!("50 {padding}");
+            tokio::spawn(async move { unary(ch, RUN, &body, &format!("big{i}")).await })
+        })
+        .collect();
+    for c in calls {
+        tokio::time::timeout(SECS, c)
+            .await
+            .expect("call finished")
+            .unwrap()
+            .expect("call ok");
+    }
+    assert_eq!(pods[0].stats.started(), 12);
+    assert_eq!(pods[0].stats.max_inflight(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn refusals_are_grpc_statuses() {
     let pods = start_grpc_pods(61, 1).await;
     // A second service whose only pod is not listening.

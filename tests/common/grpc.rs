@@ -124,7 +124,12 @@ impl UnaryService<Bytes> for Run {
         let svc = self.0.clone();
         Box::pin(async move {
             let _busy = InFlight::enter(&svc.stats, req_id(&req));
-            let ms: u64 = text(req.get_ref()).trim().parse().unwrap_or(0);
+            // The delay is the first word; the rest is padding (a large request message).
+            let ms: u64 = text(req.get_ref())
+                .split_whitespace()
+                .next()
+                .and_then(|w| w.parse().ok())
+                .unwrap_or(0);
             tokio::time::sleep(Duration::from_millis(ms)).await;
             Ok(tonic::Response::new(Bytes::from(format!("pod={}", svc.ip))))
         })

@@ -134,14 +134,43 @@ async fn client_gone(session: &mut Session) {
             .and_then(|v| v.trim().parse::<usize>().ok())
             .is_some_and(|n| n <= QUEUED_BODY_LIMIT);
     if !fits {
-        // A large or chunked body cannot be buffered for replay: leave it unread.
-        return std::future::pending().await;
+        // A large or chunked body cannot be buffered for replay: leave it unread and watch the
+        // socket's TCP state instead (the kernel knows about a FIN or RST behind unread data).
+        return connection_closed(session).await;
     }
     session.as_mut().enable_retry_buffering();
     loop {
         let done = session.as_mut().is_body_done();
         if session.as_mut().read_body_or_idle(done).await.is_err() {
             return;
+        }
+    }
+}
+
+/// How often a queued request with an unread body checks whether its client is still there.
+const CLOSE_CHECK_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Completes once the client's TCP connection is closed or half-closed (it sent FIN or RST);
+/// never completes if the state cannot be read.
+async fn connection_closed(session: &Session) {
+    // Linux TCP states (include/net/tcp_states.h).
+    const TCP_CLOSE: u8 = 7;
+    const TCP_CLOSE_WAIT: u8 = 8;
+    let Some(socket) = session
+        .as_downstream()
+        .digest()
+        .and_then(|d| d.socket_digest.clone())
+    else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(CLOSE_CHECK_INTERVAL).await;
+        match socket.tcp_info() {
+            Some(info) if info.tcpi_state == TCP_CLOSE || info.tcpi_state == TCP_CLOSE_WAIT => {
+                return
+            }
+            Some(_) => {}
+            None => return std::future::pending().await,
         }
     }
 }

@@ -218,6 +218,52 @@ async fn abandoned_queued_clients_leak_nothing_and_never_reach_a_pod() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_with_a_large_body_that_leaves_the_queue_never_reaches_a_pod() {
+    let pods = start_pods(1, 1).await.unwrap();
+    let agent = start_work_route("queue: {timeout: 60s}\n", 1, &pods).await;
+    let blocker = spawn_get(agent.addr, "/work?ms=1500");
+    eventually(SECS, "pod busy", || async { pods[0].stats.inflight() == 1 }).await;
+
+    // A 10 MB upload (only its start sent) and a chunked one wait, then their clients leave.
+    let big = open_request(
+        agent.addr,
+        &format!(
+            "POST /work HTTP/1.1\r\nhost: x\r\ncontent-length: 10000000\r\n\r\n{}",
+            "v".repeat(100_000)
+        ),
+    )
+    .await;
+    let chunked = open_request(
+        agent.addr,
+        "POST /work HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n",
+    )
+    .await;
+    eventually(SECS, "2 queued", || async {
+        agent.queue_depth().await == 2
+    })
+    .await;
+    drop(big);
+    drop(chunked);
+    eventually(SECS, "both left the queue", || async {
+        agent.queue_depth().await == 0
+    })
+    .await;
+    assert_eq!(blocker.await.unwrap().unwrap().status, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        pods[0].stats.started(),
+        1,
+        "no truncated upload reached the pod"
+    );
+    assert_eq!(agent.get("/work").await.status, 200);
+    assert!(
+        agent.log().contains("outcome=client_gone"),
+        "{}",
+        agent.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn refused_connection_is_retried_on_another_pod() {
     let pods = start_pods(1, 1).await.unwrap();
     // 127.0.1.9 on the same port has nothing listening: connections are refused.

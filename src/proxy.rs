@@ -336,6 +336,32 @@ impl ProxyHttp for LbProxy {
         Ok(Box::new(peer))
     }
 
+    /// Adds the client's address to `X-Forwarded-For`, as the Go agent's reverse proxy did: the
+    /// pods see lb-agent's address as the peer, and their logs want the real client.
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut pingora::http::RequestHeader,
+        _ctx: &mut Ctx,
+    ) -> pingora::Result<()> {
+        let Some(client) = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip())
+        else {
+            return Ok(());
+        };
+        let value = match upstream_request
+            .headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(prior) => format!("{prior}, {client}"),
+            None => client.to_string(),
+        };
+        upstream_request.insert_header("x-forwarded-for", value)
+    }
+
     async fn connected_to_upstream(
         &self,
         _session: &mut Session,

@@ -4,7 +4,7 @@ mod common;
 
 use common::*;
 use std::time::{Duration, Instant};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const SECS: Duration = Duration::from_secs(10);
@@ -260,6 +260,47 @@ async fn a_client_with_a_large_body_that_leaves_the_queue_never_reaches_a_pod() 
         agent.log().contains("outcome=client_gone"),
         "{}",
         agent.log()
+    );
+}
+
+/// A pod that answers one request with 200 and hands over the request head it received.
+async fn capturing_pod(ip: [u8; 4]) -> (std::net::SocketAddr, tokio::task::JoinHandle<String>) {
+    let listener = tokio::net::TcpListener::bind(std::net::SocketAddr::from((ip, 0)))
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "connection closed before the request head ended");
+            head.extend_from_slice(&buf[..n]);
+        }
+        s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            .await
+            .unwrap();
+        String::from_utf8_lossy(&head).to_ascii_lowercase()
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pods_see_the_client_in_x_forwarded_for() {
+    let (pod, head) = capturing_pod([127, 0, 1, 40]).await;
+    let agent = Agent::start(&format!(
+        "routes:\n  - {{uri: /work, limit: 1, endpoints: [\"{pod}\"]}}\n"
+    ))
+    .await;
+    let r = loadgen::get(agent.addr, "/work", &[("x-forwarded-for", "10.1.2.3")])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    let head = head.await.unwrap();
+    assert!(
+        head.contains("x-forwarded-for: 10.1.2.3, 127.0.0.1\r\n"),
+        "{head}"
     );
 }
 

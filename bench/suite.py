@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from benchkit import balance, overhead, queue, report, selection  # noqa: E402
 from benchkit.contenders import LB_AGENT, ROOT  # noqa: E402
-from benchkit.procs import BenchError, loadavg, stop_all  # noqa: E402
+from benchkit.procs import BenchError, OtherLoad, loadavg, stop_all  # noqa: E402
 
 PARTS = ["balance", "overhead", "queue", "selection"]
 NEEDS = {"balance": ["haproxy", "nginx"], "overhead": ["haproxy", "nginx", "wrk"],
@@ -105,6 +105,7 @@ def main(argv):
         started = datetime.datetime.now().astimezone()
         before = loadavg()
         log(f"== {part} (load average {before})")
+        others = OtherLoad()
         try:
             if part == "balance":
                 data = balance.run(pdir, reps, log)
@@ -117,13 +118,17 @@ def main(argv):
         except BenchError as e:
             stop_all()
             sys.exit(f"bench: {part} failed: {e}\n(logs in {pdir})")
+        others_mean, others_peak = others.stop()
         meta = {"started": started.isoformat(timespec="seconds"),
                 "finished": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                 "seconds": round((datetime.datetime.now().astimezone() - started).total_seconds()),
-                "commit": commit(), "loadavg_before": before, "loadavg_after": loadavg()}
+                "commit": commit(), "loadavg_before": before, "loadavg_after": loadavg(),
+                "other_processes_cores_mean": round(others_mean, 3),
+                "other_processes_cores_peak": round(others_peak, 3)}
         with open(os.path.join(report.RESULTS, f"{part}.json"), "w") as f:
             json.dump({"meta": meta, "data": data}, f, indent=1)
-        log(f"== {part} done in {meta['seconds']} s (load average {meta['loadavg_after']})")
+        log(f"== {part} done in {meta['seconds']} s (load average {meta['loadavg_after']}; "
+            f"other processes used {others_mean:.2f} cores on average, {others_peak:.2f} at peak)")
     pngs = report.render()
     log(f"bench: wrote {os.path.relpath(report.RESULTS, ROOT)}/latest.md, "
         f"{', '.join(pngs)} and the results section of bench/README.md")

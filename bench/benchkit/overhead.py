@@ -1,7 +1,8 @@
 """Scenario 2, proxy overhead: tiny keep-alive requests through each proxy, one worker each.
 
 Backend: NGINX `return 200` on 127.0.2.1 (fast, keep-alive). Load: wrk, 1 thread, CONNS
-keep-alive connections, DURATION s after a WARMUP s warm-up. Proxies run with one worker
+keep-alive connections, DURATION s after a WARMUP s warm-up; ROUNDS rounds with the proxies
+interleaved, median reported. Proxies run with one worker
 (lb-agent `threads: 1`, HAProxy `nbthread 1`, NGINX `worker_processes 1`), each with a cap far
 above the load so that only the forwarding is measured. `direct` is wrk against the backend
 itself (the floor).
@@ -13,14 +14,16 @@ proxy under test always has a core of its own. CPU seconds per 10k requests are 
 
 import os
 import re
+import resource
 import shutil
 import subprocess
 import time
 
 from . import contenders as C
 from .procs import BenchError, cpu_seconds, machine_busy
+from .stats import median
 
-CONNS, DURATION, WARMUP = 32, 10, 2
+CONNS, DURATION, WARMUP, ROUNDS = 32, 6, 2, 3
 ORDER = ["direct", "lb-agent", "haproxy", "nginx"]
 
 
@@ -49,11 +52,14 @@ def wrk(url, seconds, cpus, log_path):
     if out.returncode != 0:
         raise BenchError(f"wrk failed ({out.returncode}): {out.stderr}")
     text = out.stdout
+    dist = re.search(r"Latency Distribution\n(.*?)\n\s*\d+ requests in", text, re.S)
+    if not dist:
+        raise BenchError(f"wrk printed no latency distribution:\n{text}")
     r = {
         "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1)),
         "requests": int(re.search(r"(\d+) requests in", text).group(1)),
-        "p50_ms": _ms(re.search(r"50%\s+(\S+)", text).group(1)),
-        "p99_ms": _ms(re.search(r"99%\s+(\S+)", text).group(1)),
+        "p50_ms": _ms(re.search(r"^\s*50%\s+(\S+)", dist.group(1), re.M).group(1)),
+        "p99_ms": _ms(re.search(r"^\s*99%\s+(\S+)", dist.group(1), re.M).group(1)),
     }
     m = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
     r["non_2xx"] = int(m.group(1)) if m else 0
@@ -83,53 +89,80 @@ def profile(c, url, cpus, workdir, log):
     return "\n".join(lines[:40])
 
 
+def children_cpu():
+    """CPU seconds of this process's waited-for children (wrk, after each run)."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def measure(c, url, backend, plan, wrk_log):
+    """One warm-up and one measured wrk run against `url` (through `c`, or direct)."""
+    wrk(url, WARMUP, plan["load"], wrk_log)
+    cpu0 = cpu_seconds(c.proc.pid) if c else 0.0
+    b0, k0 = cpu_seconds(backend.proc.pid), children_cpu()
+    m0, t0 = machine_busy(), time.monotonic()
+    r = wrk(url, DURATION, plan["load"], wrk_log)
+    wall = time.monotonic() - t0
+    m1 = machine_busy()
+    proxy_cpu = (cpu_seconds(c.proc.pid) - cpu0) if c else 0.0
+    bench_cpu = proxy_cpu + cpu_seconds(backend.proc.pid) - b0 + children_cpu() - k0
+    ncpu = os.cpu_count() or 1
+    r["machine_busy_cores"] = (m1[0] - m0[0]) / (m1[1] - m0[1]) * ncpu
+    # Whatever else ran on the machine meanwhile (another build, say): busy cores not
+    # accounted for by the proxy, the backend and wrk.
+    r["other_cores"] = max(0.0, r["machine_busy_cores"] - bench_cpu / wall)
+    if c:
+        r["cpu_s"] = proxy_cpu
+        r["cpu_s_per_10k"] = proxy_cpu / r["requests"] * 10000
+        r["proxy_core_share"] = proxy_cpu / wall
+    return r
+
+
 def run(workdir, log, with_perf=True):
     if not shutil.which("wrk"):
         raise BenchError("wrk is not installed (bench/run installs it on Debian)")
     plan = cpu_plan()
     backend = C.Backend(workdir, "127.0.2.1", cpus=plan["load"])
-    results, perf_text = {}, None
+    rounds, perf_text = {n: [] for n in ORDER}, None
     try:
-        for name in ORDER:
-            if name == "direct":
-                c, url = None, f"http://{backend.addr}/"
-            else:
-                c = C.ALL[name](workdir, [backend.addr], 100000, cpus=plan["proxy"])
-                url = f"http://{c.entry[0]}:{c.entry[1]}/"
-            try:
-                wrk_log = os.path.join(workdir, f"wrk-{name}.log")
-                wrk(url, WARMUP, plan["load"], wrk_log)
-                cpu0 = cpu_seconds(c.proc.pid) if c else None
-                m0, t0 = machine_busy(), time.monotonic()
-                r = wrk(url, DURATION, plan["load"], wrk_log)
-                wall = time.monotonic() - t0
-                m1 = machine_busy()
-                if c:
-                    cpu = cpu_seconds(c.proc.pid) - cpu0
-                    r["cpu_s"] = cpu
-                    r["cpu_s_per_10k"] = cpu / r["requests"] * 10000
-                    r["proxy_core_share"] = cpu / wall
-                ncpu = os.cpu_count() or 1
-                r["machine_busy_cores"] = (m1[0] - m0[0]) / (m1[1] - m0[1]) * ncpu
-                results[name] = r
-                log(
-                    f"overhead {name:9} {r['rps']:9.0f} req/s p50 {r['p50_ms']:.3f} ms "
-                    f"p99 {r['p99_ms']:.3f} ms"
-                    + (f" cpu {r['cpu_s_per_10k']:.3f} s/10k (proxy at "
-                       f"{r['proxy_core_share']:.0%} of a core)" if c else "")
-                    + f" non-2xx {r['non_2xx']} socket errors {r['socket_errors']}"
-                    + f" machine busy {r['machine_busy_cores']:.2f} cores"
-                )
-                if name == "lb-agent" and with_perf:
-                    perf_text = profile(c, url, plan["load"], workdir, log)
-            finally:
-                if c:
-                    c.stop()
+        for rnd in range(ROUNDS):
+            for name in ORDER:
+                if name == "direct":
+                    c, url = None, f"http://{backend.addr}/"
+                else:
+                    c = C.ALL[name](workdir, [backend.addr], 100000, cpus=plan["proxy"])
+                    url = f"http://{c.entry[0]}:{c.entry[1]}/"
+                try:
+                    r = measure(c, url, backend, plan, os.path.join(workdir, f"wrk-{name}.log"))
+                    rounds[name].append(r)
+                    log(
+                        f"overhead round {rnd + 1}/{ROUNDS} {name:9} {r['rps']:9.0f} req/s "
+                        f"p50 {r['p50_ms']:.3f} ms p99 {r['p99_ms']:.3f} ms"
+                        + (f" cpu {r['cpu_s_per_10k']:.3f} s/10k (proxy at "
+                           f"{r['proxy_core_share']:.0%} of a core)" if c else "")
+                        + f" non-2xx {r['non_2xx']} socket errors {r['socket_errors']}"
+                        + f" other processes {r['other_cores']:.2f} cores"
+                    )
+                    if name == "lb-agent" and with_perf and rnd == 0:
+                        perf_text = profile(c, url, plan["load"], workdir, log)
+                finally:
+                    if c:
+                        c.stop()
     finally:
         backend.stop()
+    results = {}
+    for name, rs in rounds.items():
+        results[name] = {k: median([r[k] for r in rs]) for k in rs[0]
+                         if k not in ("non_2xx", "socket_errors", "requests")}
+        results[name]["non_2xx"] = sum(r["non_2xx"] for r in rs)
+        results[name]["socket_errors"] = sum(r["socket_errors"] for r in rs)
+        results[name]["rps_range"] = [min(r["rps"] for r in rs), max(r["rps"] for r in rs)]
+        results[name]["p99_range_ms"] = [min(r["p99_ms"] for r in rs), max(r["p99_ms"] for r in rs)]
     return {
         "setup": {"connections": CONNS, "duration_s": DURATION, "warmup_s": WARMUP,
+                  "rounds": ROUNDS,
                   "pinning": {k: sorted(v) if v else None for k, v in plan.items()}},
         "results": results,
+        "rounds": rounds,
         "perf_lb_agent": perf_text,
     }

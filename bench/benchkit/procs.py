@@ -216,3 +216,49 @@ def machine_busy():
 
 def loadavg():
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+class OtherLoad:
+    """Samples, once a second in a thread, the CPU used by processes that are not the bench or
+    its children (another build, say), so that a disturbed run shows in the results."""
+
+    def __init__(self, interval=1.0):
+        import threading
+
+        self.interval = interval
+        self.samples = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _snapshot():
+        mine = set(tree(os.getpid()))
+        ticks = {}
+        for d in os.listdir("/proc"):
+            if not d.isdigit() or int(d) in mine:
+                continue
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            ticks[int(d)] = int(fields[11]) + int(fields[12])
+        return ticks
+
+    def _run(self):
+        prev, t_prev = self._snapshot(), time.monotonic()
+        while not self._stop.wait(self.interval):
+            cur, t_cur = self._snapshot(), time.monotonic()
+            # A process new since the last sample used all its CPU within the interval.
+            used = sum(v - prev.get(p, 0) for p, v in cur.items())
+            self.samples.append(used / CLK_TCK / (t_cur - t_prev))
+            prev, t_prev = cur, t_cur
+
+    def stop(self):
+        """Stops sampling; returns (mean, peak) cores used by other processes."""
+        self._stop.set()
+        self._thread.join()
+        if not self.samples:
+            return 0.0, 0.0
+        return sum(self.samples) / len(self.samples), max(self.samples)

@@ -29,8 +29,12 @@ def f(v, fmt="{:.3f}", none="—"):
 
 def when(d):
     m = d["meta"]
-    return (f"_Measured {m['finished']} (commit `{m['commit']}`), load average before "
-            f"{m['loadavg_before']}, after {m['loadavg_after']}._")
+    others = ""
+    if "other_processes_cores_mean" in m:
+        others = (f"; processes outside the bench used {m['other_processes_cores_mean']:.2f} "
+                  f"cores on average, {m['other_processes_cores_peak']:.2f} at peak")
+    return (f"_Measured {m['finished']} (commit `{m['commit']}`, {m['seconds']} s), load average "
+            f"before {m['loadavg_before']}, after {m['loadavg_after']}{others}._")
 
 
 def balance_md(d):
@@ -70,25 +74,30 @@ def overhead_md(d):
     res = d["data"]["results"]
     ha = res.get("haproxy")
     out = [f"### Proxy overhead (wrk, 1 thread, {s['connections']} keep-alive connections, "
-           f"{s['duration_s']} s; one worker per proxy; proxy pinned to CPU "
-           f"{s['pinning']['proxy']}, wrk + backend to CPU {s['pinning']['load']})", "", when(d),
-           "", "| proxy | req/s | vs HAProxy | p50 ms | p99 ms | p99 vs HAProxy | "
-           "CPU s per 10k req | proxy CPU (cores) | non-2xx + socket errors | "
-           "machine busy (cores) |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           f"{s['duration_s']} s × {s['rounds']} rounds, median; one worker per proxy; proxy "
+           f"pinned to CPU {s['pinning']['proxy']}, wrk + backend to CPU {s['pinning']['load']})",
+           "", when(d), "",
+           "| proxy | req/s (range) | vs HAProxy | p50 ms | p99 ms (range) | p99 vs HAProxy | "
+           "CPU s per 10k req | vs HAProxy | proxy CPU (cores) | non-2xx + socket errors | "
+           "other processes (cores) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c, r in res.items():
         rel = f"{r['rps'] / ha['rps']:.2f}×" if ha else "—"
         prel = f"{r['p99_ms'] / ha['p99_ms']:.2f}×" if ha else "—"
+        crel = (f"{r['cpu_s_per_10k'] / ha['cpu_s_per_10k']:.2f}×"
+                if ha and r.get("cpu_s_per_10k") else "—")
         out.append(
-            f"| {LABEL[c]} | {r['rps']:.0f} | {rel} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | "
-            f"{prel} | {f(r.get('cpu_s_per_10k'))} | {f(r.get('proxy_core_share'), '{:.2f}')} | "
-            f"{r['non_2xx'] + r['socket_errors']} | {r['machine_busy_cores']:.2f} |")
+            f"| {LABEL[c]} | {r['rps']:.0f} ({r['rps_range'][0]:.0f}–{r['rps_range'][1]:.0f}) | "
+            f"{rel} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} ({r['p99_range_ms'][0]:.2f}–"
+            f"{r['p99_range_ms'][1]:.2f}) | {prel} | {f(r.get('cpu_s_per_10k'))} | {crel} | "
+            f"{f(r.get('proxy_core_share'), '{:.2f}')} | {r['non_2xx'] + r['socket_errors']} | "
+            f"{r['other_cores']:.2f} |")
     out += ["", "CPU per 10k requests is the proxy's own CPU (all its threads and processes) "
             "from /proc/<pid>/stat. A proxy CPU near 1.00 core means the proxy was the "
-            "bottleneck; well below it, the load generator or backend on the other core was. "
-            "Machine busy: cores in use on the whole machine during the run, every process "
-            "included; near the core count, every core was saturated (by the bench or by "
-            "others).", ""]
+            "bottleneck; well below it, wrk or the backend (sharing the other core) was, and "
+            "the req/s of that proxy is a lower bound. Other processes: busy cores on the "
+            "machine not used by the proxy, the backend or wrk during the run (another build, "
+            "say); above ~0.1 the run was disturbed.", ""]
     if d["data"].get("perf_lb_agent"):
         out += ["<details><summary>perf profile of lb-agent under this load (top symbols, "
                 "self time)</summary>", "", "```", d["data"]["perf_lb_agent"], "```",

@@ -9,7 +9,8 @@ timeout far above the test). Once the balancer reports all N queued, we measure 
   divided by N; the same with the N connections open but idle splits that into the cost of a
   connection and of a queued request. Kernel socket buffers are not in RSS (they are the same
   for every balancer);
-* idle CPU: CPU seconds the balancer used during the window, as a share of one core.
+* idle CPU: CPU seconds the balancer used during the window, as a share of one core (and the
+  same over IDLE_S s with nothing queued, before the test, for comparison).
 
 When the blockers finish the 16 slots free and the queue drains; drain time is from the first
 blocker's response to the last queued response. NGINX OSS and the random model have no queue
@@ -55,6 +56,10 @@ async def scenario(c, pods, log):
     await asyncio.sleep(1)
     await asyncio.to_thread(pods.reset)
     rss0 = rss_kib(pid)
+    # The same window with nothing queued: the balancer's own idle cost, for comparison.
+    cpu_e0, te0 = cpu_seconds(pid), time.monotonic()
+    await asyncio.sleep(IDLE_S)
+    empty_share = (cpu_seconds(pid) - cpu_e0) / (time.monotonic() - te0)
 
     blockers = [Result(HOLD_MS) for _ in range(SLOTS)]
     t_block = time.monotonic()
@@ -133,6 +138,7 @@ async def scenario(c, pods, log):
         "idle_cpu_s": cpu1 - cpu0,
         "idle_window_s": t1 - t0,
         "idle_core_share": (cpu1 - cpu0) / (t1 - t0),
+        "empty_idle_core_share": empty_share,
         "drain_s": t_drained - t_free,
         "drain_rps": N / (t_drained - t_free),
         "statuses": statuses,

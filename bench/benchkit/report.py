@@ -27,6 +27,10 @@ def f(v, fmt="{:.3f}", none="—"):
     return none if v is None else fmt.format(v)
 
 
+def pct100(v):
+    return None if v is None else v * 100
+
+
 def when(d):
     m = d["meta"]
     others = ""
@@ -43,7 +47,7 @@ def balance_md(d):
            f"{s['pod_workers']} at a time; median of {s['reps']} runs)", "", when(d), "",
            "| workload | balancer | makespan s (range) | ideal s | efficiency | failed | "
            "p50 ms | p99 ms | utilisation | max in flight on a pod | cap violations |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     summ = d["data"]["summary"]
     for w in ["burst", "hetero", "trickle"]:
         for c, per in summ.items():
@@ -80,7 +84,7 @@ def overhead_md(d):
            "| proxy | req/s (range) | vs HAProxy | p50 ms | p99 ms (range) | p99 vs HAProxy | "
            "CPU s per 10k req | vs HAProxy | proxy CPU (cores) | non-2xx + socket errors | "
            "other processes (cores) |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c, r in res.items():
         rel = f"{r['rps'] / ha['rps']:.2f}×" if ha else "—"
         prel = f"{r['p99_ms'] / ha['p99_ms']:.2f}×" if ha else "—"
@@ -110,14 +114,15 @@ def queue_md(d):
     out = [f"### Queue scale ({s['queued']} requests queued on {s['pods']} pods × limit "
            f"{s['limit']} held busy)", "", when(d), "",
            "| balancer | RSS before MiB | RSS with queue MiB | KiB per queued request | "
-           "of which the idle connection | idle CPU (% of a core) | time to fill s | drain s | "
+           "of which the idle connection | idle CPU with queue (% of a core) | idle CPU "
+           "empty | time to fill s | drain s | "
            "drain req/s | failed | max in flight on a pod |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c, r in d["data"]["results"].items():
         out.append(
             f"| {LABEL[c]} | {r['rss_before_kib'] / 1024:.1f} | {r['rss_queued_kib'] / 1024:.1f} "
             f"| {r['kib_per_queued_request']:.2f} | {r['kib_per_idle_connection']:.2f} | "
-            f"{r['idle_core_share'] * 100:.2f} | "
+            f"{r['idle_core_share'] * 100:.2f} | {f(pct100(r.get('empty_idle_core_share')), '{:.2f}')} | "
             f"{r['fill_s']:.1f} | {r['drain_s']:.2f} | {r['drain_rps']:.0f} | "
             f"{r['failed']} | {max(r['max_inflight'])} |")
     out += ["", "NGINX OSS has no queue (beyond `max_conns` it fails at once) and the random "
@@ -218,15 +223,16 @@ def plots(bal, ovh, que):
         r = ovh["data"]["results"]
         names = list(r)
         fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(11, 3.6))
-        for ax, key, title in ((a1, "rps", "requests/s (higher is better)"),
-                               (a2, "p99_ms", "p99 latency ms (lower is better)"),
-                               (a3, "cpu_s_per_10k", "CPU s per 10k requests (lower is better)")):
+        for ax, key, title, fmt in (
+                (a1, "rps", "requests/s (higher is better)", "{:,.0f}"),
+                (a2, "p99_ms", "p99 latency ms (lower is better)", "{:.2f}"),
+                (a3, "cpu_s_per_10k", "CPU s per 10k requests (lower is better)", "{:.3f}")):
             ns = [n for n in names if r[n].get(key) is not None]
             bars = ax.bar([LABEL[n].split(" ")[0] for n in ns], [r[n][key] for n in ns],
                           color=[COLOR[n] for n in ns])
             for b in bars:
-                ax.text(b.get_x() + b.get_width() / 2, b.get_height(), f"{b.get_height():.3g}",
-                        ha="center", va="bottom", fontsize=7)
+                ax.text(b.get_x() + b.get_width() / 2, b.get_height(),
+                        fmt.format(b.get_height()), ha="center", va="bottom", fontsize=7)
             ax.set_title(title, fontsize=9)
             ax.tick_params(axis="x", labelsize=8)
         fig.suptitle("Proxy overhead: tiny requests, one worker thread each", fontsize=10)
@@ -238,8 +244,9 @@ def plots(bal, ovh, que):
         r = que["data"]["results"]
         names = list(r)
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3.4))
+        n = que["data"]["setup"]["queued"]
         for ax, key, title in ((a1, "kib_per_queued_request", "KiB RSS per queued request"),
-                               (a2, "drain_s", "drain time s (10k queued, 16 slots)")):
+                               (a2, "drain_s", f"drain time s ({n:,} queued, 16 slots)")):
             bars = ax.bar([LABEL[n] for n in names], [r[n][key] for n in names],
                           color=[COLOR[n] for n in names])
             for b in bars:
@@ -248,6 +255,7 @@ def plots(bal, ovh, que):
             ax.set_title(title, fontsize=9)
         if "kib_per_queued_request" in r.get("lb-agent", {}):
             a1.axhline(4, color="black", lw=0.8, ls="--")
+            a1.text(-0.4, 4, "target 4 KiB", va="bottom", fontsize=7)
         fig.suptitle("Queue scale (lower is better)", fontsize=10)
         fig.tight_layout()
         fig.savefig(os.path.join(RESULTS, "queue.png"), dpi=110)

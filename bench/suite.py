@@ -66,8 +66,10 @@ def machine():
 
 def commit():
     head = sh("git", "-C", ROOT, "rev-parse", "--short", "HEAD")
+    # The code that was measured; results and the README are rewritten by every run.
     dirty = sh("git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no", "--", "src",
-               "Cargo.toml", "bench")
+               "Cargo.toml", "Cargo.lock", "bench/run", "bench/suite.py", "bench/selection.rs",
+               "bench/benchkit")
     return head + ("+uncommitted changes" if dirty else "")
 
 

@@ -47,7 +47,7 @@ def balance_md(d):
            f"{s['pod_workers']} at a time; median of {s['reps']} runs)", "", when(d), "",
            "| workload | balancer | makespan s (range) | ideal s | efficiency | failed | "
            "p50 ms | p99 ms | utilisation | max in flight on a pod | cap violations |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     summ = d["data"]["summary"]
     for w in ["burst", "hetero", "trickle"]:
         for c, per in summ.items():
@@ -84,7 +84,7 @@ def overhead_md(d):
            "| proxy | req/s (range) | vs HAProxy | p50 ms | p99 ms (range) | p99 vs HAProxy | "
            "CPU s per 10k req | vs HAProxy | proxy CPU (cores) | non-2xx + socket errors | "
            "other processes (cores) |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c, r in res.items():
         rel = f"{r['rps'] / ha['rps']:.2f}×" if ha else "—"
         prel = f"{r['p99_ms'] / ha['p99_ms']:.2f}×" if ha else "—"

@@ -86,6 +86,10 @@ def profile(c, url, cpus, workdir, log):
          "--percent-limit", "1", "-g", "none"],
         capture_output=True, text=True, timeout=120)
     lines = [l.rstrip() for l in rep.stdout.splitlines() if l.strip() and not l.startswith("#")]
+    if not lines:
+        log(f"overhead: perf report printed no samples (exit {rep.returncode}): "
+            f"{rep.stderr.strip()[:300]}; no profile")
+        return None
     return "\n".join(lines[:40])
 
 

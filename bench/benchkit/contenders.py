@@ -13,7 +13,9 @@ per-request access log (lb-agent runs with RUST_LOG=warn, HAProxy without `log`,
   at random per connection (randfwd.py). It has no cap and no queue.
 """
 
+import json
 import os
+import socket
 import sys
 
 from .procs import BenchError, Proc, free_port, http_get_sync, wait_http_ok, wait_tcp
@@ -48,8 +50,6 @@ class FakePods:
             status, body = http_get_sync(ip, self.port, "/_stats")
             if status != 200:
                 raise BenchError(f"GET {ip}:{self.port}/_stats answered {status}")
-            import json
-
             out.append(json.loads(body))
         return out
 
@@ -173,8 +173,6 @@ backend pods
         wait_tcp(HOST, self.port, 10, self.proc)
 
     def queue_depth(self):
-        import socket
-
         with socket.socket(socket.AF_UNIX) as s:
             s.connect(self.sock)
             s.sendall(b"show stat\n")

@@ -1,17 +1,19 @@
 //! `lb-agent [-c PATH] [--check]` runs (or validates) the proxy; `lb-agent demo` shows its job
-//! on fake pods without a cluster.
+//! on fake pods without a cluster; `lb-agent fakepods …` serves fake pods (tests, bench/).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 const USAGE: &str = "usage: lb-agent [-c|--config PATH] [--check]
        lb-agent demo
+       lb-agent fakepods [--first IP] [--count N] [--port PORT] [--workers N]
 
   -c, --config PATH  config file (default: conf/config.yaml, then
                      /usr/local/services/ai-media/conf/config.yaml)
   --check            validate the config and exit (0: valid)
   demo               start fake pods on loopback, send a burst through lb-agent,
-                     print how the requests spread";
+                     print how the requests spread
+  fakepods           serve fake compute pods on IP, IP+1, … (see `lb-agent fakepods --help`)";
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
@@ -25,6 +27,7 @@ fn main() -> ExitCode {
             },
             "--check" => check = true,
             "demo" => return lb_agent::demo::run(),
+            "fakepods" => return lb_agent::fakepod::cli(args),
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return ExitCode::SUCCESS;

@@ -1,0 +1,1 @@
+"""Load-testing kit for lb-agent: processes, contenders, client, scenarios, report."""

@@ -1,0 +1,295 @@
+"""Renders bench/results/*.json into bench/results/latest.md, PNG plots, and the results
+section of bench/README.md (between the `results:begin` / `results:end` markers).
+
+Every number comes from the JSON a run wrote; nothing here adjusts or fills in values."""
+
+import json
+import os
+
+RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results")
+README = os.path.join(os.path.dirname(RESULTS), "README.md")
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+LABEL = {"lb-agent": "lb-agent", "haproxy": "HAProxy", "nginx": "NGINX OSS",
+         "random": "random (kube-proxy model)", "direct": "direct (no proxy)"}
+COLOR = {"lb-agent": "#d95f02", "haproxy": "#1b9e77", "nginx": "#7570b3", "random": "#999999",
+         "direct": "#444444"}
+
+
+def load(name):
+    path = os.path.join(RESULTS, f"{name}.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def f(v, fmt="{:.3f}", none="—"):
+    return none if v is None else fmt.format(v)
+
+
+def pct100(v):
+    return None if v is None else v * 100
+
+
+def when(d):
+    m = d["meta"]
+    others = ""
+    if "other_processes_cores_mean" in m:
+        others = (f"; processes outside the bench used {m['other_processes_cores_mean']:.2f} "
+                  f"cores on average, {m['other_processes_cores_peak']:.2f} at peak")
+    return (f"_Measured {m['finished']} (commit `{m['commit']}`, {m['seconds']} s), load average "
+            f"before {m['loadavg_before']}, after {m['loadavg_after']}{others}._")
+
+
+def balance_md(d):
+    s = d["data"]["setup"]
+    out = [f"### Balance quality ({s['pods']} pods × limit {s['limit']}, each pod works on "
+           f"{s['pod_workers']} at a time; median of {s['reps']} runs)", "", when(d), "",
+           "| workload | balancer | makespan s (range) | ideal s | efficiency | failed | "
+           "p50 ms | p99 ms | utilisation | max in flight on a pod | cap violations |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    summ = d["data"]["summary"]
+    for w in ["burst", "hetero", "trickle"]:
+        for c, per in summ.items():
+            r = per[w]
+            rng = r["makespan_range_s"]
+            capv = "no cap" if c == "random" else str(r["cap_violations"])
+            out.append(
+                f"| {w} | {LABEL[c]} | {r['makespan_s']:.3f} ({rng[0]:.3f}–{rng[1]:.3f}) | "
+                f"{r['ideal_makespan_s']:.3f} | {f(r['efficiency'])} | "
+                f"{r['failed']}/{r['requests']} | {f(r['p50_ms'], '{:.0f}')} | "
+                f"{f(r['p99_ms'], '{:.0f}')} | {r['utilisation']:.2f} | {r['max_inflight']} | "
+                f"{capv} |")
+    fifo = summ.get("lb-agent", {}).get("hetero", {}).get("fifo_makespan_s")
+    out += ["", "Workloads: **burst** 64 × 200 ms at once; **hetero** 64 requests at once, "
+            f"20–1500 ms (Σ {s['hetero_total_service_s']:.1f} s; ideal = lower bound "
+            "max(Σ/8, longest), which needs the service times in advance: a perfect FIFO "
+            "least-in-flight balancer, taking the requests in the order they were sent, "
+            f"would finish in {f(fifo)} s); **trickle** Poisson arrivals at 60 % of capacity for 6 s, "
+            "200 ms each (efficiency = Σ ideal latency / Σ measured latency). Efficiency is "
+            "left blank when requests failed. Utilisation = Σ service time / (8 slots × "
+            "makespan). Cap violations: pods whose own in-flight count went above the limit "
+            "(summed over runs).", ""]
+    return out
+
+
+def overhead_md(d):
+    s = d["data"]["setup"]
+    res = d["data"]["results"]
+    ha = res.get("haproxy")
+    out = [f"### Proxy overhead (wrk, 1 thread, {s['connections']} keep-alive connections, "
+           f"{s['duration_s']} s × {s['rounds']} rounds, median; one worker per proxy; proxy "
+           f"pinned to CPU {s['pinning']['proxy']}, wrk + backend to CPU {s['pinning']['load']})",
+           "", when(d), "",
+           "| proxy | req/s (range) | vs HAProxy | p50 ms | p99 ms (range) | p99 vs HAProxy | "
+           "CPU s per 10k req | vs HAProxy | proxy CPU (cores) | non-2xx + socket errors | "
+           "other processes (cores) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c, r in res.items():
+        rel = f"{r['rps'] / ha['rps']:.2f}×" if ha else "—"
+        prel = f"{r['p99_ms'] / ha['p99_ms']:.2f}×" if ha else "—"
+        crel = (f"{r['cpu_s_per_10k'] / ha['cpu_s_per_10k']:.2f}×"
+                if ha and r.get("cpu_s_per_10k") else "—")
+        out.append(
+            f"| {LABEL[c]} | {r['rps']:.0f} ({r['rps_range'][0]:.0f}–{r['rps_range'][1]:.0f}) | "
+            f"{rel} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} ({r['p99_range_ms'][0]:.2f}–"
+            f"{r['p99_range_ms'][1]:.2f}) | {prel} | {f(r.get('cpu_s_per_10k'))} | {crel} | "
+            f"{f(r.get('proxy_core_share'), '{:.2f}')} | {r['non_2xx'] + r['socket_errors']} | "
+            f"{r['other_cores']:.2f} |")
+    out += ["", "CPU per 10k requests is the proxy's own CPU (all its threads and processes) "
+            "from /proc/<pid>/stat. A proxy CPU near 1.00 core means the proxy was the "
+            "bottleneck; well below it, wrk or the backend (sharing the other core) was, and "
+            "the req/s of that proxy is a lower bound. Other processes: busy cores on the "
+            "machine not used by the proxy, the backend or wrk during the run (another build, "
+            "say); above ~0.1 the run was disturbed.", ""]
+    if d["data"].get("perf_lb_agent"):
+        out += ["<details><summary>perf profile of lb-agent under this load (top symbols, "
+                "self time)</summary>", "", "```", d["data"]["perf_lb_agent"], "```",
+                "</details>", ""]
+    return out
+
+
+def queue_md(d):
+    s = d["data"]["setup"]
+    out = [f"### Queue scale ({s['queued']} requests queued on {s['pods']} pods × limit "
+           f"{s['limit']} held busy)", "", when(d), "",
+           "| balancer | RSS before MiB | RSS with queue MiB | KiB per queued request | "
+           "of which the idle connection | idle CPU with queue (% of a core) | idle CPU "
+           "empty | time to fill s | drain s | "
+           "drain req/s | failed | max in flight on a pod |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c, r in d["data"]["results"].items():
+        out.append(
+            f"| {LABEL[c]} | {r['rss_before_kib'] / 1024:.1f} | {r['rss_queued_kib'] / 1024:.1f} "
+            f"| {r['kib_per_queued_request']:.2f} | {r['kib_per_idle_connection']:.2f} | "
+            f"{r['idle_core_share'] * 100:.2f} | {f(pct100(r.get('empty_idle_core_share')), '{:.2f}')} | "
+            f"{r['fill_s']:.1f} | {r['drain_s']:.2f} | {r['drain_rps']:.0f} | "
+            f"{r['failed']} | {max(r['max_inflight'])} |")
+    out += ["", "NGINX OSS has no queue (beyond `max_conns` it fails at once) and the random "
+            "model has none either, so neither is run here. Drain time runs from the first "
+            "blocker's response (slots free) to the last queued response; it includes the "
+            "Python client reading 10k responses.", ""]
+    return out
+
+
+def selection_md(d):
+    res = d["data"]["results"]
+    out = ["### Selection cost (criterion: one pick + release through `Balancer::acquire`, "
+           "limit 4)", "", when(d), "", "| pods | all idle µs | mixed load µs |",
+           "|---|---|---|"]
+    for n in d["data"]["setup"]["sizes"]:
+        out.append(f"| {n} | {res[f'idle/{n}']['mean_ns'] / 1000:.2f} | "
+                   f"{res[f'mixed/{n}']['mean_ns'] / 1000:.2f} |")
+    out += ["", "Mean of criterion's estimate. Mixed: pod i holds i mod 4 requests.", ""]
+    return out
+
+
+def targets_md(bal, ovh, que):
+    rows = []
+    if bal:
+        s = bal["data"]["summary"]
+        lb, ha = s["lb-agent"]["burst"]["efficiency"], s["haproxy"]["burst"]["efficiency"]
+        ok = lb is not None and lb >= 0.95 and (ha is None or lb >= ha)
+        rows.append(("burst efficiency ≥ 0.95 and ≥ HAProxy's",
+                     f"lb-agent {f(lb)}, HAProxy {f(ha)} (ratio {f(lb / ha if lb and ha else None, '{:.3f}')})",
+                     ok))
+    caps = []
+    if bal:
+        caps += [s["lb-agent"][w]["cap_violations"] for w in s["lb-agent"]]
+    if que and "lb-agent" in que["data"]["results"]:
+        caps.append(que["data"]["results"]["lb-agent"]["cap_violations"])
+    if caps:
+        rows.append(("zero cap violations (lb-agent, all runs)", f"{sum(caps)}", sum(caps) == 0))
+    if ovh and {"lb-agent", "haproxy"} <= ovh["data"]["results"].keys():
+        r = ovh["data"]["results"]
+        ratio = r["lb-agent"]["rps"] / r["haproxy"]["rps"]
+        rows.append(("one-thread throughput ≥ 1.0× HAProxy's", f"{ratio:.2f}×", ratio >= 1.0))
+        pr = r["lb-agent"]["p99_ms"] / r["haproxy"]["p99_ms"]
+        rows.append(("p99 ≤ HAProxy's", f"{r['lb-agent']['p99_ms']:.3f} ms vs "
+                     f"{r['haproxy']['p99_ms']:.3f} ms ({pr:.2f}×)", pr <= 1.0))
+    if que and "lb-agent" in que["data"]["results"]:
+        q = que["data"]["results"]["lb-agent"]
+        rows.append(("≤ 4 KiB RSS per queued request", f"{q['kib_per_queued_request']:.2f} KiB",
+                     q["kib_per_queued_request"] <= 4))
+        rows.append(("idle CPU ~0 with 10,000 queued (≤ 1 % of a core)",
+                     f"{q['idle_core_share'] * 100:.2f} % of a core", q["idle_core_share"] <= 0.01))
+    if not rows:
+        return []
+    out = ["### Targets", "", "| target | measured (lb-agent) | met |", "|---|---|---|"]
+    out += [f"| {t} | {m} | {'yes' if ok else '**no**'} |" for t, m, ok in rows]
+    return out + [""]
+
+
+def machine_md(m):
+    return ["### Machine", "", f"- {m['cpu']}, {m['cores']} cores, {m['mem_gib']:.0f} GiB; "
+            f"{m['kernel']}", f"- {m['tools']}", ""]
+
+
+def plots(bal, ovh, que):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    if bal:
+        s = bal["data"]["summary"]
+        wls = ["burst", "hetero", "trickle"]
+        fig, ax = plt.subplots(figsize=(8, 4))
+        width = 0.8 / len(s)
+        for i, (c, per) in enumerate(s.items()):
+            xs = [j + i * width for j in range(len(wls))]
+            vals = [per[w]["efficiency"] or 0 for w in wls]
+            bars = ax.bar(xs, vals, width, label=LABEL[c], color=COLOR[c])
+            for x, w, b in zip(xs, wls, bars):
+                if per[w]["efficiency"] is None:
+                    ax.text(x, 0.02, f"{per[w]['failed']}/{per[w]['requests']}\nfailed",
+                            ha="center", va="bottom", fontsize=7, rotation=90)
+                else:
+                    ax.text(x, b.get_height() + 0.01, f"{b.get_height():.2f}", ha="center",
+                            va="bottom", fontsize=7)
+        ax.axhline(1.0, color="black", lw=0.8, ls="--")
+        ax.set_xticks([j + width * (len(s) - 1) / 2 for j in range(len(wls))], wls)
+        ax.set_ylim(0, 1.15)
+        ax.set_ylabel("efficiency (ideal / measured)")
+        ax.set_title("Balance quality: 4 pods × limit 2 (higher is better, 1 = ideal)")
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(s),
+                  frameon=False)
+        fig.tight_layout()
+        fig.savefig(os.path.join(RESULTS, "balance.png"), dpi=110)
+        plt.close(fig)
+        made.append("balance.png")
+    if ovh:
+        r = ovh["data"]["results"]
+        names = list(r)
+        fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(11, 3.6))
+        for ax, key, title, fmt in (
+                (a1, "rps", "requests/s (higher is better)", "{:,.0f}"),
+                (a2, "p99_ms", "p99 latency ms (lower is better)", "{:.2f}"),
+                (a3, "cpu_s_per_10k", "CPU s per 10k requests (lower is better)", "{:.3f}")):
+            ns = [n for n in names if r[n].get(key) is not None]
+            bars = ax.bar([LABEL[n].split(" ")[0] for n in ns], [r[n][key] for n in ns],
+                          color=[COLOR[n] for n in ns])
+            for b in bars:
+                ax.text(b.get_x() + b.get_width() / 2, b.get_height(),
+                        fmt.format(b.get_height()), ha="center", va="bottom", fontsize=7)
+            ax.set_title(title, fontsize=9)
+            ax.tick_params(axis="x", labelsize=8)
+        fig.suptitle("Proxy overhead: tiny requests, one worker thread each", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(os.path.join(RESULTS, "overhead.png"), dpi=110)
+        plt.close(fig)
+        made.append("overhead.png")
+    if que:
+        r = que["data"]["results"]
+        names = list(r)
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3.4))
+        n = que["data"]["setup"]["queued"]
+        for ax, key, title in ((a1, "kib_per_queued_request", "KiB RSS per queued request"),
+                               (a2, "drain_s", f"drain time s ({n:,} queued, 16 slots)")):
+            bars = ax.bar([LABEL[n] for n in names], [r[n][key] for n in names],
+                          color=[COLOR[n] for n in names])
+            for b in bars:
+                ax.text(b.get_x() + b.get_width() / 2, b.get_height(), f"{b.get_height():.3g}",
+                        ha="center", va="bottom", fontsize=8)
+            ax.set_title(title, fontsize=9)
+        if "kib_per_queued_request" in r.get("lb-agent", {}):
+            a1.axhline(4, color="black", lw=0.8, ls="--")
+            a1.text(-0.4, 4, "target 4 KiB", va="bottom", fontsize=7)
+        fig.suptitle("Queue scale (lower is better)", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(os.path.join(RESULTS, "queue.png"), dpi=110)
+        plt.close(fig)
+        made.append("queue.png")
+    return made
+
+
+def render():
+    bal, ovh, que, sel = (load(n) for n in ("balance", "overhead", "queue", "selection"))
+    machine = load("machine")
+    pngs = plots(bal, ovh, que)
+    lines = []
+    lines += targets_md(bal, ovh, que)
+    if machine:
+        lines += machine_md(machine)
+    if bal:
+        lines += balance_md(bal) + ["![balance](results/balance.png)", ""]
+    if ovh:
+        lines += overhead_md(ovh) + ["![overhead](results/overhead.png)", ""]
+    if que:
+        lines += queue_md(que) + ["![queue](results/queue.png)", ""]
+    if sel:
+        lines += selection_md(sel)
+    body = "\n".join(lines)
+    with open(os.path.join(RESULTS, "latest.md"), "w") as fh:
+        fh.write("# lb-agent bench: latest results\n\n"
+                 + body.replace("](results/", "](") + "\n")
+    if os.path.exists(README):
+        with open(README) as fh:
+            text = fh.read()
+        if BEGIN in text and END in text:
+            head, rest = text.split(BEGIN, 1)
+            _, tail = rest.split(END, 1)
+            with open(README, "w") as fh:
+                fh.write(head + BEGIN + "\n" + body + "\n" + END + tail)
+    return pngs

@@ -1,0 +1,140 @@
+"""lb-agent bench suite: `python3 bench/suite.py [all|balance|overhead|queue|selection …]`.
+
+Normally started by `bash bench/run`, which installs the tools and builds lb-agent first.
+Each part writes bench/results/<part>.json; then the markdown table (results/latest.md, and
+the results section of bench/README.md) and the plots are rendered from every JSON present.
+"""
+
+import atexit
+import datetime
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from benchkit import balance, overhead, queue, report, selection  # noqa: E402
+from benchkit.contenders import LB_AGENT, ROOT  # noqa: E402
+from benchkit.procs import BenchError, OtherLoad, loadavg, stop_all  # noqa: E402
+
+PARTS = ["balance", "overhead", "queue", "selection"]
+NEEDS = {"balance": ["haproxy", "nginx"], "overhead": ["haproxy", "nginx", "wrk"],
+         "queue": ["haproxy"], "selection": ["cargo"]}
+
+
+def log(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def on_signal(signum, _frame):
+    raise SystemExit(f"bench: stopped by signal {signum}")
+
+
+def sh(*argv):
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+
+
+def machine():
+    cpu = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    with open("/proc/meminfo") as f:
+        mem_kib = int(f.readline().split()[1])
+    tools = "; ".join(x for x in [
+        sh("haproxy", "-v").splitlines()[0] if shutil.which("haproxy") else "",
+        sh("sh", "-c", "nginx -v 2>&1"),
+        sh("sh", "-c", "wrk -v 2>&1 | head -1"),
+        f"Python {platform.python_version()}",
+        sh("rustc", "--version"),
+    ] if x)
+    return {"cpu": cpu, "cores": os.cpu_count(), "mem_gib": mem_kib / 2**20,
+            "kernel": f"Linux {platform.release()}", "tools": tools}
+
+
+def commit():
+    head = sh("git", "-C", ROOT, "rev-parse", "--short", "HEAD")
+    # The code that was measured; results and the README are rewritten by every run.
+    dirty = sh("git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no", "--", "src",
+               "Cargo.toml", "Cargo.lock", "bench/run", "bench/suite.py", "bench/selection.rs",
+               "bench/benchkit")
+    return head + ("+uncommitted changes" if dirty else "")
+
+
+def main(argv):
+    parts = argv or ["all"]
+    if "all" in parts:
+        parts = PARTS
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        sys.exit(f"bench: unknown part(s) {unknown}; choose from all {' '.join(PARTS)}")
+    missing = sorted({t for p in parts for t in NEEDS[p] if not shutil.which(t)})
+    if missing:
+        sys.exit(f"bench: missing tools {missing}; run `bash bench/run`, which installs them")
+    if any(p != "selection" for p in parts) and not os.access(LB_AGENT, os.X_OK):
+        sys.exit(f"bench: {LB_AGENT} not found; run `cargo build --release` (bench/run does)")
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if "queue" in parts and hard < queue.N + 2000:
+        sys.exit(f"bench: the open-files limit is {hard}; the queue part needs {queue.N + 2000} "
+                 f"(raise it, e.g. `ulimit -Hn 65536` as root, or set BENCH_QUEUE_N lower)")
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    atexit.register(stop_all)
+    os.makedirs(report.RESULTS, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="lb-agent-bench-")
+    log(f"bench: parts {' '.join(parts)}; logs and configs in {work}; load average {loadavg()}")
+    with open(os.path.join(report.RESULTS, "machine.json"), "w") as f:
+        json.dump(machine(), f, indent=1)
+    reps = int(os.environ.get("BENCH_REPS", "3"))
+    for part in parts:
+        pdir = os.path.join(work, part)
+        os.makedirs(pdir)
+        started = datetime.datetime.now().astimezone()
+        before = loadavg()
+        log(f"== {part} (load average {before})")
+        others = OtherLoad()
+        try:
+            if part == "balance":
+                data = balance.run(pdir, reps, log)
+            elif part == "overhead":
+                data = overhead.run(pdir, log, with_perf=os.environ.get("BENCH_PERF", "1") == "1")
+            elif part == "queue":
+                data = queue.run(pdir, log)
+            else:
+                data = selection.run(pdir, log)
+        except BenchError as e:
+            stop_all()
+            sys.exit(f"bench: {part} failed: {e}\n(logs in {pdir})")
+        others_mean, others_peak = others.stop()
+        meta = {"started": started.isoformat(timespec="seconds"),
+                "finished": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                "seconds": round((datetime.datetime.now().astimezone() - started).total_seconds()),
+                "commit": commit(), "loadavg_before": before, "loadavg_after": loadavg(),
+                "other_processes_cores_mean": round(others_mean, 3),
+                "other_processes_cores_peak": round(others_peak, 3)}
+        with open(os.path.join(report.RESULTS, f"{part}.json"), "w") as f:
+            json.dump({"meta": meta, "data": data}, f, indent=1)
+        log(f"== {part} done in {meta['seconds']} s (load average {meta['loadavg_after']}; "
+            f"other processes used {others_mean:.2f} cores on average, {others_peak:.2f} at peak)")
+    pngs = report.render()
+    log(f"bench: wrote {os.path.relpath(report.RESULTS, ROOT)}/latest.md, "
+        f"{', '.join(pngs)} and the results section of bench/README.md")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

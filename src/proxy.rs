@@ -115,9 +115,12 @@ enum Refusal {
     ClientGone,
 }
 
-/// Completes when the client goes away; never completes otherwise. Reads a small request body
-/// into Pingora's retry buffer while doing so (Pingora replays it to the pod), because the close
-/// of a connection can only be seen by reading past the body.
+/// Completes when the client goes away; never completes otherwise.
+///
+/// * HTTP/2: the stream's reset (or the connection's end) is signalled directly.
+/// * HTTP/1.1 with no body or a small one: the body is read into Pingora's retry buffer (it is
+///   replayed to the pod), and reading past it sees the close.
+/// * HTTP/1.1 with a large or chunked body: the body stays unread and the TCP state is polled.
 async fn client_gone(session: &mut Session) {
     // HTTP/2 tells us directly (RST_STREAM, e.g. a cancelled gRPC call, or the connection
     // closing), without touching the request body, which then streams to the pod as usual.
@@ -513,5 +516,18 @@ fn outcome(ctx: &Ctx, e: Option<&Error>, status: u16) -> Outcome {
         Some(Refusal::Queue(QueueError::ShuttingDown)) => Outcome::ShuttingDown,
         None if e.is_some() || status >= 500 && ctx.pod.is_none() => Outcome::UpstreamError,
         None => Outcome::Ok,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::grpc_message;
+
+    #[test]
+    fn grpc_message_is_percent_encoded() {
+        assert_eq!(
+            grpc_message("queue full: 100% busy, ünïcode\n"),
+            "queue full: 100%25 busy, %C3%BCn%C3%AFcode"
+        );
     }
 }

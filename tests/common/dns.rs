@@ -15,6 +15,9 @@ use tokio::net::UdpSocket;
 #[derive(Debug, Clone)]
 pub enum Answer {
     Records(Vec<IpAddr>),
+    /// A different record set on every A query, cycling through the list: an answer that
+    /// never repeats, however fast or slow the resolver asks.
+    Alternating(Vec<Vec<IpAddr>>),
     NxDomain,
     ServFail,
 }
@@ -22,6 +25,8 @@ pub enum Answer {
 #[derive(Default)]
 struct Zone {
     names: HashMap<String, Answer>,
+    /// A queries answered per name (drives `Answer::Alternating`).
+    a_answered: HashMap<String, usize>,
     /// Queries seen per name.
     asked: HashMap<String, usize>,
 }
@@ -136,16 +141,26 @@ fn answer(zone: &Mutex<Zone>, q: &Message) -> Message {
     };
     r.add_query(query.clone());
     let name = query.name().clone();
-    let mode = zone
-        .lock()
-        .unwrap()
-        .names
-        .get(&key(&name.to_ascii()))
-        .cloned()
-        .unwrap_or(Answer::NxDomain);
+    let mode = {
+        let mut z = zone.lock().unwrap();
+        let k = key(&name.to_ascii());
+        let mode = z.names.get(&k).cloned().unwrap_or(Answer::NxDomain);
+        match mode {
+            Answer::Alternating(sets) if !sets.is_empty() => {
+                let n = z.a_answered.entry(k).or_default();
+                let set = sets[*n % sets.len()].clone();
+                if query.query_type() == RecordType::A {
+                    *n += 1;
+                }
+                Answer::Records(set)
+            }
+            other => other,
+        }
+    };
     match mode {
         Answer::NxDomain => r.metadata.response_code = ResponseCode::NXDomain,
         Answer::ServFail => r.metadata.response_code = ResponseCode::ServFail,
+        Answer::Alternating(_) => {}
         Answer::Records(ips) => {
             for ip in ips {
                 let rdata = match (ip, query.query_type()) {

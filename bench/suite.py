@@ -1,4 +1,4 @@
-"""lb-agent bench suite: `python3 bench/suite.py [all|balance|overhead|queue|selection …]`.
+"""lb-agent bench suite: `python3 bench/suite.py [all|balance|h2|overhead|queue|selection …]`.
 
 Normally started by `bash bench/run`, which installs the tools and builds lb-agent first.
 Each part writes bench/results/<part>.json; then the markdown table (results/latest.md, and
@@ -20,13 +20,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from benchkit import balance, overhead, queue, report, selection  # noqa: E402
+from benchkit import balance, h2, overhead, queue, report, selection  # noqa: E402
 from benchkit.contenders import LB_AGENT, ROOT  # noqa: E402
 from benchkit.procs import BenchError, OtherLoad, loadavg, stop_all  # noqa: E402
 
-PARTS = ["balance", "overhead", "queue", "selection"]
-NEEDS = {"balance": ["haproxy", "nginx"], "overhead": ["haproxy", "nginx", "wrk"],
-         "queue": ["haproxy"], "selection": ["cargo"]}
+PARTS = ["balance", "h2", "overhead", "queue", "selection"]
+NEEDS = {"balance": ["haproxy", "nginx"], "h2": ["haproxy", "nginx", "h2load"],
+         "overhead": ["haproxy", "nginx", "wrk"], "queue": ["haproxy"], "selection": ["cargo"]}
 
 
 def log(msg):
@@ -57,6 +57,7 @@ def machine():
         sh("haproxy", "-v").splitlines()[0] if shutil.which("haproxy") else "",
         sh("sh", "-c", "nginx -v 2>&1"),
         sh("sh", "-c", "wrk -v 2>&1 | head -1"),
+        sh("h2load", "--version") if shutil.which("h2load") else "",
         f"Python {platform.python_version()}",
         sh("rustc", "--version"),
     ] if x)
@@ -111,6 +112,8 @@ def main(argv):
         try:
             if part == "balance":
                 data = balance.run(pdir, reps, log)
+            elif part == "h2":
+                data = h2.run(pdir, int(os.environ.get("BENCH_H2_REPS", "2")), log)
             elif part == "overhead":
                 data = overhead.run(pdir, log, with_perf=os.environ.get("BENCH_PERF", "1") == "1")
             elif part == "queue":

@@ -11,6 +11,11 @@ per-request access log (lb-agent runs with RUST_LOG=warn, HAProxy without `log`,
   queue: when every server is at max_conns the request fails at once (502).
 * random: a model of kube-proxy's iptables mode, a TCP forwarder that picks a pod uniformly
   at random per connection (randfwd.py). It has no cap and no queue.
+
+With `h2c=True` the client side is cleartext HTTP/2 with prior knowledge (the pods stay
+HTTP/1.1): lb-agent's port speaks it anyway, HAProxy gets `bind … proto h2`, NGINX
+`listen … http2`. The random model forwards bytes, so its pods must speak HTTP/2 themselves:
+give it the addresses of an `H2cShim`.
 """
 
 import json
@@ -68,10 +73,12 @@ class Contender:
     has_queue = True
     has_cap = True
 
-    def __init__(self, workdir, pods, limit, max_waiting=1000, queue_timeout=30, cpus=None):
+    def __init__(self, workdir, pods, limit, max_waiting=1000, queue_timeout=30, cpus=None,
+                 h2c=False):
         self.workdir = os.path.join(workdir, self.name)
         os.makedirs(self.workdir, exist_ok=True)
         self.pods, self.limit = pods, limit
+        self.h2c = h2c
         self.max_waiting, self.queue_timeout = max_waiting, queue_timeout
         self.port = free_port()
         self.cpus = cpus
@@ -159,7 +166,7 @@ defaults
   timeout queue {self.queue_timeout}s
 
 frontend fe
-  bind {HOST}:{self.port}
+  bind {HOST}:{self.port}{" proto h2" if self.h2c else ""}
   maxconn {maxconn}
   default_backend pods
 
@@ -223,7 +230,7 @@ http {{
     keepalive_requests 1000000;
   }}
   server {{
-    listen {HOST}:{self.port};
+    listen {HOST}:{self.port}{" http2" if self.h2c else ""};
     location / {{
       proxy_pass http://pods;
       proxy_http_version 1.1;
@@ -249,6 +256,51 @@ class Random(Contender):
         self.proc = Proc(self.name, argv, os.path.join(self.workdir, "log"), cpus=self.cpus,
                          env={"PYTHONPATH": os.path.dirname(os.path.dirname(__file__))})
         wait_tcp(HOST, self.port, 10, self.proc)
+
+
+class H2cShim:
+    """Gives each HTTP/1.1 fake pod a cleartext HTTP/2 front door of its own, as a gRPC pod
+    would have: one HAProxy with one `proto h2` listener per pod, each passing every stream to
+    that pod alone, with no cap and no queue (each stream becomes one HTTP/1.1 request on its
+    own upstream connection, so the pod sees every stream the client sends it at once).
+
+    Only the random model needs it: a TCP forwarder passes the client's HTTP/2 bytes through
+    unchanged, so whatever it connects to must speak HTTP/2. `addrs[i]` is pod i's h2c door."""
+
+    def __init__(self, workdir, pods):
+        self.workdir = os.path.join(workdir, "h2c-shim")
+        os.makedirs(self.workdir, exist_ok=True)
+        self.ports = [free_port() for _ in pods]
+        self.addrs = [f"{HOST}:{p}" for p in self.ports]
+        doors = "".join(
+            f"""
+frontend pod{i}
+  bind {HOST}:{port} proto h2
+  default_backend pod{i}
+
+backend pod{i}
+  server pod{i} {pod}
+""" for i, (port, pod) in enumerate(zip(self.ports, pods)))
+        cfg = os.path.join(self.workdir, "haproxy.cfg")
+        with open(cfg, "w") as f:
+            f.write(f"""global
+  nbthread 1
+  maxconn 4000
+  no strict-limits
+
+defaults
+  mode http
+  timeout connect 2s
+  timeout client 120s
+  timeout server 120s
+{doors}""")
+        self.proc = Proc("h2c shim haproxy", ["haproxy", "-db", "-f", cfg],
+                         os.path.join(self.workdir, "log"))
+        for port in self.ports:
+            wait_tcp(HOST, port, 10, self.proc)
+
+    def stop(self):
+        self.proc.stop()
 
 
 class Backend:

@@ -28,6 +28,11 @@ def free_port(host="127.0.0.1"):
         return s.getsockname()[1]
 
 
+def die_with_bench():
+    """preexec_fn for a child: SIGTERM it when the bench dies (see the module docstring)."""
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class Proc:
     def __init__(self, name, argv, log_path, cpus=None, env=None, stdout_pipe=False):
         self.name = name
@@ -36,7 +41,7 @@ class Proc:
         log = open(log_path, "wb")
 
         def pre():
-            _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+            die_with_bench()
             if cpus is not None:
                 os.sched_setaffinity(0, cpus)
 

@@ -73,6 +73,44 @@ def balance_md(d):
     return out
 
 
+def per_pod(runs):
+    """Per-pod values of each run: `32·32·32·32` per run, runs separated by ` / `."""
+    return " / ".join("·".join(str(v) for v in run) for run in runs)
+
+
+def h2_md(d):
+    s = d["data"]["setup"]
+    summ = d["data"]["summary"]
+    out = [f"### HTTP/2: one client connection, {s['streams']} concurrent streams "
+           f"({s['pods']} pods × limit {s['limit']}, each pod works on {s['pod_workers']} at a "
+           f"time; median of {s['reps']} runs)", "", when(d), "",
+           "| balancer | makespan s (range) | ideal s | efficiency | failed | p50 ms | p99 ms | "
+           "requests per pod | max in flight per pod | cap violations |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for c, r in summ.items():
+        rng = r["makespan_range_s"]
+        capv = "no cap" if c == "random" else str(r["cap_violations"])
+        out.append(
+            f"| {LABEL[c]} | {r['makespan_s']:.3f} ({rng[0]:.3f}–{rng[1]:.3f}) | "
+            f"{r['ideal_makespan_s']:.3f} | {f(r['efficiency'])} | {r['failed']}/{r['requests']} "
+            f"| {f(r['p50_ms'], '{:.0f}')} | {f(r['p99_ms'], '{:.0f}')} | "
+            f"{per_pod(r['requests_per_pod'])} | {per_pod(r['max_inflight_per_pod'])} | {capv} |")
+    out += ["", f"`{s['client']} -m {s['streams']} -n {s['requests']}` on "
+            f"`http://…/work?ms={s['service_ms']}`: cleartext HTTP/2 with prior knowledge, one "
+            f"TCP connection keeping {s['streams']} streams open, {s['requests']} requests of "
+            f"{s['service_ms']} ms; the pods speak HTTP/1.1. Ideal = ceil({s['requests']} / "
+            f"{s['pods'] * s['limit']} slots) × {s['service_ms']} ms. Makespan: first stream "
+            "opened to last response, from h2load's per-request log; p50/p99: time of a stream "
+            "from its opening (the client keeps the streams open, so this includes the wait in "
+            "the balancer's queue). Failed: requests without a 2xx answer. Per-pod columns: each "
+            "pod's own counters (`/_stats`), pods 1·2·3·4, one group per run. Efficiency is left "
+            "blank when requests failed. The random model (kube-proxy) forwards the one TCP "
+            "connection to one pod, which must then speak HTTP/2 itself: there each pod sits "
+            "behind its own uncapped h2c → HTTP/1.1 door (one HAProxy listener per pod), so the "
+            "pod sees every stream the client sends it.", ""]
+    return out
+
+
 def overhead_md(d):
     s = d["data"]["setup"]
     res = d["data"]["results"]
@@ -144,7 +182,7 @@ def selection_md(d):
     return out
 
 
-def targets_md(bal, ovh, que):
+def targets_md(bal, ovh, que, h2=None):
     rows = []
     if bal:
         s = bal["data"]["summary"]
@@ -158,6 +196,8 @@ def targets_md(bal, ovh, que):
         caps += [s["lb-agent"][w]["cap_violations"] for w in s["lb-agent"]]
     if que and "lb-agent" in que["data"]["results"]:
         caps.append(que["data"]["results"]["lb-agent"]["cap_violations"])
+    if h2 and "lb-agent" in h2["data"]["summary"]:
+        caps.append(h2["data"]["summary"]["lb-agent"]["cap_violations"])
     if caps:
         rows.append(("zero cap violations (lb-agent, all runs)", f"{sum(caps)}", sum(caps) == 0))
     if ovh and {"lb-agent", "haproxy"} <= ovh["data"]["results"].keys():
@@ -185,7 +225,7 @@ def machine_md(m):
             f"{m['kernel']}", f"- {m['tools']}", ""]
 
 
-def plots(bal, ovh, que):
+def plots(bal, ovh, que, h2=None):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -219,6 +259,54 @@ def plots(bal, ovh, que):
         fig.savefig(os.path.join(RESULTS, "balance.png"), dpi=110)
         plt.close(fig)
         made.append("balance.png")
+    if h2:
+        s, setup = h2["data"]["summary"], h2["data"]["setup"]
+        names = list(s)
+        npods = setup["pods"]
+        fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(12, 3.8),
+                                         gridspec_kw={"width_ratios": [3, 3, 2]})
+        width = 0.8 / npods
+        for ax, key, title in (
+                (a1, "requests_per_pod", f"requests per pod (of {setup['requests']}), run 1"),
+                (a2, "max_inflight_per_pod", "max in flight on each pod, run 1")):
+            for i, c in enumerate(names):
+                vals = s[c][key][0]
+                xs = [i + (p - (npods - 1) / 2) * width for p in range(npods)]
+                bars = ax.bar(xs, vals, width * 0.9, color=COLOR[c])
+                for x, b in zip(xs, bars):
+                    ax.text(x, b.get_height(), str(int(b.get_height())), ha="center",
+                            va="bottom", fontsize=6)
+            ax.set_xticks(range(len(names)), [LABEL[c].split(" ")[0] for c in names], fontsize=8)
+            ax.set_title(title + " (bars: pods 1–4)", fontsize=9)
+        for i, c in enumerate(names):
+            failed = h2["data"]["runs"][c][0]["failed"]
+            if failed:
+                counts = s[c]["requests_per_pod"][0]
+                unseen = sum(counts) + failed == setup["requests"]
+                a1.text(i, max(counts) + setup["requests"] * 0.06,
+                        f"+ {failed} failed" + ("\n(never reached a pod)" if unseen else ""),
+                        ha="center", va="bottom", fontsize=7)
+        a2.axhline(setup["limit"], color="black", lw=0.8, ls="--")
+        a2.text(len(names) - 0.5, setup["limit"], f"limit {setup['limit']}", va="bottom",
+                ha="right", fontsize=7)
+        bars = a3.bar([LABEL[c].split(" ")[0] for c in names], [s[c]["makespan_s"] for c in names],
+                      color=[COLOR[c] for c in names])
+        for c, b in zip(names, bars):
+            note = (f"{s[c]['failed']}/{s[c]['requests']}\nfailed" if s[c]["failed"]
+                    else f"{b.get_height():.2f}")
+            a3.text(b.get_x() + b.get_width() / 2, b.get_height(), note, ha="center",
+                    va="bottom", fontsize=7)
+        ideal = s[names[0]]["ideal_makespan_s"]
+        a3.axhline(ideal, color="black", lw=0.8, ls="--")
+        a3.set_title(f"makespan s, median (dashed: ideal {ideal:.1f} s)", fontsize=9)
+        a3.tick_params(axis="x", labelsize=8)
+        fig.suptitle(f"HTTP/2: {setup['requests']} requests on ONE client connection "
+                     f"({setup['streams']} streams at a time), {npods} pods × limit "
+                     f"{setup['limit']}", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(os.path.join(RESULTS, "h2.png"), dpi=110)
+        plt.close(fig)
+        made.append("h2.png")
     if ovh:
         r = ovh["data"]["results"]
         names = list(r)
@@ -265,15 +353,18 @@ def plots(bal, ovh, que):
 
 
 def render():
-    bal, ovh, que, sel = (load(n) for n in ("balance", "overhead", "queue", "selection"))
+    bal, h2, ovh, que, sel = (load(n) for n in ("balance", "h2", "overhead", "queue",
+                                                "selection"))
     machine = load("machine")
-    pngs = plots(bal, ovh, que)
+    pngs = plots(bal, ovh, que, h2)
     lines = []
-    lines += targets_md(bal, ovh, que)
+    lines += targets_md(bal, ovh, que, h2)
     if machine:
         lines += machine_md(machine)
     if bal:
         lines += balance_md(bal) + ["![balance](results/balance.png)", ""]
+    if h2:
+        lines += h2_md(h2) + ["![h2](results/h2.png)", ""]
     if ovh:
         lines += overhead_md(ovh) + ["![overhead](results/overhead.png)", ""]
     if que:

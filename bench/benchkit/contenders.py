@@ -23,7 +23,8 @@ import os
 import socket
 import sys
 
-from .procs import BenchError, Proc, free_port, http_get_sync, wait_http_ok, wait_tcp
+from .procs import (BenchError, Proc, free_port, http_get_sync, read_all, wait_http_ok,
+                    wait_tcp)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LB_AGENT = os.environ.get("LB_AGENT_BIN", os.path.join(ROOT, "target", "release", "lb-agent"))
@@ -183,12 +184,7 @@ backend pods
         with socket.socket(socket.AF_UNIX) as s:
             s.connect(self.sock)
             s.sendall(b"show stat\n")
-            data = b""
-            while True:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
+            data = read_all(s)
         lines = data.decode().splitlines()
         cols = lines[0].lstrip("# ").split(",")
         q = cols.index("qcur")
@@ -200,6 +196,27 @@ backend pods
         return total
 
 
+def nginx_preamble(workdir, connections, extra=""):
+    """The start of an NGINX config shared by the contender and the overhead backend: one
+    worker, no daemon, every path under `workdir`, no access log, long keep-alive. The caller
+    appends its `upstream`/`server` blocks and closes the `http` block."""
+    w = workdir
+    return f"""worker_processes 1;
+daemon off;
+pid {w}/nginx.pid;
+error_log {w}/error.log warn;
+{extra}events {{ worker_connections {connections}; }}
+http {{
+  access_log off;
+  client_body_temp_path {w}/body;
+  proxy_temp_path {w}/proxy;
+  fastcgi_temp_path {w}/fastcgi;
+  uwsgi_temp_path {w}/uwsgi;
+  scgi_temp_path {w}/scgi;
+  keepalive_requests 1000000;
+"""
+
+
 class Nginx(Contender):
     name = "nginx"
     has_queue = False
@@ -209,21 +226,8 @@ class Nginx(Contender):
         w = self.workdir
         cfg = self.write(
             "nginx.conf",
-            f"""worker_processes 1;
-daemon off;
-pid {w}/nginx.pid;
-error_log {w}/error.log warn;
-worker_rlimit_nofile {os.sysconf('SC_OPEN_MAX')};
-events {{ worker_connections 20000; }}
-http {{
-  access_log off;
-  client_body_temp_path {w}/body;
-  proxy_temp_path {w}/proxy;
-  fastcgi_temp_path {w}/fastcgi;
-  uwsgi_temp_path {w}/uwsgi;
-  scgi_temp_path {w}/scgi;
-  keepalive_requests 1000000;
-  upstream pods {{
+            nginx_preamble(w, 20000, f"worker_rlimit_nofile {os.sysconf('SC_OPEN_MAX')};\n")
+            + f"""  upstream pods {{
     least_conn;
 {servers}
     keepalive 64;
@@ -313,20 +317,7 @@ class Backend:
         w = self.workdir
         cfg = os.path.join(w, "nginx.conf")
         with open(cfg, "w") as f:
-            f.write(f"""worker_processes 1;
-daemon off;
-pid {w}/nginx.pid;
-error_log {w}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  client_body_temp_path {w}/body;
-  proxy_temp_path {w}/proxy;
-  fastcgi_temp_path {w}/fastcgi;
-  uwsgi_temp_path {w}/uwsgi;
-  scgi_temp_path {w}/scgi;
-  keepalive_requests 1000000;
-  server {{
+            f.write(nginx_preamble(w, 4096) + f"""  server {{
     listen {ip}:{self.port};
     location / {{ return 200 "ok\\n"; }}
   }}

@@ -110,19 +110,39 @@ def tail(path, n=30):
         return ""
 
 
-def wait_tcp(host, port, timeout, proc=None):
+def wait_until(ready, timeout, proc, failure):
+    """Polls `ready()` (OSError counts as not ready) every 50 ms; raises BenchError(failure)
+    after `timeout` s, or at once if `proc` died meanwhile."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            with socket.create_connection((host, port), timeout=0.5):
+            if ready():
                 return
         except OSError:
             pass
         if proc is not None:
             proc.check_alive()
         if time.monotonic() > deadline:
-            raise BenchError(f"nothing listens on {host}:{port} after {timeout} s")
+            raise BenchError(failure)
         time.sleep(0.05)
+
+
+def wait_tcp(host, port, timeout, proc=None):
+    def connects():
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+
+    wait_until(connects, timeout, proc, f"nothing listens on {host}:{port} after {timeout} s")
+
+
+def read_all(sock):
+    """Everything the peer sends until it closes."""
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
 
 
 def http_get_sync(host, port, path, timeout=2.0, method="GET"):
@@ -132,30 +152,15 @@ def http_get_sync(host, port, path, timeout=2.0, method="GET"):
             f"{method} {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n"
             f"content-length: 0\r\n\r\n".encode()
         )
-        data = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+        data = read_all(s)
     head, _, body = data.partition(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
     return status, body.decode(errors="replace")
 
 
 def wait_http_ok(host, port, path, timeout, proc=None):
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if http_get_sync(host, port, path)[0] == 200:
-                return
-        except OSError:
-            pass
-        if proc is not None:
-            proc.check_alive()
-        if time.monotonic() > deadline:
-            raise BenchError(f"http://{host}:{port}{path} did not answer 200 within {timeout} s")
-        time.sleep(0.05)
+    wait_until(lambda: http_get_sync(host, port, path)[0] == 200, timeout, proc,
+               f"http://{host}:{port}{path} did not answer 200 within {timeout} s")
 
 
 def _children_map():

@@ -19,7 +19,7 @@ import random
 
 from . import contenders as C
 from .client import run_schedule
-from .stats import fcfs_on_slots, makespan_lower_bound, median, pct
+from .stats import fcfs_on_slots, makespan_lower_bound, median, pct, pod_figures
 
 PODS, LIMIT, WORKERS = 4, 2, 2
 SLOTS = PODS * LIMIT
@@ -72,7 +72,6 @@ def measure(contender, pods, name, schedule):
     else:
         eff = ideal_makespan / makespan
     lat = [r.latency * 1000 for r in ok]
-    work_ms = sum(s["work_ms"] for s in stats)
     statuses = {}
     for r in results:
         key = r.error.split(":")[0] if r.error else str(r.status)
@@ -86,11 +85,7 @@ def measure(contender, pods, name, schedule):
         "statuses": statuses,
         "p50_ms": pct(lat, 50),
         "p99_ms": pct(lat, 99),
-        "max_inflight": [s["max_inflight"] for s in stats],
-        "requests_per_pod": [s["started"] for s in stats],
-        "busy_ms": [s["busy_ms"] for s in stats],
-        "utilisation": work_ms / (SLOTS * makespan * 1000),
-        "cap_violations": sum(1 for s in stats if s["max_inflight"] > LIMIT),
+        **pod_figures(stats, LIMIT, SLOTS, makespan),
     }
 
 

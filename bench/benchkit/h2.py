@@ -30,7 +30,7 @@ import subprocess
 
 from . import contenders as C
 from .procs import BenchError, die_with_bench
-from .stats import median, pct
+from .stats import median, pct, pod_figures
 
 PODS, LIMIT, WORKERS = 4, 2, 2
 SLOTS = PODS * LIMIT
@@ -105,7 +105,6 @@ def measure(c, pods, wdir, rep):
         statuses[str(st)] = statuses.get(str(st), 0) + 1
     if len(rows) < N:
         statuses["not logged"] = N - len(rows)
-    work_ms = sum(s["work_ms"] for s in stats)
     return {
         "makespan_s": makespan,
         "ideal_makespan_s": ideal,
@@ -114,11 +113,7 @@ def measure(c, pods, wdir, rep):
         "statuses": statuses,
         "p50_ms": pct(ok, 50),
         "p99_ms": pct(ok, 99),
-        "requests_per_pod": [s["started"] for s in stats],
-        "max_inflight": [s["max_inflight"] for s in stats],
-        "busy_ms": [s["busy_ms"] for s in stats],
-        "utilisation": work_ms / (SLOTS * makespan * 1000),
-        "cap_violations": sum(1 for s in stats if s["max_inflight"] > LIMIT),
+        **pod_figures(stats, LIMIT, SLOTS, makespan),
         **summary,
     }
 

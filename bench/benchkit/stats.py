@@ -39,3 +39,17 @@ def makespan_lower_bound(services, slots):
     """No scheduler finishes a batch released at once sooner than this: the work spread evenly
     over every slot, or the longest single request."""
     return max(sum(services) / slots, max(services))
+
+
+def pod_figures(stats, limit, slots, makespan_s):
+    """What every balance-type part reports from the fake pods' own counters: the spread, the
+    highest in-flight count per pod, busy time, utilisation of all slots over the makespan, and
+    cap violations (pods whose own in-flight count went above `limit`)."""
+    work_ms = sum(s["work_ms"] for s in stats)
+    return {
+        "requests_per_pod": [s["started"] for s in stats],
+        "max_inflight": [s["max_inflight"] for s in stats],
+        "busy_ms": [s["busy_ms"] for s in stats],
+        "utilisation": work_ms / (slots * makespan_s * 1000),
+        "cap_violations": sum(1 for s in stats if s["max_inflight"] > limit),
+    }

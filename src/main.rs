@@ -23,7 +23,7 @@ fn main() -> ExitCode {
         match a.as_str() {
             "-c" | "--config" => match args.next() {
                 Some(p) => config_path = Some(PathBuf::from(p)),
-                None => return fail("-c needs a path"),
+                None => return usage_error("-c needs a path"),
             },
             "--check" => check = true,
             "demo" => return lb_agent::demo::run(),
@@ -32,7 +32,7 @@ fn main() -> ExitCode {
                 println!("{USAGE}");
                 return ExitCode::SUCCESS;
             }
-            other => return fail(&format!("unknown argument {other:?}")),
+            other => return usage_error(&format!("unknown argument {other:?}")),
         }
     }
     let (path, config) = match lb_agent::config::Config::locate(config_path.as_deref())
@@ -66,7 +66,15 @@ fn main() -> ExitCode {
     }
 }
 
-fn fail(msg: &str) -> ExitCode {
+/// A bad command line: the message, then the usage text (exit 2).
+fn usage_error(msg: &str) -> ExitCode {
     eprintln!("lb-agent: {msg}\n{USAGE}");
     ExitCode::from(2)
+}
+
+/// A runtime error (config, log file, listen address): one line that names the problem (exit 1).
+/// The usage text would suggest the arguments were wrong when they were not.
+fn fail(msg: &str) -> ExitCode {
+    eprintln!("lb-agent: {msg}");
+    ExitCode::FAILURE
 }

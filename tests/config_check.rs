@@ -66,3 +66,60 @@ fn missing_config_file_is_a_clear_error() {
         "{out}"
     );
 }
+
+/// Runs lb-agent with `args`, killed if it has not exited within 10 s; (exit status, stderr).
+fn run_bounded(args: &[&str]) -> (std::process::ExitStatus, String) {
+    let mut child = Command::new(common::bin())
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("lb-agent {args:?} still running after 10 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_runtime_error_is_one_line_naming_the_problem_without_the_usage_text() {
+    let dir = common::temp_dir("log-file-error");
+    // A directory where the log file should be: it cannot be opened for writing (also as root).
+    let log_file = dir.join("agent.log");
+    std::fs::create_dir_all(&log_file).unwrap();
+    let config = dir.join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen: 127.0.0.1:{}\nlog_file: {}\nroutes:\n  - {{uri: /a, limit: 1, endpoints: [\"127.0.0.1:1\"]}}\n",
+            common::free_port(),
+            log_file.display()
+        ),
+    )
+    .unwrap();
+    let (status, stderr) = run_bounded(&["-c", config.to_str().unwrap()]);
+    assert!(!status.success(), "{status:?}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line: {stderr:?}");
+    assert!(
+        lines[0].starts_with("lb-agent: log_file: cannot open")
+            && lines[0].contains(log_file.to_str().unwrap()),
+        "{stderr:?}"
+    );
+    assert!(!stderr.contains("usage"), "{stderr:?}");
+
+    // A bad argument still shows the usage.
+    let (status, stderr) = run_bounded(&["--bogus"]);
+    assert_eq!(status.code(), Some(2));
+    assert!(stderr.contains("unknown argument \"--bogus\"") && stderr.contains("usage:"));
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -72,6 +72,7 @@ struct FileConfig {
     #[serde(default)]
     queue: FileQueue,
     connect_timeout: Option<String>,
+    upstream_idle_timeout: Option<String>,
     max_attempts: Option<usize>,
     shutdown_grace: Option<String>,
     reload_interval: Option<String>,
@@ -132,6 +133,9 @@ pub struct Config {
     pub log_file: Option<PathBuf>,
     pub dns: DnsConfig,
     pub connect_timeout: Duration,
+    /// A kept-alive connection to a pod idle longer than this is closed rather than reused
+    /// (zero: never reused), so that a request is not sent on a connection the pod is closing.
+    pub upstream_idle_timeout: Duration,
     /// Attempts per request on connect failure (each on a different pod).
     pub max_attempts: usize,
     pub shutdown_grace: Duration,
@@ -278,6 +282,11 @@ fn yaml_error(e: serde_yaml::Error) -> ConfigError {
     ConfigError::new("", format!("{e}{location}"))
 }
 
+/// Default of `upstream_idle_timeout` (see its validation for the reasoning).
+pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Longer than any server keep-alive we know of: a larger value would only bring the race back.
+const MAX_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
 fn duration(
     field: &str,
     value: &Option<String>,
@@ -410,6 +419,24 @@ fn validate(f: FileConfig) -> Result<Config, ConfigError> {
             "must be greater than 0",
         ));
     }
+    // Below the shortest common server keep-alive timeouts (gunicorn 2s; Node.js and uvicorn
+    // 5s), so lb-agent drops an idle connection before the pod does: a request written on a
+    // connection the pod is closing at that moment fails, and is never re-sent (it may have
+    // started). A new connection costs one round trip, nothing beside a compute request.
+    let upstream_idle_timeout = duration(
+        "upstream_idle_timeout",
+        &f.upstream_idle_timeout,
+        DEFAULT_UPSTREAM_IDLE_TIMEOUT,
+    )?;
+    if upstream_idle_timeout > MAX_UPSTREAM_IDLE_TIMEOUT {
+        return Err(ConfigError::new(
+            "upstream_idle_timeout",
+            format!(
+                "must be at most {}s, and below the pods' own keep-alive timeout",
+                MAX_UPSTREAM_IDLE_TIMEOUT.as_secs()
+            ),
+        ));
+    }
     let max_attempts = f.max_attempts.unwrap_or(3);
     if max_attempts == 0 {
         return Err(ConfigError::new("max_attempts", "must be at least 1"));
@@ -442,6 +469,17 @@ fn validate(f: FileConfig) -> Result<Config, ConfigError> {
                 format!("{p}.uri"),
                 format!("{uri:?} must start with /"),
             ));
+        }
+        // Requests are routed by their normalised path, which such a uri can never equal.
+        match crate::route::normalize_path(&uri) {
+            Ok(n) if n == uri => {}
+            Ok(n) => {
+                return Err(ConfigError::new(
+                    format!("{p}.uri"),
+                    format!("{uri:?} is not a normalised path; write {n:?}"),
+                ))
+            }
+            Err(e) => return Err(ConfigError::new(format!("{p}.uri"), e.reason())),
         }
         let match_kind = match r.match_kind.as_deref() {
             None | Some("exact") => MatchKind::Exact,
@@ -525,6 +563,7 @@ fn validate(f: FileConfig) -> Result<Config, ConfigError> {
             .map(PathBuf::from),
         dns,
         connect_timeout,
+        upstream_idle_timeout,
         max_attempts,
         shutdown_grace,
         reload_interval,
@@ -704,6 +743,8 @@ routes:
             ("routes:\n  - {uri: /a, limit: 1, queue: {timeout: 0s}, endpoints: [\"127.0.0.1:1\"]}\n", "routes[0].queue.timeout"),
             ("listen: \"localhost\"\nroutes:\n  - {uri: /a, limit: 1, endpoints: [\"127.0.0.1:1\"]}\n", "listen:"),
             ("routes:\n  - {uri: /a, limit: 1}\n", "routes[0]: no target"),
+            ("upstream_idle_timeout: 10m\nroutes:\n  - {uri: /a, limit: 1, endpoints: [\"127.0.0.1:1\"]}\n", "upstream_idle_timeout: must be at most 300s"),
+            ("routes:\n  - {uri: /a//b, limit: 1, endpoints: [\"127.0.0.1:1\"]}\n", "routes[0].uri: \"/a//b\" is not a normalised path; write \"/a/b\""),
         ];
         for (text, want) in cases {
             let got = err(text);
@@ -739,6 +780,12 @@ routes:
             }
         );
         assert_eq!(c.routes[1].match_kind, MatchKind::Prefix);
+        assert_eq!(c.upstream_idle_timeout, DEFAULT_UPSTREAM_IDLE_TIMEOUT);
+        let never_reuse = Config::parse(
+            "upstream_idle_timeout: 0s\nroutes:\n  - {uri: /a, limit: 1, endpoints: [\"127.0.0.1:1\"]}\n",
+        )
+        .unwrap();
+        assert_eq!(never_reuse.upstream_idle_timeout, Duration::ZERO);
         assert_eq!(
             c.pools[0].target,
             Target::Dns {

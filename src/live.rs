@@ -96,6 +96,7 @@ fn route_table(config: &Config, pools: &[Arc<Balancer>]) -> Snapshot {
             balancer: Arc::clone(&pools[r.pool]),
             queue: r.queue,
             connect_timeout: config.connect_timeout,
+            upstream_idle_timeout: config.upstream_idle_timeout,
             protocol: r.protocol,
         })
     });
@@ -284,7 +285,9 @@ impl Live {
 
         {
             let mut applied = self.applied.lock().unwrap_or_else(|e| e.into_inner());
-            if applied.routes != config.routes || applied.connect_timeout != config.connect_timeout
+            if applied.routes != config.routes
+                || applied.connect_timeout != config.connect_timeout
+                || applied.upstream_idle_timeout != config.upstream_idle_timeout
             {
                 notes.push(format!("routes updated ({} routes)", config.routes.len()));
             }

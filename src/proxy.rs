@@ -30,6 +30,8 @@ pub struct RouteEntry {
     pub queue: QueuePolicy,
     pub connect_timeout: Duration,
     pub protocol: UpstreamProtocol,
+    /// A pooled connection to a pod idle longer than this is closed, not reused.
+    pub upstream_idle_timeout: Duration,
 }
 
 /// Seconds a refused client is told to wait before trying again.
@@ -74,6 +76,7 @@ pub enum Outcome {
     ClientGone,
     UpstreamError,
     ShuttingDown,
+    BadRequest,
 }
 
 impl Outcome {
@@ -86,6 +89,7 @@ impl Outcome {
             Outcome::ClientGone => "client_gone",
             Outcome::UpstreamError => "upstream_error",
             Outcome::ShuttingDown => "shutting_down",
+            Outcome::BadRequest => "bad_request",
         }
     }
 }
@@ -113,6 +117,7 @@ enum Refusal {
     NoRoute,
     Queue(QueueError),
     ClientGone,
+    BadRequest,
 }
 
 /// Completes when the client goes away; never completes otherwise.
@@ -216,6 +221,36 @@ async fn write_grpc_status(session: &mut Session, code: u32, message: &str) -> p
     session.write_response_header(Box::new(resp), true).await
 }
 
+/// Refuses what RFC 9112 requires a server to refuse, and normalises the path before routing
+/// (see [`crate::route::normalize_path`]). The normalised path is also what the pod receives, so
+/// the pod serves the path that was routed, whatever its own normalisation does.
+fn check_and_normalize(session: &mut Session) -> Result<(), String> {
+    let req = session.req_header();
+    // RFC 9112 §3.2: a server MUST respond 400 to an HTTP/1.1 request without exactly one Host.
+    // (HTTP/1.0 may omit it; HTTP/2 carries `:authority` instead.)
+    if req.version == http::Version::HTTP_11
+        && req.headers.get_all(http::header::HOST).iter().count() != 1
+    {
+        return Err("an HTTP/1.1 request needs exactly one Host header".into());
+    }
+    let path = req.uri.path();
+    let normalized = match crate::route::normalize_path(path) {
+        Ok(std::borrow::Cow::Borrowed(_)) => return Ok(()),
+        Ok(std::borrow::Cow::Owned(p)) => p,
+        Err(e) => return Err(e.reason().into()),
+    };
+    let target = match req.uri.query() {
+        Some(q) => format!("{normalized}?{q}"),
+        None => normalized,
+    };
+    // Scheme and authority stay (an HTTP/2 request carries them in its URI).
+    let mut parts = req.uri.clone().into_parts();
+    parts.path_and_query = Some(target.parse().map_err(|e| format!("invalid path: {e}"))?);
+    let uri = http::Uri::from_parts(parts).map_err(|e| format!("invalid path: {e}"))?;
+    session.req_header_mut().set_uri(uri);
+    Ok(())
+}
+
 fn is_grpc(session: &Session) -> bool {
     session
         .req_header()
@@ -259,6 +294,18 @@ impl ProxyHttp for LbProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
+        if let Err(reason) = check_and_normalize(session) {
+            ctx.refusal = Some(Refusal::BadRequest);
+            session.set_keepalive(None);
+            write_text(
+                session,
+                400,
+                format!("lb-agent: bad request: {reason}\n"),
+                false,
+            )
+            .await?;
+            return Ok(true);
+        }
         let path = session.req_header().uri.path().to_string();
         ctx.grpc = is_grpc(session);
         // The route found here stays with the request, whatever a config reload does meanwhile.
@@ -313,6 +360,7 @@ impl ProxyHttp for LbProxy {
                         Refusal::Queue(q) => q.reason(),
                         Refusal::ClientGone => "client went away while queued",
                         Refusal::NoRoute => "no route",
+                        Refusal::BadRequest => "bad request",
                     };
                     let mut e = Error::explain(ErrorType::HTTPStatus(503), reason);
                     e.set_retry(false);
@@ -332,6 +380,7 @@ impl ProxyHttp for LbProxy {
         }
         let mut peer = HttpPeer::new(slot.addr(), false, String::new());
         peer.options.connection_timeout = Some(route.connect_timeout);
+        peer.options.idle_timeout = Some(route.upstream_idle_timeout);
         if route.protocol == UpstreamProtocol::H2c {
             peer.options.set_http_version(2, 2);
             peer.options.max_h2_streams = H2_STREAMS_PER_CONNECTION;
@@ -379,6 +428,25 @@ impl ProxyHttp for LbProxy {
             slot.pool().report_connected(slot.addr());
         }
         Ok(())
+    }
+
+    /// Never re-sends a request that reached a pod. Pingora's default retries an idempotent
+    /// request when a *reused* connection fails (the pod may have closed it as the request left),
+    /// but the pod may also have read it and started the work: for compute pods a duplicate
+    /// doubles the cost, and the retry would land on the same pod anyway (the slot is kept).
+    /// Connect failures, where nothing was sent, are retried by [`Self::fail_to_connect`]; the
+    /// reuse race itself is avoided by `upstream_idle_timeout`.
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        _session: &mut Session,
+        e: Box<Error>,
+        _ctx: &mut Ctx,
+        _client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        e.set_retry(false);
+        e
     }
 
     fn fail_to_connect(
@@ -433,7 +501,10 @@ impl ProxyHttp for LbProxy {
                 "lb-agent: shutting down; retry on another instance\n".to_string(),
                 true,
             ),
-            Some(Refusal::Queue(QueueError::NoUntriedPod)) | None | Some(Refusal::NoRoute) => {
+            Some(Refusal::Queue(QueueError::NoUntriedPod))
+            | None
+            | Some(Refusal::NoRoute)
+            | Some(Refusal::BadRequest) => {
                 let code = match e.etype() {
                     ErrorType::HTTPStatus(c) => *c,
                     _ => match e.esource() {
@@ -514,6 +585,7 @@ fn outcome(ctx: &Ctx, e: Option<&Error>, status: u16) -> Outcome {
         Some(Refusal::ClientGone) => Outcome::ClientGone,
         Some(Refusal::Queue(QueueError::NoUntriedPod)) => Outcome::UpstreamError,
         Some(Refusal::Queue(QueueError::ShuttingDown)) => Outcome::ShuttingDown,
+        Some(Refusal::BadRequest) => Outcome::BadRequest,
         None if e.is_some() || status >= 500 && ctx.pod.is_none() => Outcome::UpstreamError,
         None => Outcome::Ok,
     }

@@ -130,3 +130,135 @@ fn manifests_dockerfile_and_config_agree() {
     assert!(docker.contains("cmake"), "the build stage installs cmake");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The Dockerfile split into stages: (the `FROM` line, the instructions after it, with
+/// continuation lines joined).
+fn docker_stages(text: &str) -> Vec<(String, Vec<String>)> {
+    let mut stages: Vec<(String, Vec<String>)> = Vec::new();
+    let mut current = String::new();
+    for line in text.lines().map(str::trim).filter(|l| !l.starts_with('#')) {
+        current.push_str(line.trim_end_matches('\\'));
+        current.push(' ');
+        if line.ends_with('\\') {
+            continue;
+        }
+        let instruction = std::mem::take(&mut current).trim().to_string();
+        if instruction.starts_with("FROM ") {
+            stages.push((instruction, Vec::new()));
+        } else if !instruction.is_empty() {
+            stages.last_mut().expect("FROM first").1.push(instruction);
+        }
+    }
+    stages
+}
+
+#[test]
+fn image_is_stripped_small_in_context_and_writable_where_it_logs() {
+    let docker = std::fs::read_to_string("Dockerfile").unwrap();
+    let stages = docker_stages(&docker);
+    let (build_from, build) = &stages[0];
+    let (_, runtime) = stages.last().unwrap();
+    assert!(build_from.ends_with(" AS build"), "{build_from}");
+
+    // The runtime stage ships the binary without debug info, split off in the build stage
+    // (which also keeps it, for profiling, in a stage of its own).
+    let copy_bin = runtime
+        .iter()
+        .find(|i| i.ends_with(" /usr/local/bin/lb-agent"))
+        .expect("the runtime stage copies the binary");
+    assert_eq!(
+        copy_bin,
+        "COPY --from=build /out/lb-agent /usr/local/bin/lb-agent"
+    );
+    let cargo = build
+        .iter()
+        .find(|i| i.contains("cargo build"))
+        .expect("a cargo build step");
+    assert!(
+        cargo.contains("objcopy --only-keep-debug target/release/lb-agent /out/lb-agent.debug")
+            && cargo.contains("objcopy --strip-debug")
+            && cargo.ends_with("target/release/lb-agent /out/lb-agent"),
+        "{cargo}"
+    );
+    assert!(
+        stages
+            .iter()
+            .any(|(from, steps)| from == "FROM scratch AS debug-symbols"
+                && steps == &["COPY --from=build /out/lb-agent.debug /"]),
+        "a debug-symbols stage exports the debug info"
+    );
+
+    // The directory of the shipped config's log_file (relative to WORKDIR, as the Go agent ran)
+    // exists, owned by 10001, with a mode that a tmpfs mounted there inherits and uid 10001 can
+    // write to (runc gives the tmpfs the directory's mode, not its owner).
+    let workdir = runtime
+        .iter()
+        .find_map(|i| i.strip_prefix("WORKDIR "))
+        .unwrap();
+    let config = load("conf/config.yaml");
+    let log_file = config["log_file"].as_str().unwrap();
+    let log_dir = std::path::Path::new(workdir)
+        .join(log_file)
+        .parent()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .replace("/./", "/");
+    assert_eq!(log_dir, "/usr/local/services/ai-media/logs");
+    let run = runtime
+        .iter()
+        .find(|i| i.starts_with("RUN ") && i.contains("useradd"))
+        .unwrap();
+    assert!(run.contains("--uid 10001 --gid 10001"), "{run}");
+    assert!(
+        run.contains(&format!("install -d -o 10001 -g 10001 -m 1777 {log_dir}")),
+        "{run}"
+    );
+    assert!(!docker.contains("ai-media/log "), "no unused log directory");
+    // Kubernetes mounts its emptyDir for logs at the same place.
+    let dep = load("k8s/deployment.yaml");
+    let mounts = dep["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .clone();
+    assert!(
+        mounts.iter().any(|m| m["mountPath"] == log_dir.as_str()),
+        "{mounts:?}"
+    );
+
+    // .dockerignore excludes everything (target/ above all) but what the Dockerfile copies.
+    let ignore = std::fs::read_to_string(".dockerignore").expect(".dockerignore exists");
+    let rules: Vec<&str> = ignore
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    assert_eq!(rules.first(), Some(&"*"), "everything is excluded first");
+    let included: Vec<&str> = rules.iter().filter_map(|r| r.strip_prefix('!')).collect();
+    for excluded in ["target", ".git", "bench", "logs", "tests"] {
+        assert!(
+            !included
+                .iter()
+                .any(|i| i.trim_end_matches('/') == excluded
+                    || i.starts_with(&format!("{excluded}/"))),
+            "{excluded} must stay out of the build context: {included:?}"
+        );
+    }
+    let sources: Vec<&str> = stages
+        .iter()
+        .flat_map(|(_, steps)| steps)
+        .filter(|i| i.starts_with("COPY ") && !i.contains("--from="))
+        .flat_map(|i| {
+            let words: Vec<&str> = i.split_whitespace().skip(1).collect();
+            words[..words.len() - 1].to_vec()
+        })
+        .collect();
+    assert!(sources.contains(&"src"), "{sources:?}");
+    for source in sources {
+        let source = source.trim_end_matches('/');
+        assert!(
+            included.contains(&source),
+            "COPY {source} is not in the build context: add !{source} to .dockerignore"
+        );
+    }
+}

@@ -501,3 +501,44 @@ async fn pipelined_requests_are_all_answered_in_order() {
     assert_eq!(pods[0].stats.max_inflight(), 1);
     assert_eq!(pods[0].stats.started(), 1 + 2 + 2 + 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slowloris_beyond_the_fd_limit_does_not_lock_out_normal_clients() {
+    let pods = start_pods(101, 1).await.unwrap();
+    let agent = agent_with("client: {header_timeout: 2s}\n", 1, &pods, "").await;
+    // The agent may hold 128 descriptors; 200 slow clients are more than it can accept.
+    let ok = std::process::Command::new("prlimit")
+        .arg(format!("--pid={}", agent.pid()))
+        .arg("--nofile=128:128")
+        .status()
+        .expect("prlimit (util-linux)")
+        .success();
+    assert!(ok, "prlimit failed");
+    let mut slow = Vec::new();
+    for _ in 0..200 {
+        let addr = agent.addr;
+        slow.push(tokio::spawn(async move {
+            let Ok(mut s) = TcpStream::connect(addr).await else {
+                return;
+            };
+            let start = Instant::now();
+            let _ = s.write_all(b"GET /work HTTP/1.1\r\nx-slow: ").await;
+            while start.elapsed() < Duration::from_secs(12) {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                if s.write_all(b"a").await.is_err() {
+                    return;
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(10), agent.get("/work?ms=1"))
+        .await
+        .expect("a normal client is served while slow clients hold every descriptor");
+    println!("normal client served after {:?}", started.elapsed());
+    assert_eq!(r.status, 200);
+    for t in slow {
+        t.await.unwrap();
+    }
+}

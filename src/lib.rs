@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod pool;
 pub mod proxy;
 pub mod reload;
+pub mod respond;
 pub mod route;
 pub mod selection;
 pub mod shutdown;

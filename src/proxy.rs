@@ -8,8 +8,6 @@
 //! whatever happens; a retry drops the old slot before taking the next one.
 
 use async_trait::async_trait;
-use bytes::Bytes;
-use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType};
@@ -21,6 +19,7 @@ use crate::config::{QueuePolicy, UpstreamProtocol};
 use crate::live::Live;
 use crate::metrics;
 use crate::pool::{QueueError, Slot};
+use crate::respond::{grpc_status, is_grpc, write_grpc_status, write_text};
 use crate::selection::Balancer;
 
 /// What a route resolves to at request time.
@@ -32,9 +31,6 @@ pub struct RouteEntry {
     pub protocol: UpstreamProtocol,
 }
 
-/// Seconds a refused client is told to wait before trying again.
-const RETRY_AFTER_SECS: u64 = 1;
-
 /// Bodies up to this size are read while the request waits in the queue, so that a client that
 /// goes away is noticed (and the body is replayed to the pod from Pingora's retry buffer).
 /// It is Pingora's retry-buffer size: a larger body could not be replayed.
@@ -44,14 +40,6 @@ const QUEUED_BODY_LIMIT: usize = 64 * 1024;
 /// so the pod's `limit` bounds the streams in use; this only decides when a second connection
 /// to the same pod is opened.
 const H2_STREAMS_PER_CONNECTION: usize = 100;
-
-/// gRPC status codes lb-agent answers with itself.
-mod grpc_status {
-    /// The call can be retried (queue full or timed out, no pod reachable, shutting down).
-    pub const UNAVAILABLE: u32 = 14;
-    /// No route for the method.
-    pub const UNIMPLEMENTED: u32 = 12;
-}
 
 pub struct LbProxy {
     live: Arc<Live>,
@@ -176,67 +164,6 @@ async fn connection_closed(session: &Session) {
             None => return std::future::pending().await,
         }
     }
-}
-
-fn text_response(code: u16, body: &str, retry_after: bool) -> pingora::Result<Box<ResponseHeader>> {
-    let mut resp = ResponseHeader::build(code, Some(4))?;
-    resp.insert_header("content-type", "text/plain; charset=utf-8")?;
-    resp.insert_header("content-length", body.len().to_string())?;
-    if retry_after {
-        resp.insert_header("retry-after", RETRY_AFTER_SECS.to_string())?;
-    }
-    resp.insert_header("server", "lb-agent")?;
-    Ok(Box::new(resp))
-}
-
-/// `grpc-message` is percent-encoded: printable ASCII except `%` goes as it is.
-fn grpc_message(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for b in text.trim_end().bytes() {
-        if (0x20..=0x7e).contains(&b) && b != b'%' {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-/// Refuses a gRPC call the way gRPC clients understand: a "trailers-only" response, HTTP 200
-/// with `grpc-status` and `grpc-message` in the one and only header block.
-async fn write_grpc_status(session: &mut Session, code: u32, message: &str) -> pingora::Result<()> {
-    let mut resp = ResponseHeader::build(200, Some(4))?;
-    resp.insert_header("content-type", "application/grpc")?;
-    resp.insert_header("grpc-status", code.to_string())?;
-    resp.insert_header("grpc-message", grpc_message(message))?;
-    if session.req_header().version < http::Version::HTTP_2 {
-        resp.insert_header("content-length", "0")?;
-    }
-    resp.insert_header("server", "lb-agent")?;
-    session.write_response_header(Box::new(resp), true).await
-}
-
-fn is_grpc(session: &Session) -> bool {
-    session
-        .req_header()
-        .headers
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"))
-}
-
-async fn write_text(
-    session: &mut Session,
-    code: u16,
-    body: String,
-    retry_after: bool,
-) -> pingora::Result<()> {
-    session
-        .write_response_header(text_response(code, &body, retry_after)?, false)
-        .await?;
-    session
-        .write_response_body(Some(Bytes::from(body)), true)
-        .await
 }
 
 #[async_trait]
@@ -516,18 +443,5 @@ fn outcome(ctx: &Ctx, e: Option<&Error>, status: u16) -> Outcome {
         Some(Refusal::Queue(QueueError::ShuttingDown)) => Outcome::ShuttingDown,
         None if e.is_some() || status >= 500 && ctx.pod.is_none() => Outcome::UpstreamError,
         None => Outcome::Ok,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::grpc_message;
-
-    #[test]
-    fn grpc_message_is_percent_encoded() {
-        assert_eq!(
-            grpc_message("queue full: 100% busy, ünïcode\n"),
-            "queue full: 100%25 busy, %C3%BCn%C3%AFcode"
-        );
     }
 }

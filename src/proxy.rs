@@ -19,7 +19,7 @@ use crate::config::{QueuePolicy, UpstreamProtocol};
 use crate::live::Live;
 use crate::metrics;
 use crate::pool::{QueueError, Slot};
-use crate::respond::{grpc_status, is_grpc, write_grpc_status, write_text};
+use crate::respond::{grpc_status, grpc_timeout, is_grpc, write_grpc_status, write_text};
 use crate::selection::Balancer;
 
 /// What a route resolves to at request time.
@@ -62,6 +62,7 @@ pub enum Outcome {
     ClientGone,
     UpstreamError,
     ShuttingDown,
+    DeadlineExceeded,
 }
 
 impl Outcome {
@@ -74,6 +75,7 @@ impl Outcome {
             Outcome::ClientGone => "client_gone",
             Outcome::UpstreamError => "upstream_error",
             Outcome::ShuttingDown => "shutting_down",
+            Outcome::DeadlineExceeded => "deadline_exceeded",
         }
     }
 }
@@ -94,6 +96,9 @@ pub struct Ctx {
     refusal: Option<Refusal>,
     /// A gRPC call: refusals are answered with a gRPC status, not an HTTP error.
     grpc: bool,
+    /// When the gRPC call's own deadline (`grpc-timeout`, counted from its arrival) passes: a
+    /// call is not started on a pod after it, and its queue wait ends there.
+    grpc_deadline: Option<tokio::time::Instant>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,6 +106,8 @@ enum Refusal {
     NoRoute,
     Queue(QueueError),
     ClientGone,
+    /// The gRPC call's deadline passed before it got a slot.
+    Deadline,
 }
 
 /// Completes when the client goes away; never completes otherwise.
@@ -182,12 +189,16 @@ impl ProxyHttp for LbProxy {
             deadline: None,
             refusal: None,
             grpc: false,
+            grpc_deadline: None,
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
         let path = session.req_header().uri.path().to_string();
         ctx.grpc = is_grpc(session);
+        if ctx.grpc {
+            ctx.grpc_deadline = grpc_timeout(session).map(|t| tokio::time::Instant::now() + t);
+        }
         // The route found here stays with the request, whatever a config reload does meanwhile.
         match self.live.snapshot().routes.lookup(&path) {
             Some(route) => {
@@ -216,9 +227,14 @@ impl ProxyHttp for LbProxy {
             return Error::e_explain(ErrorType::InternalError, "no route in context");
         };
         if ctx.slot.is_none() {
-            let deadline = *ctx
+            let queue_deadline = *ctx
                 .deadline
                 .get_or_insert_with(|| tokio::time::Instant::now() + route.queue.timeout);
+            // A gRPC call's deadline bounds its wait too: past it, the client has given up
+            // (or is about to), so the pod's work would be thrown away.
+            let deadline = ctx
+                .grpc_deadline
+                .map_or(queue_deadline, |d| d.min(queue_deadline));
             let waited_from = Instant::now();
             let result = {
                 let acquire = route.balancer.acquire(&route.queue, deadline, &ctx.tried);
@@ -232,6 +248,21 @@ impl ProxyHttp for LbProxy {
                 }
             };
             ctx.queue_wait += waited_from.elapsed();
+            let result = match result {
+                Err(Refusal::Queue(QueueError::Timeout)) if deadline < queue_deadline => {
+                    Err(Refusal::Deadline)
+                }
+                // A slot that came free at the deadline itself (or a retry after it) must not
+                // start the call: the deadline is checked once more with the slot in hand.
+                Ok(_)
+                    if ctx
+                        .grpc_deadline
+                        .is_some_and(|d| d <= tokio::time::Instant::now()) =>
+                {
+                    Err(Refusal::Deadline)
+                }
+                other => other,
+            };
             match result {
                 Ok(slot) => ctx.slot = Some(slot),
                 Err(refusal) => {
@@ -239,6 +270,7 @@ impl ProxyHttp for LbProxy {
                     let reason = match refusal {
                         Refusal::Queue(q) => q.reason(),
                         Refusal::ClientGone => "client went away while queued",
+                        Refusal::Deadline => "grpc-timeout passed while queued",
                         Refusal::NoRoute => "no route",
                     };
                     let mut e = Error::explain(ErrorType::HTTPStatus(503), reason);
@@ -360,6 +392,14 @@ impl ProxyHttp for LbProxy {
                 "lb-agent: shutting down; retry on another instance\n".to_string(),
                 true,
             ),
+            Some(Refusal::Deadline) => (
+                504,
+                format!(
+                    "lb-agent: deadline exceeded: the call's grpc-timeout passed after {} ms in the queue\n",
+                    ctx.queue_wait.as_millis()
+                ),
+                false,
+            ),
             Some(Refusal::Queue(QueueError::NoUntriedPod)) | None | Some(Refusal::NoRoute) => {
                 let code = match e.etype() {
                     ErrorType::HTTPStatus(c) => *c,
@@ -384,8 +424,15 @@ impl ProxyHttp for LbProxy {
         };
         if code > 0 && ctx.grpc {
             // Every refusal of a call that can go elsewhere is UNAVAILABLE, which gRPC clients
-            // retry; the HTTP status must be 200 for them to read it.
-            if let Err(err) = write_grpc_status(session, grpc_status::UNAVAILABLE, &body).await {
+            // retry; the HTTP status must be 200 for them to read it. A call whose own deadline
+            // passed is DEADLINE_EXCEEDED: a retry could not finish in time, and it is what the
+            // client reports itself when its timer fires first.
+            let status = if ctx.refusal == Some(Refusal::Deadline) {
+                grpc_status::DEADLINE_EXCEEDED
+            } else {
+                grpc_status::UNAVAILABLE
+            };
+            if let Err(err) = write_grpc_status(session, status, &body).await {
                 log::debug!("could not send the gRPC status: {err}");
             }
         } else if code > 0 {
@@ -397,6 +444,15 @@ impl ProxyHttp for LbProxy {
             error_code: code,
             can_reuse_downstream: false,
         }
+    }
+
+    /// Pingora logs every request that ends in `fail_to_proxy` at ERROR ("Fail to proxy").
+    /// lb-agent's own refusals are the queue doing its job, not faults: they are logged by
+    /// [`Self::logging`]'s request line at INFO, with their outcome. Failures to reach any pod
+    /// (`NoUntriedPod`, connect errors) and errors during proxying keep pingora's ERROR line.
+    fn suppress_error_log(&self, _session: &Session, ctx: &Ctx, _e: &Error) -> bool {
+        ctx.refusal
+            .is_some_and(|r| r != Refusal::Queue(QueueError::NoUntriedPod))
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
@@ -441,6 +497,7 @@ fn outcome(ctx: &Ctx, e: Option<&Error>, status: u16) -> Outcome {
         Some(Refusal::ClientGone) => Outcome::ClientGone,
         Some(Refusal::Queue(QueueError::NoUntriedPod)) => Outcome::UpstreamError,
         Some(Refusal::Queue(QueueError::ShuttingDown)) => Outcome::ShuttingDown,
+        Some(Refusal::Deadline) => Outcome::DeadlineExceeded,
         None if e.is_some() || status >= 500 && ctx.pod.is_none() => Outcome::UpstreamError,
         None => Outcome::Ok,
     }

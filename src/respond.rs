@@ -6,7 +6,9 @@
 
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
+use pingora::protocols::http::HttpTask;
 use pingora::proxy::Session;
+use std::time::Duration;
 
 /// Seconds a refused client is told to wait before trying again.
 const RETRY_AFTER_SECS: u64 = 1;
@@ -17,6 +19,8 @@ pub mod grpc_status {
     pub const UNAVAILABLE: u32 = 14;
     /// No route for the method.
     pub const UNIMPLEMENTED: u32 = 12;
+    /// The call's own deadline (`grpc-timeout`) passed while it waited for a slot.
+    pub const DEADLINE_EXCEEDED: u32 = 4;
 }
 
 fn text_response(code: u16, body: &str, retry_after: bool) -> pingora::Result<Box<ResponseHeader>> {
@@ -43,8 +47,14 @@ fn grpc_message(text: &str) -> String {
     out
 }
 
-/// Refuses a gRPC call the way gRPC clients understand: a "trailers-only" response, HTTP 200
-/// with `grpc-status` and `grpc-message` in the one and only header block.
+/// Refuses a gRPC call the way every gRPC client understands: a Trailers-Only response, HTTP
+/// 200 with `grpc-status` and `grpc-message` in one HEADERS frame that also ends the stream.
+///
+/// It has to be written as a response task: pingora's `Session::write_response_header` drops
+/// its `end` flag on HTTP/2 (the HEADERS frame goes out without END_STREAM), and the stream is
+/// then ended either by an empty DATA frame or, after `fail_to_proxy`, by a RST_STREAM
+/// (CANCEL). tonic reads the status from such a header block anyway; gRPC C-core (grpcio)
+/// follows the spec and reports UNKNOWN or CANCELLED instead.
 pub async fn write_grpc_status(
     session: &mut Session,
     code: u32,
@@ -58,7 +68,38 @@ pub async fn write_grpc_status(
         resp.insert_header("content-length", "0")?;
     }
     resp.insert_header("server", "lb-agent")?;
-    session.write_response_header(Box::new(resp), true).await
+    session
+        .write_response_tasks(vec![HttpTask::Header(Box::new(resp), true)])
+        .await
+        .map(|_| ())
+}
+
+/// The call's deadline from its `grpc-timeout` header: 1 to 8 digits and a unit (`H`, `M`,
+/// `S`, `m`, `u`, `n`). `None` when absent or malformed (the call then has no deadline here,
+/// as a gRPC server would treat it).
+pub fn grpc_timeout(session: &Session) -> Option<Duration> {
+    let v = session.req_header().headers.get("grpc-timeout")?;
+    parse_grpc_timeout(v.to_str().ok()?)
+}
+
+fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    if !v.is_ascii() {
+        return None;
+    }
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 pub fn is_grpc(session: &Session) -> bool {
@@ -86,7 +127,8 @@ pub async fn write_text(
 
 #[cfg(test)]
 mod tests {
-    use super::grpc_message;
+    use super::{grpc_message, parse_grpc_timeout};
+    use std::time::Duration;
 
     #[test]
     fn grpc_message_is_percent_encoded() {
@@ -94,5 +136,23 @@ mod tests {
             grpc_message("queue full: 100% busy, ünïcode\n"),
             "queue full: 100%25 busy, %C3%BCn%C3%AFcode"
         );
+    }
+
+    #[test]
+    fn grpc_timeout_follows_the_spec() {
+        assert_eq!(parse_grpc_timeout("500m"), Some(Duration::from_millis(500)));
+        assert_eq!(
+            parse_grpc_timeout("499953u"),
+            Some(Duration::from_micros(499_953))
+        );
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(
+            parse_grpc_timeout("99999999n"),
+            Some(Duration::from_nanos(99_999_999))
+        );
+        for bad in ["", "m", "123456789m", "5x", "-5m", "5 m", "5ms"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
+        }
     }
 }

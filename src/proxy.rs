@@ -19,7 +19,9 @@ use crate::config::{QueuePolicy, UpstreamProtocol};
 use crate::live::Live;
 use crate::metrics;
 use crate::pool::{QueueError, Slot};
-use crate::respond::{grpc_status, grpc_timeout, is_grpc, write_grpc_status, write_text};
+use crate::respond::{
+    format_grpc_timeout, grpc_status, grpc_timeout, is_grpc, write_grpc_status, write_text,
+};
 use crate::selection::Balancer;
 
 /// What a route resolves to at request time.
@@ -299,13 +301,21 @@ impl ProxyHttp for LbProxy {
     }
 
     /// Adds the client's address to `X-Forwarded-For`, as the Go agent's reverse proxy did: the
-    /// pods see lb-agent's address as the peer, and their logs want the real client.
+    /// pods see lb-agent's address as the peer, and their logs want the real client. Lowers a
+    /// gRPC call's `grpc-timeout` by the time it spent here.
     async fn upstream_request_filter(
         &self,
         session: &mut Session,
         upstream_request: &mut pingora::http::RequestHeader,
-        _ctx: &mut Ctx,
+        ctx: &mut Ctx,
     ) -> pingora::Result<()> {
+        // The pod is told the time the call has left, not the time it had when it reached
+        // lb-agent: after a queue wait, the unchanged grpc-timeout would let the pod work on
+        // past the moment the client gave up.
+        if let Some(deadline) = ctx.grpc_deadline {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            upstream_request.insert_header("grpc-timeout", format_grpc_timeout(left))?;
+        }
         let Some(client) = session
             .client_addr()
             .and_then(|a| a.as_inet())

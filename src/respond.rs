@@ -82,6 +82,25 @@ pub fn grpc_timeout(session: &Session) -> Option<Duration> {
     parse_grpc_timeout(v.to_str().ok()?)
 }
 
+/// A `grpc-timeout` value for `d`: the most precise unit whose count fits the spec's 8 digits,
+/// rounded down (a pod told slightly less time than is left stops no later than the client).
+pub fn format_grpc_timeout(d: Duration) -> String {
+    const MAX: u128 = 99_999_999;
+    let units = [
+        (d.as_nanos(), "n"),
+        (d.as_micros(), "u"),
+        (d.as_millis(), "m"),
+        (d.as_secs() as u128, "S"),
+        (d.as_secs() as u128 / 60, "M"),
+        (d.as_secs() as u128 / 3600, "H"),
+    ];
+    let (n, unit) = units
+        .into_iter()
+        .find(|(n, _)| *n <= MAX)
+        .unwrap_or((MAX, "H"));
+    format!("{n}{unit}")
+}
+
 fn parse_grpc_timeout(v: &str) -> Option<Duration> {
     if !v.is_ascii() {
         return None;
@@ -127,7 +146,7 @@ pub async fn write_text(
 
 #[cfg(test)]
 mod tests {
-    use super::{grpc_message, parse_grpc_timeout};
+    use super::{format_grpc_timeout, grpc_message, parse_grpc_timeout};
     use std::time::Duration;
 
     #[test]
@@ -153,6 +172,29 @@ mod tests {
         );
         for bad in ["", "m", "123456789m", "5x", "-5m", "5 m", "5ms"] {
             assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn grpc_timeout_is_written_in_at_most_eight_digits() {
+        assert_eq!(format_grpc_timeout(Duration::from_nanos(1_500)), "1500n");
+        assert_eq!(format_grpc_timeout(Duration::from_millis(499)), "499000u");
+        assert_eq!(format_grpc_timeout(Duration::from_secs(5)), "5000000u");
+        assert_eq!(
+            format_grpc_timeout(Duration::from_secs(30 * 60)),
+            "1800000m"
+        );
+        assert_eq!(
+            format_grpc_timeout(Duration::from_secs(400 * 3600)),
+            "1440000S"
+        );
+        assert_eq!(format_grpc_timeout(Duration::ZERO), "0n");
+        for d in [
+            Duration::from_micros(123_456_789),
+            Duration::from_secs(7 * 86_400),
+        ] {
+            let back = parse_grpc_timeout(&format_grpc_timeout(d)).unwrap();
+            assert!(back <= d && d - back < d / 1000, "{d:?} -> {back:?}");
         }
     }
 }

@@ -441,3 +441,54 @@ async fn a_call_whose_deadline_passes_while_queued_never_reaches_a_pod() {
         "{metrics}"
     );
 }
+
+/// The pod is told the time a call has left after its queue wait, not the `grpc-timeout` it
+/// arrived with: otherwise it works on after the client has given up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_pod_gets_the_time_left_after_the_queue_wait() {
+    let pods = start_grpc_pods(121, 1).await;
+    let agent = Agent::start(&grpc_route(&pods, 1, "{timeout: 30s}")).await;
+    let client = connect(agent.addr).await;
+    let ch = client.channel.clone();
+    let long = tokio::spawn(async move { unary(ch, RUN, "1000", "long").await });
+    eventually(SECS, "pod busy", || async { pods[0].stats.inflight() == 1 }).await;
+    // Queued for about 1 s, with 5 s to live.
+    let reply = raw_call(agent.addr, RUN, "1", "queued", "5S").await;
+    assert_eq!(reply.grpc_status.as_deref(), Some("0"), "{reply:?}");
+    long.await.unwrap().unwrap();
+    // Not queued.
+    let reply = raw_call(agent.addr, RUN, "1", "direct", "5S").await;
+    assert_eq!(reply.grpc_status.as_deref(), Some("0"), "{reply:?}");
+
+    let seen = pods[0].deadlines.lock().unwrap().clone();
+    let left = |id: &str| {
+        let (_, v) = seen.iter().find(|(i, _)| i == id).expect("call seen");
+        parse_grpc_timeout(v).unwrap_or_else(|| panic!("bad grpc-timeout {v:?}"))
+    };
+    println!("grpc-timeout at the pod: {seen:?}");
+    let queued = left("queued");
+    assert!(
+        queued > Duration::from_millis(3000) && queued <= Duration::from_millis(4200),
+        "queued ~1 s of 5 s, the pod was given {queued:?}"
+    );
+    let direct = left("direct");
+    assert!(
+        direct > Duration::from_millis(4500) && direct <= Duration::from_secs(5),
+        "the pod was given {direct:?}"
+    );
+}
+
+/// `grpc-timeout` as the spec writes it (digits and a unit), for reading what a pod got.
+fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    let (n, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = n.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}

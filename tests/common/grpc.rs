@@ -23,7 +23,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
@@ -92,10 +92,14 @@ impl Drop for InFlight {
     }
 }
 
+/// `(x-req-id, grpc-timeout)` of each call that carried a `grpc-timeout`, in arrival order.
+pub type Deadlines = Arc<Mutex<Vec<(String, String)>>>;
+
 #[derive(Clone)]
 struct WorkService {
     ip: IpAddr,
     stats: Arc<PodStats>,
+    deadlines: Deadlines,
 }
 
 impl NamedService for WorkService {
@@ -125,6 +129,11 @@ impl UnaryService<Bytes> for Run {
         let svc = self.0.clone();
         Box::pin(async move {
             let _busy = InFlight::enter(&svc.stats, req_id(&req));
+            if let Some(t) = req.metadata().get("grpc-timeout") {
+                let id = req_id(&req).unwrap_or_default();
+                let t = t.to_str().unwrap_or_default().to_string();
+                svc.deadlines.lock().unwrap().push((id, t));
+            }
             // The delay is the first word; the rest is padding (a large request message).
             let ms: u64 = text(req.get_ref())
                 .split_whitespace()
@@ -211,6 +220,8 @@ impl tower::Service<http::Request<tonic::body::Body>> for WorkService {
 pub struct GrpcPod {
     pub addr: SocketAddr,
     pub stats: Arc<PodStats>,
+    /// The `grpc-timeout` each `Run` call arrived with.
+    pub deadlines: Deadlines,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -232,9 +243,11 @@ pub async fn start_grpc_pods(first: u8, n: usize) -> Vec<GrpcPod> {
         let addr = listener.local_addr().unwrap();
         port = addr.port();
         let stats = Arc::new(PodStats::default());
+        let deadlines = Deadlines::default();
         let svc = WorkService {
             ip,
             stats: Arc::clone(&stats),
+            deadlines: Arc::clone(&deadlines),
         };
         let task = tokio::spawn(async move {
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
@@ -243,7 +256,12 @@ pub async fn start_grpc_pods(first: u8, n: usize) -> Vec<GrpcPod> {
                 .serve_with_incoming(incoming)
                 .await;
         });
-        pods.push(GrpcPod { addr, stats, task });
+        pods.push(GrpcPod {
+            addr,
+            stats,
+            deadlines,
+            task,
+        });
     }
     pods
 }

@@ -396,6 +396,7 @@ async fn a_call_whose_deadline_passes_while_queued_never_reaches_a_pod() {
     let sent = std::time::Instant::now();
     let reply = raw_call(agent.addr, RUN, "10", "deadline-raw", "300m").await;
     let answered = sent.elapsed();
+    println!("grpc-timeout 300m, queued: {reply:?} after {answered:?}");
     assert_eq!(reply.grpc_status.as_deref(), Some("4"), "{reply:?}");
     assert!(
         reply

@@ -76,7 +76,18 @@ struct FileConfig {
     shutdown_grace: Option<String>,
     reload_interval: Option<String>,
     #[serde(default)]
+    client: FileClient,
+    #[serde(default)]
     routes: Vec<FileRoute>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileClient {
+    header_timeout: Option<String>,
+    keepalive_timeout: Option<String>,
+    timeout: Option<String>,
+    max_header_size: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -115,6 +126,7 @@ struct FileRoute {
     endpoints: Option<Vec<String>>,
     queue: Option<FileQueue>,
     protocol: Option<String>,
+    client_abort: Option<String>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -137,6 +149,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// How often the config file is checked for changes (zero: only on SIGHUP).
     pub reload_interval: Duration,
+    /// What a client connection may cost before it is closed (slow, idle or oversized).
+    pub client: ClientLimits,
     pub routes: Vec<RouteConfig>,
     /// One entry per distinct target; routes refer to it by index.
     pub pools: Vec<PoolConfig>,
@@ -162,6 +176,45 @@ impl Default for DnsConfig {
             unstable_retry: Duration::from_secs(10),
         }
     }
+}
+
+/// Bounds on what one client connection may hold: the defaults follow NGINX
+/// (`client_header_timeout 60s`, `keepalive_timeout 75s`, `send_timeout 60s`,
+/// `large_client_header_buffers 4 8k`), so a slow or idle client costs a bounded amount of time
+/// and memory and cannot pin a pod's slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientLimits {
+    /// From the first byte of a request (or the connection's start) to the end of its header.
+    pub header_timeout: Duration,
+    /// How long a kept-alive connection may sit idle between requests.
+    pub keepalive_timeout: Duration,
+    /// How long a write to the client may make no progress (a client that stops reading).
+    pub timeout: Duration,
+    /// Largest request header (request line and all fields) accepted; larger gets 431.
+    pub max_header_size: usize,
+}
+
+impl Default for ClientLimits {
+    fn default() -> Self {
+        Self {
+            header_timeout: Duration::from_secs(60),
+            keepalive_timeout: Duration::from_secs(75),
+            timeout: Duration::from_secs(60),
+            max_header_size: 32 * 1024,
+        }
+    }
+}
+
+/// What happens to a request already sent to a pod when its client goes away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ClientAbort {
+    /// The pod's exchange runs to its end (its response is read and dropped) and only then is
+    /// the slot freed: a compute pod usually keeps working after its client left.
+    #[default]
+    Finish,
+    /// The connection to the pod is closed and the slot freed at once: for pods that stop
+    /// working when their client disconnects.
+    Cancel,
 }
 
 /// How long and how many requests may wait when every pod of a pool is full.
@@ -202,6 +255,7 @@ pub struct RouteConfig {
     pub pool: usize,
     pub queue: QueuePolicy,
     pub protocol: UpstreamProtocol,
+    pub client_abort: ClientAbort,
 }
 
 /// Where a pool's pods come from.
@@ -421,6 +475,8 @@ fn validate(f: FileConfig) -> Result<Config, ConfigError> {
         Duration::from_secs(2),
     )?;
 
+    let client = client_limits(&f.client)?;
+
     if f.routes.is_empty() {
         return Err(ConfigError::new("routes", "at least one route is required"));
     }
@@ -475,6 +531,16 @@ fn validate(f: FileConfig) -> Result<Config, ConfigError> {
                 ))
             }
         };
+        let client_abort = match r.client_abort.as_deref() {
+            None | Some("finish") => ClientAbort::Finish,
+            Some("cancel") => ClientAbort::Cancel,
+            Some(other) => {
+                return Err(ConfigError::new(
+                    format!("{p}.client_abort"),
+                    format!("{other:?} is not one of: finish, cancel"),
+                ))
+            }
+        };
         let target = route_target(&p, r, &cluster_domain)?;
         let queue = match &r.queue {
             Some(q) => queue_policy(&format!("{p}.queue"), q, queue)?,
@@ -511,6 +577,7 @@ fn validate(f: FileConfig) -> Result<Config, ConfigError> {
             pool,
             queue,
             protocol,
+            client_abort,
         });
     }
 
@@ -528,9 +595,56 @@ fn validate(f: FileConfig) -> Result<Config, ConfigError> {
         max_attempts,
         shutdown_grace,
         reload_interval,
+        client,
         routes,
         pools,
     })
+}
+
+/// Longest any client timeout may be: a day is already far past any sane setting, and the bound
+/// keeps `Instant + timeout` from overflowing.
+const MAX_CLIENT_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+/// Largest `client.max_header_size`: Pingora itself refuses headers above 1 MiB.
+const MAX_HEADER_SIZE_BOUND: usize = 1024 * 1024;
+
+/// Smallest `client.max_header_size`: a request line and a Host field must fit.
+const MIN_HEADER_SIZE_BOUND: usize = 1024;
+
+fn client_limits(f: &FileClient) -> Result<ClientLimits, ConfigError> {
+    let d = ClientLimits::default();
+    let limits = ClientLimits {
+        header_timeout: duration("client.header_timeout", &f.header_timeout, d.header_timeout)?,
+        keepalive_timeout: duration(
+            "client.keepalive_timeout",
+            &f.keepalive_timeout,
+            d.keepalive_timeout,
+        )?,
+        timeout: duration("client.timeout", &f.timeout, d.timeout)?,
+        max_header_size: f.max_header_size.unwrap_or(d.max_header_size),
+    };
+    for (field, value) in [
+        ("client.header_timeout", limits.header_timeout),
+        ("client.keepalive_timeout", limits.keepalive_timeout),
+        ("client.timeout", limits.timeout),
+    ] {
+        if value.is_zero() || value > MAX_CLIENT_TIMEOUT {
+            return Err(ConfigError::new(
+                field,
+                format!("must be greater than 0 and at most 24h (got {value:?})"),
+            ));
+        }
+    }
+    if !(MIN_HEADER_SIZE_BOUND..=MAX_HEADER_SIZE_BOUND).contains(&limits.max_header_size) {
+        return Err(ConfigError::new(
+            "client.max_header_size",
+            format!(
+                "must be between {MIN_HEADER_SIZE_BOUND} and {MAX_HEADER_SIZE_BOUND} bytes (got {})",
+                limits.max_header_size
+            ),
+        ));
+    }
+    Ok(limits)
 }
 
 /// Works out where a route's pods come from. Exactly one of: `endpoints`, `host`,

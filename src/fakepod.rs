@@ -4,7 +4,8 @@
 //! distinct loopback addresses (127.0.1.1, 127.0.1.2, …), like real pods behind a Service.
 //!
 //! Each request sleeps for `?ms=N` (or the `x-delay-ms` header, default 0) and answers
-//! `200` with the body `pod=<ip> request=<method> <path?query> body_bytes=<n>`. The pod records
+//! `200` with the body `pod=<ip> request=<method> <path?query> body_bytes=<n>`, padded with
+//! dots to `?bytes=N` bytes if asked (a large result). The pod records
 //! its in-flight count, the highest in-flight count it ever saw, how many requests started and
 //! finished, its busy time (wall time with at least one request in flight), its work time (the
 //! sum of the service times it worked through), and the `x-req-id` of each request in the order
@@ -249,6 +250,8 @@ struct Request {
     req_id: Option<String>,
     close: bool,
     content_length: usize,
+    /// `?bytes=N`: pad the response body to at least N bytes.
+    pad: usize,
 }
 
 fn parse_head(head: &str) -> Option<Request> {
@@ -261,6 +264,7 @@ fn parse_head(head: &str) -> Option<Request> {
     let mut req_id = None;
     let mut close = version == "HTTP/1.0";
     let mut content_length = 0;
+    let mut pad = 0;
     for line in lines {
         let Some((name, value)) = line.split_once(':') else {
             continue;
@@ -279,6 +283,9 @@ fn parse_head(head: &str) -> Option<Request> {
         if let Some(v) = pair.strip_prefix("ms=") {
             delay_ms = v.parse().unwrap_or(delay_ms);
         }
+        if let Some(v) = pair.strip_prefix("bytes=") {
+            pad = v.parse().unwrap_or(pad);
+        }
     }
     Some(Request {
         method: method.clone(),
@@ -291,6 +298,7 @@ fn parse_head(head: &str) -> Option<Request> {
         req_id,
         close,
         content_length,
+        pad,
     })
 }
 
@@ -366,11 +374,15 @@ async fn serve(
         };
         stats.end(worked);
 
-        let body = format!(
+        let mut body = format!(
             "pod={} request={} body_bytes={body_len}\n",
             addr.ip(),
             req.target
         );
+        // `?bytes=N`: a response at least N bytes long (a large result).
+        if body.len() < req.pad {
+            body.push_str(&".".repeat(req.pad - body.len()));
+        }
         write_response(&mut conn, addr.ip(), "text/plain", &body, req.close).await?;
         if req.close {
             return Ok(());

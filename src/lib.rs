@@ -8,11 +8,13 @@
 //! parses arguments and calls it. The routes and pools in force live in [`live::Live`], which
 //! [`reload`] swaps when the config file changes.
 
+pub mod abandoned;
 pub mod admin;
 pub mod config;
 pub mod demo;
 pub mod discovery;
 pub mod fakepod;
+pub mod front;
 pub mod live;
 pub mod loadgen;
 pub mod logging;
@@ -27,7 +29,7 @@ pub mod shutdown;
 
 use pingora::apps::HttpServerOptions;
 use pingora::protocols::http::v2::server::default_h2_options;
-use pingora::proxy::http_proxy_service;
+use pingora::proxy::http_proxy;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server};
 use pingora::services::background::background_service;
@@ -103,15 +105,17 @@ pub fn build_server(config: &Config, config_path: Option<&Path>) -> Result<Agent
         ),
     ));
 
-    let mut proxy = http_proxy_service(
+    let mut app = http_proxy(
         &server.configuration,
-        LbProxy::new(Arc::clone(&live), config.max_attempts),
+        LbProxy::new(Arc::clone(&live), config.max_attempts, config.client),
     );
     // HTTP/1.1 and cleartext HTTP/2 (prior knowledge, what gRPC clients use in a cluster) on
     // the same port: Pingora looks for the HTTP/2 preface on each new connection.
-    if let Some(app) = proxy.app_logic_mut() {
+    {
         let mut options = HttpServerOptions::default();
         options.h2c = true;
+        // An HTTP/2 connection with no stream open is closed like an idle kept-alive one.
+        options.h2_idle_timeout = Some(config.client.keepalive_timeout);
         app.server_options = Some(options);
         // A queued call is an open stream whose request body waits unread (so a reset can still
         // take it out of the queue). Unread bodies hold HTTP/2 flow-control window; with the
@@ -123,8 +127,14 @@ pub fn build_server(config: &Config, config_path: Option<&Path>) -> Result<Agent
         h2.max_concurrent_streams(H2_STREAMS_PER_CLIENT_CONNECTION);
         h2.initial_window_size(H2_STREAM_WINDOW);
         h2.initial_connection_window_size(H2_STREAMS_PER_CLIENT_CONNECTION * H2_STREAM_WINDOW);
+        // The same bound on a request's header fields as HTTP/1.1 gets.
+        h2.max_header_list_size(config.client.max_header_size as u32);
         app.h2_options = Some(h2);
     }
+    let mut proxy = Service::new(
+        "lb-agent proxy".to_string(),
+        front::Front::new(app, config.client),
+    );
     proxy.add_tcp(&config.listen);
     server.add_service(proxy);
 

@@ -69,6 +69,9 @@ fn restart_only(a: &Config, b: &Config) -> Vec<&'static str> {
     if a.max_attempts != b.max_attempts {
         changed.push("max_attempts");
     }
+    if a.client != b.client {
+        changed.push("client");
+    }
     if a.shutdown_grace != b.shutdown_grace {
         changed.push("shutdown_grace");
     }
@@ -97,6 +100,7 @@ fn route_table(config: &Config, pools: &[Arc<Balancer>]) -> Snapshot {
             queue: r.queue,
             connect_timeout: config.connect_timeout,
             protocol: r.protocol,
+            client_abort: r.client_abort,
         })
     });
     Snapshot {

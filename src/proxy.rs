@@ -15,7 +15,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::config::{QueuePolicy, UpstreamProtocol};
+use crate::abandoned::{self, UpstreamSocket};
+use crate::config::{ClientAbort, ClientLimits, QueuePolicy, UpstreamProtocol};
+use crate::front;
 use crate::live::Live;
 use crate::metrics;
 use crate::pool::{QueueError, Slot};
@@ -31,6 +33,7 @@ pub struct RouteEntry {
     pub queue: QueuePolicy,
     pub connect_timeout: Duration,
     pub protocol: UpstreamProtocol,
+    pub client_abort: ClientAbort,
 }
 
 /// Bodies up to this size are read while the request waits in the queue, so that a client that
@@ -46,11 +49,16 @@ const H2_STREAMS_PER_CONNECTION: usize = 100;
 pub struct LbProxy {
     live: Arc<Live>,
     max_attempts: usize,
+    client: ClientLimits,
 }
 
 impl LbProxy {
-    pub fn new(live: Arc<Live>, max_attempts: usize) -> Self {
-        Self { live, max_attempts }
+    pub fn new(live: Arc<Live>, max_attempts: usize, client: ClientLimits) -> Self {
+        Self {
+            live,
+            max_attempts,
+            client,
+        }
     }
 }
 
@@ -101,6 +109,9 @@ pub struct Ctx {
     /// When the gRPC call's own deadline (`grpc-timeout`, counted from its arrival) passes: a
     /// call is not started on a pod after it, and its queue wait ends there.
     grpc_deadline: Option<tokio::time::Instant>,
+    /// The pod connection of this attempt, kept so that a request whose client leaves can be
+    /// finished on the pod before its slot is freed (`client_abort: finish`).
+    upstream_socket: Option<UpstreamSocket>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,17 +144,29 @@ async fn client_gone(session: &mut Session) {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<usize>().ok())
             .is_some_and(|n| n <= QUEUED_BODY_LIMIT);
+    let socket = session
+        .as_downstream()
+        .digest()
+        .and_then(|d| d.socket_digest.clone());
     if !fits {
         // A large or chunked body cannot be buffered for replay: leave it unread and watch the
         // socket's TCP state instead (the kernel knows about a FIN or RST behind unread data).
-        return connection_closed(session).await;
+        return connection_closed(socket).await;
     }
     session.as_mut().enable_retry_buffering();
-    loop {
-        let done = session.as_mut().is_body_done();
-        if session.as_mut().read_body_or_idle(done).await.is_err() {
-            return;
+    let read = async {
+        loop {
+            let done = session.as_mut().is_body_done();
+            if session.as_mut().read_body_or_idle(done).await.is_err() {
+                return;
+            }
         }
+    };
+    // Reading past the body sees the close, unless the client pipelined its next request:
+    // Pingora keeps those bytes for it and stops reading, and the TCP state tells instead.
+    tokio::select! {
+        _ = read => {}
+        _ = connection_closed(socket) => {}
     }
 }
 
@@ -152,15 +175,11 @@ const CLOSE_CHECK_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Completes once the client's TCP connection is closed or half-closed (it sent FIN or RST);
 /// never completes if the state cannot be read.
-async fn connection_closed(session: &Session) {
+async fn connection_closed(socket: Option<Arc<pingora::protocols::SocketDigest>>) {
     // Linux TCP states (include/net/tcp_states.h).
     const TCP_CLOSE: u8 = 7;
     const TCP_CLOSE_WAIT: u8 = 8;
-    let Some(socket) = session
-        .as_downstream()
-        .digest()
-        .and_then(|d| d.socket_digest.clone())
-    else {
+    let Some(socket) = socket else {
         return std::future::pending().await;
     };
     loop {
@@ -192,7 +211,21 @@ impl ProxyHttp for LbProxy {
             refusal: None,
             grpc: false,
             grpc_deadline: None,
+            upstream_socket: None,
         }
+    }
+
+    /// The request head is in: from here the `client` limits that apply are the read and write
+    /// timeouts (a client that stops reading its response must not hold a slot forever).
+    async fn early_request_filter(
+        &self,
+        session: &mut Session,
+        _ctx: &mut Ctx,
+    ) -> pingora::Result<()> {
+        front::request_started(session);
+        session.set_read_timeout(Some(self.client.timeout));
+        session.set_write_timeout(Some(self.client.timeout));
+        Ok(())
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
@@ -347,6 +380,20 @@ impl ProxyHttp for LbProxy {
         if let Some(slot) = &ctx.slot {
             slot.pool().report_connected(slot.addr());
         }
+        // An HTTP/2 connection to a pod carries other calls too; only an HTTP/1.1 connection
+        // belongs to this request alone and can be finished on its own.
+        ctx.upstream_socket = match &ctx.route {
+            Some(r)
+                if r.client_abort == ClientAbort::Finish
+                    && r.protocol == UpstreamProtocol::Http1 =>
+            {
+                #[cfg(unix)]
+                {
+                    UpstreamSocket::dup(_fd)
+                }
+            }
+            _ => None,
+        };
         Ok(())
     }
 
@@ -468,6 +515,13 @@ impl ProxyHttp for LbProxy {
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let outcome = outcome(ctx, e, status);
+        if outcome == Outcome::ClientGone {
+            // The client left a request the pod was working on: the pod's exchange runs to
+            // its end and only then is the slot freed (`client_abort: finish`).
+            if let (Some(socket), Some(slot)) = (ctx.upstream_socket.take(), ctx.slot.take()) {
+                abandoned::finish(socket, slot);
+            }
+        }
         let route = ctx.route.as_ref().map_or("-", |r| r.uri.as_str());
         if let Some(m) = metrics::get() {
             // Unrouted requests share the label "-": request paths must not become labels.
@@ -508,6 +562,8 @@ fn outcome(ctx: &Ctx, e: Option<&Error>, status: u16) -> Outcome {
         Some(Refusal::Queue(QueueError::NoUntriedPod)) => Outcome::UpstreamError,
         Some(Refusal::Queue(QueueError::ShuttingDown)) => Outcome::ShuttingDown,
         Some(Refusal::Deadline) => Outcome::DeadlineExceeded,
+        // The client closed, reset its stream, or stopped reading past `client.timeout`.
+        None if e.is_some_and(|e| *e.esource() == ErrorSource::Downstream) => Outcome::ClientGone,
         None if e.is_some() || status >= 500 && ctx.pod.is_none() => Outcome::UpstreamError,
         None => Outcome::Ok,
     }

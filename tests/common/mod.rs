@@ -103,6 +103,11 @@ impl Agent {
     }
 
     /// Sends SIGTERM.
+    /// The agent's process id (for reading its memory use from /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn terminate(&self) {
         let ok = Command::new("kill")
             .arg("-TERM")

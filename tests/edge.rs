@@ -1,0 +1,544 @@
+//! Hostile and impatient clients, judged from the pods' side: a client that gives up must not
+//! free a slot its pod is still working on, a client that stops reading must not pin slots,
+//! slow or oversized request heads are cut off, idle connections are closed, and pipelined
+//! requests are all answered in order.
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::Empty;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const SECS: Duration = Duration::from_secs(15);
+
+/// How long the impatient clients wait before giving up, and how long the pod works.
+const PATIENCE: Duration = Duration::from_millis(500);
+const WORK_MS: u64 = 3000;
+
+/// A route `/work` over `pods` with `limit` and extra route settings `extra` (e.g.
+/// `client_abort: cancel`).
+async fn agent_with(top: &str, limit: usize, pods: &[FakePod], extra: &str) -> Agent {
+    Agent::start(&format!(
+        "{top}routes:\n  - {{uri: /work, limit: {limit}, endpoints: {}{extra}}}\n",
+        endpoints(pods)
+    ))
+    .await
+}
+
+/// One impatient HTTP/1.1 client on a raw socket: sends the request, gives up after
+/// `PATIENCE` and closes the connection.
+async fn impatient_raw(addr: SocketAddr, path: &str) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let r = tokio::time::timeout(PATIENCE, s.read(&mut buf)).await;
+    assert!(r.is_err(), "no answer expected before the client gives up");
+}
+
+/// One impatient HTTP/1.1 client with hyper: the request future is dropped after `PATIENCE`.
+async fn impatient_hyper(addr: SocketAddr, path: &str) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = http::Request::get(path)
+        .header("host", "x")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let r = tokio::time::timeout(PATIENCE, sender.send_request(req)).await;
+    assert!(r.is_err(), "no answer expected before the client gives up");
+    drop(sender);
+    conn.abort();
+}
+
+/// Six clients one after the other, each giving up after 0.5 s on a 3 s request, half with
+/// raw sockets and half with hyper.
+async fn six_impatient_http1_clients(addr: SocketAddr) {
+    for i in 0..6 {
+        let path = format!("/work?ms={WORK_MS}&i={i}");
+        if i % 2 == 0 {
+            impatient_raw(addr, &path).await;
+        } else {
+            impatient_hyper(addr, &path).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_impatient_http1_client_never_puts_a_pod_over_its_limit() {
+    let pods = start_pods(1, 1).await.unwrap();
+    let agent = agent_with("", 1, &pods, "").await;
+    six_impatient_http1_clients(agent.addr).await;
+    // The pod is still working on the first request; its slot is still taken.
+    assert_eq!(pods[0].stats.inflight(), 1);
+    assert_eq!(
+        agent.inflight().await,
+        1,
+        "the abandoned request keeps its slot"
+    );
+    eventually(SECS, "pod finished", || async {
+        pods[0].stats.inflight() == 0 && agent.inflight().await == 0
+    })
+    .await;
+    println!(
+        "pod max in flight {} after {} requests started",
+        pods[0].stats.max_inflight(),
+        pods[0].stats.started()
+    );
+    assert_eq!(
+        pods[0].stats.max_inflight(),
+        1,
+        "the pod never ran more than its limit"
+    );
+    // The slot came back: the next request is served.
+    assert_eq!(agent.get("/work?ms=1").await.status, 200);
+    assert!(
+        agent.log().contains("outcome=client_gone"),
+        "{}",
+        agent.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_impatient_h2c_client_never_puts_a_pod_over_its_limit() {
+    let pods = start_pods(11, 1).await.unwrap();
+    let agent = agent_with("", 1, &pods, "").await;
+    let tcp = TcpStream::connect(agent.addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("h2c handshake");
+    tokio::spawn(conn);
+    // Six calls on one connection, each reset (RST_STREAM) after 0.5 s.
+    for i in 0..6 {
+        let mut sender = sender.clone();
+        let req = http::Request::get(format!("http://x/work?ms={WORK_MS}&i={i}"))
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let r = tokio::time::timeout(PATIENCE, sender.send_request(req)).await;
+        assert!(r.is_err(), "no answer expected before the client gives up");
+    }
+    eventually(SECS, "pod finished", || async {
+        pods[0].stats.inflight() == 0 && agent.inflight().await == 0
+    })
+    .await;
+    assert_eq!(
+        pods[0].stats.max_inflight(),
+        1,
+        "the pod never ran more than its limit"
+    );
+    assert_eq!(agent.get("/work?ms=1").await.status, 200);
+    let metrics = loadgen::get(agent.admin, "/metrics", &[])
+        .await
+        .unwrap()
+        .body;
+    assert!(
+        metrics.contains("lb_requests_total{outcome=\"client_gone\",route=\"/work\"} 6"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn client_abort_cancel_frees_the_slot_at_once() {
+    let pods = start_pods(21, 1).await.unwrap();
+    let agent = agent_with("", 1, &pods, ", client_abort: cancel").await;
+    six_impatient_http1_clients(agent.addr).await;
+    eventually(SECS, "pod finished", || async {
+        pods[0].stats.inflight() == 0 && agent.inflight().await == 0
+    })
+    .await;
+    // The fake pod goes on working after its connection closed, as a compute pod does: with
+    // `cancel` each client's departure let the next request in.
+    assert!(
+        pods[0].stats.max_inflight() >= 2,
+        "cancel frees the slot when the client leaves: {}",
+        pods[0].stats.max_inflight()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_h2c_client_with_a_zero_window_does_not_pin_slots() {
+    let pods = start_pods(31, 2).await.unwrap();
+    let agent = agent_with(
+        "client: {timeout: 1s}\nqueue: {timeout: 10s}\n",
+        1,
+        &pods,
+        "",
+    )
+    .await;
+    let tcp = TcpStream::connect(agent.addr).await.unwrap();
+    let (mut client, conn) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    // Two calls whose responses can never be sent: both pods answer, lb-agent cannot pass
+    // the bodies on.
+    let mut held = Vec::new();
+    for i in 0..2 {
+        let req = http::Request::get(format!("http://x/work?ms=1&i={i}"))
+            .body(())
+            .unwrap();
+        let (resp, _) = client.send_request(req, true).unwrap();
+        held.push(resp);
+    }
+    eventually(SECS, "both pods answered", || async {
+        pods.iter().map(|p| p.stats.finished()).sum::<usize>() == 2
+    })
+    .await;
+    // After client.timeout the stuck responses are given up and the slots come back.
+    let started = Instant::now();
+    let r = agent.get("/work?ms=1").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    println!("served after {:?}", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(8));
+    assert!(pods.iter().all(|p| p.stats.max_inflight() == 1));
+    drop(held);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_http1_client_that_never_reads_does_not_pin_a_slot() {
+    let pods = start_pods(41, 1).await.unwrap();
+    let agent = agent_with(
+        "client: {timeout: 1s}\nqueue: {timeout: 10s}\n",
+        1,
+        &pods,
+        "",
+    )
+    .await;
+    // A 32 MB answer to a client that never reads: more than the socket buffers hold.
+    let mut stuck = TcpStream::connect(agent.addr).await.unwrap();
+    stuck
+        .write_all(b"GET /work?ms=1&bytes=33554432 HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    eventually(SECS, "pod answered", || async {
+        pods[0].stats.finished() == 1
+    })
+    .await;
+    let started = Instant::now();
+    let r = agent.get("/work?ms=1").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(started.elapsed() < Duration::from_secs(8));
+    assert_eq!(pods[0].stats.max_inflight(), 1);
+    drop(stuck);
+}
+
+/// Reads until the peer closes (or resets) the connection; how long that took.
+async fn time_to_close(s: &mut TcpStream, within: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at(
+            tokio::time::Instant::from_std(start + within),
+            s.read(&mut buf),
+        )
+        .await
+        {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(start.elapsed()),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slowloris_connections_are_closed_and_others_served() {
+    let pods = start_pods(51, 1).await.unwrap();
+    let agent = agent_with("client: {header_timeout: 2s}\n", 1, &pods, "").await;
+    // 40 connections dribbling a request head at 5 bytes a second, and one that sends only
+    // two bytes (less than the HTTP/2 preface lb-agent looks for).
+    let mut tasks = Vec::new();
+    for i in 0..41 {
+        let addr = agent.addr;
+        tasks.push(tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            let start = Instant::now();
+            if i == 40 {
+                s.write_all(b"GE").await.unwrap();
+                return time_to_close(&mut s, Duration::from_secs(10)).await;
+            }
+            s.write_all(b"GET /work HTTP/1.1\r\nhost: x\r\nx-slow: ")
+                .await
+                .unwrap();
+            while start.elapsed() < Duration::from_secs(10) {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if s.write_all(b"a").await.is_err() {
+                    return Some(start.elapsed());
+                }
+                let mut buf = [0u8; 256];
+                if let Ok(Ok(0) | Err(_)) =
+                    tokio::time::timeout(Duration::from_millis(1), s.read(&mut buf)).await
+                {
+                    return Some(start.elapsed());
+                }
+            }
+            None
+        }));
+    }
+    // Meanwhile a normal client is served.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(agent.get("/work?ms=1").await.status, 200);
+    let mut worst = Duration::ZERO;
+    for t in tasks {
+        let closed = t
+            .await
+            .unwrap()
+            .expect("slow connection closed within 10 s");
+        worst = worst.max(closed);
+    }
+    println!("slowest slowloris connection closed after {worst:?}");
+    assert!(worst < Duration::from_secs(4), "{worst:?}");
+    assert_eq!(
+        pods[0].stats.started(),
+        1,
+        "no slow request reached the pod"
+    );
+}
+
+/// The resident and peak memory of a process, in KiB, from /proc.
+fn memory_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unfinished_large_heads_get_431_and_memory_stays_bounded() {
+    let pods = start_pods(61, 1).await.unwrap();
+    let agent = agent_with("", 1, &pods, "").await;
+    let (_, before) = memory_kib(agent.pid());
+    // 300 connections each sending ~1 MB of request head that never ends.
+    let chunk = format!(
+        "GET /work HTTP/1.1\r\nhost: x\r\nx-big: {}",
+        "b".repeat(1 << 20)
+    );
+    let chunk = std::sync::Arc::new(chunk.into_bytes());
+    let mut tasks = Vec::new();
+    for _ in 0..300 {
+        let addr = agent.addr;
+        let chunk = std::sync::Arc::clone(&chunk);
+        tasks.push(tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            let _ = s.write_all(&chunk).await;
+            let mut answer = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer)).await;
+            (s, String::from_utf8_lossy(&answer).to_string())
+        }));
+    }
+    let mut answered_431 = 0;
+    let mut held = Vec::new();
+    for t in tasks {
+        let (s, answer) = t.await.unwrap();
+        if answer.starts_with("HTTP/1.1 431") {
+            answered_431 += 1;
+        }
+        held.push(s);
+    }
+    let (rss, peak) = memory_kib(agent.pid());
+    println!("lb-agent memory: peak before {before} KiB, now {rss} KiB, peak {peak} KiB; {answered_431}/300 got 431");
+    assert!(
+        peak < before + 64 * 1024,
+        "peak {peak} KiB vs {before} KiB before"
+    );
+    assert!(answered_431 > 0, "the oversized heads are answered 431");
+    assert_eq!(agent.get("/work?ms=1").await.status, 200);
+    assert_eq!(pods[0].stats.started(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_complete_but_oversized_head_gets_431_and_never_reaches_a_pod() {
+    let pods = start_pods(71, 1).await.unwrap();
+    let agent = agent_with("client: {max_header_size: 16384}\n", 1, &pods, "").await;
+    let big = "v".repeat(100 * 1024);
+    let r = loadgen::get(agent.addr, "/work", &[("x-big", &big)])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 431);
+    // Just under the limit passes.
+    let fits = "v".repeat(15 * 1024);
+    let r = loadgen::get(agent.addr, "/work", &[("x-fits", &fits)])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(pods[0].stats.started(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idle_kept_alive_connection_is_closed_after_keepalive_timeout() {
+    let pods = start_pods(81, 1).await.unwrap();
+    let agent = agent_with("client: {keepalive_timeout: 1s}\n", 1, &pods, "").await;
+    let mut s = TcpStream::connect(agent.addr).await.unwrap();
+    s.write_all(b"GET /work?ms=1 HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let responses = read_responses(&mut s, 1).await;
+    assert_eq!(responses[0].0, 200);
+    let closed = time_to_close(&mut s, Duration::from_secs(10))
+        .await
+        .expect("idle connection closed");
+    println!("idle connection closed after {closed:?}");
+    assert!(
+        closed >= Duration::from_millis(800) && closed < Duration::from_secs(3),
+        "{closed:?}"
+    );
+}
+
+/// Reads `n` HTTP/1.1 responses (with content-length) from `s`: (status, body) each.
+async fn read_responses(s: &mut TcpStream, n: usize) -> Vec<(u16, String)> {
+    let mut raw = Vec::new();
+    let mut out = Vec::new();
+    let deadline = Instant::now() + SECS;
+    while out.len() < n {
+        // Parse what is buffered.
+        if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&raw[..end]).to_string();
+            let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
+                })
+                .unwrap_or(0);
+            if raw.len() >= end + 4 + len {
+                let body = String::from_utf8_lossy(&raw[end + 4..end + 4 + len]).to_string();
+                raw.drain(..end + 4 + len);
+                out.push((status, body));
+                continue;
+            }
+        }
+        assert!(Instant::now() < deadline, "responses not complete: {out:?}");
+        let mut buf = [0u8; 4096];
+        let k = tokio::time::timeout(SECS, s.read(&mut buf))
+            .await
+            .expect("response in time")
+            .unwrap();
+        assert!(
+            k > 0,
+            "connection closed after {} responses: {out:?}",
+            out.len()
+        );
+        raw.extend_from_slice(&buf[..k]);
+    }
+    out
+}
+
+fn pipelined(tag: &str, ms: u64) -> String {
+    format!("GET /work?ms={ms}&tag={tag} HTTP/1.1\r\nhost: x\r\n\r\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pipelined_requests_are_all_answered_in_order() {
+    let pods = start_pods(91, 1).await.unwrap();
+    let agent = agent_with("", 1, &pods, "").await;
+
+    // 1. The second request arrives while the first waits in the queue.
+    let blocker = spawn_get(agent.addr, "/work?ms=800");
+    eventually(SECS, "pod busy", || async { pods[0].stats.inflight() == 1 }).await;
+    let mut s = TcpStream::connect(agent.addr).await.unwrap();
+    s.write_all(pipelined("q1", 10).as_bytes()).await.unwrap();
+    eventually(SECS, "queued", || async { agent.queue_depth().await == 1 }).await;
+    s.write_all(pipelined("q2", 10).as_bytes()).await.unwrap();
+    let r = read_responses(&mut s, 2).await;
+    assert_eq!(blocker.await.unwrap().unwrap().status, 200);
+    assert_eq!((r[0].0, r[1].0), (200, 200), "{r:?}");
+    assert!(
+        r[0].1.contains("tag=q1") && r[1].1.contains("tag=q2"),
+        "{r:?}"
+    );
+
+    // 2. The second request arrives while the first is on the pod.
+    let mut s = TcpStream::connect(agent.addr).await.unwrap();
+    s.write_all(pipelined("f1", 500).as_bytes()).await.unwrap();
+    eventually(SECS, "first on the pod", || async {
+        pods[0].stats.inflight() == 1
+    })
+    .await;
+    s.write_all(pipelined("f2", 10).as_bytes()).await.unwrap();
+    let r = read_responses(&mut s, 2).await;
+    assert_eq!((r[0].0, r[1].0), (200, 200), "{r:?}");
+    assert!(
+        r[0].1.contains("tag=f1") && r[1].1.contains("tag=f2"),
+        "{r:?}"
+    );
+
+    // 3. Both in one packet, and a third behind them.
+    let mut s = TcpStream::connect(agent.addr).await.unwrap();
+    let all = format!(
+        "{}{}{}",
+        pipelined("p1", 10),
+        pipelined("p2", 10),
+        pipelined("p3", 10)
+    );
+    s.write_all(all.as_bytes()).await.unwrap();
+    let r = read_responses(&mut s, 3).await;
+    assert!(r.iter().all(|(st, _)| *st == 200), "{r:?}");
+    for (i, (_, body)) in r.iter().enumerate() {
+        assert!(body.contains(&format!("tag=p{}", i + 1)), "{r:?}");
+    }
+    assert_eq!(pods[0].stats.max_inflight(), 1);
+    assert_eq!(pods[0].stats.started(), 1 + 2 + 2 + 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slowloris_beyond_the_fd_limit_does_not_lock_out_normal_clients() {
+    let pods = start_pods(101, 1).await.unwrap();
+    let agent = agent_with("client: {header_timeout: 2s}\n", 1, &pods, "").await;
+    // The agent may hold 128 descriptors; 200 slow clients are more than it can accept.
+    let ok = std::process::Command::new("prlimit")
+        .arg(format!("--pid={}", agent.pid()))
+        .arg("--nofile=128:128")
+        .status()
+        .expect("prlimit (util-linux)")
+        .success();
+    assert!(ok, "prlimit failed");
+    let mut slow = Vec::new();
+    for _ in 0..200 {
+        let addr = agent.addr;
+        slow.push(tokio::spawn(async move {
+            let Ok(mut s) = TcpStream::connect(addr).await else {
+                return;
+            };
+            let start = Instant::now();
+            let _ = s.write_all(b"GET /work HTTP/1.1\r\nx-slow: ").await;
+            while start.elapsed() < Duration::from_secs(12) {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                if s.write_all(b"a").await.is_err() {
+                    return;
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(10), agent.get("/work?ms=1"))
+        .await
+        .expect("a normal client is served while slow clients hold every descriptor");
+    println!("normal client served after {:?}", started.elapsed());
+    assert_eq!(r.status, 200);
+    for t in slow {
+        t.await.unwrap();
+    }
+}

@@ -505,11 +505,14 @@ impl ProxyHttp for LbProxy {
 
     /// Pingora logs every request that ends in `fail_to_proxy` at ERROR ("Fail to proxy").
     /// lb-agent's own refusals are the queue doing its job, not faults: they are logged by
-    /// [`Self::logging`]'s request line at INFO, with their outcome. Failures to reach any pod
-    /// (`NoUntriedPod`, connect errors) and errors during proxying keep pingora's ERROR line.
-    fn suppress_error_log(&self, _session: &Session, ctx: &Ctx, _e: &Error) -> bool {
+    /// [`Self::logging`]'s request line at INFO, with their outcome. So is a client that left
+    /// (outcome `client_gone`: a closed connection, a cancelled call): that is the client's
+    /// choice, not an agent fault. Failures to reach any pod (`NoUntriedPod`, connect errors)
+    /// and pod-side errors during proxying keep pingora's ERROR line.
+    fn suppress_error_log(&self, _session: &Session, ctx: &Ctx, e: &Error) -> bool {
         ctx.refusal
             .is_some_and(|r| r != Refusal::Queue(QueueError::NoUntriedPod))
+            || *e.esource() == ErrorSource::Downstream
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {

@@ -22,6 +22,7 @@ use crate::live::Live;
 use crate::metrics;
 use crate::pool::{QueueError, Slot};
 use crate::selection::Balancer;
+use crate::shutdown::ActiveRequest;
 
 /// What a route resolves to at request time.
 pub struct RouteEntry {
@@ -106,6 +107,8 @@ pub struct Ctx {
     refusal: Option<Refusal>,
     /// A gRPC call: refusals are answered with a gRPC status, not an HTTP error.
     grpc: bool,
+    /// Keeps a SIGTERM drain from exiting while this request is being handled.
+    _active: ActiveRequest,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -255,12 +258,18 @@ impl ProxyHttp for LbProxy {
             deadline: None,
             refusal: None,
             grpc: false,
+            _active: self.live.shutdown.request(),
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
         let path = session.req_header().uri.path().to_string();
         ctx.grpc = is_grpc(session);
+        if self.live.shutdown.stopping() {
+            // Shutdown delay: serve this request, then close the connection, so the client's
+            // next request opens a new one, which the updated Service sends to another replica.
+            session.set_keepalive(None);
+        }
         // The route found here stays with the request, whatever a config reload does meanwhile.
         match self.live.snapshot().routes.lookup(&path) {
             Some(route) => {

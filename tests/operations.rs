@@ -184,8 +184,11 @@ async fn requests_still_queued_at_the_deadline_get_503() {
         .expect("exited within the grace period");
     let took = t0.elapsed();
     println!("SIGTERM to exit with a request stuck in flight: {took:?} (grace 3 s)");
-    assert!(took <= Duration::from_millis(3500), "{took:?}");
-    let _ = status;
+    assert!(
+        took >= Duration::from_millis(2950) && took <= Duration::from_millis(3500),
+        "{took:?}"
+    );
+    assert!(status.success(), "{status:?}");
     assert_eq!(
         pods[0].stats.started(),
         1,
@@ -354,8 +357,11 @@ async fn a_rolling_update_refuses_no_connection() {
     let mut ready_codes = std::collections::BTreeSet::new();
     tokio::time::sleep(Duration::from_millis(100)).await;
     while t0.elapsed() < Duration::from_millis(1200) {
-        let r = loadgen::get(agent.admin, "/readyz", &[]).await.unwrap();
-        ready_codes.insert(r.status);
+        // 0: the admin port refused or dropped the connection.
+        let code = loadgen::get(agent.admin, "/readyz", &[])
+            .await
+            .map_or(0, |r| r.status);
+        ready_codes.insert(code);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let results = clients.await.unwrap();

@@ -22,13 +22,17 @@
 //! `terminationGracePeriodSeconds` must cover `shutdown_delay + shutdown_grace` (plus a second to
 //! exit), or the kubelet's SIGKILL comes first.
 //!
-//! Queues are closed [`QUEUE_CLOSE_MARGIN`] before the deadline: what still waits then gets a
-//! `503` with `Retry-After` (it could not have finished anyway) instead of a dropped connection.
-//! A request that already left the queue keeps its slot and runs until the deadline like any
-//! other request in flight.
+//! A queued request is only started on a pod while it can still finish: a pool's queue is
+//! closed once the time left is shorter than its recent requests took
+//! ([`crate::pool::Pool::longest_recent_hold`]), and [`QUEUE_CLOSE_MARGIN`] before the deadline
+//! at the latest. What still waits then gets a `503` with `Retry-After` and can be retried on
+//! another replica at once, instead of starting work on a pod only to be cut at the deadline
+//! without a response. A request that already left the queue keeps its slot and runs until the
+//! deadline like any other request in flight.
 
 use async_trait::async_trait;
 use pingora::server::{ShutdownSignal, ShutdownSignalWatch};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -114,8 +118,7 @@ fn drained(live: &Live, pools: &[Arc<Balancer>]) -> bool {
 fn drain(live: Arc<Live>, grace: Duration) {
     let start = Instant::now();
     let deadline = start + grace;
-    let close_at = start + grace.saturating_sub(QUEUE_CLOSE_MARGIN);
-    let mut closed = false;
+    let mut closed: HashSet<String> = HashSet::new();
     loop {
         let pools = live.all_pools();
         if drained(&live, &pools) {
@@ -130,22 +133,26 @@ fn drain(live: Arc<Live>, grace: Duration) {
             );
             std::process::exit(0);
         }
-        if now >= close_at {
-            if !closed {
-                let queued: usize = pools.iter().map(|b| b.pool().waiting()).sum();
-                log::warn!(
-                    "shutdown: grace period ending; answering {queued} queued requests with 503"
-                );
-                closed = true;
+        let left = deadline - now;
+        for b in &pools {
+            let pool = b.pool();
+            let needed = QUEUE_CLOSE_MARGIN.max(pool.longest_recent_hold());
+            if left > needed {
+                continue;
             }
             // Every round, not once: closing is idempotent and covers any pool seen late.
-            for b in &pools {
-                b.pool().close();
+            pool.close();
+            if closed.insert(pool.name().to_string()) {
+                log::warn!(
+                    "shutdown: {left:?} left, recent requests on {} took up to {:?}; answering its {} queued requests with 503",
+                    pool.name(),
+                    pool.longest_recent_hold(),
+                    pool.waiting()
+                );
             }
         }
-        // Never sleep past a deadline: the grace ends when configured, not up to a poll later.
-        let next = if closed { deadline } else { close_at };
-        std::thread::sleep(DRAIN_POLL.min(next.saturating_duration_since(now)));
+        // Never sleep past the deadline: the grace ends when configured, not a poll later.
+        std::thread::sleep(DRAIN_POLL.min(left));
     }
 }
 

@@ -319,6 +319,61 @@ async fn requests_queued_at_sigterm_are_served_or_refused_never_cut() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_queued_request_that_cannot_finish_in_the_grace_is_refused_not_started() {
+    // Requests of 1 s, one slot, grace 2.8 s. At SIGTERM one is in flight (done at ~0.9 s) and
+    // three wait. The first waiting one starts at ~0.9 s and ends at ~1.9 s: served. The next
+    // would start at ~1.9 s with 0.9 s left and be cut at the deadline, its pod work wasted
+    // and its client left without an answer: it must get 503 + Retry-After instead.
+    let pods = start_pods(1, 1).await.unwrap();
+    let mut agent = start_work_route(
+        &format!("shutdown_grace: 2800ms\n{NO_DELAY}queue: {{timeout: 60s}}\n"),
+        1,
+        &pods,
+    )
+    .await;
+    assert_eq!(agent.get("/work?ms=1000").await.status, 200, "warm-up");
+    let first = spawn_get(agent.addr, "/work?ms=1000");
+    eventually(SECS, "in flight", || async {
+        pods[0].stats.inflight() == 1
+    })
+    .await;
+    let mut queued = Vec::new();
+    for _ in 0..3 {
+        queued.push(spawn_get(agent.addr, "/work?ms=1000"));
+    }
+    eventually(SECS, "3 queued", || async {
+        agent.queue_depth().await == 3
+    })
+    .await;
+    agent.terminate();
+    let first = first.await.unwrap();
+    let mut served = 0;
+    let mut refused = 0;
+    let mut cut = Vec::new();
+    for q in queued {
+        match q.await.unwrap() {
+            Ok(r) if r.status == 200 => served += 1,
+            Ok(r) if r.status == 503 && r.header("retry-after").is_some() => refused += 1,
+            other => cut.push(format!("{other:?}")),
+        }
+    }
+    println!("1 s requests, grace 2.8 s: queued {served} served, {refused} refused, {cut:?} cut");
+    assert_eq!(first.expect("in flight at SIGTERM, not cut").status, 200);
+    assert!(
+        cut.is_empty(),
+        "queued requests cut without a response: {cut:?}"
+    );
+    assert_eq!((served, refused), (1, 2));
+    assert_eq!(
+        pods[0].stats.started(),
+        3,
+        "warm-up, the one in flight and the one served: nothing started on the pod was cut"
+    );
+    let status = agent.wait_exit(SECS).await.expect("exited");
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_rolling_update_refuses_no_connection() {
     // What a rollout looks like from one replica: SIGTERM, then for a while clients keep
     // opening connections to it (the endpoint removal has not reached every node yet), then

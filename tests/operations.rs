@@ -446,3 +446,71 @@ async fn a_rolling_update_refuses_no_connection() {
         "kept accepting for the delay, then exited once drained: {took:?}"
     );
 }
+
+/// Sends `GET path` on a kept-alive connection and reads one response: (head, body).
+async fn keepalive_get(conn: &mut tokio::net::TcpStream, path: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    conn.write_all(format!("GET {path} HTTP/1.1\r\nhost: test\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&raw[..end]).to_string();
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (n, v) = l.split_once(':')?;
+                    n.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
+                })
+                .expect("content-length");
+            if raw.len() >= end + 4 + len {
+                let body = String::from_utf8_lossy(&raw[end + 4..end + 4 + len]).to_string();
+                return (head, body);
+            }
+        }
+        let n = tokio::time::timeout(SECS, conn.read(&mut buf))
+            .await
+            .expect("response in time")
+            .unwrap();
+        assert!(n > 0, "connection closed before a whole response: {raw:?}");
+        raw.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn during_the_delay_kept_alive_connections_are_served_then_closed() {
+    // A keep-alive client would go on sending to this replica over its open connection, which
+    // the updated Service cannot move. During the delay its next request is served, with
+    // `Connection: close`, and the connection ends cleanly after the response; the client's
+    // next connection goes wherever the Service now sends it.
+    use tokio::io::AsyncReadExt;
+    let pods = start_pods(1, 1).await.unwrap();
+    let mut agent = start_work_route("shutdown_delay: 1s\nshutdown_grace: 1s\n", 1, &pods).await;
+    let mut conn = tokio::net::TcpStream::connect(agent.addr).await.unwrap();
+    let (head, _) = keepalive_get(&mut conn, "/work?ms=10").await;
+    assert!(
+        !head.to_ascii_lowercase().contains("connection: close"),
+        "{head}"
+    );
+    agent.terminate();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (head, body) = keepalive_get(&mut conn, "/work?ms=10").await;
+    println!("during the delay, on a kept-alive connection:\n{head}");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(body.contains("/work?ms=10"), "{body}");
+    assert!(
+        head.to_ascii_lowercase().contains("connection: close"),
+        "{head}"
+    );
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_millis(500), conn.read_to_end(&mut rest))
+        .await
+        .expect("lb-agent closes the connection after the response")
+        .unwrap();
+    assert_eq!(n, 0, "{rest:?}");
+    let status = agent.wait_exit(SECS).await.expect("exited");
+    assert!(status.success(), "{status:?}");
+}

@@ -140,8 +140,6 @@ fn drain(live: Arc<Live>, grace: Duration) {
             if left > needed {
                 continue;
             }
-            // Every round, not once: closing is idempotent and covers any pool seen late.
-            pool.close();
             if closed.insert(pool.name().to_string()) {
                 log::warn!(
                     "shutdown: {left:?} left, recent requests on {} took up to {:?}; answering its {} queued requests with 503",
@@ -150,6 +148,8 @@ fn drain(live: Arc<Live>, grace: Duration) {
                     pool.waiting()
                 );
             }
+            // Every round, not once: closing is idempotent and covers any pool seen late.
+            pool.close();
         }
         // Never sleep past the deadline: the grace ends when configured, not a poll later.
         std::thread::sleep(DRAIN_POLL.min(left));

@@ -25,6 +25,7 @@ use crate::respond::{
     format_grpc_timeout, grpc_status, grpc_timeout, is_grpc, write_grpc_status, write_text,
 };
 use crate::selection::Balancer;
+use crate::shutdown::ActiveRequest;
 
 /// What a route resolves to at request time.
 pub struct RouteEntry {
@@ -112,6 +113,8 @@ pub struct Ctx {
     /// The pod connection of this attempt, kept so that a request whose client leaves can be
     /// finished on the pod before its slot is freed (`client_abort: finish`).
     upstream_socket: Option<UpstreamSocket>,
+    /// Keeps a SIGTERM drain from exiting while this request is being handled.
+    _active: ActiveRequest,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -212,6 +215,7 @@ impl ProxyHttp for LbProxy {
             grpc: false,
             grpc_deadline: None,
             upstream_socket: None,
+            _active: self.live.shutdown.request(),
         }
     }
 
@@ -233,6 +237,11 @@ impl ProxyHttp for LbProxy {
         ctx.grpc = is_grpc(session);
         if ctx.grpc {
             ctx.grpc_deadline = grpc_timeout(session).map(|t| tokio::time::Instant::now() + t);
+        }
+        if self.live.shutdown.stopping() {
+            // Shutdown delay: serve this request, then close the connection, so the client's
+            // next request opens a new one, which the updated Service sends to another replica.
+            session.set_keepalive(None);
         }
         // The route found here stays with the request, whatever a config reload does meanwhile.
         match self.live.snapshot().routes.lookup(&path) {

@@ -57,9 +57,11 @@ struct Status {
 
 impl AdminApp {
     /// Ready once every pool has learned its pod list at least once (an empty list counts:
-    /// requests then queue until pods appear) or has pods.
+    /// requests then queue until pods appear) or has pods, and until SIGTERM: from then on new
+    /// traffic belongs to other replicas, even while this one still accepts it.
     pub fn ready(&self) -> bool {
-        self.live.snapshot().pools.iter().all(|b| pod_list_known(b))
+        !self.live.shutdown.stopping()
+            && self.live.snapshot().pools.iter().all(|b| pod_list_known(b))
     }
 
     fn status(&self) -> Status {
@@ -135,6 +137,12 @@ impl ServeHttp for AdminApp {
             "/readyz" => {
                 if self.ready() {
                     reply(StatusCode::OK, "text/plain", b"ready\n".to_vec())
+                } else if self.live.shutdown.stopping() {
+                    reply(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain",
+                        b"not ready: shutting down\n".to_vec(),
+                    )
                 } else {
                     let snapshot = self.live.snapshot();
                     let waiting: Vec<&str> = snapshot

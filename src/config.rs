@@ -20,6 +20,11 @@ pub const DEFAULT_CONFIG_PATHS: [&str; 2] = [
     "/usr/local/services/ai-media/conf/config.yaml",
 ];
 
+/// Upper bounds of the shutdown settings: far beyond any sane value, and they keep the
+/// deadline arithmetic far from overflowing.
+const MAX_SHUTDOWN_GRACE: Duration = Duration::from_secs(24 * 3600);
+const MAX_SHUTDOWN_DELAY: Duration = Duration::from_secs(600);
+
 /// A config problem, always naming the field (or the file) it is about.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -75,6 +80,7 @@ struct FileConfig {
     upstream_idle_timeout: Option<String>,
     max_attempts: Option<usize>,
     shutdown_grace: Option<String>,
+    shutdown_delay: Option<String>,
     reload_interval: Option<String>,
     #[serde(default)]
     client: FileClient,
@@ -150,7 +156,10 @@ pub struct Config {
     pub upstream_idle_timeout: Duration,
     /// Attempts per request on connect failure (each on a different pod).
     pub max_attempts: usize,
+    /// After the shutdown delay, the longest the drain waits for requests (see `shutdown`).
     pub shutdown_grace: Duration,
+    /// After SIGTERM, how long new connections are still accepted (not ready meanwhile).
+    pub shutdown_delay: Duration,
     /// How often the config file is checked for changes (zero: only on SIGHUP).
     pub reload_interval: Duration,
     /// What a client connection may cost before it is closed (slow, idle or oversized).
@@ -496,6 +505,14 @@ fn validate(f: FileConfig) -> Result<Config, ConfigError> {
         return Err(ConfigError::new("max_attempts", "must be at least 1"));
     }
     let shutdown_grace = duration("shutdown_grace", &f.shutdown_grace, Duration::from_secs(30))?;
+    if shutdown_grace > MAX_SHUTDOWN_GRACE {
+        return Err(ConfigError::new("shutdown_grace", "must be at most 24h"));
+    }
+    // Kubernetes takes a few seconds to stop sending new connections to a terminating pod.
+    let shutdown_delay = duration("shutdown_delay", &f.shutdown_delay, Duration::from_secs(5))?;
+    if shutdown_delay > MAX_SHUTDOWN_DELAY {
+        return Err(ConfigError::new("shutdown_delay", "must be at most 10m"));
+    }
     let reload_interval = duration(
         "reload_interval",
         &f.reload_interval,
@@ -633,6 +650,7 @@ fn validate(f: FileConfig) -> Result<Config, ConfigError> {
         upstream_idle_timeout,
         max_attempts,
         shutdown_grace,
+        shutdown_delay,
         reload_interval,
         client,
         routes,
@@ -809,6 +827,20 @@ routes:
         assert_eq!(c.pools[0].limit, 2);
         assert_eq!(c.log_file, Some(PathBuf::from("./logs/agent.log")));
         assert_eq!(c.shutdown_grace, Duration::from_secs(30));
+        assert_eq!(c.shutdown_delay, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn shutdown_settings_are_bounded() {
+        let route = "routes: [{uri: /a, limit: 1, endpoints: [\"127.0.0.1:1\"]}]\n";
+        let c = Config::parse(&format!(
+            "shutdown_grace: 1500ms\nshutdown_delay: 0s\n{route}"
+        ))
+        .unwrap();
+        assert_eq!(c.shutdown_grace, Duration::from_millis(1500));
+        assert_eq!(c.shutdown_delay, Duration::ZERO);
+        assert!(err(&format!("shutdown_delay: 11m\n{route}")).contains("shutdown_delay"));
+        assert!(err(&format!("shutdown_grace: 25h\n{route}")).contains("shutdown_grace"));
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod pool;
 pub mod proxy;
 pub mod reload;
+pub mod respond;
 pub mod route;
 pub mod selection;
 pub mod shutdown;
@@ -48,14 +49,12 @@ const H2_STREAMS_PER_CLIENT_CONNECTION: u32 = 256;
 /// HTTP/2 flow-control window per stream (the protocol's default, 64 KiB − 1).
 const H2_STREAM_WINDOW: u32 = 65_535;
 
-/// Seconds Pingora's runtimes get to finish after the grace period.
-const FINAL_SHUTDOWN_SECS: u64 = 1;
-
 /// A built server, ready to run.
 pub struct Agent {
     server: Server,
     live: Arc<Live>,
     grace: Duration,
+    delay: Duration,
 }
 
 impl Agent {
@@ -63,6 +62,7 @@ impl Agent {
     pub fn run(self) -> ! {
         let drain = shutdown::DrainOnTerm {
             live: self.live,
+            delay: self.delay,
             grace: self.grace,
         };
         self.server.run(RunArgs {
@@ -75,16 +75,13 @@ impl Agent {
 /// Builds the Pingora server: the proxy on `listen`, the admin endpoints on `admin_listen`, and
 /// the config background service (DNS discovery, and reloads of `config_path` if given).
 pub fn build_server(config: &Config, config_path: Option<&Path>) -> Result<Agent, String> {
-    // Pingora sleeps `grace_period_seconds` after SIGTERM, then gives its runtimes
-    // FINAL_SHUTDOWN_SECS: together they make up `shutdown_grace` (never Pingora's 300 s default).
-    let grace_secs = config
-        .shutdown_grace
-        .as_secs()
-        .saturating_sub(FINAL_SHUTDOWN_SECS);
+    // Pingora sleeps `grace_period_seconds` (whole seconds) after the shutdown delay, then stops
+    // its runtimes: give it more than our grace, so the drain thread's exact deadline (or an
+    // earlier exit once drained) is what ends the process, never Pingora's rounding.
     let conf = ServerConf {
         threads: config.threads,
-        grace_period_seconds: Some(grace_secs),
-        graceful_shutdown_timeout_seconds: Some(FINAL_SHUTDOWN_SECS),
+        grace_period_seconds: Some(shutdown::pingora_grace_secs(config.shutdown_grace)),
+        graceful_shutdown_timeout_seconds: Some(shutdown::PINGORA_RUNTIME_SHUTDOWN_SECS),
         // Total attempts per request; our fail_to_connect decides which are retried.
         max_retries: config.max_attempts,
         ..ServerConf::default()
@@ -148,6 +145,7 @@ pub fn build_server(config: &Config, config_path: Option<&Path>) -> Result<Agent
     Ok(Agent {
         server,
         live,
-        grace: Duration::from_secs(grace_secs),
+        grace: config.shutdown_grace,
+        delay: config.shutdown_delay,
     })
 }

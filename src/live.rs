@@ -22,6 +22,7 @@ use crate::pool::Pool;
 use crate::proxy::RouteEntry;
 use crate::route::RouteTable;
 use crate::selection::Balancer;
+use crate::shutdown::ShutdownState;
 
 /// One config's routes and pools, as requests see them.
 pub struct Snapshot {
@@ -75,6 +76,9 @@ fn restart_only(a: &Config, b: &Config) -> Vec<&'static str> {
     if a.shutdown_grace != b.shutdown_grace {
         changed.push("shutdown_grace");
     }
+    if a.shutdown_delay != b.shutdown_delay {
+        changed.push("shutdown_delay");
+    }
     if a.reload_interval != b.reload_interval {
         changed.push("reload_interval");
     }
@@ -90,6 +94,8 @@ pub struct Live {
     started_with: Config,
     /// The last config applied (for reporting what a reload changed).
     applied: Mutex<Config>,
+    /// Whether SIGTERM has come, and the requests a drain waits for.
+    pub shutdown: Arc<ShutdownState>,
 }
 
 fn route_table(config: &Config, pools: &[Arc<Balancer>]) -> Snapshot {
@@ -161,6 +167,7 @@ impl Live {
             discovery: Mutex::new(discovery),
             started_with: config.clone(),
             applied: Mutex::new(config.clone()),
+            shutdown: Arc::default(),
         }))
     }
 

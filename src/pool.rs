@@ -20,7 +20,7 @@
 //! Every taken slot is a [`Slot`] guard; dropping it (on success, error, retry, client abort or
 //! task cancellation) gives the slot back exactly once.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -75,7 +75,12 @@ struct State {
     limit: usize,
     pods: HashMap<SocketAddr, PodState>,
     debt: usize,
+    /// How long the last [`RECENT_HOLDS`] slots were held, newest last.
+    recent_holds: VecDeque<Duration>,
 }
+
+/// Slot hold times remembered for [`Pool::longest_recent_hold`].
+const RECENT_HOLDS: usize = 16;
 
 /// A pod as the selector and the status page see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,6 +139,7 @@ impl Pool {
                 limit,
                 pods: HashMap::new(),
                 debt: 0,
+                recent_holds: VecDeque::with_capacity(RECENT_HOLDS),
             }),
             waiting: AtomicUsize::new(0),
             changed: Notify::new(),
@@ -299,12 +305,17 @@ impl Pool {
         Slot {
             pool: Arc::clone(self),
             addr,
+            taken: Instant::now(),
         }
     }
 
-    fn release(&self, addr: SocketAddr) {
+    fn release(&self, addr: SocketAddr, held: Duration) {
         {
             let mut st = self.lock();
+            if st.recent_holds.len() == RECENT_HOLDS {
+                st.recent_holds.pop_front();
+            }
+            st.recent_holds.push_back(held);
             let limit = st.limit;
             let Some(pod) = st.pods.get_mut(&addr) else {
                 log::error!("pool {}: released a slot on unknown pod {addr}", self.name);
@@ -410,6 +421,21 @@ impl Pool {
         self.lock().pods.values().map(|p| p.inflight).sum()
     }
 
+    /// The longest of the last few requests' slot hold times (zero before the first): what a
+    /// request taken from the queue now can be expected to need. The shutdown drain stops
+    /// starting queued requests once less than this is left, so they get a `503` while they can
+    /// still go elsewhere, instead of starting on a pod and being cut at the deadline. The
+    /// longest rather than a typical one, because a refusal costs a retry, a cut costs the
+    /// pod's work and leaves the client without an answer.
+    pub fn longest_recent_hold(&self) -> Duration {
+        self.lock()
+            .recent_holds
+            .iter()
+            .copied()
+            .max()
+            .unwrap_or_default()
+    }
+
     /// Permits available right now (free slots nobody is waiting for). For tests and status.
     pub fn available(&self) -> usize {
         self.sem.available_permits()
@@ -432,6 +458,7 @@ impl Drop for QueueTicket<'_> {
 pub struct Slot {
     pool: Arc<Pool>,
     addr: SocketAddr,
+    taken: Instant,
 }
 
 impl Slot {
@@ -446,7 +473,7 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.pool.release(self.addr);
+        self.pool.release(self.addr, self.taken.elapsed());
     }
 }
 
@@ -680,5 +707,25 @@ mod tests {
         assert_eq!(pool.available(), 1);
         pool.set_limit(2);
         assert_eq!(pool.available(), 2);
+    }
+
+    #[tokio::test]
+    async fn longest_recent_hold_forgets_old_requests() {
+        let pool = Pool::new("p", 1);
+        pool.set_pods([addr(1)]);
+        let q = policy(10, 1000);
+        assert_eq!(pool.longest_recent_hold(), Duration::ZERO, "no history yet");
+        let long = take(&pool, &q, 1000).await.unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        drop(long);
+        assert!(pool.longest_recent_hold() >= Duration::from_millis(50));
+        for _ in 0..RECENT_HOLDS {
+            drop(take(&pool, &q, 1000).await.unwrap());
+        }
+        assert!(
+            pool.longest_recent_hold() < Duration::from_millis(50),
+            "{:?}",
+            pool.longest_recent_hold()
+        );
     }
 }

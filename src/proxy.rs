@@ -8,8 +8,6 @@
 //! whatever happens; a retry drops the old slot before taking the next one.
 
 use async_trait::async_trait;
-use bytes::Bytes;
-use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType};
@@ -23,7 +21,11 @@ use crate::front;
 use crate::live::Live;
 use crate::metrics;
 use crate::pool::{QueueError, Slot};
+use crate::respond::{
+    format_grpc_timeout, grpc_status, grpc_timeout, is_grpc, write_grpc_status, write_text,
+};
 use crate::selection::Balancer;
+use crate::shutdown::ActiveRequest;
 
 /// What a route resolves to at request time.
 pub struct RouteEntry {
@@ -37,9 +39,6 @@ pub struct RouteEntry {
     pub upstream_idle_timeout: Duration,
 }
 
-/// Seconds a refused client is told to wait before trying again.
-const RETRY_AFTER_SECS: u64 = 1;
-
 /// Bodies up to this size are read while the request waits in the queue, so that a client that
 /// goes away is noticed (and the body is replayed to the pod from Pingora's retry buffer).
 /// It is Pingora's retry-buffer size: a larger body could not be replayed.
@@ -49,14 +48,6 @@ const QUEUED_BODY_LIMIT: usize = 64 * 1024;
 /// so the pod's `limit` bounds the streams in use; this only decides when a second connection
 /// to the same pod is opened.
 const H2_STREAMS_PER_CONNECTION: usize = 100;
-
-/// gRPC status codes lb-agent answers with itself.
-mod grpc_status {
-    /// The call can be retried (queue full or timed out, no pod reachable, shutting down).
-    pub const UNAVAILABLE: u32 = 14;
-    /// No route for the method.
-    pub const UNIMPLEMENTED: u32 = 12;
-}
 
 pub struct LbProxy {
     live: Arc<Live>,
@@ -85,6 +76,7 @@ pub enum Outcome {
     UpstreamError,
     ShuttingDown,
     BadRequest,
+    DeadlineExceeded,
 }
 
 impl Outcome {
@@ -98,6 +90,7 @@ impl Outcome {
             Outcome::UpstreamError => "upstream_error",
             Outcome::ShuttingDown => "shutting_down",
             Outcome::BadRequest => "bad_request",
+            Outcome::DeadlineExceeded => "deadline_exceeded",
         }
     }
 }
@@ -118,9 +111,14 @@ pub struct Ctx {
     refusal: Option<Refusal>,
     /// A gRPC call: refusals are answered with a gRPC status, not an HTTP error.
     grpc: bool,
+    /// When the gRPC call's own deadline (`grpc-timeout`, counted from its arrival) passes: a
+    /// call is not started on a pod after it, and its queue wait ends there.
+    grpc_deadline: Option<tokio::time::Instant>,
     /// The pod connection of this attempt, kept so that a request whose client leaves can be
     /// finished on the pod before its slot is freed (`client_abort: finish`).
     upstream_socket: Option<UpstreamSocket>,
+    /// Keeps a SIGTERM drain from exiting while this request is being handled.
+    _active: ActiveRequest,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,6 +127,8 @@ enum Refusal {
     Queue(QueueError),
     ClientGone,
     BadRequest,
+    /// The gRPC call's deadline passed before it got a slot.
+    Deadline,
 }
 
 /// Completes when the client goes away; never completes otherwise.
@@ -202,44 +202,6 @@ async fn connection_closed(socket: Option<Arc<pingora::protocols::SocketDigest>>
     }
 }
 
-fn text_response(code: u16, body: &str, retry_after: bool) -> pingora::Result<Box<ResponseHeader>> {
-    let mut resp = ResponseHeader::build(code, Some(4))?;
-    resp.insert_header("content-type", "text/plain; charset=utf-8")?;
-    resp.insert_header("content-length", body.len().to_string())?;
-    if retry_after {
-        resp.insert_header("retry-after", RETRY_AFTER_SECS.to_string())?;
-    }
-    resp.insert_header("server", "lb-agent")?;
-    Ok(Box::new(resp))
-}
-
-/// `grpc-message` is percent-encoded: printable ASCII except `%` goes as it is.
-fn grpc_message(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for b in text.trim_end().bytes() {
-        if (0x20..=0x7e).contains(&b) && b != b'%' {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-/// Refuses a gRPC call the way gRPC clients understand: a "trailers-only" response, HTTP 200
-/// with `grpc-status` and `grpc-message` in the one and only header block.
-async fn write_grpc_status(session: &mut Session, code: u32, message: &str) -> pingora::Result<()> {
-    let mut resp = ResponseHeader::build(200, Some(4))?;
-    resp.insert_header("content-type", "application/grpc")?;
-    resp.insert_header("grpc-status", code.to_string())?;
-    resp.insert_header("grpc-message", grpc_message(message))?;
-    if session.req_header().version < http::Version::HTTP_2 {
-        resp.insert_header("content-length", "0")?;
-    }
-    resp.insert_header("server", "lb-agent")?;
-    session.write_response_header(Box::new(resp), true).await
-}
-
 /// Refuses what RFC 9112 requires a server to refuse, and normalises the path before routing
 /// (see [`crate::route::normalize_path`]). The normalised path is also what the pod receives, so
 /// the pod serves the path that was routed, whatever its own normalisation does.
@@ -270,29 +232,6 @@ fn check_and_normalize(session: &mut Session) -> Result<(), String> {
     Ok(())
 }
 
-fn is_grpc(session: &Session) -> bool {
-    session
-        .req_header()
-        .headers
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"))
-}
-
-async fn write_text(
-    session: &mut Session,
-    code: u16,
-    body: String,
-    retry_after: bool,
-) -> pingora::Result<()> {
-    session
-        .write_response_header(text_response(code, &body, retry_after)?, false)
-        .await?;
-    session
-        .write_response_body(Some(Bytes::from(body)), true)
-        .await
-}
-
 #[async_trait]
 impl ProxyHttp for LbProxy {
     type CTX = Ctx;
@@ -309,7 +248,9 @@ impl ProxyHttp for LbProxy {
             deadline: None,
             refusal: None,
             grpc: false,
+            grpc_deadline: None,
             upstream_socket: None,
+            _active: self.live.shutdown.request(),
         }
     }
 
@@ -341,6 +282,14 @@ impl ProxyHttp for LbProxy {
         }
         let path = session.req_header().uri.path().to_string();
         ctx.grpc = is_grpc(session);
+        if ctx.grpc {
+            ctx.grpc_deadline = grpc_timeout(session).map(|t| tokio::time::Instant::now() + t);
+        }
+        if self.live.shutdown.stopping() {
+            // Shutdown delay: serve this request, then close the connection, so the client's
+            // next request opens a new one, which the updated Service sends to another replica.
+            session.set_keepalive(None);
+        }
         // The route found here stays with the request, whatever a config reload does meanwhile.
         match self.live.snapshot().routes.lookup(&path) {
             Some(route) => {
@@ -369,9 +318,14 @@ impl ProxyHttp for LbProxy {
             return Error::e_explain(ErrorType::InternalError, "no route in context");
         };
         if ctx.slot.is_none() {
-            let deadline = *ctx
+            let queue_deadline = *ctx
                 .deadline
                 .get_or_insert_with(|| tokio::time::Instant::now() + route.queue.timeout);
+            // A gRPC call's deadline bounds its wait too: past it, the client has given up
+            // (or is about to), so the pod's work would be thrown away.
+            let deadline = ctx
+                .grpc_deadline
+                .map_or(queue_deadline, |d| d.min(queue_deadline));
             let waited_from = Instant::now();
             let result = {
                 let acquire = route.balancer.acquire(&route.queue, deadline, &ctx.tried);
@@ -385,6 +339,21 @@ impl ProxyHttp for LbProxy {
                 }
             };
             ctx.queue_wait += waited_from.elapsed();
+            let result = match result {
+                Err(Refusal::Queue(QueueError::Timeout)) if deadline < queue_deadline => {
+                    Err(Refusal::Deadline)
+                }
+                // A slot that came free at the deadline itself (or a retry after it) must not
+                // start the call: the deadline is checked once more with the slot in hand.
+                Ok(_)
+                    if ctx
+                        .grpc_deadline
+                        .is_some_and(|d| d <= tokio::time::Instant::now()) =>
+                {
+                    Err(Refusal::Deadline)
+                }
+                other => other,
+            };
             match result {
                 Ok(slot) => ctx.slot = Some(slot),
                 Err(refusal) => {
@@ -392,6 +361,7 @@ impl ProxyHttp for LbProxy {
                     let reason = match refusal {
                         Refusal::Queue(q) => q.reason(),
                         Refusal::ClientGone => "client went away while queued",
+                        Refusal::Deadline => "grpc-timeout passed while queued",
                         Refusal::NoRoute => "no route",
                         Refusal::BadRequest => "bad request",
                     };
@@ -422,13 +392,21 @@ impl ProxyHttp for LbProxy {
     }
 
     /// Adds the client's address to `X-Forwarded-For`, as the Go agent's reverse proxy did: the
-    /// pods see lb-agent's address as the peer, and their logs want the real client.
+    /// pods see lb-agent's address as the peer, and their logs want the real client. Lowers a
+    /// gRPC call's `grpc-timeout` by the time it spent here.
     async fn upstream_request_filter(
         &self,
         session: &mut Session,
         upstream_request: &mut pingora::http::RequestHeader,
-        _ctx: &mut Ctx,
+        ctx: &mut Ctx,
     ) -> pingora::Result<()> {
+        // The pod is told the time the call has left, not the time it had when it reached
+        // lb-agent: after a queue wait, the unchanged grpc-timeout would let the pod work on
+        // past the moment the client gave up.
+        if let Some(deadline) = ctx.grpc_deadline {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            upstream_request.insert_header("grpc-timeout", format_grpc_timeout(left))?;
+        }
         let Some(client) = session
             .client_addr()
             .and_then(|a| a.as_inet())
@@ -548,6 +526,14 @@ impl ProxyHttp for LbProxy {
                 "lb-agent: shutting down; retry on another instance\n".to_string(),
                 true,
             ),
+            Some(Refusal::Deadline) => (
+                504,
+                format!(
+                    "lb-agent: deadline exceeded: the call's grpc-timeout passed after {} ms in the queue\n",
+                    ctx.queue_wait.as_millis()
+                ),
+                false,
+            ),
             Some(Refusal::Queue(QueueError::NoUntriedPod))
             | None
             | Some(Refusal::NoRoute)
@@ -575,8 +561,15 @@ impl ProxyHttp for LbProxy {
         };
         if code > 0 && ctx.grpc {
             // Every refusal of a call that can go elsewhere is UNAVAILABLE, which gRPC clients
-            // retry; the HTTP status must be 200 for them to read it.
-            if let Err(err) = write_grpc_status(session, grpc_status::UNAVAILABLE, &body).await {
+            // retry; the HTTP status must be 200 for them to read it. A call whose own deadline
+            // passed is DEADLINE_EXCEEDED: a retry could not finish in time, and it is what the
+            // client reports itself when its timer fires first.
+            let status = if ctx.refusal == Some(Refusal::Deadline) {
+                grpc_status::DEADLINE_EXCEEDED
+            } else {
+                grpc_status::UNAVAILABLE
+            };
+            if let Err(err) = write_grpc_status(session, status, &body).await {
                 log::debug!("could not send the gRPC status: {err}");
             }
         } else if code > 0 {
@@ -588,6 +581,18 @@ impl ProxyHttp for LbProxy {
             error_code: code,
             can_reuse_downstream: false,
         }
+    }
+
+    /// Pingora logs every request that ends in `fail_to_proxy` at ERROR ("Fail to proxy").
+    /// lb-agent's own refusals are the queue doing its job, not faults: they are logged by
+    /// [`Self::logging`]'s request line at INFO, with their outcome. So is a client that left
+    /// (outcome `client_gone`: a closed connection, a cancelled call): that is the client's
+    /// choice, not an agent fault. Failures to reach any pod (`NoUntriedPod`, connect errors)
+    /// and pod-side errors during proxying keep pingora's ERROR line.
+    fn suppress_error_log(&self, _session: &Session, ctx: &Ctx, e: &Error) -> bool {
+        ctx.refusal
+            .is_some_and(|r| r != Refusal::Queue(QueueError::NoUntriedPod))
+            || *e.esource() == ErrorSource::Downstream
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
@@ -640,22 +645,10 @@ fn outcome(ctx: &Ctx, e: Option<&Error>, status: u16) -> Outcome {
         Some(Refusal::Queue(QueueError::NoUntriedPod)) => Outcome::UpstreamError,
         Some(Refusal::Queue(QueueError::ShuttingDown)) => Outcome::ShuttingDown,
         Some(Refusal::BadRequest) => Outcome::BadRequest,
+        Some(Refusal::Deadline) => Outcome::DeadlineExceeded,
         // The client closed, reset its stream, or stopped reading past `client.timeout`.
         None if e.is_some_and(|e| *e.esource() == ErrorSource::Downstream) => Outcome::ClientGone,
         None if e.is_some() || status >= 500 && ctx.pod.is_none() => Outcome::UpstreamError,
         None => Outcome::Ok,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::grpc_message;
-
-    #[test]
-    fn grpc_message_is_percent_encoded() {
-        assert_eq!(
-            grpc_message("queue full: 100% busy, ünïcode\n"),
-            "queue full: 100%25 busy, %C3%BCn%C3%AFcode"
-        );
     }
 }

@@ -1,16 +1,39 @@
-//! Graceful shutdown on SIGTERM.
+//! Graceful shutdown on SIGTERM, in two phases.
 //!
-//! Pingora, on SIGTERM, stops accepting new connections and then sleeps its grace period
-//! unconditionally before stopping its runtimes. We keep that (in-flight requests finish, queued
-//! ones keep being served as slots free), and add two things Pingora cannot know about:
+//! 1. **Delay** (`shutdown_delay`). In Kubernetes the pod's removal from the Service's endpoints
+//!    reaches kube-proxy on every node some time *after* the kubelet sent SIGTERM; a process that
+//!    stops accepting at once makes clients see "connection refused" during every rollout. So
+//!    for the delay lb-agent keeps accepting and serving as usual, answers `/readyz` with 503
+//!    (for anything that still routes by readiness), and asks HTTP/1.1 clients to close their
+//!    kept-alive connections after each response, so their next request opens a new connection
+//!    that the updated kube-proxy sends to another replica. This is done in the process, not with
+//!    a `preStop` sleep in the manifest: it needs no shell or Kubernetes version, works the same
+//!    under `docker stop`, is covered by the test suite, and the agent can tell clients and
+//!    probes that it is leaving while it waits.
+//! 2. **Drain** (`shutdown_grace`). Only then is Pingora told to terminate: it stops its
+//!    listeners and closes idle connections. Requests in flight and queued keep being served;
+//!    the process exits as soon as none is left, and at exactly `shutdown_grace` after the drain
+//!    began at the latest. Pingora's own grace period is set longer than ours (see
+//!    [`pingora_grace_secs`]), so the deadline is this module's, to the millisecond, and not
+//!    Pingora's whole seconds.
 //!
-//! * shortly before the deadline the pools' queues are closed, so what is still queued gets a
-//!   `503` with `Retry-After` instead of a dropped connection;
-//! * as soon as nothing is in flight and nothing is queued, the process exits, so an idle agent
-//!   rolls in a moment instead of waiting out the whole grace period.
+//! Every request accepted before the drain thus gets the full `shutdown_grace` (a request in
+//! flight at SIGTERM gets `shutdown_delay + shutdown_grace`). The pod's
+//! `terminationGracePeriodSeconds` must cover `shutdown_delay + shutdown_grace` (plus a second to
+//! exit), or the kubelet's SIGKILL comes first.
+//!
+//! A queued request is only started on a pod while it can still finish: a pool's queue is
+//! closed once the time left is shorter than its recent requests took
+//! ([`crate::pool::Pool::longest_recent_hold`]), and [`QUEUE_CLOSE_MARGIN`] before the deadline
+//! at the latest. What still waits then gets a `503` with `Retry-After` and can be retried on
+//! another replica at once, instead of starting work on a pod only to be cut at the deadline
+//! without a response. A request that already left the queue keeps its slot and runs until the
+//! deadline like any other request in flight.
 
 use async_trait::async_trait;
 use pingora::server::{ShutdownSignal, ShutdownSignalWatch};
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::signal::unix::{signal, SignalKind};
@@ -18,49 +41,118 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::live::Live;
 use crate::selection::Balancer;
 
-/// How long before the end of the grace period the queues are closed.
+/// How long before the end of the grace period the queues are closed: time enough to write the
+/// `503`s before the process exits.
 const QUEUE_CLOSE_MARGIN: Duration = Duration::from_millis(500);
 
 /// How often the drain watcher looks at the pools during shutdown (only then).
 const DRAIN_POLL: Duration = Duration::from_millis(20);
 
+/// Whole seconds Pingora waits after its grace period for its runtimes to stop. Only a
+/// backstop: the drain thread exits the process before Pingora's grace period ends.
+pub const PINGORA_RUNTIME_SHUTDOWN_SECS: u64 = 1;
+
+/// Pingora's `grace_period_seconds` for our grace: whole seconds, rounded up, plus one, so that
+/// Pingora never stops its runtimes (cutting every request) before our own deadline.
+pub fn pingora_grace_secs(grace: Duration) -> u64 {
+    grace.as_secs() + u64::from(grace.subsec_nanos() > 0) + 1
+}
+
+/// What the rest of the agent needs to know about a shutdown: whether it has begun (readiness,
+/// keep-alive), and how many requests are being handled (the drain waits for them).
+#[derive(Default)]
+pub struct ShutdownState {
+    stopping: AtomicBool,
+    active: AtomicUsize,
+}
+
+impl ShutdownState {
+    /// True from SIGTERM on.
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    fn begin(&self) {
+        self.stopping.store(true, Ordering::Release);
+    }
+
+    /// Counts a request as being handled until the guard is dropped. Slots and queue places
+    /// alone miss the moments before a request reaches the queue and after it left it (writing
+    /// a refusal), and exiting then would cut a request that was already accepted.
+    pub fn request(self: &Arc<Self>) -> ActiveRequest {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        ActiveRequest(Arc::clone(self))
+    }
+
+    /// Requests being handled right now.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Acquire)
+    }
+}
+
+/// A request being handled; see [`ShutdownState::request`].
+pub struct ActiveRequest(Arc<ShutdownState>);
+
+impl Drop for ActiveRequest {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 pub struct DrainOnTerm {
     /// Every pool in force or still held by requests is drained (looked up afresh each time).
     pub live: Arc<Live>,
-    /// Time from SIGTERM until Pingora stops its runtimes.
+    /// Time from SIGTERM until the listeners close (`shutdown_delay`).
+    pub delay: Duration,
+    /// Time from the listeners' close until the process exits at the latest (`shutdown_grace`).
     pub grace: Duration,
 }
 
-fn drained(pools: &[Arc<Balancer>]) -> bool {
-    pools
-        .iter()
-        .all(|b| b.pool().inflight() == 0 && b.pool().waiting() == 0)
+fn drained(live: &Live, pools: &[Arc<Balancer>]) -> bool {
+    live.shutdown.active() == 0
+        && pools
+            .iter()
+            .all(|b| b.pool().inflight() == 0 && b.pool().waiting() == 0)
 }
 
 fn drain(live: Arc<Live>, grace: Duration) {
     let start = Instant::now();
-    let close_at = grace.saturating_sub(QUEUE_CLOSE_MARGIN);
-    let mut closed = false;
+    let deadline = start + grace;
+    let mut closed: HashSet<String> = HashSet::new();
     loop {
         let pools = live.all_pools();
-        if drained(&pools) {
+        if drained(&live, &pools) {
             log::info!("shutdown: drained after {:?}; exiting", start.elapsed());
             std::process::exit(0);
         }
-        if start.elapsed() >= close_at {
-            if !closed {
-                let queued: usize = pools.iter().map(|b| b.pool().waiting()).sum();
+        let now = Instant::now();
+        if now >= deadline {
+            let in_flight: usize = pools.iter().map(|b| b.pool().inflight()).sum();
+            log::warn!(
+                "shutdown: grace period of {grace:?} over; exiting with {in_flight} requests still in flight"
+            );
+            std::process::exit(0);
+        }
+        let left = deadline - now;
+        for b in &pools {
+            let pool = b.pool();
+            let needed = QUEUE_CLOSE_MARGIN.max(pool.longest_recent_hold());
+            if left > needed {
+                continue;
+            }
+            if closed.insert(pool.name().to_string()) {
                 log::warn!(
-                    "shutdown: grace period ending; answering {queued} queued requests with 503"
+                    "shutdown: {left:?} left, recent requests on {} took up to {:?}; answering its {} queued requests with 503",
+                    pool.name(),
+                    pool.longest_recent_hold(),
+                    pool.waiting()
                 );
-                closed = true;
             }
             // Every round, not once: closing is idempotent and covers any pool seen late.
-            for b in &pools {
-                b.pool().close();
-            }
+            pool.close();
         }
-        std::thread::sleep(DRAIN_POLL);
+        // Never sleep past the deadline: the grace ends when configured, not a poll later.
+        std::thread::sleep(DRAIN_POLL.min(left));
     }
 }
 
@@ -76,21 +168,47 @@ impl ShutdownSignalWatch for DrainOnTerm {
             return ShutdownSignal::FastShutdown;
         };
         tokio::select! {
-            _ = quit.recv() => ShutdownSignal::GracefulUpgrade,
-            _ = int.recv() => ShutdownSignal::FastShutdown,
-            _ = term.recv() => {
-                let pools = self.live.all_pools();
-                let in_flight: usize = pools.iter().map(|b| b.pool().inflight()).sum();
-                let queued: usize = pools.iter().map(|b| b.pool().waiting()).sum();
-                log::info!(
-                    "SIGTERM: no new connections; {in_flight} requests in flight and {queued} queued get up to {:?}",
-                    self.grace
-                );
-                let live = Arc::clone(&self.live);
-                let grace = self.grace;
-                std::thread::spawn(move || drain(live, grace));
-                ShutdownSignal::GracefulTerminate
-            }
+            _ = quit.recv() => return ShutdownSignal::GracefulUpgrade,
+            _ = int.recv() => return ShutdownSignal::FastShutdown,
+            _ = term.recv() => {}
+        }
+        self.live.shutdown.begin();
+        log::info!(
+            "SIGTERM: not ready; still accepting for {:?}, then draining for up to {:?}",
+            self.delay,
+            self.grace
+        );
+        // A second SIGTERM changes nothing; SIGINT still means "now".
+        tokio::select! {
+            _ = tokio::time::sleep(self.delay) => {}
+            _ = int.recv() => return ShutdownSignal::FastShutdown,
+        }
+        let pools = self.live.all_pools();
+        let in_flight: usize = pools.iter().map(|b| b.pool().inflight()).sum();
+        let queued: usize = pools.iter().map(|b| b.pool().waiting()).sum();
+        log::info!(
+            "shutdown: no new connections; {in_flight} requests in flight and {queued} queued get up to {:?}",
+            self.grace
+        );
+        let live = Arc::clone(&self.live);
+        let grace = self.grace;
+        std::thread::spawn(move || drain(live, grace));
+        ShutdownSignal::GracefulTerminate
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pingora_grace_is_never_shorter_than_ours() {
+        assert_eq!(pingora_grace_secs(Duration::ZERO), 1);
+        assert_eq!(pingora_grace_secs(Duration::from_millis(1500)), 3);
+        assert_eq!(pingora_grace_secs(Duration::from_secs(4)), 5);
+        for ms in [1, 999, 1000, 1001, 29_999, 30_000] {
+            let g = Duration::from_millis(ms);
+            assert!(Duration::from_secs(pingora_grace_secs(g)) > g, "{g:?}");
         }
     }
 }

@@ -146,6 +146,9 @@ async fn an_impatient_h2c_client_never_puts_a_pod_over_its_limit() {
         metrics.contains("lb_requests_total{outcome=\"client_gone\",route=\"/work\"} 6"),
         "{metrics}"
     );
+    // A cancelled call is the client's choice, not an agent fault: no ERROR line for it.
+    let log = agent.log();
+    assert!(!log.contains(" ERROR "), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

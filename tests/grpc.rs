@@ -311,3 +311,185 @@ async fn h2c_requests_on_one_connection_spread_over_http1_pods() {
     // HTTP/1.1 still works on the same port.
     assert_eq!(agent.get("/work").await.status, 200);
 }
+
+/// The same refusals, read by a second, strict gRPC implementation: grpcio (gRPC C-core).
+/// A Trailers-Only response must be one HEADERS frame with END_STREAM; a header block without
+/// it, followed by a reset or an empty DATA frame, reaches C-core as CANCELLED or UNKNOWN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn grpcio_reads_refusals_as_unavailable_and_unimplemented() {
+    // Make (or find) the virtualenv first, so the client's start-up below is quick.
+    tokio::task::spawn_blocking(grpcio_python).await.unwrap();
+    let pods = start_grpc_pods(101, 1).await;
+    let dead = std::net::SocketAddr::from(([127, 0, 1, 109], free_port()));
+    let agent = Agent::start(&format!(
+        "{}  - {{uri: /lbtest.Down/, match: prefix, limit: 1, protocol: h2c, endpoints: [\"{dead}\"]}}\n",
+        grpc_route(&pods, 1, "{max_waiting: 1, timeout: 1s}")
+    ))
+    .await;
+    let client = connect(agent.addr).await;
+    let ch = client.channel.clone();
+    let long = tokio::spawn(async move { unary(ch, RUN, "3000", "long").await });
+    eventually(SECS, "pod busy", || async { pods[0].stats.inflight() == 1 }).await;
+
+    // Waits 1 s in the queue, then UNAVAILABLE.
+    let addr = agent.addr;
+    let waiting = tokio::spawn(async move { grpcio_call(addr, RUN, "10", "timeout", None).await });
+    eventually(SECS, "one queued", || async {
+        agent.queue_depth().await == 1
+    })
+    .await;
+    // The queue holds 1: the next call is refused at once.
+    let (code, message) = grpcio_call(addr, RUN, "10", "full", None).await;
+    assert_eq!(code, "UNAVAILABLE", "{message}");
+    assert!(message.contains("queue full"), "{message}");
+    // On the wire: one HEADERS frame with END_STREAM.
+    let reply = raw_call(addr, RUN, "10", "full-raw", "10S").await;
+    assert_eq!(reply.grpc_status.as_deref(), Some("14"), "{reply:?}");
+    assert!(reply.trailers_only, "{reply:?}");
+    let (code, message) = waiting.await.unwrap();
+    assert_eq!(code, "UNAVAILABLE", "{message}");
+    assert!(message.contains("queue timeout"), "{message}");
+
+    // A method no route covers.
+    let (code, message) = grpcio_call(addr, "/other.Service/Run", "1", "none", None).await;
+    assert_eq!(code, "UNIMPLEMENTED", "{message}");
+    assert!(message.contains("no route"), "{message}");
+    let reply = raw_call(addr, "/other.Service/Run", "1", "none-raw", "10S").await;
+    assert_eq!(reply.grpc_status.as_deref(), Some("12"), "{reply:?}");
+    assert!(reply.trailers_only, "{reply:?}");
+
+    // Refusals are the queue at work, not faults: none is logged at ERROR.
+    let log = agent.log();
+    assert!(
+        log.contains("outcome=queue_full") && log.contains("outcome=queue_timeout"),
+        "{log}"
+    );
+    assert!(
+        !log.contains(" ERROR "),
+        "refusal logged as an error:\n{log}"
+    );
+
+    assert_eq!(long.await.unwrap().unwrap(), "pod=127.0.1.101");
+    assert_eq!(pods[0].stats.arrivals(), vec!["long".to_string()]);
+
+    // No pod reachable: UNAVAILABLE too.
+    let (code, message) = grpcio_call(addr, "/lbtest.Down/Run", "1", "down", None).await;
+    assert_eq!(code, "UNAVAILABLE", "{message}");
+    assert_eq!(agent.inflight().await, 0);
+}
+
+/// A queued call whose `grpc-timeout` passes never starts on a pod, whether or not its client
+/// cancels it at the deadline: lb-agent answers DEADLINE_EXCEEDED itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_call_whose_deadline_passes_while_queued_never_reaches_a_pod() {
+    tokio::task::spawn_blocking(grpcio_python).await.unwrap();
+    let pods = start_grpc_pods(111, 1).await;
+    let agent = Agent::start(&grpc_route(&pods, 1, "{timeout: 30s}")).await;
+    let client = connect(agent.addr).await;
+    let ch = client.channel.clone();
+    let long = tokio::spawn(async move { unary(ch, RUN, "2500", "long").await });
+    eventually(SECS, "pod busy", || async { pods[0].stats.inflight() == 1 }).await;
+
+    // A hand-made client sends `grpc-timeout` and does not cancel when it passes (tonic and
+    // grpcio both would): only lb-agent can keep the call from reaching the pod once the slot
+    // frees (at 2.5 s).
+    let sent = std::time::Instant::now();
+    let reply = raw_call(agent.addr, RUN, "10", "deadline-raw", "300m").await;
+    let answered = sent.elapsed();
+    println!("grpc-timeout 300m, queued: {reply:?} after {answered:?}");
+    assert_eq!(reply.grpc_status.as_deref(), Some("4"), "{reply:?}");
+    assert!(
+        reply
+            .grpc_message
+            .as_deref()
+            .is_some_and(|m| m.contains("deadline exceeded")),
+        "{reply:?}"
+    );
+    assert!(reply.trailers_only, "{reply:?}");
+    assert!(
+        answered >= Duration::from_millis(290) && answered < Duration::from_millis(1500),
+        "answered after {answered:?}"
+    );
+
+    // grpcio cancels at its deadline itself; either way the call ends DEADLINE_EXCEEDED.
+    let (code, message) = grpcio_call(
+        agent.addr,
+        RUN,
+        "10",
+        "deadline-grpcio",
+        Some(Duration::from_millis(300)),
+    )
+    .await;
+    assert_eq!(code, "DEADLINE_EXCEEDED", "{message}");
+
+    assert_eq!(long.await.unwrap().unwrap(), "pod=127.0.1.111");
+    // The freed slot went to nobody: the next call runs at once, and the pod never saw the
+    // calls whose deadline passed.
+    let (code, message) = grpcio_call(agent.addr, RUN, "1", "after", None).await;
+    assert_eq!((code.as_str(), message.as_str()), ("OK", "pod=127.0.1.111"));
+    assert_eq!(
+        pods[0].stats.arrivals(),
+        vec!["long".to_string(), "after".to_string()]
+    );
+    assert_eq!(agent.inflight().await, 0);
+    let metrics = loadgen::get(agent.admin, "/metrics", &[])
+        .await
+        .unwrap()
+        .body;
+    assert!(
+        metrics
+            .contains("lb_requests_total{outcome=\"deadline_exceeded\",route=\"/lbtest.Work/\"}"),
+        "{metrics}"
+    );
+}
+
+/// The pod is told the time a call has left after its queue wait, not the `grpc-timeout` it
+/// arrived with: otherwise it works on after the client has given up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_pod_gets_the_time_left_after_the_queue_wait() {
+    let pods = start_grpc_pods(121, 1).await;
+    let agent = Agent::start(&grpc_route(&pods, 1, "{timeout: 30s}")).await;
+    let client = connect(agent.addr).await;
+    let ch = client.channel.clone();
+    let long = tokio::spawn(async move { unary(ch, RUN, "1000", "long").await });
+    eventually(SECS, "pod busy", || async { pods[0].stats.inflight() == 1 }).await;
+    // Queued for about 1 s, with 5 s to live.
+    let reply = raw_call(agent.addr, RUN, "1", "queued", "5S").await;
+    assert_eq!(reply.grpc_status.as_deref(), Some("0"), "{reply:?}");
+    long.await.unwrap().unwrap();
+    // Not queued.
+    let reply = raw_call(agent.addr, RUN, "1", "direct", "5S").await;
+    assert_eq!(reply.grpc_status.as_deref(), Some("0"), "{reply:?}");
+
+    let seen = pods[0].deadlines.lock().unwrap().clone();
+    let left = |id: &str| {
+        let (_, v) = seen.iter().find(|(i, _)| i == id).expect("call seen");
+        parse_grpc_timeout(v).unwrap_or_else(|| panic!("bad grpc-timeout {v:?}"))
+    };
+    println!("grpc-timeout at the pod: {seen:?}");
+    let queued = left("queued");
+    assert!(
+        queued > Duration::from_millis(3000) && queued <= Duration::from_millis(4200),
+        "queued ~1 s of 5 s, the pod was given {queued:?}"
+    );
+    let direct = left("direct");
+    assert!(
+        direct > Duration::from_millis(4500) && direct <= Duration::from_secs(5),
+        "the pod was given {direct:?}"
+    );
+}
+
+/// `grpc-timeout` as the spec writes it (digits and a unit), for reading what a pod got.
+fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    let (n, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = n.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}

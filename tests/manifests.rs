@@ -10,10 +10,6 @@ fn load(path: &str) -> Value {
     serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{path} does not parse: {e}"))
 }
 
-fn duration_secs(s: &str) -> u64 {
-    s.trim_end_matches('s').parse().unwrap()
-}
-
 #[test]
 fn manifests_dockerfile_and_config_agree() {
     // Every manifest parses and lives in the Go agent's namespace.
@@ -88,10 +84,18 @@ fn manifests_dockerfile_and_config_agree() {
         format!("{}/config.yaml", mount["mountPath"].as_str().unwrap()),
         config_path
     );
-    assert_eq!(
-        pod["terminationGracePeriodSeconds"].as_u64().unwrap(),
-        duration_secs(config["shutdown_grace"].as_str().unwrap()),
-        "terminationGracePeriodSeconds matches shutdown_grace"
+    // The kubelet's SIGKILL must not come before lb-agent's own deadline: the delay, then
+    // the grace, then a moment to exit.
+    let parsed = lb_agent::config::Config::parse(config_text).unwrap();
+    let needed = parsed.shutdown_delay + parsed.shutdown_grace + std::time::Duration::from_secs(1);
+    let termination = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
+    assert!(
+        std::time::Duration::from_secs(termination) >= needed,
+        "terminationGracePeriodSeconds {termination} must cover shutdown_delay + shutdown_grace + 1 s = {needed:?}"
+    );
+    assert!(
+        c.get("lifecycle").is_none(),
+        "no preStop hook: the shutdown delay is lb-agent's own"
     );
     let annotations = &dep["spec"]["template"]["metadata"]["annotations"];
     assert_eq!(annotations["prometheus.io/port"], admin_port.to_string());

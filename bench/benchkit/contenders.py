@@ -116,6 +116,7 @@ class LbAgent(Contender):
             f"""listen: {HOST}:{self.port}
 admin_listen: {HOST}:{self.admin}
 threads: 1
+shutdown_delay: 0s
 queue: {{max_waiting: {self.max_waiting}, timeout: {self.queue_timeout}s}}
 routes:
   - uri: /

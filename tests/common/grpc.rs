@@ -20,9 +20,10 @@ use lb_agent::fakepod::PodStats;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
@@ -91,10 +92,14 @@ impl Drop for InFlight {
     }
 }
 
+/// `(x-req-id, grpc-timeout)` of each call that carried a `grpc-timeout`, in arrival order.
+pub type Deadlines = Arc<Mutex<Vec<(String, String)>>>;
+
 #[derive(Clone)]
 struct WorkService {
     ip: IpAddr,
     stats: Arc<PodStats>,
+    deadlines: Deadlines,
 }
 
 impl NamedService for WorkService {
@@ -124,6 +129,11 @@ impl UnaryService<Bytes> for Run {
         let svc = self.0.clone();
         Box::pin(async move {
             let _busy = InFlight::enter(&svc.stats, req_id(&req));
+            if let Some(t) = req.metadata().get("grpc-timeout") {
+                let id = req_id(&req).unwrap_or_default();
+                let t = t.to_str().unwrap_or_default().to_string();
+                svc.deadlines.lock().unwrap().push((id, t));
+            }
             // The delay is the first word; the rest is padding (a large request message).
             let ms: u64 = text(req.get_ref())
                 .split_whitespace()
@@ -210,6 +220,8 @@ impl tower::Service<http::Request<tonic::body::Body>> for WorkService {
 pub struct GrpcPod {
     pub addr: SocketAddr,
     pub stats: Arc<PodStats>,
+    /// The `grpc-timeout` each `Run` call arrived with.
+    pub deadlines: Deadlines,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -231,9 +243,11 @@ pub async fn start_grpc_pods(first: u8, n: usize) -> Vec<GrpcPod> {
         let addr = listener.local_addr().unwrap();
         port = addr.port();
         let stats = Arc::new(PodStats::default());
+        let deadlines = Deadlines::default();
         let svc = WorkService {
             ip,
             stats: Arc::clone(&stats),
+            deadlines: Arc::clone(&deadlines),
         };
         let task = tokio::spawn(async move {
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
@@ -242,7 +256,12 @@ pub async fn start_grpc_pods(first: u8, n: usize) -> Vec<GrpcPod> {
                 .serve_with_incoming(incoming)
                 .await;
         });
-        pods.push(GrpcPod { addr, stats, task });
+        pods.push(GrpcPod {
+            addr,
+            stats,
+            deadlines,
+            task,
+        });
     }
     pods
 }
@@ -315,4 +334,167 @@ pub async fn stream(channel: Channel, body: &str, id: &str) -> Result<Vec<String
         out.push(text(&m));
     }
     Ok(out)
+}
+
+/// The grpcio release the second-implementation tests run against.
+const GRPCIO: &str = "grpcio==1.85.1";
+
+/// Python with grpcio (the gRPC C-core, via PyPI), in a virtualenv made once under the test
+/// target dir and reused by later runs. Made in a scratch dir and renamed into place, so an
+/// interrupted install is never mistaken for a finished one.
+pub fn grpcio_python() -> PathBuf {
+    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
+    PYTHON
+        .get_or_init(|| {
+            let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("grpcio-venv");
+            let python = venv.join("bin").join("python");
+            let works = |python: &Path| {
+                std::process::Command::new(python)
+                    .args(["-c", "import grpc"])
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+            };
+            if works(&python) {
+                return python;
+            }
+            let scratch = venv.with_extension(format!("tmp{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&scratch);
+            let run = |cmd: &mut std::process::Command, what: &str| {
+                let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+                assert!(
+                    out.status.success(),
+                    "{what} failed:\n{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            };
+            run(
+                std::process::Command::new("python3")
+                    .args(["-m", "venv"])
+                    .arg(&scratch),
+                "python3 -m venv (Debian: apt-get install python3-venv)",
+            );
+            run(
+                std::process::Command::new(scratch.join("bin").join("python")).args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                    GRPCIO,
+                ]),
+                &format!("pip install {GRPCIO}"),
+            );
+            if std::fs::rename(&scratch, &venv).is_err() {
+                // Another test process finished first: use its venv.
+                let _ = std::fs::remove_dir_all(&scratch);
+            }
+            assert!(works(&python), "no grpcio in {}", venv.display());
+            python
+        })
+        .clone()
+}
+
+/// One unary call with grpcio through `tests/grpc_client.py`: the status code name (`OK`,
+/// `UNAVAILABLE`, ...) and the details (the reply body when `OK`). The call's deadline is
+/// `timeout`, or 20 s, which also bounds how long the client process can run.
+pub async fn grpcio_call(
+    addr: SocketAddr,
+    method: &str,
+    body: &str,
+    id: &str,
+    timeout: Option<Duration>,
+) -> (String, String) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/grpc_client.py");
+    let timeout = timeout.unwrap_or(Duration::from_secs(20)).as_secs_f64();
+    let args = [
+        script.display().to_string(),
+        addr.to_string(),
+        method.to_string(),
+        body.to_string(),
+        "--id".to_string(),
+        id.to_string(),
+        "--timeout".to_string(),
+        timeout.to_string(),
+    ];
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(grpcio_python())
+            .args(args)
+            .output()
+            .expect("run grpcio client")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "grpcio client failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout.trim();
+    let (code, details) = line.split_once(' ').unwrap_or((line, ""));
+    (code.to_string(), details.to_string())
+}
+
+/// What [`raw_call`] saw of a response.
+#[derive(Debug)]
+pub struct RawReply {
+    /// `grpc-status`, from the header block or the trailers.
+    pub grpc_status: Option<String>,
+    pub grpc_message: Option<String>,
+    /// The HEADERS frame ended the stream (END_STREAM): a proper Trailers-Only response.
+    pub trailers_only: bool,
+}
+
+/// One unary gRPC call made by hand over a fresh h2c connection with hyper, with
+/// `grpc-timeout: <grpc_timeout>`. Unlike tonic and grpcio, nothing here cancels the call when
+/// that deadline passes, so only the server side can honour it; and it reports whether the
+/// response's HEADERS frame carried END_STREAM.
+pub async fn raw_call(
+    addr: SocketAddr,
+    path: &str,
+    body: &str,
+    id: &str,
+    grpc_timeout: &str,
+) -> RawReply {
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Body as _;
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("h2c handshake");
+    tokio::spawn(conn);
+    // A gRPC message: uncompressed flag, 4-byte big-endian length, the bytes.
+    let mut msg = vec![0u8];
+    msg.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    msg.extend_from_slice(body.as_bytes());
+    let req = http::Request::post(format!("http://lb-agent{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", grpc_timeout)
+        .header("x-req-id", id)
+        .body(Full::new(Bytes::from(msg)))
+        .unwrap();
+    let resp = sender.send_request(req).await.expect("h2 response");
+    let trailers_only = resp.body().is_end_stream();
+    let header = |h: &http::HeaderMap, name: &str| {
+        h.get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let mut grpc_status = header(resp.headers(), "grpc-status");
+    let mut grpc_message = header(resp.headers(), "grpc-message");
+    let collected = resp.into_body().collect().await.expect("response body");
+    if let Some(trailers) = collected.trailers() {
+        grpc_status = grpc_status.or_else(|| header(trailers, "grpc-status"));
+        grpc_message = grpc_message.or_else(|| header(trailers, "grpc-message"));
+    }
+    RawReply {
+        grpc_status,
+        grpc_message,
+        trailers_only,
+    }
 }

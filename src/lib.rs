@@ -80,6 +80,12 @@ pub fn build_server(config: &Config, config_path: Option<&Path>) -> Result<Agent
     // earlier exit once drained) is what ends the process, never Pingora's rounding.
     let conf = ServerConf {
         threads: config.threads,
+        // Each proxy thread runs its own single-threaded runtime. Tokio's work-stealing
+        // scheduler runs the most recently spawned task first (its "LIFO slot"), so in a burst
+        // the connection accepted last reached the queue first and jumped ahead of everyone:
+        // FIFO must mean arrival order. A single-threaded runtime runs new tasks in the order
+        // they were spawned.
+        work_stealing: false,
         grace_period_seconds: Some(shutdown::pingora_grace_secs(config.shutdown_grace)),
         graceful_shutdown_timeout_seconds: Some(shutdown::PINGORA_RUNTIME_SHUTDOWN_SECS),
         // Total attempts per request; our fail_to_connect decides which are retried.

@@ -162,7 +162,7 @@ impl ServeHttp for AdminApp {
             "/metrics" => reply(
                 StatusCode::OK,
                 "text/plain; version=0.0.4",
-                crate::metrics::render(&self.live.all_pools()),
+                crate::metrics::render(),
             ),
             "/status" => {
                 let body = serde_json::to_vec_pretty(&self.status()).unwrap_or_default();

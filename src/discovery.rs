@@ -72,10 +72,12 @@ pub async fn resolve(resolver: &TokioResolver, host: &str) -> Result<Answer, Str
     }
 }
 
-/// Counters for the status page and metrics.
+/// Lookup outcomes of one DNS name, read by `/metrics` at scrape time
+/// (`lb_discovery_*{service}`): they live with the task, so a name that a reload drops takes its
+/// series with it.
 #[derive(Default, Debug)]
 pub struct DiscoveryStats {
-    pub resolutions: AtomicU64,
+    /// Lookups that failed (timeout, SERVFAIL, unreachable server), not NXDOMAIN or empty.
     pub errors: AtomicU64,
     pub unstable_ignored: AtomicU64,
     /// Unix seconds of the last successful resolution (0: never).
@@ -158,7 +160,6 @@ impl DnsDiscovery {
     }
 
     fn record(&self, r: &Result<Answer, String>) {
-        self.stats.resolutions.fetch_add(1, Ordering::Relaxed);
         match r {
             Ok(_) => {
                 let now = SystemTime::now()
@@ -212,9 +213,6 @@ impl DnsDiscovery {
                 self.record(&again);
                 if again.as_ref() != Ok(&answer) {
                     self.stats.unstable_ignored.fetch_add(1, Ordering::Relaxed);
-                    if let Some(m) = crate::metrics::get() {
-                        m.discovery_unstable.with_label_values(&[&self.host]).inc();
-                    }
                     log::debug!(
                         "DNS answer for {} is unstable ({:?} then {:?}); keeping the current pods",
                         self.host,

@@ -98,6 +98,7 @@ pub fn build_server(config: &Config, config_path: Option<&Path>) -> Result<Agent
     server.bootstrap();
 
     let live = Live::new(config)?;
+    metrics::sample_from(&live);
     server.add_service(background_service(
         "config and discovery",
         reload::ConfigService::new(

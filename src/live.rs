@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use crate::config::{Config, Target};
-use crate::discovery::DnsDiscovery;
+use crate::discovery::{DiscoveryStats, DnsDiscovery};
 use crate::pool::Pool;
 use crate::proxy::RouteEntry;
 use crate::route::RouteTable;
@@ -188,6 +188,16 @@ impl Live {
         let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
         retired.retain(|w| w.strong_count() > 0);
         retired.iter().filter_map(Weak::upgrade).collect()
+    }
+
+    /// Every DNS name being discovered, with its lookup counters (for `/metrics`).
+    pub fn discovery_stats(&self) -> Vec<(String, Arc<DiscoveryStats>)> {
+        self.discovery
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(host, d)| (host.clone(), Arc::clone(&d.task.stats)))
+            .collect()
     }
 
     /// Starts the discovery tasks that are not running. Must run inside a tokio runtime.

@@ -1,31 +1,34 @@
 //! Prometheus metrics, in the default `prometheus` registry (the one pingora-prometheus
 //! serves), exposed on the admin port at `/metrics`.
 //!
-//! Event metrics (requests, waits, failures, DNS outcomes) are recorded where they happen.
-//! State metrics (queue depth, in-flight, limits, pod counts) are sampled from the pools at
-//! scrape time, so they can never drift from the truth.
+//! Two kinds, kept apart on purpose:
+//!
+//! * **Events** (requests by outcome, request and queue-wait latency, config reloads) are
+//!   counted where they happen, in the registered vectors of [`Metrics`].
+//! * **State** (queue depth, per-pod in-flight, caps and request counts, discovery outcomes) is
+//!   read from the live pools and discovery tasks by [`StateCollector`] each time the registry
+//!   is gathered. Nothing of it is stored between scrapes, so two scrapes at once cannot see
+//!   each other's half-written values, and a pod or pool that is gone (left the pod list and
+//!   holds no request, or retired and released) simply has no series any more. The per-pod
+//!   request and connect-failure counters are the pool's own per-pod counts, which the request
+//!   path already keeps under the lock it takes anyway: no label lookup per request.
 
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
 use prometheus::{
-    register_gauge_vec, register_histogram_vec, register_int_counter_vec, register_int_gauge_vec,
-    Encoder, GaugeVec, HistogramVec, IntCounterVec, IntGaugeVec, TextEncoder,
+    register_histogram_vec, register_int_counter_vec, Encoder, GaugeVec, HistogramVec,
+    IntCounterVec, IntGaugeVec, Opts, TextEncoder,
 };
-use std::sync::{Arc, LazyLock};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, LazyLock, RwLock, Weak};
 
-use crate::selection::Balancer;
+use crate::live::Live;
 
+/// The event metrics. State metrics are not here: see [`StateCollector`].
 pub struct Metrics {
     pub requests: IntCounterVec,
     pub request_duration: HistogramVec,
     pub queue_wait: HistogramVec,
-    pub queue_depth: IntGaugeVec,
-    pub pod_inflight: IntGaugeVec,
-    pub pod_limit: IntGaugeVec,
-    pub pod_requests: IntCounterVec,
-    pub pod_connect_failures: IntCounterVec,
-    pub discovery_pods: IntGaugeVec,
-    pub discovery_last_success: GaugeVec,
-    pub discovery_errors: IntCounterVec,
-    pub discovery_unstable: IntCounterVec,
     pub config_reloads: IntCounterVec,
 }
 
@@ -36,7 +39,7 @@ const SLOW_BUCKETS: &[f64] = &[
 ];
 
 fn build() -> Result<Metrics, prometheus::Error> {
-    Ok(Metrics {
+    let m = Metrics {
         requests: register_int_counter_vec!(
             "lb_requests_total",
             "Requests by route and outcome (ok, upstream_error, queue_timeout, queue_full, client_gone, no_route, shutting_down)",
@@ -54,41 +57,14 @@ fn build() -> Result<Metrics, prometheus::Error> {
             &["route"],
             SLOW_BUCKETS.to_vec()
         )?,
-        queue_depth: register_int_gauge_vec!(
-            "lb_queue_depth",
-            "Requests waiting for a free slot, per pool (scale the compute service on this)",
-            &["pool"]
-        )?,
-        pod_inflight: register_int_gauge_vec!("lb_pod_inflight", "Requests in flight per pod", &["pool", "pod"])?,
-        pod_limit: register_int_gauge_vec!("lb_pod_limit", "Per-pod cap", &["pool", "pod"])?,
-        pod_requests: register_int_counter_vec!("lb_pod_requests_total", "Requests sent to each pod", &["pool", "pod"])?,
-        pod_connect_failures: register_int_counter_vec!(
-            "lb_pod_connect_failures_total",
-            "Failed connection attempts per pod",
-            &["pool", "pod"]
-        )?,
-        discovery_pods: register_int_gauge_vec!("lb_discovery_pods", "Pods in the trusted pod list per pool", &["pool"])?,
-        discovery_last_success: register_gauge_vec!(
-            "lb_discovery_last_success_timestamp_seconds",
-            "Unix time of the last successful DNS resolution",
-            &["service"]
-        )?,
-        discovery_errors: register_int_counter_vec!(
-            "lb_discovery_errors_total",
-            "Failed DNS resolutions (timeouts, SERVFAIL, unreachable server)",
-            &["service"]
-        )?,
-        discovery_unstable: register_int_counter_vec!(
-            "lb_discovery_unstable_answers_total",
-            "Changed DNS answers ignored because they did not repeat identically",
-            &["service"]
-        )?,
         config_reloads: register_int_counter_vec!(
             "lb_config_reloads_total",
             "Config reloads by result (applied, rejected: the running config stayed in force)",
             &["result"]
         )?,
-    })
+    };
+    prometheus::register(Box::new(StateCollector::new()?))?;
+    Ok(m)
 }
 
 static METRICS: LazyLock<Option<Metrics>> = LazyLock::new(|| match build() {
@@ -104,39 +80,191 @@ pub fn get() -> Option<&'static Metrics> {
     METRICS.as_ref()
 }
 
-/// Samples pool state into the gauges and renders the default registry as Prometheus text.
-pub fn render(pools: &[Arc<Balancer>]) -> Vec<u8> {
-    if let Some(m) = get() {
-        // Reset first: a pool or pod that is gone must not leave its last value behind.
-        m.pod_inflight.reset();
-        m.pod_limit.reset();
-        m.queue_depth.reset();
-        m.discovery_pods.reset();
-        for b in pools {
-            let p = b.pool();
-            let limit = p.limit() as i64;
-            m.queue_depth
-                .with_label_values(&[p.name()])
-                .set(p.waiting() as i64);
-            m.discovery_pods
-                .with_label_values(&[p.name()])
-                .set(b.trusted_pods().len() as i64);
-            for pod in p.pods() {
-                let pod_label = pod.addr.to_string();
-                m.pod_inflight
-                    .with_label_values(&[p.name(), &pod_label])
-                    .set(pod.inflight as i64);
-                if pod.active {
-                    m.pod_limit
-                        .with_label_values(&[p.name(), &pod_label])
-                        .set(limit);
-                }
-            }
-        }
-    }
+/// What [`StateCollector`] samples. Weak: metrics must not keep a replaced config alive.
+static SOURCE: RwLock<Weak<Live>> = RwLock::new(Weak::new());
+
+/// Makes the state metrics sample `live` from now on (and registers the metrics).
+pub fn sample_from(live: &Arc<Live>) {
+    *SOURCE.write().unwrap_or_else(|e| e.into_inner()) = Arc::downgrade(live);
+    get();
+}
+
+/// Renders the default registry as Prometheus text.
+pub fn render() -> Vec<u8> {
+    get();
     let mut out = Vec::new();
     if let Err(e) = TextEncoder::new().encode(&prometheus::gather(), &mut out) {
         log::error!("cannot encode metrics: {e}");
     }
     out
+}
+
+/// One scrape's state metrics. A fresh set is made for every scrape and dropped after it, so
+/// concurrent scrapes share nothing.
+struct Sample {
+    queue_depth: IntGaugeVec,
+    pod_inflight: IntGaugeVec,
+    pod_limit: IntGaugeVec,
+    pod_requests: IntCounterVec,
+    pod_connect_failures: IntCounterVec,
+    discovery_pods: IntGaugeVec,
+    discovery_last_success: GaugeVec,
+    discovery_errors: IntCounterVec,
+    discovery_unstable: IntCounterVec,
+}
+
+impl Sample {
+    fn new() -> Result<Sample, prometheus::Error> {
+        Ok(Sample {
+            queue_depth: IntGaugeVec::new(
+                Opts::new(
+                    "lb_queue_depth",
+                    "Requests waiting for a free slot, per pool (scale the compute service on this)",
+                ),
+                &["pool"],
+            )?,
+            pod_inflight: IntGaugeVec::new(
+                Opts::new("lb_pod_inflight", "Requests in flight per pod"),
+                &["pool", "pod"],
+            )?,
+            pod_limit: IntGaugeVec::new(
+                Opts::new("lb_pod_limit", "Per-pod cap"),
+                &["pool", "pod"],
+            )?,
+            pod_requests: IntCounterVec::new(
+                Opts::new("lb_pod_requests_total", "Requests sent to each pod"),
+                &["pool", "pod"],
+            )?,
+            pod_connect_failures: IntCounterVec::new(
+                Opts::new(
+                    "lb_pod_connect_failures_total",
+                    "Failed connection attempts per pod",
+                ),
+                &["pool", "pod"],
+            )?,
+            discovery_pods: IntGaugeVec::new(
+                Opts::new(
+                    "lb_discovery_pods",
+                    "Pods in the trusted pod list per pool",
+                ),
+                &["pool"],
+            )?,
+            discovery_last_success: GaugeVec::new(
+                Opts::new(
+                    "lb_discovery_last_success_timestamp_seconds",
+                    "Unix time of the last successful DNS resolution (0: none yet)",
+                ),
+                &["service"],
+            )?,
+            discovery_errors: IntCounterVec::new(
+                Opts::new(
+                    "lb_discovery_errors_total",
+                    "Failed DNS resolutions (timeouts, SERVFAIL, unreachable server)",
+                ),
+                &["service"],
+            )?,
+            discovery_unstable: IntCounterVec::new(
+                Opts::new(
+                    "lb_discovery_unstable_answers_total",
+                    "Changed DNS answers ignored because they did not repeat identically",
+                ),
+                &["service"],
+            )?,
+        })
+    }
+
+    fn parts(&self) -> [&dyn Collector; 9] {
+        [
+            &self.queue_depth,
+            &self.pod_inflight,
+            &self.pod_limit,
+            &self.pod_requests,
+            &self.pod_connect_failures,
+            &self.discovery_pods,
+            &self.discovery_last_success,
+            &self.discovery_errors,
+            &self.discovery_unstable,
+        ]
+    }
+
+    fn fill(&self, live: &Live) {
+        // Pools of the config in force and retired pools still in use; names are unique among
+        // them (a reload that names a retired pool again revives that same pool).
+        for b in live.all_pools() {
+            let p = b.pool();
+            let name = p.name();
+            self.queue_depth
+                .with_label_values(&[name])
+                .set(p.waiting() as i64);
+            self.discovery_pods
+                .with_label_values(&[name])
+                .set(b.trusted_pods().len() as i64);
+            let limit = p.limit() as i64;
+            for pod in p.pods() {
+                let labels = [name, &pod.addr.to_string()];
+                self.pod_inflight
+                    .with_label_values(&labels)
+                    .set(pod.inflight as i64);
+                if pod.active {
+                    self.pod_limit.with_label_values(&labels).set(limit);
+                }
+                self.pod_requests
+                    .with_label_values(&labels)
+                    .inc_by(pod.requests);
+                self.pod_connect_failures
+                    .with_label_values(&labels)
+                    .inc_by(pod.connect_failures);
+            }
+        }
+        for (host, stats) in live.discovery_stats() {
+            let labels = [host.as_str()];
+            self.discovery_last_success
+                .with_label_values(&labels)
+                .set(stats.last_success_unix.load(Ordering::Relaxed) as f64);
+            self.discovery_errors
+                .with_label_values(&labels)
+                .inc_by(stats.errors.load(Ordering::Relaxed));
+            self.discovery_unstable
+                .with_label_values(&labels)
+                .inc_by(stats.unstable_ignored.load(Ordering::Relaxed));
+        }
+    }
+}
+
+/// Samples pool and discovery state when the registry is gathered (see the module doc).
+struct StateCollector {
+    descs: Vec<Desc>,
+}
+
+impl StateCollector {
+    fn new() -> Result<StateCollector, prometheus::Error> {
+        let template = Sample::new()?;
+        let descs = template
+            .parts()
+            .iter()
+            .flat_map(|c| c.desc().into_iter().cloned())
+            .collect();
+        Ok(StateCollector { descs })
+    }
+}
+
+impl Collector for StateCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let Some(live) = SOURCE.read().unwrap_or_else(|e| e.into_inner()).upgrade() else {
+            return Vec::new();
+        };
+        let sample = match Sample::new() {
+            Ok(s) => s,
+            Err(e) => {
+                log::error!("cannot sample state metrics: {e}");
+                return Vec::new();
+            }
+        };
+        sample.fill(&live);
+        sample.parts().iter().flat_map(|c| c.collect()).collect()
+    }
 }

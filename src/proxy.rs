@@ -376,11 +376,6 @@ impl ProxyHttp for LbProxy {
         };
         ctx.pod = Some(slot.addr());
         ctx.attempts += 1;
-        if let Some(m) = metrics::get() {
-            m.pod_requests
-                .with_label_values(&[slot.pool().name(), &slot.addr().to_string()])
-                .inc();
-        }
         let mut peer = HttpPeer::new(slot.addr(), false, String::new());
         peer.options.connection_timeout = Some(route.connect_timeout);
         peer.options.idle_timeout = Some(route.upstream_idle_timeout);
@@ -485,11 +480,6 @@ impl ProxyHttp for LbProxy {
         if let Some(slot) = ctx.slot.take() {
             let addr = slot.addr();
             slot.pool().report_connect_failure(addr);
-            if let Some(m) = metrics::get() {
-                m.pod_connect_failures
-                    .with_label_values(&[slot.pool().name(), &addr.to_string()])
-                    .inc();
-            }
             ctx.tried.push(addr);
             log::warn!("connect to pod {addr} failed: {e}");
         }

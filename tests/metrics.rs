@@ -172,10 +172,7 @@ async fn departed_pods_leave_no_series_behind() {
     assert_eq!(
         sample(
             &m,
-            &format!(
-                "lb_pod_inflight{{pod=\"{}\",pool=\"{pool}\"}}",
-                holder.addr
-            )
+            &format!("lb_pod_inflight{{pod=\"{}\",pool=\"{pool}\"}}", holder.addr)
         ),
         Some(1.0),
         "{m}"
@@ -234,7 +231,10 @@ async fn concurrent_scrapes_all_see_the_queue() {
     .await;
 
     let depth = format!("lb_queue_depth{{pool=\"{pool}\"}}");
-    let inflight = format!("lb_pod_inflight{{pod=\"{}\",pool=\"{pool}\"}}", pods[0].addr);
+    let inflight = format!(
+        "lb_pod_inflight{{pod=\"{}\",pool=\"{pool}\"}}",
+        pods[0].addr
+    );
     let admin = agent.admin;
     let scrapers: Vec<_> = (0..SCRAPERS)
         .map(|_| {
@@ -257,7 +257,11 @@ async fn concurrent_scrapes_all_see_the_queue() {
         wrong.extend(s.await.unwrap());
     }
     // The state did not change while we scraped: every scrape had to see it.
-    assert_eq!(pods[0].stats.inflight(), 1, "blocker ended during the scrapes");
+    assert_eq!(
+        pods[0].stats.inflight(),
+        1,
+        "blocker ended during the scrapes"
+    );
     assert_eq!(queue_depth().await, QUEUED as u64);
     assert!(
         wrong.is_empty(),

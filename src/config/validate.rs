@@ -1,354 +1,212 @@
-//! The YAML config: the file format (compatible with the Go lb-agent) and the validated
-//! [`Config`] the rest of the crate uses.
+//! File format → validated [`Config`]: defaults, parsing of durations and addresses, and a
+//! bound on every value, each error naming its field (`routes[1].limit: must be at least 1`).
 //!
-//! The two are kept apart on purpose: the file format has to accept the Go agent's field
-//! names (`K8s_port`, `http_port`, …) and leave everything optional, while the rest of the
-//! code wants resolved values (durations parsed, defaults applied, a pool per target).
-//! Every validation error names the field it is about (`routes[1].limit: must be at least 1`).
+//! The upper bounds are not taste: each keeps a value away from a panic or an overflow
+//! somewhere downstream (`Instant + timeout`, tokio's semaphore maximum, Pingora's thread
+//! pools), and each is far beyond what a working deployment needs, so `--check` refuses a
+//! config that would otherwise pass and then kill the process (or the reload service) at run
+//! time.
 
-use serde::Deserialize;
 use std::collections::{BTreeMap, HashSet};
-use std::fmt;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
-/// Where the config is looked for when `-c` is not given: the repo-relative path the Go agent
-/// used, then the absolute path its container image used.
-pub const DEFAULT_CONFIG_PATHS: [&str; 2] = [
-    "conf/config.yaml",
-    "/usr/local/services/ai-media/conf/config.yaml",
-];
+use super::file::{FileClient, FileConfig, FileQueue, FileRoute};
+use super::{
+    ClientLimits, Config, ConfigError, DnsConfig, MatchKind, PoolConfig, QueuePolicy, RouteConfig,
+    Target,
+};
+
+/// Largest config file: Kubernetes caps a ConfigMap at 1 MiB, and ours are a few hundred bytes.
+pub const MAX_CONFIG_BYTES: usize = 1024 * 1024;
+/// Deepest nesting of YAML collections. Our format nests 4 deep (`routes[0].queue.timeout`);
+/// libyaml takes time that grows far faster than the size with depth (a 200 KB file of `[`
+/// took 43 s of CPU to reject), so deep nesting is refused before it is parsed.
+pub const MAX_CONFIG_DEPTH: usize = 32;
+
+/// Default of `upstream_idle_timeout` (see its validation for the reasoning).
+pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Longer than any server keep-alive we know of: a larger value would only bring the race back.
+const MAX_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Upper bounds of the shutdown settings: far beyond any sane value, and they keep the
 /// deadline arithmetic far from overflowing.
 const MAX_SHUTDOWN_GRACE: Duration = Duration::from_secs(24 * 3600);
 const MAX_SHUTDOWN_DELAY: Duration = Duration::from_secs(600);
 
-/// A config problem, always naming the field (or the file) it is about.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    pub field: String,
-    pub message: String,
-}
+/// Longest of the timeouts and intervals that are added to `Instant::now()` (queue and client
+/// timeouts, DNS intervals, `reload_interval`): a day is past any sane setting, and
+/// `Instant + 24h` cannot overflow, where `queue.timeout: 18446744073709551615s` panicked on
+/// every request.
+const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// Longest `connect_timeout`: Linux itself gives up a TCP connect after about 2 minutes of SYN
+/// retries, so a longer timeout never waits longer.
+const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(600);
 
-impl ConfigError {
-    fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            field: field.into(),
-            message: message.into(),
-        }
+/// Largest per-pod `limit`. Each pool's free slots are permits of one tokio semaphore, which
+/// panics above `usize::MAX >> 3` permits (about 2.3·10^18) — at start-up, or in the reload
+/// service after permits were already withdrawn. With at most 100 000 per pod, even the
+/// largest pod list a DNS answer can carry (65 535 bytes: ~4 000 A records) or a 1 MiB
+/// `endpoints` list stays below 10^11 permits; and 100 000 concurrent requests is already far
+/// beyond what one compute pod can take.
+pub(super) const MAX_LIMIT: usize = 100_000;
+/// Largest `max_waiting`: every queued request holds a client connection (a file descriptor
+/// and its buffers), so a million is already more than one process can hold.
+pub(super) const MAX_WAITING: usize = 1_000_000;
+/// Most proxy threads: Pingora starts each as an OS thread with its own runtime at start-up;
+/// `threads: 4294967296` aborted the process. 1024 is far past the useful number (the cores).
+pub(super) const MAX_THREADS: usize = 1024;
+/// Most connection attempts per request: each is on a different pod, so more only matters
+/// with that many pods, and a request should not spend longer than this many connect timeouts.
+pub(super) const MAX_ATTEMPTS: usize = 100;
+/// Most identical DNS answers required before a changed pod list is trusted: more only delays
+/// every scale-up by `samples × stability_interval`.
+pub(super) const MAX_STABILITY_SAMPLES: usize = 100;
+
+/// Longest any client timeout may be: a day is already far past any sane setting, and the bound
+/// keeps `Instant + timeout` from overflowing.
+const MAX_CLIENT_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+/// Largest `client.max_header_size`: Pingora itself refuses headers above 1 MiB.
+const MAX_HEADER_SIZE_BOUND: usize = 1024 * 1024;
+
+/// Smallest `client.max_header_size`: a request line and a Host field must fit.
+const MIN_HEADER_SIZE_BOUND: usize = 1024;
+
+/// Refuses text larger than [`MAX_CONFIG_BYTES`] or nested deeper than [`MAX_CONFIG_DEPTH`],
+/// in one linear pass, before the YAML parser sees it.
+pub(super) fn check_shape(text: &str) -> Result<(), ConfigError> {
+    if text.len() > MAX_CONFIG_BYTES {
+        return Err(ConfigError::new(
+            "",
+            format!(
+                "config is larger than {MAX_CONFIG_BYTES} bytes (1 MiB); a config is a few KiB"
+            ),
+        ));
     }
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.field.is_empty() {
-            write!(f, "{}", self.message)
-        } else {
-            write!(f, "{}: {}", self.field, self.message)
-        }
+    if let Some(line) = too_deep(text, MAX_CONFIG_DEPTH) {
+        return Err(ConfigError::new(
+            "",
+            format!(
+                "config nests deeper than {MAX_CONFIG_DEPTH} levels (at line {line}); a config nests 4"
+            ),
+        ));
     }
+    Ok(())
 }
 
-impl std::error::Error for ConfigError {}
-
-// ---------------------------------------------------------------------------------------------
-// File format
-// ---------------------------------------------------------------------------------------------
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    /// Go agent: raises the log level to debug.
-    #[serde(default)]
-    debug: bool,
-    port: Option<u16>,
-    log_file: Option<String>,
-    /// Go agent: path of a kubeconfig. Accepted and ignored: discovery uses DNS.
-    #[allow(dead_code)]
-    kube_config_file: Option<String>,
-    listen: Option<String>,
-    threads: Option<usize>,
-    admin_listen: Option<String>,
-    cluster_domain: Option<String>,
-    #[serde(default)]
-    dns: FileDns,
-    #[serde(default)]
-    queue: FileQueue,
-    connect_timeout: Option<String>,
-    upstream_idle_timeout: Option<String>,
-    max_attempts: Option<usize>,
-    shutdown_grace: Option<String>,
-    shutdown_delay: Option<String>,
-    reload_interval: Option<String>,
-    #[serde(default)]
-    client: FileClient,
-    #[serde(default)]
-    routes: Vec<FileRoute>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileClient {
-    header_timeout: Option<String>,
-    keepalive_timeout: Option<String>,
-    timeout: Option<String>,
-    max_header_size: Option<usize>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileDns {
-    nameservers: Option<Vec<String>>,
-    refresh_interval: Option<String>,
-    stability_samples: Option<usize>,
-    stability_interval: Option<String>,
-    unstable_retry: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileQueue {
-    max_waiting: Option<usize>,
-    timeout: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileRoute {
-    uri: Option<String>,
-    #[serde(rename = "match")]
-    match_kind: Option<String>,
-    limit: Option<usize>,
-    service_name: Option<String>,
-    namespace: Option<String>,
-    http_port: Option<u16>,
-    /// Older Go route form: a full DNS name …
-    k8s_host: Option<String>,
-    /// … and its port, spelled with a capital K in those configs.
-    #[serde(rename = "K8s_port", alias = "k8s_port")]
-    k8s_port: Option<u16>,
-    host: Option<String>,
-    endpoints: Option<Vec<String>>,
-    queue: Option<FileQueue>,
-    protocol: Option<String>,
-    client_abort: Option<String>,
-}
-
-// ---------------------------------------------------------------------------------------------
-// Validated config
-// ---------------------------------------------------------------------------------------------
-
-/// The validated configuration.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Config {
-    pub debug: bool,
-    /// Where the proxy listens (`listen`, or `0.0.0.0:<port>`).
-    pub listen: String,
-    pub admin_listen: Option<String>,
-    pub threads: usize,
-    pub log_file: Option<PathBuf>,
-    pub dns: DnsConfig,
-    pub connect_timeout: Duration,
-    /// A kept-alive connection to a pod idle longer than this is closed rather than reused
-    /// (zero: never reused), so that a request is not sent on a connection the pod is closing.
-    pub upstream_idle_timeout: Duration,
-    /// Attempts per request on connect failure (each on a different pod).
-    pub max_attempts: usize,
-    /// After the shutdown delay, the longest the drain waits for requests (see `shutdown`).
-    pub shutdown_grace: Duration,
-    /// After SIGTERM, how long new connections are still accepted (not ready meanwhile).
-    pub shutdown_delay: Duration,
-    /// How often the config file is checked for changes (zero: only on SIGHUP).
-    pub reload_interval: Duration,
-    /// What a client connection may cost before it is closed (slow, idle or oversized).
-    pub client: ClientLimits,
-    pub routes: Vec<RouteConfig>,
-    /// One entry per distinct target; routes refer to it by index.
-    pub pools: Vec<PoolConfig>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct DnsConfig {
-    /// Empty: follow /etc/resolv.conf.
-    pub nameservers: Vec<SocketAddr>,
-    pub refresh_interval: Duration,
-    pub stability_samples: usize,
-    pub stability_interval: Duration,
-    pub unstable_retry: Duration,
-}
-
-impl Default for DnsConfig {
-    fn default() -> Self {
-        Self {
-            nameservers: Vec::new(),
-            refresh_interval: Duration::from_secs(2),
-            stability_samples: 5,
-            stability_interval: Duration::from_millis(500),
-            unstable_retry: Duration::from_secs(10),
-        }
-    }
-}
-
-/// Bounds on what one client connection may hold: the defaults follow NGINX
-/// (`client_header_timeout 60s`, `keepalive_timeout 75s`, `send_timeout 60s`,
-/// `large_client_header_buffers 4 8k`), so a slow or idle client costs a bounded amount of time
-/// and memory and cannot pin a pod's slot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ClientLimits {
-    /// From the first byte of a request (or the connection's start) to the end of its header.
-    pub header_timeout: Duration,
-    /// How long a kept-alive connection may sit idle between requests.
-    pub keepalive_timeout: Duration,
-    /// How long a write to the client may make no progress (a client that stops reading).
-    pub timeout: Duration,
-    /// Largest request header (request line and all fields) accepted; larger gets 431.
-    pub max_header_size: usize,
-}
-
-impl Default for ClientLimits {
-    fn default() -> Self {
-        Self {
-            header_timeout: Duration::from_secs(60),
-            keepalive_timeout: Duration::from_secs(75),
-            timeout: Duration::from_secs(60),
-            max_header_size: 32 * 1024,
-        }
-    }
-}
-
-/// What happens to a request already sent to a pod when its client goes away.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum ClientAbort {
-    /// The pod's exchange runs to its end (its response is read and dropped) and only then is
-    /// the slot freed: a compute pod usually keeps working after its client left.
-    #[default]
-    Finish,
-    /// The connection to the pod is closed and the slot freed at once: for pods that stop
-    /// working when their client disconnects.
-    Cancel,
-}
-
-/// How long and how many requests may wait when every pod of a pool is full.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct QueuePolicy {
-    pub max_waiting: usize,
-    pub timeout: Duration,
-}
-
-impl Default for QueuePolicy {
-    fn default() -> Self {
-        Self {
-            max_waiting: 1000,
-            timeout: Duration::from_secs(30),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MatchKind {
-    Exact,
-    Prefix,
-}
-
-/// What lb-agent speaks to a route's pods. Clients may use HTTP/1.1 or h2c either way.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum UpstreamProtocol {
-    #[default]
-    Http1,
-    /// Cleartext HTTP/2 with prior knowledge: gRPC services. Calls to a pod share connections.
-    H2c,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct RouteConfig {
-    pub uri: String,
-    pub match_kind: MatchKind,
-    pub pool: usize,
-    pub queue: QueuePolicy,
-    pub protocol: UpstreamProtocol,
-    pub client_abort: ClientAbort,
-}
-
-/// Where a pool's pods come from.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Target {
-    /// A DNS name whose A/AAAA records are the pods (a headless Service).
-    Dns { host: String, port: u16 },
-    /// A fixed list of pods.
-    Static(Vec<SocketAddr>),
-}
-
-impl fmt::Display for Target {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Target::Dns { host, port } => write!(f, "{host}:{port}"),
-            Target::Static(addrs) => {
-                let list: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
-                write!(f, "static[{}]", list.join(","))
+/// The line (1-based) where the nesting of `text` first exceeds `max`, if it does.
+///
+/// An estimate from above, without parsing: block nesting is the stack of indentation columns
+/// (plus one level per `- ` or `? ` that opens a compact collection on the line), flow nesting
+/// the count of open `[`/`{`. Quoted scalars and comments are skipped, since they may hold any
+/// bracket. A `[` inside a plain scalar (`uri: /a[`) counts too, which over-estimates: it would
+/// take 32 of them to refuse a valid file, and a bracket can never hide real nesting.
+fn too_deep(text: &str, max: usize) -> Option<usize> {
+    let b = text.as_bytes();
+    let mut indents: Vec<usize> = Vec::new();
+    let mut flow = 0usize;
+    // Where a quoted scalar may begin: after indentation, an indicator, or an anchor/tag.
+    let mut value_start = true;
+    let mut line = 1;
+    let mut i = 0;
+    let mut line_start = true;
+    while i < b.len() {
+        if line_start {
+            line_start = false;
+            value_start = true;
+            if flow == 0 {
+                let indent = b[i..].iter().take_while(|&&c| c == b' ').count();
+                let rest = &b[i + indent..];
+                let blank = rest
+                    .first()
+                    .is_none_or(|&c| matches!(c, b'\n' | b'\r' | b'#'));
+                if !blank {
+                    while indents.last().is_some_and(|&top| top > indent) {
+                        indents.pop();
+                    }
+                    if indents.last() != Some(&indent) {
+                        indents.push(indent);
+                    }
+                    i += indent;
+                    // `- - x`, `- key: v`, `? key`: each indicator opens a level on this line.
+                    while i + 1 < b.len()
+                        && matches!(b[i], b'-' | b'?')
+                        && matches!(b[i + 1], b' ' | b'\t')
+                    {
+                        i += 1;
+                        while i < b.len() && matches!(b[i], b' ' | b'\t') {
+                            i += 1;
+                        }
+                        indents.push(i);
+                    }
+                    if indents.len() > max {
+                        return Some(line);
+                    }
+                }
             }
+            continue;
         }
-    }
-}
-
-/// The per-pod slots shared by every route that targets the same service and port.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PoolConfig {
-    pub name: String,
-    pub target: Target,
-    pub limit: usize,
-}
-
-impl Config {
-    /// Reads and validates a config file.
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::new("", format!("cannot read {}: {e}", path.display())))?;
-        Self::parse(&text)
-    }
-
-    /// Finds the config file: the given path, else the first default path that exists.
-    pub fn locate(explicit: Option<&Path>) -> Result<PathBuf, ConfigError> {
-        if let Some(p) = explicit {
-            return Ok(p.to_path_buf());
+        let c = b[i];
+        match c {
+            b'\n' => {
+                line += 1;
+                line_start = true;
+            }
+            b'#' if i == 0 || matches!(b[i - 1], b' ' | b'\t' | b'\n' | b'\r') => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+                continue;
+            }
+            b'"' | b'\'' if value_start => {
+                // Skip the quoted scalar, which may span lines: `\"` escapes in double
+                // quotes, `''` in single quotes.
+                i += 1;
+                while i < b.len() {
+                    match b[i] {
+                        b'\\' if c == b'"' => i += 1,
+                        b'\n' => line += 1,
+                        q if q == c => {
+                            if c == b'\'' && b.get(i + 1) == Some(&b'\'') {
+                                i += 1;
+                            } else {
+                                break;
+                            }
+                        }
+                        _ => {}
+                    }
+                    i += 1;
+                }
+                value_start = false;
+            }
+            b'[' | b'{' => {
+                flow += 1;
+                if indents.len() + flow > max {
+                    return Some(line);
+                }
+                value_start = true;
+            }
+            b']' | b'}' => {
+                flow = flow.saturating_sub(1);
+                value_start = false;
+            }
+            b',' | b':' | b'-' | b'?' => value_start = true,
+            b' ' | b'\t' | b'\r' => {}
+            b'&' | b'!' if value_start => {
+                // An anchor or a tag in front of a value: the value may still be quoted.
+                while i < b.len() && !matches!(b[i], b' ' | b'\t' | b'\n') {
+                    i += 1;
+                }
+                continue;
+            }
+            _ => value_start = false,
         }
-        DEFAULT_CONFIG_PATHS
-            .iter()
-            .map(PathBuf::from)
-            .find(|p| p.exists())
-            .ok_or_else(|| {
-                ConfigError::new(
-                    "",
-                    format!(
-                        "no config file given (-c PATH) and none found at {}",
-                        DEFAULT_CONFIG_PATHS.join(" or ")
-                    ),
-                )
-            })
+        i += 1;
     }
-
-    /// Parses and validates YAML text.
-    pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let file: FileConfig = serde_yaml::from_str(text).map_err(yaml_error)?;
-        validate(file)
-    }
+    None
 }
-
-/// serde_yaml reports unknown fields as "routes[0]: unknown field `limt`, expected …"
-/// which already carries the path; keep it, and say where in the file it is.
-fn yaml_error(e: serde_yaml::Error) -> ConfigError {
-    let location = e
-        .location()
-        .map(|l| format!(" (line {}, column {})", l.line(), l.column()))
-        .unwrap_or_default();
-    ConfigError::new("", format!("{e}{location}"))
-}
-
-/// Default of `upstream_idle_timeout` (see its validation for the reasoning).
-pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
-/// Longer than any server keep-alive we know of: a larger value would only bring the race back.
-const MAX_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
 fn duration(
     field: &str,
@@ -366,6 +224,41 @@ fn duration(
     }
 }
 
+/// Refuses `value` above `max`, naming the field and both values.
+fn at_most(field: &str, value: Duration, max: Duration) -> Result<Duration, ConfigError> {
+    if value > max {
+        return Err(ConfigError::new(
+            field,
+            format!("must be at most {} (got {value:?})", short(max)),
+        ));
+    }
+    Ok(value)
+}
+
+/// A bound as the README writes it: `24h`, `10m`, `300s`.
+fn short(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        _ if s % 3600 == 0 => format!("{}h", s / 3600),
+        _ if s % 60 == 0 => format!("{}m", s / 60),
+        _ => format!("{s}s"),
+    }
+}
+
+/// Refuses a count outside `min..=max`, naming the field.
+fn count_in(field: &str, value: usize, min: usize, max: usize) -> Result<usize, ConfigError> {
+    if value < min {
+        return Err(ConfigError::new(field, format!("must be at least {min}")));
+    }
+    if value > max {
+        return Err(ConfigError::new(
+            field,
+            format!("must be at most {max} (got {value})"),
+        ));
+    }
+    Ok(value)
+}
+
 fn socket_addr(field: &str, value: &str) -> Result<SocketAddr, ConfigError> {
     value.trim().parse().map_err(|_| {
         ConfigError::new(
@@ -375,50 +268,126 @@ fn socket_addr(field: &str, value: &str) -> Result<SocketAddr, ConfigError> {
     })
 }
 
+/// An address lb-agent connects to (a pod, a nameserver): port 0 and addresses that name no
+/// single host (`0.0.0.0`, `::`, multicast, broadcast) are refused, since a connect to them
+/// either fails on every request or reaches something that is not the pod.
+fn peer_addr(field: &str, addr: SocketAddr) -> Result<SocketAddr, ConfigError> {
+    if addr.port() == 0 {
+        return Err(ConfigError::new(
+            field,
+            format!("{addr}: port must be between 1 and 65535"),
+        ));
+    }
+    let ip = addr.ip();
+    let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
+    if ip.is_unspecified() || ip.is_multicast() || broadcast {
+        return Err(ConfigError::new(
+            field,
+            format!(
+                "{addr}: must be the address of one host (not unspecified, multicast or broadcast)"
+            ),
+        ));
+    }
+    Ok(addr)
+}
+
+/// RFC 1123 host name: dot-separated labels of 1 to 63 letters, digits and hyphens, not
+/// starting or ending with a hyphen, 253 characters at most. Kubernetes names its Services,
+/// namespaces and cluster domains this way, so anything else can only fail to resolve.
+fn dns_name(field: &str, name: &str) -> Result<(), ConfigError> {
+    let bad = |why: &str| ConfigError::new(field, format!("{name:?} is not a DNS name: {why}"));
+    if name.is_empty() {
+        return Err(bad("empty"));
+    }
+    if name.len() > 253 {
+        return Err(bad("longer than 253 characters"));
+    }
+    for label in name.split('.') {
+        dns_label_shape(label).map_err(|why| bad(&why))?;
+    }
+    Ok(())
+}
+
+/// One RFC 1123 label (`service_name`, `namespace`).
+fn dns_label(field: &str, label: &str) -> Result<(), ConfigError> {
+    dns_label_shape(label).map_err(|why| {
+        ConfigError::new(
+            field,
+            format!("{label:?} is not a DNS label (RFC 1123): {why}"),
+        )
+    })
+}
+
+fn dns_label_shape(label: &str) -> Result<(), String> {
+    if label.is_empty() {
+        return Err("empty label".into());
+    }
+    if label.len() > 63 {
+        return Err(format!("label {label:?} is longer than 63 characters"));
+    }
+    if let Some(c) = label
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-'))
+    {
+        return Err(format!(
+            "{c:?} is not allowed (letters, digits and '-' only)"
+        ));
+    }
+    if label.starts_with('-') || label.ends_with('-') {
+        return Err(format!("label {label:?} starts or ends with '-'"));
+    }
+    Ok(())
+}
+
 fn queue_policy(
     prefix: &str,
     q: &FileQueue,
     base: QueuePolicy,
 ) -> Result<QueuePolicy, ConfigError> {
-    let timeout = duration(&format!("{prefix}.timeout"), &q.timeout, base.timeout)?;
+    let field = format!("{prefix}.timeout");
+    let timeout = at_most(
+        &field,
+        duration(&field, &q.timeout, base.timeout)?,
+        MAX_TIMEOUT,
+    )?;
     if timeout.is_zero() {
         return Err(ConfigError::new(
-            format!("{prefix}.timeout"),
+            field,
             "must be greater than 0 (use max_waiting: 0 to refuse instead of queueing)",
         ));
     }
+    let max_waiting = count_in(
+        &format!("{prefix}.max_waiting"),
+        q.max_waiting.unwrap_or(base.max_waiting),
+        0,
+        MAX_WAITING,
+    )?;
     Ok(QueuePolicy {
-        max_waiting: q.max_waiting.unwrap_or(base.max_waiting),
+        max_waiting,
         timeout,
     })
 }
 
-fn validate(f: FileConfig) -> Result<Config, ConfigError> {
+pub(super) fn validate(f: FileConfig) -> Result<Config, ConfigError> {
     let listen = match (&f.listen, f.port) {
-        (Some(l), _) => {
-            socket_addr("listen", l)?;
-            l.trim().to_string()
-        }
-        (None, Some(0)) | (None, None) => "0.0.0.0:8080".to_string(),
-        (None, Some(p)) => format!("0.0.0.0:{p}"),
+        (Some(l), _) => socket_addr("listen", l)?,
+        (None, Some(0)) | (None, None) => SocketAddr::from(([0, 0, 0, 0], 8080)),
+        (None, Some(p)) => SocketAddr::from(([0, 0, 0, 0], p)),
     };
     let admin_listen = match &f.admin_listen {
         Some(a) => {
             let addr = socket_addr("admin_listen", a)?;
-            if addr.to_string() == listen || a.trim() == listen {
+            if addr == listen {
                 return Err(ConfigError::new(
                     "admin_listen",
                     "must differ from the proxy's listen address",
                 ));
             }
-            Some(a.trim().to_string())
+            Some(addr)
         }
         None => None,
     };
-    let threads = f.threads.unwrap_or(1);
-    if threads == 0 {
-        return Err(ConfigError::new("threads", "must be at least 1"));
-    }
+    let threads = count_in("threads", f.threads.unwrap_or(1), 1, MAX_THREADS)?;
     let cluster_domain = f
         .cluster_domain
         .clone()
@@ -426,43 +395,51 @@ fn validate(f: FileConfig) -> Result<Config, ConfigError> {
     if cluster_domain.trim().is_empty() {
         return Err(ConfigError::new("cluster_domain", "must not be empty"));
     }
+    let cluster_domain = cluster_domain
+        .trim()
+        .trim_end_matches('.')
+        .to_ascii_lowercase();
+    dns_name("cluster_domain", &cluster_domain)?;
 
     let d = DnsConfig::default();
     let mut nameservers = Vec::new();
     for (i, ns) in f.dns.nameservers.iter().flatten().enumerate() {
         let field = format!("dns.nameservers[{i}]");
         // A bare IP means port 53, as in resolv.conf.
-        let addr = match ns.trim().parse::<std::net::IpAddr>() {
+        let addr = match ns.trim().parse::<IpAddr>() {
             Ok(ip) => SocketAddr::new(ip, 53),
             Err(_) => socket_addr(&field, ns)?,
         };
-        nameservers.push(addr);
+        nameservers.push(peer_addr(&field, addr)?);
     }
+    let dns_duration = |field: &str, value: &Option<String>, default: Duration| {
+        at_most(field, duration(field, value, default)?, MAX_TIMEOUT)
+    };
     let dns = DnsConfig {
         nameservers,
-        refresh_interval: duration(
+        refresh_interval: dns_duration(
             "dns.refresh_interval",
             &f.dns.refresh_interval,
             d.refresh_interval,
         )?,
         stability_samples: f.dns.stability_samples.unwrap_or(d.stability_samples),
-        stability_interval: duration(
+        stability_interval: dns_duration(
             "dns.stability_interval",
             &f.dns.stability_interval,
             d.stability_interval,
         )?,
-        unstable_retry: duration(
+        unstable_retry: dns_duration(
             "dns.unstable_retry",
             &f.dns.unstable_retry,
             d.unstable_retry,
         )?,
     };
-    if dns.stability_samples == 0 {
-        return Err(ConfigError::new(
-            "dns.stability_samples",
-            "must be at least 1",
-        ));
-    }
+    count_in(
+        "dns.stability_samples",
+        dns.stability_samples,
+        1,
+        MAX_STABILITY_SAMPLES,
+    )?;
     if dns.refresh_interval.is_zero() {
         return Err(ConfigError::new(
             "dns.refresh_interval",
@@ -482,6 +459,7 @@ fn validate(f: FileConfig) -> Result<Config, ConfigError> {
             "must be greater than 0",
         ));
     }
+    at_most("connect_timeout", connect_timeout, MAX_CONNECT_TIMEOUT)?;
     // Below the shortest common server keep-alive timeouts (gunicorn 2s; Node.js and uvicorn
     // 5s), so lb-agent drops an idle connection before the pod does: a request written on a
     // connection the pod is closing at that moment fails, and is never re-sent (it may have
@@ -500,10 +478,7 @@ fn validate(f: FileConfig) -> Result<Config, ConfigError> {
             ),
         ));
     }
-    let max_attempts = f.max_attempts.unwrap_or(3);
-    if max_attempts == 0 {
-        return Err(ConfigError::new("max_attempts", "must be at least 1"));
-    }
+    let max_attempts = count_in("max_attempts", f.max_attempts.unwrap_or(3), 1, MAX_ATTEMPTS)?;
     let shutdown_grace = duration("shutdown_grace", &f.shutdown_grace, Duration::from_secs(30))?;
     if shutdown_grace > MAX_SHUTDOWN_GRACE {
         return Err(ConfigError::new("shutdown_grace", "must be at most 24h"));
@@ -513,10 +488,14 @@ fn validate(f: FileConfig) -> Result<Config, ConfigError> {
     if shutdown_delay > MAX_SHUTDOWN_DELAY {
         return Err(ConfigError::new("shutdown_delay", "must be at most 10m"));
     }
-    let reload_interval = duration(
+    let reload_interval = at_most(
         "reload_interval",
-        &f.reload_interval,
-        Duration::from_secs(2),
+        duration(
+            "reload_interval",
+            &f.reload_interval,
+            Duration::from_secs(2),
+        )?,
+        MAX_TIMEOUT,
     )?;
 
     let client = client_limits(&f.client)?;
@@ -554,16 +533,7 @@ fn validate(f: FileConfig) -> Result<Config, ConfigError> {
             }
             Err(e) => return Err(ConfigError::new(format!("{p}.uri"), e.reason())),
         }
-        let match_kind = match r.match_kind.as_deref() {
-            None | Some("exact") => MatchKind::Exact,
-            Some("prefix") => MatchKind::Prefix,
-            Some(other) => {
-                return Err(ConfigError::new(
-                    format!("{p}.match"),
-                    format!("{other:?} is not one of: exact, prefix"),
-                ))
-            }
-        };
+        let match_kind = r.match_kind.unwrap_or(MatchKind::Exact);
         if !seen_uris.insert((uri.clone(), match_kind == MatchKind::Prefix)) {
             return Err(ConfigError::new(
                 format!("{p}.uri"),
@@ -573,29 +543,9 @@ fn validate(f: FileConfig) -> Result<Config, ConfigError> {
         let limit = r
             .limit
             .ok_or_else(|| ConfigError::new(format!("{p}.limit"), "missing"))?;
-        if limit == 0 {
-            return Err(ConfigError::new(format!("{p}.limit"), "must be at least 1"));
-        }
-        let protocol = match r.protocol.as_deref() {
-            None | Some("http1") => UpstreamProtocol::Http1,
-            Some("h2c") => UpstreamProtocol::H2c,
-            Some(other) => {
-                return Err(ConfigError::new(
-                    format!("{p}.protocol"),
-                    format!("{other:?} is not one of: http1, h2c"),
-                ))
-            }
-        };
-        let client_abort = match r.client_abort.as_deref() {
-            None | Some("finish") => ClientAbort::Finish,
-            Some("cancel") => ClientAbort::Cancel,
-            Some(other) => {
-                return Err(ConfigError::new(
-                    format!("{p}.client_abort"),
-                    format!("{other:?} is not one of: finish, cancel"),
-                ))
-            }
-        };
+        let limit = count_in(&format!("{p}.limit"), limit, 1, MAX_LIMIT)?;
+        let protocol = r.protocol.unwrap_or_default();
+        let client_abort = r.client_abort.unwrap_or_default();
         let target = route_target(&p, r, &cluster_domain)?;
         let queue = match &r.queue {
             Some(q) => queue_policy(&format!("{p}.queue"), q, queue)?,
@@ -657,16 +607,6 @@ fn validate(f: FileConfig) -> Result<Config, ConfigError> {
         pools,
     })
 }
-
-/// Longest any client timeout may be: a day is already far past any sane setting, and the bound
-/// keeps `Instant + timeout` from overflowing.
-const MAX_CLIENT_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
-
-/// Largest `client.max_header_size`: Pingora itself refuses headers above 1 MiB.
-const MAX_HEADER_SIZE_BOUND: usize = 1024 * 1024;
-
-/// Smallest `client.max_header_size`: a request line and a Host field must fit.
-const MIN_HEADER_SIZE_BOUND: usize = 1024;
 
 fn client_limits(f: &FileClient) -> Result<ClientLimits, ConfigError> {
     let d = ClientLimits::default();
@@ -735,7 +675,8 @@ fn route_target(p: &str, r: &FileRoute, cluster_domain: &str) -> Result<Target, 
         }
         let mut addrs = Vec::new();
         for (j, e) in eps.iter().enumerate() {
-            let a = socket_addr(&format!("{p}.endpoints[{j}]"), e)?;
+            let field = format!("{p}.endpoints[{j}]");
+            let a = peer_addr(&field, socket_addr(&field, e)?)?;
             if addrs.contains(&a) {
                 return Err(ConfigError::new(
                     format!("{p}.endpoints[{j}]"),
@@ -754,12 +695,12 @@ fn route_target(p: &str, r: &FileRoute, cluster_domain: &str) -> Result<Target, 
                 "missing (the port that goes with k8s_host)",
             )
         })?;
-        (h.clone(), port)
+        (dns_host(&format!("{p}.k8s_host"), h)?, port)
     } else if let Some(h) = &r.host {
         let port = r
             .http_port
             .ok_or_else(|| ConfigError::new(format!("{p}.http_port"), "missing"))?;
-        (h.clone(), port)
+        (dns_host(&format!("{p}.host"), h)?, port)
     } else {
         let svc = r
             .service_name
@@ -772,7 +713,19 @@ fn route_target(p: &str, r: &FileRoute, cluster_domain: &str) -> Result<Target, 
         let port = r
             .http_port
             .ok_or_else(|| ConfigError::new(format!("{p}.http_port"), "missing"))?;
-        (format!("{svc}.{ns}.svc.{cluster_domain}"), port)
+        let svc = svc.trim().to_ascii_lowercase();
+        let ns = ns.trim().to_ascii_lowercase();
+        if ns.is_empty() {
+            return Err(ConfigError::new(
+                format!("{p}.namespace"),
+                "must not be empty",
+            ));
+        }
+        dns_label(&format!("{p}.service_name"), &svc)?;
+        dns_label(&format!("{p}.namespace"), &ns)?;
+        let host = format!("{svc}.{ns}.svc.{cluster_domain}");
+        dns_name(&format!("{p}.service_name"), &host)?;
+        (host, port)
     };
     if port == 0 {
         return Err(ConfigError::new(
@@ -780,15 +733,14 @@ fn route_target(p: &str, r: &FileRoute, cluster_domain: &str) -> Result<Target, 
             "must be between 1 and 65535",
         ));
     }
-    let host = host.trim().trim_end_matches('.').to_ascii_lowercase();
-    if host.is_empty()
-        || host.contains(char::is_whitespace)
-        || host.contains('/')
-        || host.contains(':')
-    {
-        return Err(ConfigError::new(p, format!("{host:?} is not a DNS name")));
-    }
     Ok(Target::Dns { host, port })
+}
+
+/// A `host`/`k8s_host` as looked up: trimmed, without the root's trailing dot, lower case.
+fn dns_host(field: &str, name: &str) -> Result<String, ConfigError> {
+    let host = name.trim().trim_end_matches('.').to_ascii_lowercase();
+    dns_name(field, &host)?;
+    Ok(host)
 }
 
 #[cfg(test)]
@@ -815,7 +767,7 @@ routes:
     #[test]
     fn go_agent_config_loads_unchanged() {
         let c = Config::parse(GO_CONFIG).unwrap();
-        assert_eq!(c.listen, "0.0.0.0:8080");
+        assert_eq!(c.listen.to_string(), "0.0.0.0:8080");
         assert_eq!(c.routes.len(), 1);
         assert_eq!(
             c.pools[0].target,
@@ -907,7 +859,7 @@ routes:
             "listen: 127.0.0.1:9000\nadmin_listen: 127.0.0.1:9001\nthreads: 2\ncluster_domain: corp.local\nqueue: {max_waiting: 5, timeout: 1500ms}\ndns: {nameservers: [\"127.0.0.1:5353\", \"10.0.0.10\"], refresh_interval: 1s, stability_samples: 3, stability_interval: 100ms, unstable_retry: 2s}\nroutes:\n  - {uri: /a, limit: 1, service_name: s, namespace: n, http_port: 1}\n  - {uri: /b/, match: prefix, limit: 4, host: x.example, http_port: 2, queue: {max_waiting: 1}}\n",
         )
         .unwrap();
-        assert_eq!(c.listen, "127.0.0.1:9000");
+        assert_eq!(c.listen.to_string(), "127.0.0.1:9000");
         assert_eq!(c.threads, 2);
         assert_eq!(c.dns.nameservers[1], "10.0.0.10:53".parse().unwrap());
         assert_eq!(c.dns.stability_interval, Duration::from_millis(100));

@@ -892,4 +892,198 @@ routes:
             }
         );
     }
+
+    #[test]
+    fn every_bound_names_its_field() {
+        let r = "routes:\n  - {uri: /a, limit: 1, endpoints: [\"127.0.0.1:1\"]}\n";
+        let cases: &[(&str, &str)] = &[
+            (
+                "queue: {timeout: 18446744073709551615s}\n",
+                "queue.timeout: must be at most 24h (got 18446744073709551615s)",
+            ),
+            (
+                "queue: {max_waiting: 1000001}\n",
+                "queue.max_waiting: must be at most 1000000",
+            ),
+            (
+                "threads: 4294967296\n",
+                "threads: must be at most 1024 (got 4294967296)",
+            ),
+            ("max_attempts: 101\n", "max_attempts: must be at most 100"),
+            ("max_attempts: 0\n", "max_attempts: must be at least 1"),
+            (
+                "dns: {stability_samples: 101}\n",
+                "dns.stability_samples: must be at most 100",
+            ),
+            (
+                "dns: {refresh_interval: 25h}\n",
+                "dns.refresh_interval: must be at most 24h",
+            ),
+            (
+                "dns: {stability_interval: 25h}\n",
+                "dns.stability_interval: must be at most 24h",
+            ),
+            (
+                "dns: {unstable_retry: 25h}\n",
+                "dns.unstable_retry: must be at most 24h",
+            ),
+            (
+                "dns: {nameservers: [\"10.0.0.1:0\"]}\n",
+                "dns.nameservers[0]: 10.0.0.1:0: port must be",
+            ),
+            (
+                "reload_interval: 1000000000000s\n",
+                "reload_interval: must be at most 24h",
+            ),
+            (
+                "connect_timeout: 601s\n",
+                "connect_timeout: must be at most 10m",
+            ),
+            (
+                "cluster_domain: \"a..b\"\n",
+                "cluster_domain: \"a..b\" is not a DNS name: empty label",
+            ),
+        ];
+        for (settings, want) in cases {
+            let got = err(&format!("{settings}{r}"));
+            assert!(
+                got.contains(want),
+                "{settings:?} gave {got:?}, want {want:?}"
+            );
+        }
+        let route_cases: &[(&str, &str)] = &[
+            (
+                "limit: 100001, endpoints: [\"127.0.0.1:1\"]",
+                "routes[0].limit: must be at most 100000",
+            ),
+            (
+                "limit: 1, endpoints: [\"127.0.0.1:0\"]",
+                "routes[0].endpoints[0]: 127.0.0.1:0: port must be between 1 and 65535",
+            ),
+            (
+                "limit: 1, endpoints: [\"239.1.1.1:80\"]",
+                "routes[0].endpoints[0]: 239.1.1.1:80: must be the address of one host",
+            ),
+            (
+                "limit: 1, endpoints: [\"[::]:80\"]",
+                "routes[0].endpoints[0]: [::]:80: must be the address",
+            ),
+            (
+                "limit: 1, service_name: s, namespace: \"\", http_port: 1",
+                "routes[0].namespace: must not be empty",
+            ),
+            (
+                "limit: 1, service_name: s, namespace: \" \", http_port: 1",
+                "routes[0].namespace: must not be empty",
+            ),
+            (
+                "limit: 1, service_name: \"s_1\", namespace: n, http_port: 1",
+                "routes[0].service_name: \"s_1\" is not a DNS label (RFC 1123): '_' is not allowed",
+            ),
+            (
+                "limit: 1, service_name: s, namespace: \"n-\", http_port: 1",
+                "routes[0].namespace: \"n-\" is not a DNS label",
+            ),
+            (
+                "limit: 1, host: \"x/y\", http_port: 1",
+                "routes[0].host: \"x/y\" is not a DNS name",
+            ),
+            (
+                "limit: 1, k8s_host: \"\", K8s_port: 1",
+                "routes[0].k8s_host: \"\" is not a DNS name: empty",
+            ),
+            (
+                "limit: 1, match: Prefix, endpoints: [\"127.0.0.1:1\"]",
+                "routes[0].match: \"Prefix\" is not one of: exact, prefix",
+            ),
+            (
+                "limit: 1, client_abort: 1, endpoints: [\"127.0.0.1:1\"]",
+                "routes[0].client_abort",
+            ),
+        ];
+        for (route, want) in route_cases {
+            let got = err(&format!("routes:\n  - {{uri: /a, {route}}}\n"));
+            assert!(got.contains(want), "{route:?} gave {got:?}, want {want:?}");
+        }
+        let long = format!("{}.example", "a".repeat(64));
+        assert!(err(&format!(
+            "routes:\n  - {{uri: /a, limit: 1, host: {long}, http_port: 1}}\n"
+        ))
+        .contains("longer than 63 characters"));
+        let huge = format!("{}.example", "a.".repeat(130));
+        assert!(err(&format!(
+            "routes:\n  - {{uri: /a, limit: 1, host: {huge}, http_port: 1}}\n"
+        ))
+        .contains("longer than 253 characters"));
+    }
+
+    #[test]
+    fn values_at_their_bounds_are_accepted() {
+        let c = Config::parse(
+            "threads: 1024\nmax_attempts: 100\nqueue: {max_waiting: 1000000, timeout: 24h}\nreload_interval: 24h\nconnect_timeout: 10m\ndns: {stability_samples: 100, refresh_interval: 24h}\nroutes:\n  - {uri: /a, limit: 100000, match: prefix, protocol: h2c, client_abort: cancel, host: Codec.Example., http_port: 65535}\n",
+        )
+        .unwrap();
+        assert_eq!(c.threads, 1024);
+        assert_eq!(c.pools[0].limit, MAX_LIMIT);
+        assert_eq!(c.routes[0].queue.timeout, MAX_TIMEOUT);
+        assert_eq!(c.routes[0].protocol, super::super::UpstreamProtocol::H2c);
+        assert_eq!(c.routes[0].client_abort, super::super::ClientAbort::Cancel);
+        assert_eq!(
+            c.pools[0].target,
+            Target::Dns {
+                host: "codec.example".into(),
+                port: 65535
+            }
+        );
+    }
+
+    #[test]
+    fn nesting_depth_is_estimated_from_above_without_parsing() {
+        // Our own format: 4 levels.
+        assert_eq!(too_deep(GO_CONFIG, 4), None);
+        assert_eq!(too_deep("a:\n  b:\n    c:\n      - {d: [1]}\n", 5), Some(4));
+        // (6 collections; the `- ` item and its flow map count twice.)
+        assert_eq!(too_deep("a:\n  b:\n    c:\n      - {d: [1]}\n", 6), Some(4));
+        assert_eq!(too_deep("a:\n  b:\n    c:\n      - {d: [1]}\n", 7), None);
+        // Compact sequences nest on one line.
+        assert_eq!(too_deep("- - - - x\n", 3), Some(1));
+        // Flow collections spanning lines.
+        assert_eq!(too_deep("a: [\n [\n  [\n   1]]]\n", 3), Some(3));
+        // Dedent pops levels.
+        assert_eq!(too_deep("a:\n  b: 1\nc:\n  d: 1\n", 2), None);
+        // Brackets in quotes (also multi-line, with escapes) and in comments are not nesting …
+        assert_eq!(
+            too_deep("a: \"[[[\\\"[[\"\nb: '[[''[['\n# [[[[\nc: \"[[\n[[\"\n", 1),
+            None
+        );
+        // … but a quote inside a plain scalar does not hide the brackets that follow.
+        assert_eq!(too_deep("a: [x'y, [[[1]]]]\n", 3), Some(1));
+        // An anchor or tag before a flow collection does not hide it.
+        assert_eq!(too_deep("a: &x [[[1]]]\nb: !!seq [[[1]]]\n", 3), Some(1));
+        // Linear: a megabyte of brackets is measured at once.
+        let text = "[".repeat(MAX_CONFIG_BYTES);
+        let started = std::time::Instant::now();
+        assert_eq!(too_deep(&text, MAX_CONFIG_DEPTH), Some(1));
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+
+    #[test]
+    fn restart_only_settings_are_one_comparison_and_name_what_changed() {
+        let a = Config::parse(GO_CONFIG).unwrap();
+        let mut b = a.clone();
+        // Live settings do not count.
+        b.connect_timeout = Duration::from_secs(9);
+        b.routes[0].queue.max_waiting = 1;
+        b.pools[0].limit = 7;
+        assert_eq!(a.restart_only(), b.restart_only());
+        assert!(a.restart_only().changed(&b.restart_only()).is_empty());
+        b.threads = 2;
+        b.dns.stability_samples = 9;
+        b.listen = "127.0.0.1:1".parse().unwrap();
+        assert_ne!(a.restart_only(), b.restart_only());
+        assert_eq!(
+            a.restart_only().changed(&b.restart_only()),
+            vec!["listen/port", "threads", "dns"]
+        );
+    }
 }

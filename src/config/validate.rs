@@ -239,8 +239,8 @@ fn at_most(field: &str, value: Duration, max: Duration) -> Result<Duration, Conf
 fn short(d: Duration) -> String {
     let s = d.as_secs();
     match s {
-        _ if s % 3600 == 0 => format!("{}h", s / 3600),
-        _ if s % 60 == 0 => format!("{}m", s / 60),
+        _ if s.is_multiple_of(3600) => format!("{}h", s / 3600),
+        _ if s.is_multiple_of(60) => format!("{}m", s / 60),
         _ => format!("{s}s"),
     }
 }

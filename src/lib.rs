@@ -138,7 +138,7 @@ pub fn build_server(config: &Config, config_path: Option<&Path>) -> Result<Agent
         "lb-agent proxy".to_string(),
         front::Front::new(app, config.client),
     );
-    proxy.add_tcp(&config.listen);
+    proxy.add_tcp(&config.listen.to_string());
     server.add_service(proxy);
 
     if let Some(admin_listen) = &config.admin_listen {
@@ -146,7 +146,7 @@ pub fn build_server(config: &Config, config_path: Option<&Path>) -> Result<Agent
             live: Arc::clone(&live),
         };
         let mut admin = Service::new("admin".to_string(), app);
-        admin.add_tcp(admin_listen);
+        admin.add_tcp(&admin_listen.to_string());
         server.add_service(admin);
     }
     Ok(Agent {

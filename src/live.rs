@@ -46,45 +46,6 @@ impl Drop for Discovery {
     }
 }
 
-/// The settings that only take effect at start-up, with their names in the config file.
-fn restart_only(a: &Config, b: &Config) -> Vec<&'static str> {
-    let mut changed = Vec::new();
-    if a.listen != b.listen {
-        changed.push("listen/port");
-    }
-    if a.admin_listen != b.admin_listen {
-        changed.push("admin_listen");
-    }
-    if a.threads != b.threads {
-        changed.push("threads");
-    }
-    if a.log_file != b.log_file {
-        changed.push("log_file");
-    }
-    if a.debug != b.debug {
-        changed.push("debug");
-    }
-    if a.dns != b.dns {
-        changed.push("dns");
-    }
-    if a.max_attempts != b.max_attempts {
-        changed.push("max_attempts");
-    }
-    if a.client != b.client {
-        changed.push("client");
-    }
-    if a.shutdown_grace != b.shutdown_grace {
-        changed.push("shutdown_grace");
-    }
-    if a.shutdown_delay != b.shutdown_delay {
-        changed.push("shutdown_delay");
-    }
-    if a.reload_interval != b.reload_interval {
-        changed.push("reload_interval");
-    }
-    changed
-}
-
 pub struct Live {
     current: RwLock<Arc<Snapshot>>,
     /// Pools a reload removed; alive while a request still holds them.
@@ -225,7 +186,10 @@ impl Live {
     /// reported and left as they are. Returns a one-line summary of what changed.
     pub async fn apply(&self, config: &Config) -> String {
         let mut notes = Vec::new();
-        let restart = restart_only(&self.started_with, config);
+        let restart = self
+            .started_with
+            .restart_only()
+            .changed(&config.restart_only());
         if !restart.is_empty() {
             log::warn!(
                 "config reload: {} changed and only take effect after a restart; the running values stay",

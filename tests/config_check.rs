@@ -123,3 +123,294 @@ fn a_runtime_error_is_one_line_naming_the_problem_without_the_usage_text() {
     assert!(stderr.contains("unknown argument \"--bogus\"") && stderr.contains("usage:"));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Upper bounds: every number that could overflow or panic at run time is refused by --check,
+// with a message naming the field. Each test writes one absurd value into an otherwise valid
+// config and runs the real binary.
+// ---------------------------------------------------------------------------------------------
+
+/// A valid route, appended to the settings under test.
+const ROUTE: &str = "routes:\n  - {uri: /a, limit: 1, endpoints: [\"127.0.0.1:80\"]}\n";
+
+/// Runs `--check` on `text`; (passed, stderr).
+fn check_text(tag: &str, text: &str) -> (bool, String) {
+    let dir = common::temp_dir(tag);
+    let path = dir.join("config.yaml");
+    std::fs::write(&path, text).unwrap();
+    let (status, stderr) = run_bounded(&["--check", "-c", path.to_str().unwrap()]);
+    let _ = std::fs::remove_dir_all(dir);
+    (status.success(), stderr)
+}
+
+/// `--check` on `text` exits non-zero and its stderr contains `want` (which names the field).
+fn refused(text: &str, want: &str) {
+    let (ok, stderr) = check_text("bound", text);
+    assert!(!ok, "config {text:?} should fail --check");
+    assert!(
+        stderr.contains(want),
+        "config {text:?}\n gave {stderr:?}\n want it to contain {want:?}"
+    );
+}
+
+/// `--check` on `text` exits 0: the bound itself is allowed.
+fn accepted(text: &str) {
+    let (ok, stderr) = check_text("at-bound", text);
+    assert!(ok, "config {text:?} should pass --check: {stderr}");
+}
+
+#[test]
+fn limit_is_bounded_far_below_the_semaphore_maximum() {
+    accepted("routes:\n  - {uri: /a, limit: 100000, endpoints: [\"127.0.0.1:80\"]}\n");
+    refused(
+        "routes:\n  - {uri: /a, limit: 100001, endpoints: [\"127.0.0.1:80\"]}\n",
+        "routes[0].limit: must be at most 100000 (got 100001)",
+    );
+    // 2^61: one pod's slots alone would be above tokio's Semaphore::MAX_PERMITS.
+    refused(
+        "routes:\n  - {uri: /a, limit: 2305843009213693952, service_name: s, namespace: n, http_port: 80}\n",
+        "routes[0].limit: must be at most 100000",
+    );
+}
+
+#[test]
+fn queue_max_waiting_is_bounded() {
+    accepted(&format!("queue: {{max_waiting: 1000000}}\n{ROUTE}"));
+    refused(
+        &format!("queue: {{max_waiting: 1000001}}\n{ROUTE}"),
+        "queue.max_waiting: must be at most 1000000",
+    );
+    refused(
+        "routes:\n  - {uri: /a, limit: 1, queue: {max_waiting: 18446744073709551615}, endpoints: [\"127.0.0.1:80\"]}\n",
+        "routes[0].queue.max_waiting: must be at most 1000000",
+    );
+}
+
+#[test]
+fn queue_timeout_is_bounded() {
+    accepted(&format!("queue: {{timeout: 24h}}\n{ROUTE}"));
+    for absurd in ["18446744073709551615s", "1000000000000s", "25h"] {
+        refused(
+            &format!("queue: {{timeout: {absurd}}}\n{ROUTE}"),
+            "queue.timeout: must be at most 24h",
+        );
+    }
+    refused(
+        "routes:\n  - {uri: /a, limit: 1, queue: {timeout: 1000000000000s}, endpoints: [\"127.0.0.1:80\"]}\n",
+        "routes[0].queue.timeout: must be at most 24h",
+    );
+}
+
+#[test]
+fn threads_are_bounded() {
+    accepted(&format!("threads: 1024\n{ROUTE}"));
+    refused(
+        &format!("threads: 4294967296\n{ROUTE}"),
+        "threads: must be at most 1024",
+    );
+    refused(
+        &format!("threads: 0\n{ROUTE}"),
+        "threads: must be at least 1",
+    );
+}
+
+#[test]
+fn max_attempts_is_bounded() {
+    accepted(&format!("max_attempts: 100\n{ROUTE}"));
+    refused(
+        &format!("max_attempts: 1000000000000\n{ROUTE}"),
+        "max_attempts: must be at most 100",
+    );
+}
+
+#[test]
+fn dns_stability_samples_are_bounded() {
+    accepted(&format!("dns: {{stability_samples: 100}}\n{ROUTE}"));
+    refused(
+        &format!("dns: {{stability_samples: 100000000000}}\n{ROUTE}"),
+        "dns.stability_samples: must be at most 100",
+    );
+}
+
+#[test]
+fn dns_intervals_are_bounded() {
+    for field in ["refresh_interval", "stability_interval", "unstable_retry"] {
+        accepted(&format!("dns: {{{field}: 24h}}\n{ROUTE}"));
+        refused(
+            &format!("dns: {{{field}: 1000000000000s}}\n{ROUTE}"),
+            &format!("dns.{field}: must be at most 24h"),
+        );
+    }
+}
+
+#[test]
+fn reload_interval_is_bounded() {
+    accepted(&format!("reload_interval: 24h\n{ROUTE}"));
+    refused(
+        &format!("reload_interval: 18446744073709551615s\n{ROUTE}"),
+        "reload_interval: must be at most 24h",
+    );
+}
+
+#[test]
+fn connect_timeout_is_bounded() {
+    accepted(&format!("connect_timeout: 10m\n{ROUTE}"));
+    refused(
+        &format!("connect_timeout: 1000000000000s\n{ROUTE}"),
+        "connect_timeout: must be at most 10m",
+    );
+}
+
+#[test]
+fn upstream_idle_timeout_is_bounded() {
+    accepted(&format!("upstream_idle_timeout: 300s\n{ROUTE}"));
+    refused(
+        &format!("upstream_idle_timeout: 18446744073709551615s\n{ROUTE}"),
+        "upstream_idle_timeout: must be at most 300s",
+    );
+}
+
+#[test]
+fn shutdown_settings_are_bounded() {
+    accepted(&format!(
+        "shutdown_grace: 24h\nshutdown_delay: 10m\n{ROUTE}"
+    ));
+    refused(
+        &format!("shutdown_grace: 18446744073709551615s\n{ROUTE}"),
+        "shutdown_grace: must be at most 24h",
+    );
+    refused(
+        &format!("shutdown_delay: 1000000000000s\n{ROUTE}"),
+        "shutdown_delay: must be at most 10m",
+    );
+}
+
+#[test]
+fn client_limits_are_bounded() {
+    for field in ["header_timeout", "keepalive_timeout", "timeout"] {
+        refused(
+            &format!("client: {{{field}: 18446744073709551615s}}\n{ROUTE}"),
+            &format!("client.{field}: must be greater than 0 and at most 24h"),
+        );
+    }
+    refused(
+        &format!("client: {{max_header_size: 18446744073709551615}}\n{ROUTE}"),
+        "client.max_header_size: must be between 1024 and 1048576",
+    );
+}
+
+#[test]
+fn endpoints_must_name_one_host_on_a_real_port() {
+    for (endpoint, want) in [
+        ("127.0.0.1:0", "port must be between 1 and 65535"),
+        ("224.0.0.1:80", "must be the address of one host"),
+        ("[ff02::1]:80", "must be the address of one host"),
+        ("0.0.0.0:80", "must be the address of one host"),
+        ("[::]:80", "must be the address of one host"),
+        ("255.255.255.255:80", "must be the address of one host"),
+    ] {
+        refused(
+            &format!(
+                "routes:\n  - {{uri: /a, limit: 1, endpoints: [\"127.0.0.1:80\", \"{endpoint}\"]}}\n"
+            ),
+            &format!("routes[0].endpoints[1]: {endpoint}: {want}"),
+        );
+    }
+    refused(
+        &format!("dns: {{nameservers: [\"0.0.0.0\"]}}\n{ROUTE}"),
+        "dns.nameservers[0]: 0.0.0.0:53: must be the address of one host",
+    );
+}
+
+#[test]
+fn dns_names_must_be_rfc_1123() {
+    let svc = |svc: &str, ns: &str| {
+        format!("routes:\n  - {{uri: /a, limit: 1, service_name: \"{svc}\", namespace: \"{ns}\", http_port: 80}}\n")
+    };
+    refused(&svc("codec", ""), "routes[0].namespace: must not be empty");
+    refused(
+        &svc("codec", "ai_media"),
+        "routes[0].namespace: \"ai_media\" is not a DNS label",
+    );
+    refused(
+        &svc("video_codec", "n"),
+        "routes[0].service_name: \"video_codec\" is not a DNS label",
+    );
+    refused(
+        &svc("-codec", "n"),
+        "routes[0].service_name: \"-codec\" is not a DNS label",
+    );
+    refused(&svc(&"a".repeat(64), "n"), "routes[0].service_name:");
+    refused(
+        &svc("a.b", "n"),
+        "routes[0].service_name: \"a.b\" is not a DNS label",
+    );
+    refused(
+        "routes:\n  - {uri: /a, limit: 1, host: \"bad..name\", http_port: 80}\n",
+        "routes[0].host: \"bad..name\" is not a DNS name",
+    );
+    refused(
+        "routes:\n  - {uri: /a, limit: 1, k8s_host: \"codec svc\", K8s_port: 80}\n",
+        "routes[0].k8s_host: \"codec svc\" is not a DNS name",
+    );
+    refused(
+        &format!("cluster_domain: corp_local\n{}", svc("codec", "n")),
+        "cluster_domain: \"corp_local\" is not a DNS name",
+    );
+    // Upper case and a trailing dot are fine: DNS names are case-insensitive and may be rooted.
+    accepted("routes:\n  - {uri: /a, limit: 1, k8s_host: Codec.AI-Media.svc.cluster.local., K8s_port: 80}\n");
+}
+
+#[test]
+fn enum_values_name_the_field_and_the_allowed_values() {
+    for (key, value, allowed) in [
+        ("match", "fuzzy", "exact, prefix"),
+        ("protocol", "grpc", "http1, h2c"),
+        ("client_abort", "never", "finish, cancel"),
+    ] {
+        refused(
+            &format!("routes:\n  - {{uri: /a, limit: 1, {key}: {value}, endpoints: [\"127.0.0.1:80\"]}}\n"),
+            &format!("routes[0].{key}: \"{value}\" is not one of: {allowed}"),
+        );
+    }
+}
+
+#[test]
+fn an_oversized_file_is_refused_without_parsing() {
+    // Valid YAML: one long comment. Above 1 MiB it is refused whatever it says.
+    let padding = format!("# {}\n", "x".repeat(1024 * 1024));
+    refused(&format!("{padding}{ROUTE}"), "larger than 1048576 bytes");
+}
+
+#[test]
+fn deep_nesting_is_refused_at_once() {
+    // A 200 KB file of nested flow sequences took 43 s of CPU (69 s wall) to reject before,
+    // blocking the reload service meanwhile.
+    for (open, close) in [("[", "]"), ("{a: ", "}")] {
+        let n = 200_000 / open.len() / 2;
+        let text = format!("{ROUTE}x: {}{}\n", open.repeat(n), close.repeat(n));
+        let started = std::time::Instant::now();
+        refused(&text, "config nests deeper than 32 levels (at line 3)");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(2),
+            "took {:?}",
+            started.elapsed()
+        );
+    }
+    // Block nesting, by indentation and by compact sequences.
+    let mut block = String::from(ROUTE);
+    for level in 0..40 {
+        block.push_str(&format!("{}k{level}:\n", "  ".repeat(level)));
+    }
+    refused(&block, "config nests deeper than 32 levels");
+    refused(
+        &format!("{ROUTE}x:\n{}1\n", "- ".repeat(40)),
+        "config nests deeper than 32 levels",
+    );
+    // Brackets inside quoted strings and comments are not nesting.
+    accepted(&format!(
+        "# {}\nlog_file: \"/tmp/{}\"\n{ROUTE}",
+        "[".repeat(100),
+        "{".repeat(100)
+    ));
+}

@@ -1,0 +1,373 @@
+//! The validated configuration the rest of the crate uses, and how it is read.
+//!
+//! Three parts, kept apart on purpose:
+//! - `file.rs`: the file format. It has to accept the Go agent's field names (`K8s_port`,
+//!   `http_port`, …) and leaves everything optional;
+//! - `validate.rs`: file → [`Config`]: defaults applied, durations parsed, every number bounded
+//!   so that nothing in a config can make the process panic or overflow, a pool per target.
+//!   Every error names the field it is about (`routes[1].limit: must be at least 1`);
+//! - this file: the validated model, which holds only values that were checked, and
+//!   [`Config::load`]/[`Config::parse`], which bound the text before any YAML parser sees it.
+
+mod file;
+mod validate;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Where the config is looked for when `-c` is not given: the repo-relative path the Go agent
+/// used, then the absolute path its container image used.
+pub const DEFAULT_CONFIG_PATHS: [&str; 2] = [
+    "conf/config.yaml",
+    "/usr/local/services/ai-media/conf/config.yaml",
+];
+
+pub use validate::{DEFAULT_UPSTREAM_IDLE_TIMEOUT, MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH};
+
+/// A config problem, always naming the field (or the file) it is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub field: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub(crate) fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.field, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+// ---------------------------------------------------------------------------------------------
+// Validated config
+// ---------------------------------------------------------------------------------------------
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub debug: bool,
+    /// Where the proxy listens (`listen`, or `0.0.0.0:<port>`).
+    pub listen: SocketAddr,
+    pub admin_listen: Option<SocketAddr>,
+    pub threads: usize,
+    pub log_file: Option<PathBuf>,
+    pub dns: DnsConfig,
+    pub connect_timeout: Duration,
+    /// A kept-alive connection to a pod idle longer than this is closed rather than reused
+    /// (zero: never reused), so that a request is not sent on a connection the pod is closing.
+    pub upstream_idle_timeout: Duration,
+    /// Attempts per request on connect failure (each on a different pod).
+    pub max_attempts: usize,
+    /// After the shutdown delay, the longest the drain waits for requests (see `shutdown`).
+    pub shutdown_grace: Duration,
+    /// After SIGTERM, how long new connections are still accepted (not ready meanwhile).
+    pub shutdown_delay: Duration,
+    /// How often the config file is checked for changes (zero: only on SIGHUP).
+    pub reload_interval: Duration,
+    /// What a client connection may cost before it is closed (slow, idle or oversized).
+    pub client: ClientLimits,
+    pub routes: Vec<RouteConfig>,
+    /// One entry per distinct target; routes refer to it by index.
+    pub pools: Vec<PoolConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DnsConfig {
+    /// Empty: follow /etc/resolv.conf.
+    pub nameservers: Vec<SocketAddr>,
+    pub refresh_interval: Duration,
+    pub stability_samples: usize,
+    pub stability_interval: Duration,
+    pub unstable_retry: Duration,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        Self {
+            nameservers: Vec::new(),
+            refresh_interval: Duration::from_secs(2),
+            stability_samples: 5,
+            stability_interval: Duration::from_millis(500),
+            unstable_retry: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Bounds on what one client connection may hold: the defaults follow NGINX
+/// (`client_header_timeout 60s`, `keepalive_timeout 75s`, `send_timeout 60s`,
+/// `large_client_header_buffers 4 8k`), so a slow or idle client costs a bounded amount of time
+/// and memory and cannot pin a pod's slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientLimits {
+    /// From the first byte of a request (or the connection's start) to the end of its header.
+    pub header_timeout: Duration,
+    /// How long a kept-alive connection may sit idle between requests.
+    pub keepalive_timeout: Duration,
+    /// How long a write to the client may make no progress (a client that stops reading).
+    pub timeout: Duration,
+    /// Largest request header (request line and all fields) accepted; larger gets 431.
+    pub max_header_size: usize,
+}
+
+impl Default for ClientLimits {
+    fn default() -> Self {
+        Self {
+            header_timeout: Duration::from_secs(60),
+            keepalive_timeout: Duration::from_secs(75),
+            timeout: Duration::from_secs(60),
+            max_header_size: 32 * 1024,
+        }
+    }
+}
+
+/// What happens to a request already sent to a pod when its client goes away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ClientAbort {
+    /// The pod's exchange runs to its end (its response is read and dropped) and only then is
+    /// the slot freed: a compute pod usually keeps working after its client left.
+    #[default]
+    Finish,
+    /// The connection to the pod is closed and the slot freed at once: for pods that stop
+    /// working when their client disconnects.
+    Cancel,
+}
+
+/// How long and how many requests may wait when every pod of a pool is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueuePolicy {
+    pub max_waiting: usize,
+    pub timeout: Duration,
+}
+
+impl Default for QueuePolicy {
+    fn default() -> Self {
+        Self {
+            max_waiting: 1000,
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// How a route's `uri` is compared with a request's path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MatchKind {
+    Exact,
+    Prefix,
+}
+
+/// What lb-agent speaks to a route's pods. Clients may use HTTP/1.1 or h2c either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UpstreamProtocol {
+    #[default]
+    Http1,
+    /// Cleartext HTTP/2 with prior knowledge: gRPC services. Calls to a pod share connections.
+    H2c,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteConfig {
+    pub uri: String,
+    pub match_kind: MatchKind,
+    pub pool: usize,
+    pub queue: QueuePolicy,
+    pub protocol: UpstreamProtocol,
+    pub client_abort: ClientAbort,
+}
+
+/// Where a pool's pods come from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Target {
+    /// A DNS name whose A/AAAA records are the pods (a headless Service).
+    Dns { host: String, port: u16 },
+    /// A fixed list of pods.
+    Static(Vec<SocketAddr>),
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Dns { host, port } => write!(f, "{host}:{port}"),
+            Target::Static(addrs) => {
+                let list: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+                write!(f, "static[{}]", list.join(","))
+            }
+        }
+    }
+}
+
+/// The per-pod slots shared by every route that targets the same service and port.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolConfig {
+    pub name: String,
+    pub target: Target,
+    pub limit: usize,
+}
+
+impl Config {
+    /// Reads and validates a config file. Reads at most one byte more than
+    /// [`MAX_CONFIG_BYTES`], so a huge file (or `/dev/zero`) is refused without being read.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        use std::io::Read;
+        let cannot_read = |e: std::io::Error| {
+            ConfigError::new("", format!("cannot read {}: {e}", path.display()))
+        };
+        let mut text = String::new();
+        std::fs::File::open(path)
+            .map_err(cannot_read)?
+            .take(MAX_CONFIG_BYTES as u64 + 1)
+            .read_to_string(&mut text)
+            .map_err(cannot_read)?;
+        Self::parse(&text)
+    }
+
+    /// Finds the config file: the given path, else the first default path that exists.
+    pub fn locate(explicit: Option<&Path>) -> Result<PathBuf, ConfigError> {
+        if let Some(p) = explicit {
+            return Ok(p.to_path_buf());
+        }
+        DEFAULT_CONFIG_PATHS
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+            .ok_or_else(|| {
+                ConfigError::new(
+                    "",
+                    format!(
+                        "no config file given (-c PATH) and none found at {}",
+                        DEFAULT_CONFIG_PATHS.join(" or ")
+                    ),
+                )
+            })
+    }
+
+    /// Parses and validates YAML text. Its size and nesting depth are checked first, by a
+    /// linear scan: the YAML parser takes seconds to minutes of CPU on a deeply nested file
+    /// before it finds anything wrong, and a reload runs on the same thread as everything else
+    /// the reload service does.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        validate::check_shape(text)?;
+        let file: file::FileConfig = serde_yaml::from_str(text).map_err(yaml_error)?;
+        validate::validate(file)
+    }
+
+    /// The settings that take effect only at start-up; a reload leaves them as they are.
+    /// Everything else (routes, pools, limits, queues, `connect_timeout`,
+    /// `upstream_idle_timeout`) applies live. "Does this reload need a restart" is
+    /// `a.restart_only() != b.restart_only()`.
+    pub fn restart_only(&self) -> RestartOnly {
+        // Destructured without `..`: a new field of `Config` does not compile until it is
+        // sorted here into restart-only or live.
+        let Config {
+            debug,
+            listen,
+            admin_listen,
+            threads,
+            log_file,
+            dns,
+            connect_timeout: _,
+            upstream_idle_timeout: _,
+            max_attempts,
+            shutdown_grace,
+            shutdown_delay,
+            reload_interval,
+            client,
+            routes: _,
+            pools: _,
+        } = self.clone();
+        RestartOnly {
+            debug,
+            listen,
+            admin_listen,
+            threads,
+            log_file,
+            dns,
+            max_attempts,
+            shutdown_grace,
+            shutdown_delay,
+            reload_interval,
+            client,
+        }
+    }
+}
+
+/// The settings of a [`Config`] that need a restart to change (see [`Config::restart_only`]).
+/// The fields carry the names they have in the config file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RestartOnly {
+    pub debug: bool,
+    pub listen: SocketAddr,
+    pub admin_listen: Option<SocketAddr>,
+    pub threads: usize,
+    pub log_file: Option<PathBuf>,
+    pub dns: DnsConfig,
+    pub max_attempts: usize,
+    pub shutdown_grace: Duration,
+    pub shutdown_delay: Duration,
+    pub reload_interval: Duration,
+    pub client: ClientLimits,
+}
+
+impl RestartOnly {
+    /// The config-file names of the settings that differ between `self` and `other`, for the
+    /// reload warning; empty exactly when the two are equal.
+    pub fn changed(&self, other: &RestartOnly) -> Vec<&'static str> {
+        // Destructured without `..`, so a new field cannot be left out of the report.
+        let RestartOnly {
+            debug,
+            listen,
+            admin_listen,
+            threads,
+            log_file,
+            dns,
+            max_attempts,
+            shutdown_grace,
+            shutdown_delay,
+            reload_interval,
+            client,
+        } = self;
+        let mut changed = Vec::new();
+        let mut note = |differs: bool, name: &'static str| {
+            if differs {
+                changed.push(name);
+            }
+        };
+        note(*listen != other.listen, "listen/port");
+        note(*admin_listen != other.admin_listen, "admin_listen");
+        note(*threads != other.threads, "threads");
+        note(*log_file != other.log_file, "log_file");
+        note(*debug != other.debug, "debug");
+        note(*dns != other.dns, "dns");
+        note(*max_attempts != other.max_attempts, "max_attempts");
+        note(*client != other.client, "client");
+        note(*shutdown_grace != other.shutdown_grace, "shutdown_grace");
+        note(*shutdown_delay != other.shutdown_delay, "shutdown_delay");
+        note(*reload_interval != other.reload_interval, "reload_interval");
+        changed
+    }
+}
+
+/// serde_yaml reports unknown fields as "routes[0]: unknown field `limt`, expected …"
+/// which already carries the path; keep it, and say where in the file it is.
+fn yaml_error(e: serde_yaml::Error) -> ConfigError {
+    let location = e
+        .location()
+        .map(|l| format!(" (line {}, column {})", l.line(), l.column()))
+        .unwrap_or_default();
+    ConfigError::new("", format!("{e}{location}"))
+}

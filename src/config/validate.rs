@@ -1,0 +1,1089 @@
+//! File format → validated [`Config`]: defaults, parsing of durations and addresses, and a
+//! bound on every value, each error naming its field (`routes[1].limit: must be at least 1`).
+//!
+//! The upper bounds are not taste: each keeps a value away from a panic or an overflow
+//! somewhere downstream (`Instant + timeout`, tokio's semaphore maximum, Pingora's thread
+//! pools), and each is far beyond what a working deployment needs, so `--check` refuses a
+//! config that would otherwise pass and then kill the process (or the reload service) at run
+//! time.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::file::{FileClient, FileConfig, FileQueue, FileRoute};
+use super::{
+    ClientLimits, Config, ConfigError, DnsConfig, MatchKind, PoolConfig, QueuePolicy, RouteConfig,
+    Target,
+};
+
+/// Largest config file: Kubernetes caps a ConfigMap at 1 MiB, and ours are a few hundred bytes.
+pub const MAX_CONFIG_BYTES: usize = 1024 * 1024;
+/// Deepest nesting of YAML collections. Our format nests 4 deep (`routes[0].queue.timeout`);
+/// libyaml takes time that grows far faster than the size with depth (a 200 KB file of `[`
+/// took 43 s of CPU to reject), so deep nesting is refused before it is parsed.
+pub const MAX_CONFIG_DEPTH: usize = 32;
+
+/// Default of `upstream_idle_timeout` (see its validation for the reasoning).
+pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Longer than any server keep-alive we know of: a larger value would only bring the race back.
+const MAX_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Upper bounds of the shutdown settings: far beyond any sane value, and they keep the
+/// deadline arithmetic far from overflowing.
+const MAX_SHUTDOWN_GRACE: Duration = Duration::from_secs(24 * 3600);
+const MAX_SHUTDOWN_DELAY: Duration = Duration::from_secs(600);
+
+/// Longest of the timeouts and intervals that are added to `Instant::now()` (queue and client
+/// timeouts, DNS intervals, `reload_interval`): a day is past any sane setting, and
+/// `Instant + 24h` cannot overflow, where `queue.timeout: 18446744073709551615s` panicked on
+/// every request.
+const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// Longest `connect_timeout`: Linux itself gives up a TCP connect after about 2 minutes of SYN
+/// retries, so a longer timeout never waits longer.
+const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Largest per-pod `limit`. Each pool's free slots are permits of one tokio semaphore, which
+/// panics above `usize::MAX >> 3` permits (about 2.3·10^18) — at start-up, or in the reload
+/// service after permits were already withdrawn. With at most 100 000 per pod, even the
+/// largest pod list a DNS answer can carry (65 535 bytes: ~4 000 A records) or a 1 MiB
+/// `endpoints` list stays below 10^11 permits; and 100 000 concurrent requests is already far
+/// beyond what one compute pod can take.
+pub(super) const MAX_LIMIT: usize = 100_000;
+/// Largest `max_waiting`: every queued request holds a client connection (a file descriptor
+/// and its buffers), so a million is already more than one process can hold.
+pub(super) const MAX_WAITING: usize = 1_000_000;
+/// Most proxy threads: Pingora starts each as an OS thread with its own runtime at start-up;
+/// `threads: 4294967296` aborted the process. 1024 is far past the useful number (the cores).
+pub(super) const MAX_THREADS: usize = 1024;
+/// Most connection attempts per request: each is on a different pod, so more only matters
+/// with that many pods, and a request should not spend longer than this many connect timeouts.
+pub(super) const MAX_ATTEMPTS: usize = 100;
+/// Most identical DNS answers required before a changed pod list is trusted: more only delays
+/// every scale-up by `samples × stability_interval`.
+pub(super) const MAX_STABILITY_SAMPLES: usize = 100;
+
+/// Longest any client timeout may be: a day is already far past any sane setting, and the bound
+/// keeps `Instant + timeout` from overflowing.
+const MAX_CLIENT_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+/// Largest `client.max_header_size`: Pingora itself refuses headers above 1 MiB.
+const MAX_HEADER_SIZE_BOUND: usize = 1024 * 1024;
+
+/// Smallest `client.max_header_size`: a request line and a Host field must fit.
+const MIN_HEADER_SIZE_BOUND: usize = 1024;
+
+/// Refuses text larger than [`MAX_CONFIG_BYTES`] or nested deeper than [`MAX_CONFIG_DEPTH`],
+/// in one linear pass, before the YAML parser sees it.
+pub(super) fn check_shape(text: &str) -> Result<(), ConfigError> {
+    if text.len() > MAX_CONFIG_BYTES {
+        return Err(ConfigError::new(
+            "",
+            format!(
+                "config is larger than {MAX_CONFIG_BYTES} bytes (1 MiB); a config is a few KiB"
+            ),
+        ));
+    }
+    if let Some(line) = too_deep(text, MAX_CONFIG_DEPTH) {
+        return Err(ConfigError::new(
+            "",
+            format!(
+                "config nests deeper than {MAX_CONFIG_DEPTH} levels (at line {line}); a config nests 4"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The line (1-based) where the nesting of `text` first exceeds `max`, if it does.
+///
+/// An estimate from above, without parsing: block nesting is the stack of indentation columns
+/// (plus one level per `- ` or `? ` that opens a compact collection on the line), flow nesting
+/// the count of open `[`/`{`. Quoted scalars and comments are skipped, since they may hold any
+/// bracket. A `[` inside a plain scalar (`uri: /a[`) counts too, which over-estimates: it would
+/// take 32 of them to refuse a valid file, and a bracket can never hide real nesting.
+fn too_deep(text: &str, max: usize) -> Option<usize> {
+    let b = text.as_bytes();
+    let mut indents: Vec<usize> = Vec::new();
+    let mut flow = 0usize;
+    // Where a quoted scalar may begin: after indentation, an indicator, or an anchor/tag.
+    let mut value_start = true;
+    let mut line = 1;
+    let mut i = 0;
+    let mut line_start = true;
+    while i < b.len() {
+        if line_start {
+            line_start = false;
+            value_start = true;
+            if flow == 0 {
+                let indent = b[i..].iter().take_while(|&&c| c == b' ').count();
+                let rest = &b[i + indent..];
+                let blank = rest
+                    .first()
+                    .is_none_or(|&c| matches!(c, b'\n' | b'\r' | b'#'));
+                if !blank {
+                    while indents.last().is_some_and(|&top| top > indent) {
+                        indents.pop();
+                    }
+                    if indents.last() != Some(&indent) {
+                        indents.push(indent);
+                    }
+                    i += indent;
+                    // `- - x`, `- key: v`, `? key`: each indicator opens a level on this line.
+                    while i + 1 < b.len()
+                        && matches!(b[i], b'-' | b'?')
+                        && matches!(b[i + 1], b' ' | b'\t')
+                    {
+                        i += 1;
+                        while i < b.len() && matches!(b[i], b' ' | b'\t') {
+                            i += 1;
+                        }
+                        indents.push(i);
+                    }
+                    if indents.len() > max {
+                        return Some(line);
+                    }
+                }
+            }
+            continue;
+        }
+        let c = b[i];
+        match c {
+            b'\n' => {
+                line += 1;
+                line_start = true;
+            }
+            b'#' if i == 0 || matches!(b[i - 1], b' ' | b'\t' | b'\n' | b'\r') => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+                continue;
+            }
+            b'"' | b'\'' if value_start => {
+                // Skip the quoted scalar, which may span lines: `\"` escapes in double
+                // quotes, `''` in single quotes.
+                i += 1;
+                while i < b.len() {
+                    match b[i] {
+                        b'\\' if c == b'"' => i += 1,
+                        b'\n' => line += 1,
+                        q if q == c => {
+                            if c == b'\'' && b.get(i + 1) == Some(&b'\'') {
+                                i += 1;
+                            } else {
+                                break;
+                            }
+                        }
+                        _ => {}
+                    }
+                    i += 1;
+                }
+                value_start = false;
+            }
+            b'[' | b'{' => {
+                flow += 1;
+                if indents.len() + flow > max {
+                    return Some(line);
+                }
+                value_start = true;
+            }
+            b']' | b'}' => {
+                flow = flow.saturating_sub(1);
+                value_start = false;
+            }
+            b',' | b':' | b'-' | b'?' => value_start = true,
+            b' ' | b'\t' | b'\r' => {}
+            b'&' | b'!' if value_start => {
+                // An anchor or a tag in front of a value: the value may still be quoted.
+                while i < b.len() && !matches!(b[i], b' ' | b'\t' | b'\n') {
+                    i += 1;
+                }
+                continue;
+            }
+            _ => value_start = false,
+        }
+        i += 1;
+    }
+    None
+}
+
+fn duration(
+    field: &str,
+    value: &Option<String>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(s) => humantime::parse_duration(s.trim()).map_err(|e| {
+            ConfigError::new(
+                field,
+                format!("bad duration {s:?} ({e}); write it like 500ms, 30s or 2m"),
+            )
+        }),
+    }
+}
+
+/// Refuses `value` above `max`, naming the field and both values.
+fn at_most(field: &str, value: Duration, max: Duration) -> Result<Duration, ConfigError> {
+    if value > max {
+        return Err(ConfigError::new(
+            field,
+            format!("must be at most {} (got {value:?})", short(max)),
+        ));
+    }
+    Ok(value)
+}
+
+/// A bound as the README writes it: `24h`, `10m`, `300s`.
+fn short(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        _ if s.is_multiple_of(3600) => format!("{}h", s / 3600),
+        _ if s.is_multiple_of(60) => format!("{}m", s / 60),
+        _ => format!("{s}s"),
+    }
+}
+
+/// Refuses a count outside `min..=max`, naming the field.
+fn count_in(field: &str, value: usize, min: usize, max: usize) -> Result<usize, ConfigError> {
+    if value < min {
+        return Err(ConfigError::new(field, format!("must be at least {min}")));
+    }
+    if value > max {
+        return Err(ConfigError::new(
+            field,
+            format!("must be at most {max} (got {value})"),
+        ));
+    }
+    Ok(value)
+}
+
+fn socket_addr(field: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value.trim().parse().map_err(|_| {
+        ConfigError::new(
+            field,
+            format!("{value:?} is not an IP:PORT address (e.g. 127.0.0.1:8080 or [::1]:8080)"),
+        )
+    })
+}
+
+/// An address lb-agent connects to (a pod, a nameserver): port 0 and addresses that name no
+/// single host (`0.0.0.0`, `::`, multicast, broadcast) are refused, since a connect to them
+/// either fails on every request or reaches something that is not the pod.
+fn peer_addr(field: &str, addr: SocketAddr) -> Result<SocketAddr, ConfigError> {
+    if addr.port() == 0 {
+        return Err(ConfigError::new(
+            field,
+            format!("{addr}: port must be between 1 and 65535"),
+        ));
+    }
+    let ip = addr.ip();
+    let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
+    if ip.is_unspecified() || ip.is_multicast() || broadcast {
+        return Err(ConfigError::new(
+            field,
+            format!(
+                "{addr}: must be the address of one host (not unspecified, multicast or broadcast)"
+            ),
+        ));
+    }
+    Ok(addr)
+}
+
+/// RFC 1123 host name: dot-separated labels of 1 to 63 letters, digits and hyphens, not
+/// starting or ending with a hyphen, 253 characters at most. Kubernetes names its Services,
+/// namespaces and cluster domains this way, so anything else can only fail to resolve.
+fn dns_name(field: &str, name: &str) -> Result<(), ConfigError> {
+    let bad = |why: &str| ConfigError::new(field, format!("{name:?} is not a DNS name: {why}"));
+    if name.is_empty() {
+        return Err(bad("empty"));
+    }
+    if name.len() > 253 {
+        return Err(bad("longer than 253 characters"));
+    }
+    for label in name.split('.') {
+        dns_label_shape(label).map_err(|why| bad(&why))?;
+    }
+    Ok(())
+}
+
+/// One RFC 1123 label (`service_name`, `namespace`).
+fn dns_label(field: &str, label: &str) -> Result<(), ConfigError> {
+    dns_label_shape(label).map_err(|why| {
+        ConfigError::new(
+            field,
+            format!("{label:?} is not a DNS label (RFC 1123): {why}"),
+        )
+    })
+}
+
+fn dns_label_shape(label: &str) -> Result<(), String> {
+    if label.is_empty() {
+        return Err("empty label".into());
+    }
+    if label.len() > 63 {
+        return Err(format!("label {label:?} is longer than 63 characters"));
+    }
+    if let Some(c) = label
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-'))
+    {
+        return Err(format!(
+            "{c:?} is not allowed (letters, digits and '-' only)"
+        ));
+    }
+    if label.starts_with('-') || label.ends_with('-') {
+        return Err(format!("label {label:?} starts or ends with '-'"));
+    }
+    Ok(())
+}
+
+fn queue_policy(
+    prefix: &str,
+    q: &FileQueue,
+    base: QueuePolicy,
+) -> Result<QueuePolicy, ConfigError> {
+    let field = format!("{prefix}.timeout");
+    let timeout = at_most(
+        &field,
+        duration(&field, &q.timeout, base.timeout)?,
+        MAX_TIMEOUT,
+    )?;
+    if timeout.is_zero() {
+        return Err(ConfigError::new(
+            field,
+            "must be greater than 0 (use max_waiting: 0 to refuse instead of queueing)",
+        ));
+    }
+    let max_waiting = count_in(
+        &format!("{prefix}.max_waiting"),
+        q.max_waiting.unwrap_or(base.max_waiting),
+        0,
+        MAX_WAITING,
+    )?;
+    Ok(QueuePolicy {
+        max_waiting,
+        timeout,
+    })
+}
+
+pub(super) fn validate(f: FileConfig) -> Result<Config, ConfigError> {
+    let listen = match (&f.listen, f.port) {
+        (Some(l), _) => socket_addr("listen", l)?,
+        (None, Some(0)) | (None, None) => SocketAddr::from(([0, 0, 0, 0], 8080)),
+        (None, Some(p)) => SocketAddr::from(([0, 0, 0, 0], p)),
+    };
+    let admin_listen = match &f.admin_listen {
+        Some(a) => {
+            let addr = socket_addr("admin_listen", a)?;
+            if addr == listen {
+                return Err(ConfigError::new(
+                    "admin_listen",
+                    "must differ from the proxy's listen address",
+                ));
+            }
+            Some(addr)
+        }
+        None => None,
+    };
+    let threads = count_in("threads", f.threads.unwrap_or(1), 1, MAX_THREADS)?;
+    let cluster_domain = f
+        .cluster_domain
+        .clone()
+        .unwrap_or_else(|| "cluster.local".to_string());
+    if cluster_domain.trim().is_empty() {
+        return Err(ConfigError::new("cluster_domain", "must not be empty"));
+    }
+    let cluster_domain = cluster_domain
+        .trim()
+        .trim_end_matches('.')
+        .to_ascii_lowercase();
+    dns_name("cluster_domain", &cluster_domain)?;
+
+    let d = DnsConfig::default();
+    let mut nameservers = Vec::new();
+    for (i, ns) in f.dns.nameservers.iter().flatten().enumerate() {
+        let field = format!("dns.nameservers[{i}]");
+        // A bare IP means port 53, as in resolv.conf.
+        let addr = match ns.trim().parse::<IpAddr>() {
+            Ok(ip) => SocketAddr::new(ip, 53),
+            Err(_) => socket_addr(&field, ns)?,
+        };
+        nameservers.push(peer_addr(&field, addr)?);
+    }
+    let dns_duration = |field: &str, value: &Option<String>, default: Duration| {
+        at_most(field, duration(field, value, default)?, MAX_TIMEOUT)
+    };
+    let dns = DnsConfig {
+        nameservers,
+        refresh_interval: dns_duration(
+            "dns.refresh_interval",
+            &f.dns.refresh_interval,
+            d.refresh_interval,
+        )?,
+        stability_samples: f.dns.stability_samples.unwrap_or(d.stability_samples),
+        stability_interval: dns_duration(
+            "dns.stability_interval",
+            &f.dns.stability_interval,
+            d.stability_interval,
+        )?,
+        unstable_retry: dns_duration(
+            "dns.unstable_retry",
+            &f.dns.unstable_retry,
+            d.unstable_retry,
+        )?,
+    };
+    count_in(
+        "dns.stability_samples",
+        dns.stability_samples,
+        1,
+        MAX_STABILITY_SAMPLES,
+    )?;
+    if dns.refresh_interval.is_zero() {
+        return Err(ConfigError::new(
+            "dns.refresh_interval",
+            "must be greater than 0",
+        ));
+    }
+
+    let queue = queue_policy("queue", &f.queue, QueuePolicy::default())?;
+    let connect_timeout = duration(
+        "connect_timeout",
+        &f.connect_timeout,
+        Duration::from_secs(2),
+    )?;
+    if connect_timeout.is_zero() {
+        return Err(ConfigError::new(
+            "connect_timeout",
+            "must be greater than 0",
+        ));
+    }
+    at_most("connect_timeout", connect_timeout, MAX_CONNECT_TIMEOUT)?;
+    // Below the shortest common server keep-alive timeouts (gunicorn 2s; Node.js and uvicorn
+    // 5s), so lb-agent drops an idle connection before the pod does: a request written on a
+    // connection the pod is closing at that moment fails, and is never re-sent (it may have
+    // started). A new connection costs one round trip, nothing beside a compute request.
+    let upstream_idle_timeout = duration(
+        "upstream_idle_timeout",
+        &f.upstream_idle_timeout,
+        DEFAULT_UPSTREAM_IDLE_TIMEOUT,
+    )?;
+    if upstream_idle_timeout > MAX_UPSTREAM_IDLE_TIMEOUT {
+        return Err(ConfigError::new(
+            "upstream_idle_timeout",
+            format!(
+                "must be at most {}s, and below the pods' own keep-alive timeout",
+                MAX_UPSTREAM_IDLE_TIMEOUT.as_secs()
+            ),
+        ));
+    }
+    let max_attempts = count_in("max_attempts", f.max_attempts.unwrap_or(3), 1, MAX_ATTEMPTS)?;
+    let shutdown_grace = duration("shutdown_grace", &f.shutdown_grace, Duration::from_secs(30))?;
+    if shutdown_grace > MAX_SHUTDOWN_GRACE {
+        return Err(ConfigError::new("shutdown_grace", "must be at most 24h"));
+    }
+    // Kubernetes takes a few seconds to stop sending new connections to a terminating pod.
+    let shutdown_delay = duration("shutdown_delay", &f.shutdown_delay, Duration::from_secs(5))?;
+    if shutdown_delay > MAX_SHUTDOWN_DELAY {
+        return Err(ConfigError::new("shutdown_delay", "must be at most 10m"));
+    }
+    let reload_interval = at_most(
+        "reload_interval",
+        duration(
+            "reload_interval",
+            &f.reload_interval,
+            Duration::from_secs(2),
+        )?,
+        MAX_TIMEOUT,
+    )?;
+
+    let client = client_limits(&f.client)?;
+
+    if f.routes.is_empty() {
+        return Err(ConfigError::new("routes", "at least one route is required"));
+    }
+
+    let mut routes = Vec::new();
+    let mut pools: Vec<PoolConfig> = Vec::new();
+    // Which route first set each pool's limit, to name both in a conflict.
+    let mut pool_owner: BTreeMap<usize, usize> = BTreeMap::new();
+    let mut seen_uris: HashSet<(String, bool)> = HashSet::new();
+
+    for (i, r) in f.routes.iter().enumerate() {
+        let p = format!("routes[{i}]");
+        let uri = r
+            .uri
+            .clone()
+            .ok_or_else(|| ConfigError::new(format!("{p}.uri"), "missing"))?;
+        if !uri.starts_with('/') {
+            return Err(ConfigError::new(
+                format!("{p}.uri"),
+                format!("{uri:?} must start with /"),
+            ));
+        }
+        // Requests are routed by their normalised path, which such a uri can never equal.
+        match crate::route::normalize_path(&uri) {
+            Ok(n) if n == uri => {}
+            Ok(n) => {
+                return Err(ConfigError::new(
+                    format!("{p}.uri"),
+                    format!("{uri:?} is not a normalised path; write {n:?}"),
+                ))
+            }
+            Err(e) => return Err(ConfigError::new(format!("{p}.uri"), e.reason())),
+        }
+        let match_kind = r.match_kind.unwrap_or(MatchKind::Exact);
+        if !seen_uris.insert((uri.clone(), match_kind == MatchKind::Prefix)) {
+            return Err(ConfigError::new(
+                format!("{p}.uri"),
+                format!("duplicate uri {uri:?} (already used by an earlier route)"),
+            ));
+        }
+        let limit = r
+            .limit
+            .ok_or_else(|| ConfigError::new(format!("{p}.limit"), "missing"))?;
+        let limit = count_in(&format!("{p}.limit"), limit, 1, MAX_LIMIT)?;
+        let protocol = r.protocol.unwrap_or_default();
+        let client_abort = r.client_abort.unwrap_or_default();
+        let target = route_target(&p, r, &cluster_domain)?;
+        let queue = match &r.queue {
+            Some(q) => queue_policy(&format!("{p}.queue"), q, queue)?,
+            None => queue,
+        };
+
+        let pool = match pools.iter().position(|pc| pc.target == target) {
+            Some(idx) => {
+                if pools[idx].limit != limit {
+                    let owner = pool_owner[&idx];
+                    return Err(ConfigError::new(
+                        format!("{p}.limit"),
+                        format!(
+                            "{limit} conflicts with routes[{owner}].limit = {}: both routes target {} and share its per-pod slots, so they must agree",
+                            pools[idx].limit, pools[idx].name
+                        ),
+                    ));
+                }
+                idx
+            }
+            None => {
+                pools.push(PoolConfig {
+                    name: target.to_string(),
+                    target,
+                    limit,
+                });
+                pool_owner.insert(pools.len() - 1, i);
+                pools.len() - 1
+            }
+        };
+        routes.push(RouteConfig {
+            uri,
+            match_kind,
+            pool,
+            queue,
+            protocol,
+            client_abort,
+        });
+    }
+
+    Ok(Config {
+        debug: f.debug,
+        listen,
+        admin_listen,
+        threads,
+        log_file: f
+            .log_file
+            .filter(|s| !s.trim().is_empty())
+            .map(PathBuf::from),
+        dns,
+        connect_timeout,
+        upstream_idle_timeout,
+        max_attempts,
+        shutdown_grace,
+        shutdown_delay,
+        reload_interval,
+        client,
+        routes,
+        pools,
+    })
+}
+
+fn client_limits(f: &FileClient) -> Result<ClientLimits, ConfigError> {
+    let d = ClientLimits::default();
+    let limits = ClientLimits {
+        header_timeout: duration("client.header_timeout", &f.header_timeout, d.header_timeout)?,
+        keepalive_timeout: duration(
+            "client.keepalive_timeout",
+            &f.keepalive_timeout,
+            d.keepalive_timeout,
+        )?,
+        timeout: duration("client.timeout", &f.timeout, d.timeout)?,
+        max_header_size: f.max_header_size.unwrap_or(d.max_header_size),
+    };
+    for (field, value) in [
+        ("client.header_timeout", limits.header_timeout),
+        ("client.keepalive_timeout", limits.keepalive_timeout),
+        ("client.timeout", limits.timeout),
+    ] {
+        if value.is_zero() || value > MAX_CLIENT_TIMEOUT {
+            return Err(ConfigError::new(
+                field,
+                format!("must be greater than 0 and at most 24h (got {value:?})"),
+            ));
+        }
+    }
+    if !(MIN_HEADER_SIZE_BOUND..=MAX_HEADER_SIZE_BOUND).contains(&limits.max_header_size) {
+        return Err(ConfigError::new(
+            "client.max_header_size",
+            format!(
+                "must be between {MIN_HEADER_SIZE_BOUND} and {MAX_HEADER_SIZE_BOUND} bytes (got {})",
+                limits.max_header_size
+            ),
+        ));
+    }
+    Ok(limits)
+}
+
+/// Works out where a route's pods come from. Exactly one of: `endpoints`, `host`,
+/// `service_name` + `namespace`, or the older `k8s_host`.
+fn route_target(p: &str, r: &FileRoute, cluster_domain: &str) -> Result<Target, ConfigError> {
+    let forms = [
+        r.endpoints.is_some(),
+        r.host.is_some(),
+        r.service_name.is_some() || r.namespace.is_some(),
+        r.k8s_host.is_some(),
+    ];
+    let count = forms.iter().filter(|x| **x).count();
+    if count == 0 {
+        return Err(ConfigError::new(
+            p,
+            "no target: give service_name + namespace + http_port, host + http_port, k8s_host + K8s_port, or endpoints",
+        ));
+    }
+    if count > 1 {
+        return Err(ConfigError::new(
+            p,
+            "give only one target: service_name/namespace, host, k8s_host or endpoints",
+        ));
+    }
+    if let Some(eps) = &r.endpoints {
+        if eps.is_empty() {
+            return Err(ConfigError::new(
+                format!("{p}.endpoints"),
+                "must list at least one IP:PORT",
+            ));
+        }
+        let mut addrs = Vec::new();
+        for (j, e) in eps.iter().enumerate() {
+            let field = format!("{p}.endpoints[{j}]");
+            let a = peer_addr(&field, socket_addr(&field, e)?)?;
+            if addrs.contains(&a) {
+                return Err(ConfigError::new(
+                    format!("{p}.endpoints[{j}]"),
+                    format!("{a} listed twice"),
+                ));
+            }
+            addrs.push(a);
+        }
+        addrs.sort();
+        return Ok(Target::Static(addrs));
+    }
+    let (host, port) = if let Some(h) = &r.k8s_host {
+        let port = r.k8s_port.or(r.http_port).ok_or_else(|| {
+            ConfigError::new(
+                format!("{p}.K8s_port"),
+                "missing (the port that goes with k8s_host)",
+            )
+        })?;
+        (dns_host(&format!("{p}.k8s_host"), h)?, port)
+    } else if let Some(h) = &r.host {
+        let port = r
+            .http_port
+            .ok_or_else(|| ConfigError::new(format!("{p}.http_port"), "missing"))?;
+        (dns_host(&format!("{p}.host"), h)?, port)
+    } else {
+        let svc = r
+            .service_name
+            .as_ref()
+            .ok_or_else(|| ConfigError::new(format!("{p}.service_name"), "missing"))?;
+        let ns = r
+            .namespace
+            .as_ref()
+            .ok_or_else(|| ConfigError::new(format!("{p}.namespace"), "missing"))?;
+        let port = r
+            .http_port
+            .ok_or_else(|| ConfigError::new(format!("{p}.http_port"), "missing"))?;
+        let svc = svc.trim().to_ascii_lowercase();
+        let ns = ns.trim().to_ascii_lowercase();
+        if ns.is_empty() {
+            return Err(ConfigError::new(
+                format!("{p}.namespace"),
+                "must not be empty",
+            ));
+        }
+        dns_label(&format!("{p}.service_name"), &svc)?;
+        dns_label(&format!("{p}.namespace"), &ns)?;
+        let host = format!("{svc}.{ns}.svc.{cluster_domain}");
+        dns_name(&format!("{p}.service_name"), &host)?;
+        (host, port)
+    };
+    if port == 0 {
+        return Err(ConfigError::new(
+            format!("{p}.http_port"),
+            "must be between 1 and 65535",
+        ));
+    }
+    Ok(Target::Dns { host, port })
+}
+
+/// A `host`/`k8s_host` as looked up: trimmed, without the root's trailing dot, lower case.
+fn dns_host(field: &str, name: &str) -> Result<String, ConfigError> {
+    let host = name.trim().trim_end_matches('.').to_ascii_lowercase();
+    dns_name(field, &host)?;
+    Ok(host)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GO_CONFIG: &str = r#"
+debug: false
+port: 8080
+log_file: ./logs/agent.log
+kube_config_file: /root/kube/config
+routes:
+  - uri: /VideoCodecService/VideoCodec
+    limit: 2
+    service_name: yt-server-video-codec
+    namespace: ai-media
+    http_port: 20109
+"#;
+
+    fn err(text: &str) -> String {
+        Config::parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn go_agent_config_loads_unchanged() {
+        let c = Config::parse(GO_CONFIG).unwrap();
+        assert_eq!(c.listen.to_string(), "0.0.0.0:8080");
+        assert_eq!(c.routes.len(), 1);
+        assert_eq!(
+            c.pools[0].target,
+            Target::Dns {
+                host: "yt-server-video-codec.ai-media.svc.cluster.local".into(),
+                port: 20109
+            }
+        );
+        assert_eq!(c.pools[0].limit, 2);
+        assert_eq!(c.log_file, Some(PathBuf::from("./logs/agent.log")));
+        assert_eq!(c.shutdown_grace, Duration::from_secs(30));
+        assert_eq!(c.shutdown_delay, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn shutdown_settings_are_bounded() {
+        let route = "routes: [{uri: /a, limit: 1, endpoints: [\"127.0.0.1:1\"]}]\n";
+        let c = Config::parse(&format!(
+            "shutdown_grace: 1500ms\nshutdown_delay: 0s\n{route}"
+        ))
+        .unwrap();
+        assert_eq!(c.shutdown_grace, Duration::from_millis(1500));
+        assert_eq!(c.shutdown_delay, Duration::ZERO);
+        assert!(err(&format!("shutdown_delay: 11m\n{route}")).contains("shutdown_delay"));
+        assert!(err(&format!("shutdown_grace: 25h\n{route}")).contains("shutdown_grace"));
+    }
+
+    #[test]
+    fn old_k8s_host_form_loads() {
+        let c = Config::parse(
+            "routes:\n  - uri: /a\n    limit: 1\n    k8s_host: codec.ai-media.svc.cluster.local\n    K8s_port: 9000\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.pools[0].target,
+            Target::Dns {
+                host: "codec.ai-media.svc.cluster.local".into(),
+                port: 9000
+            }
+        );
+    }
+
+    #[test]
+    fn routes_to_one_service_share_a_pool() {
+        let c = Config::parse(
+            "routes:\n  - {uri: /a, limit: 2, service_name: s, namespace: n, http_port: 1}\n  - {uri: /b, limit: 2, service_name: s, namespace: n, http_port: 1}\n  - {uri: /c, limit: 2, service_name: s, namespace: n, http_port: 2}\n",
+        )
+        .unwrap();
+        assert_eq!(c.pools.len(), 2);
+        assert_eq!(c.routes[0].pool, c.routes[1].pool);
+        assert_ne!(c.routes[0].pool, c.routes[2].pool);
+    }
+
+    #[test]
+    fn bad_configs_name_their_field() {
+        let cases: &[(&str, &str)] = &[
+            ("routes:\n  - {uri: /a, limit: 0, endpoints: [\"127.0.0.1:1\"]}\n", "routes[0].limit: must be at least 1"),
+            ("routes:\n  - {uri: /a, limit: 1, endpoints: [\"127.0.0.1:1\"]}\n  - {uri: /b, endpoints: [\"127.0.0.1:1\"]}\n", "routes[1].limit: missing"),
+            ("routes:\n  - {uri: /a, limit: 1, endpoints: [\"127.0.0.1:1\"]}\n  - {uri: /a, limit: 1, endpoints: [\"127.0.0.1:2\"]}\n", "routes[1].uri: duplicate"),
+            ("queue: {timeout: 5 parsecs}\nroutes:\n  - {uri: /a, limit: 1, endpoints: [\"127.0.0.1:1\"]}\n", "queue.timeout: bad duration"),
+            ("routes:\n  - {uri: /a, limt: 1, endpoints: [\"127.0.0.1:1\"]}\n", "unknown field `limt`"),
+            ("bogus: 1\nroutes: []\n", "unknown field `bogus`"),
+            ("routes: []\n", "routes: at least one route"),
+            ("routes:\n  - {uri: /a, limit: 1, service_name: s, http_port: 1}\n", "routes[0].namespace: missing"),
+            ("routes:\n  - {uri: /a, limit: 1, endpoints: [\"nope\"]}\n", "routes[0].endpoints[0]"),
+            ("routes:\n  - {uri: a, limit: 1, endpoints: [\"127.0.0.1:1\"]}\n", "routes[0].uri"),
+            ("routes:\n  - {uri: /a, limit: 1, match: fuzzy, endpoints: [\"127.0.0.1:1\"]}\n", "routes[0].match"),
+            ("dns: {stability_interval: fast}\nroutes:\n  - {uri: /a, limit: 1, endpoints: [\"127.0.0.1:1\"]}\n", "dns.stability_interval"),
+            ("dns: {nameservers: [\"x:y\"]}\nroutes:\n  - {uri: /a, limit: 1, endpoints: [\"127.0.0.1:1\"]}\n", "dns.nameservers[0]"),
+            ("routes:\n  - {uri: /a, limit: 1, service_name: s, namespace: n, http_port: 1}\n  - {uri: /b, limit: 3, service_name: s, namespace: n, http_port: 1}\n", "routes[1].limit: 3 conflicts with routes[0].limit"),
+            ("routes:\n  - {uri: /a, limit: 1, queue: {timeout: 0s}, endpoints: [\"127.0.0.1:1\"]}\n", "routes[0].queue.timeout"),
+            ("listen: \"localhost\"\nroutes:\n  - {uri: /a, limit: 1, endpoints: [\"127.0.0.1:1\"]}\n", "listen:"),
+            ("routes:\n  - {uri: /a, limit: 1}\n", "routes[0]: no target"),
+            ("upstream_idle_timeout: 10m\nroutes:\n  - {uri: /a, limit: 1, endpoints: [\"127.0.0.1:1\"]}\n", "upstream_idle_timeout: must be at most 300s"),
+            ("routes:\n  - {uri: /a//b, limit: 1, endpoints: [\"127.0.0.1:1\"]}\n", "routes[0].uri: \"/a//b\" is not a normalised path; write \"/a/b\""),
+        ];
+        for (text, want) in cases {
+            let got = err(text);
+            assert!(
+                got.contains(want),
+                "config {text:?}\n gave {got:?}\n want it to contain {want:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn additions_parse() {
+        let c = Config::parse(
+            "listen: 127.0.0.1:9000\nadmin_listen: 127.0.0.1:9001\nthreads: 2\ncluster_domain: corp.local\nqueue: {max_waiting: 5, timeout: 1500ms}\ndns: {nameservers: [\"127.0.0.1:5353\", \"10.0.0.10\"], refresh_interval: 1s, stability_samples: 3, stability_interval: 100ms, unstable_retry: 2s}\nroutes:\n  - {uri: /a, limit: 1, service_name: s, namespace: n, http_port: 1}\n  - {uri: /b/, match: prefix, limit: 4, host: x.example, http_port: 2, queue: {max_waiting: 1}}\n",
+        )
+        .unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:9000");
+        assert_eq!(c.threads, 2);
+        assert_eq!(c.dns.nameservers[1], "10.0.0.10:53".parse().unwrap());
+        assert_eq!(c.dns.stability_interval, Duration::from_millis(100));
+        assert_eq!(
+            c.routes[0].queue,
+            QueuePolicy {
+                max_waiting: 5,
+                timeout: Duration::from_millis(1500)
+            }
+        );
+        assert_eq!(
+            c.routes[1].queue,
+            QueuePolicy {
+                max_waiting: 1,
+                timeout: Duration::from_millis(1500)
+            }
+        );
+        assert_eq!(c.routes[1].match_kind, MatchKind::Prefix);
+        assert_eq!(c.upstream_idle_timeout, DEFAULT_UPSTREAM_IDLE_TIMEOUT);
+        let never_reuse = Config::parse(
+            "upstream_idle_timeout: 0s\nroutes:\n  - {uri: /a, limit: 1, endpoints: [\"127.0.0.1:1\"]}\n",
+        )
+        .unwrap();
+        assert_eq!(never_reuse.upstream_idle_timeout, Duration::ZERO);
+        assert_eq!(
+            c.pools[0].target,
+            Target::Dns {
+                host: "s.n.svc.corp.local".into(),
+                port: 1
+            }
+        );
+    }
+
+    #[test]
+    fn every_bound_names_its_field() {
+        let r = "routes:\n  - {uri: /a, limit: 1, endpoints: [\"127.0.0.1:1\"]}\n";
+        let cases: &[(&str, &str)] = &[
+            (
+                "queue: {timeout: 18446744073709551615s}\n",
+                "queue.timeout: must be at most 24h (got 18446744073709551615s)",
+            ),
+            (
+                "queue: {max_waiting: 1000001}\n",
+                "queue.max_waiting: must be at most 1000000",
+            ),
+            (
+                "threads: 4294967296\n",
+                "threads: must be at most 1024 (got 4294967296)",
+            ),
+            ("max_attempts: 101\n", "max_attempts: must be at most 100"),
+            ("max_attempts: 0\n", "max_attempts: must be at least 1"),
+            (
+                "dns: {stability_samples: 101}\n",
+                "dns.stability_samples: must be at most 100",
+            ),
+            (
+                "dns: {refresh_interval: 25h}\n",
+                "dns.refresh_interval: must be at most 24h",
+            ),
+            (
+                "dns: {stability_interval: 25h}\n",
+                "dns.stability_interval: must be at most 24h",
+            ),
+            (
+                "dns: {unstable_retry: 25h}\n",
+                "dns.unstable_retry: must be at most 24h",
+            ),
+            (
+                "dns: {nameservers: [\"10.0.0.1:0\"]}\n",
+                "dns.nameservers[0]: 10.0.0.1:0: port must be",
+            ),
+            (
+                "reload_interval: 1000000000000s\n",
+                "reload_interval: must be at most 24h",
+            ),
+            (
+                "connect_timeout: 601s\n",
+                "connect_timeout: must be at most 10m",
+            ),
+            (
+                "cluster_domain: \"a..b\"\n",
+                "cluster_domain: \"a..b\" is not a DNS name: empty label",
+            ),
+        ];
+        for (settings, want) in cases {
+            let got = err(&format!("{settings}{r}"));
+            assert!(
+                got.contains(want),
+                "{settings:?} gave {got:?}, want {want:?}"
+            );
+        }
+        let route_cases: &[(&str, &str)] = &[
+            (
+                "limit: 100001, endpoints: [\"127.0.0.1:1\"]",
+                "routes[0].limit: must be at most 100000",
+            ),
+            (
+                "limit: 1, endpoints: [\"127.0.0.1:0\"]",
+                "routes[0].endpoints[0]: 127.0.0.1:0: port must be between 1 and 65535",
+            ),
+            (
+                "limit: 1, endpoints: [\"239.1.1.1:80\"]",
+                "routes[0].endpoints[0]: 239.1.1.1:80: must be the address of one host",
+            ),
+            (
+                "limit: 1, endpoints: [\"[::]:80\"]",
+                "routes[0].endpoints[0]: [::]:80: must be the address",
+            ),
+            (
+                "limit: 1, service_name: s, namespace: \"\", http_port: 1",
+                "routes[0].namespace: must not be empty",
+            ),
+            (
+                "limit: 1, service_name: s, namespace: \" \", http_port: 1",
+                "routes[0].namespace: must not be empty",
+            ),
+            (
+                "limit: 1, service_name: \"s_1\", namespace: n, http_port: 1",
+                "routes[0].service_name: \"s_1\" is not a DNS label (RFC 1123): '_' is not allowed",
+            ),
+            (
+                "limit: 1, service_name: s, namespace: \"n-\", http_port: 1",
+                "routes[0].namespace: \"n-\" is not a DNS label",
+            ),
+            (
+                "limit: 1, host: \"x/y\", http_port: 1",
+                "routes[0].host: \"x/y\" is not a DNS name",
+            ),
+            (
+                "limit: 1, k8s_host: \"\", K8s_port: 1",
+                "routes[0].k8s_host: \"\" is not a DNS name: empty",
+            ),
+            (
+                "limit: 1, match: Prefix, endpoints: [\"127.0.0.1:1\"]",
+                "routes[0].match: \"Prefix\" is not one of: exact, prefix",
+            ),
+            (
+                "limit: 1, client_abort: 1, endpoints: [\"127.0.0.1:1\"]",
+                "routes[0].client_abort",
+            ),
+        ];
+        for (route, want) in route_cases {
+            let got = err(&format!("routes:\n  - {{uri: /a, {route}}}\n"));
+            assert!(got.contains(want), "{route:?} gave {got:?}, want {want:?}");
+        }
+        let long = format!("{}.example", "a".repeat(64));
+        assert!(err(&format!(
+            "routes:\n  - {{uri: /a, limit: 1, host: {long}, http_port: 1}}\n"
+        ))
+        .contains("longer than 63 characters"));
+        let huge = format!("{}.example", "a.".repeat(130));
+        assert!(err(&format!(
+            "routes:\n  - {{uri: /a, limit: 1, host: {huge}, http_port: 1}}\n"
+        ))
+        .contains("longer than 253 characters"));
+    }
+
+    #[test]
+    fn values_at_their_bounds_are_accepted() {
+        let c = Config::parse(
+            "threads: 1024\nmax_attempts: 100\nqueue: {max_waiting: 1000000, timeout: 24h}\nreload_interval: 24h\nconnect_timeout: 10m\ndns: {stability_samples: 100, refresh_interval: 24h}\nroutes:\n  - {uri: /a, limit: 100000, match: prefix, protocol: h2c, client_abort: cancel, host: Codec.Example., http_port: 65535}\n",
+        )
+        .unwrap();
+        assert_eq!(c.threads, 1024);
+        assert_eq!(c.pools[0].limit, MAX_LIMIT);
+        assert_eq!(c.routes[0].queue.timeout, MAX_TIMEOUT);
+        assert_eq!(c.routes[0].protocol, super::super::UpstreamProtocol::H2c);
+        assert_eq!(c.routes[0].client_abort, super::super::ClientAbort::Cancel);
+        assert_eq!(
+            c.pools[0].target,
+            Target::Dns {
+                host: "codec.example".into(),
+                port: 65535
+            }
+        );
+    }
+
+    #[test]
+    fn nesting_depth_is_estimated_from_above_without_parsing() {
+        // Our own format: 4 levels.
+        assert_eq!(too_deep(GO_CONFIG, 4), None);
+        assert_eq!(too_deep("a:\n  b:\n    c:\n      - {d: [1]}\n", 5), Some(4));
+        // (6 collections; the `- ` item and its flow map count twice.)
+        assert_eq!(too_deep("a:\n  b:\n    c:\n      - {d: [1]}\n", 6), Some(4));
+        assert_eq!(too_deep("a:\n  b:\n    c:\n      - {d: [1]}\n", 7), None);
+        // Compact sequences nest on one line.
+        assert_eq!(too_deep("- - - - x\n", 3), Some(1));
+        // Flow collections spanning lines.
+        assert_eq!(too_deep("a: [\n [\n  [\n   1]]]\n", 3), Some(3));
+        // Dedent pops levels.
+        assert_eq!(too_deep("a:\n  b: 1\nc:\n  d: 1\n", 2), None);
+        // Brackets in quotes (also multi-line, with escapes) and in comments are not nesting …
+        assert_eq!(
+            too_deep("a: \"[[[\\\"[[\"\nb: '[[''[['\n# [[[[\nc: \"[[\n[[\"\n", 1),
+            None
+        );
+        // … but a quote inside a plain scalar does not hide the brackets that follow.
+        assert_eq!(too_deep("a: [x'y, [[[1]]]]\n", 3), Some(1));
+        // An anchor or tag before a flow collection does not hide it.
+        assert_eq!(too_deep("a: &x [[[1]]]\nb: !!seq [[[1]]]\n", 3), Some(1));
+        // Linear: a megabyte of brackets is measured at once.
+        let text = "[".repeat(MAX_CONFIG_BYTES);
+        let started = std::time::Instant::now();
+        assert_eq!(too_deep(&text, MAX_CONFIG_DEPTH), Some(1));
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+
+    #[test]
+    fn restart_only_settings_are_one_comparison_and_name_what_changed() {
+        let a = Config::parse(GO_CONFIG).unwrap();
+        let mut b = a.clone();
+        // Live settings do not count.
+        b.connect_timeout = Duration::from_secs(9);
+        b.routes[0].queue.max_waiting = 1;
+        b.pools[0].limit = 7;
+        assert_eq!(a.restart_only(), b.restart_only());
+        assert!(a.restart_only().changed(&b.restart_only()).is_empty());
+        b.threads = 2;
+        b.dns.stability_samples = 9;
+        b.listen = "127.0.0.1:1".parse().unwrap();
+        assert_ne!(a.restart_only(), b.restart_only());
+        assert_eq!(
+            a.restart_only().changed(&b.restart_only()),
+            vec!["listen/port", "threads", "dns"]
+        );
+    }
+}

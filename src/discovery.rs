@@ -27,12 +27,24 @@ use crate::selection::Balancer;
 /// A DNS answer: the set of pod IPs (empty for NXDOMAIN / no records).
 pub type Answer = BTreeSet<IpAddr>;
 
+/// Why a DNS name could not be looked up, or discovery could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    #[error("cannot read /etc/resolv.conf: {0}")]
+    ResolvConf(#[source] hickory_resolver::net::NetError),
+    #[error("cannot build DNS resolver: {0}")]
+    Build(#[source] hickory_resolver::net::NetError),
+    /// A failure that says nothing about the pods (timeout, SERVFAIL, network error).
+    #[error("{0}")]
+    Lookup(#[source] hickory_resolver::net::NetError),
+}
+
 /// Builds a resolver that never answers from a cache: the refresh and the stability check need
 /// to see every change as soon as the DNS server makes it.
-pub fn resolver(cfg: &DnsConfig) -> Result<TokioResolver, String> {
+pub fn resolver(cfg: &DnsConfig) -> Result<TokioResolver, DiscoveryError> {
     let mut builder = if cfg.nameservers.is_empty() {
         // /etc/resolv.conf, with its search domains and ndots, as a pod expects.
-        TokioResolver::builder_tokio().map_err(|e| format!("cannot read /etc/resolv.conf: {e}"))?
+        TokioResolver::builder_tokio().map_err(DiscoveryError::ResolvConf)?
     } else {
         let servers = cfg
             .nameservers
@@ -57,18 +69,16 @@ pub fn resolver(cfg: &DnsConfig) -> Result<TokioResolver, String> {
     opts.timeout = Duration::from_secs(2);
     opts.attempts = 1;
     opts.ip_strategy = hickory_resolver::config::LookupIpStrategy::Ipv4AndIpv6;
-    builder
-        .build()
-        .map_err(|e| format!("cannot build DNS resolver: {e}"))
+    builder.build().map_err(DiscoveryError::Build)
 }
 
 /// Resolves `host` once. `Ok(empty)` for NXDOMAIN / no records; `Err` for failures that say
 /// nothing about the pods (timeouts, SERVFAIL, network errors).
-pub async fn resolve(resolver: &TokioResolver, host: &str) -> Result<Answer, String> {
+pub async fn resolve(resolver: &TokioResolver, host: &str) -> Result<Answer, DiscoveryError> {
     match resolver.lookup_ip(host).await {
         Ok(lookup) => Ok(lookup.iter().collect()),
         Err(e) if e.is_no_records_found() => Ok(Answer::new()),
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(DiscoveryError::Lookup(e)),
     }
 }
 
@@ -159,7 +169,7 @@ impl DnsDiscovery {
         att.adopted = Some(answer.clone());
     }
 
-    fn record(&self, r: &Result<Answer, String>) {
+    fn record(&self, r: &Result<Answer, DiscoveryError>) {
         match r {
             Ok(_) => {
                 let now = SystemTime::now()
@@ -211,7 +221,7 @@ impl DnsDiscovery {
                 tokio::time::sleep(self.cfg.stability_interval).await;
                 let again = resolve(resolver, &self.host).await;
                 self.record(&again);
-                if again.as_ref() != Ok(&answer) {
+                if again.as_ref().ok() != Some(&answer) {
                     self.stats.unstable_ignored.fetch_add(1, Ordering::Relaxed);
                     log::debug!(
                         "DNS answer for {} is unstable ({:?} then {:?}); keeping the current pods",

@@ -49,6 +49,16 @@ const H2_STREAMS_PER_CLIENT_CONNECTION: u32 = 256;
 /// HTTP/2 flow-control window per stream (the protocol's default, 64 KiB − 1).
 const H2_STREAM_WINDOW: u32 = 65_535;
 
+/// Why the server could not be built (the process exits with this one line).
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Pingora refused the server settings derived from the config.
+    #[error("invalid server settings: {0}")]
+    Server(#[source] Box<pingora::Error>),
+    #[error(transparent)]
+    Live(#[from] live::LiveError),
+}
+
 /// A built server, ready to run.
 pub struct Agent {
     server: Server,
@@ -74,7 +84,7 @@ impl Agent {
 
 /// Builds the Pingora server: the proxy on `listen`, the admin endpoints on `admin_listen`, and
 /// the config background service (DNS discovery, and reloads of `config_path` if given).
-pub fn build_server(config: &Config, config_path: Option<&Path>) -> Result<Agent, String> {
+pub fn build_server(config: &Config, config_path: Option<&Path>) -> Result<Agent, StartError> {
     // Pingora sleeps `grace_period_seconds` (whole seconds) after the shutdown delay, then stops
     // its runtimes: give it more than our grace, so the drain thread's exact deadline (or an
     // earlier exit once drained) is what ends the process, never Pingora's rounding.
@@ -93,7 +103,7 @@ pub fn build_server(config: &Config, config_path: Option<&Path>) -> Result<Agent
         ..ServerConf::default()
     }
     .validate()
-    .map_err(|e| format!("invalid server settings: {e}"))?;
+    .map_err(StartError::Server)?;
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 

@@ -99,10 +99,18 @@ fn by_host(
     hosts
 }
 
+/// Why the first snapshot could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum LiveError {
+    /// Setting a static pod list never waits; if it did, the pool would start without pods.
+    #[error("static pod list of {0} did not apply synchronously")]
+    StaticPods(String),
+}
+
 impl Live {
     /// Builds the first snapshot. Static pods are set at once; discovery tasks are created but
     /// start only with [`Live::start_discovery`], inside the server's runtime.
-    pub fn new(config: &Config) -> Result<Arc<Live>, String> {
+    pub fn new(config: &Config) -> Result<Arc<Live>, LiveError> {
         let pools: Vec<Arc<Balancer>> = config
             .pools
             .iter()
@@ -112,7 +120,7 @@ impl Live {
             if let Target::Static(addrs) = &pc.target {
                 b.set_pods(addrs.iter().copied().collect())
                     .now_or_never()
-                    .ok_or("static pod list did not apply synchronously")?;
+                    .ok_or_else(|| LiveError::StaticPods(pc.name.clone()))?;
             }
         }
         let discovery = by_host(config, &pools)

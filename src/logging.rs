@@ -25,8 +25,25 @@ impl Write for Tee {
     }
 }
 
+/// Why logging could not be set up (a start-up error: the process exits with it).
+#[derive(Debug, thiserror::Error)]
+pub enum LoggingError {
+    #[error("log_file: cannot create directory {}: {source}", dir.display())]
+    CreateDir {
+        dir: std::path::PathBuf,
+        source: io::Error,
+    },
+    #[error("log_file: cannot open {}: {source}", path.display())]
+    Open {
+        path: std::path::PathBuf,
+        source: io::Error,
+    },
+    #[error("logging already initialised: {0}")]
+    AlreadyInitialised(#[from] log::SetLoggerError),
+}
+
 /// Sets up logging. Creates the log file's directory. Call once.
-pub fn init(debug: bool, log_file: Option<&Path>) -> Result<(), String> {
+pub fn init(debug: bool, log_file: Option<&Path>) -> Result<(), LoggingError> {
     let default = if debug { "debug" } else { "info" };
     let mut builder =
         env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default));
@@ -40,17 +57,20 @@ pub fn init(debug: bool, log_file: Option<&Path>) -> Result<(), String> {
     }
     if let Some(path) = log_file {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| format!("log_file: cannot create directory {}: {e}", dir.display()))?;
+            std::fs::create_dir_all(dir).map_err(|source| LoggingError::CreateDir {
+                dir: dir.to_path_buf(),
+                source,
+            })?;
         }
         let file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
-            .map_err(|e| format!("log_file: cannot open {}: {e}", path.display()))?;
+            .map_err(|source| LoggingError::Open {
+                path: path.to_path_buf(),
+                source,
+            })?;
         builder.target(env_logger::Target::Pipe(Box::new(Tee { file })));
     }
-    builder
-        .try_init()
-        .map_err(|e| format!("logging already initialised: {e}"))
+    Ok(builder.try_init()?)
 }

@@ -53,7 +53,7 @@ fn main() -> ExitCode {
         Err(e) => return fail(&format!("config error: {e}")),
     };
     if let Err(e) = lb_agent::logging::init(config.debug, config.log_file.as_deref()) {
-        return fail(&e);
+        return fail(&e.to_string());
     }
     log::info!(
         "lb-agent listening on {} ({} routes)",
@@ -62,7 +62,7 @@ fn main() -> ExitCode {
     );
     match lb_agent::build_server(&config, Some(&path)) {
         Ok(agent) => agent.run(),
-        Err(e) => fail(&e),
+        Err(e) => fail(&e.to_string()),
     }
 }
 

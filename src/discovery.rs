@@ -72,6 +72,24 @@ pub fn resolver(cfg: &DnsConfig) -> Result<TokioResolver, DiscoveryError> {
     builder.build().map_err(DiscoveryError::Build)
 }
 
+/// Where answers come from: the real resolver, or a scripted one in the unit tests, so the
+/// stability check can be tested on paused time.
+pub trait Resolve: Send + Sync {
+    fn resolve<'a>(
+        &'a self,
+        host: &'a str,
+    ) -> impl std::future::Future<Output = Result<Answer, DiscoveryError>> + Send + 'a;
+}
+
+impl Resolve for TokioResolver {
+    fn resolve<'a>(
+        &'a self,
+        host: &'a str,
+    ) -> impl std::future::Future<Output = Result<Answer, DiscoveryError>> + Send + 'a {
+        resolve(self, host)
+    }
+}
+
 /// Resolves `host` once. `Ok(empty)` for NXDOMAIN / no records; `Err` for failures that say
 /// nothing about the pods (timeouts, SERVFAIL, network errors).
 pub async fn resolve(resolver: &TokioResolver, host: &str) -> Result<Answer, DiscoveryError> {
@@ -187,11 +205,11 @@ impl DnsDiscovery {
     /// after it repeats identically.
     async fn round(
         &self,
-        resolver: &TokioResolver,
+        resolver: &impl Resolve,
         current: &mut Option<Answer>,
         failing: &mut bool,
     ) -> Round {
-        let first = resolve(resolver, &self.host).await;
+        let first = resolver.resolve(&self.host).await;
         self.record(&first);
         let answer = match first {
             Ok(a) => a,
@@ -219,7 +237,7 @@ impl DnsDiscovery {
         if current.is_some() {
             for _ in 1..self.cfg.stability_samples {
                 tokio::time::sleep(self.cfg.stability_interval).await;
-                let again = resolve(resolver, &self.host).await;
+                let again = resolver.resolve(&self.host).await;
                 self.record(&again);
                 if again.as_ref().ok() != Some(&answer) {
                     self.stats.unstable_ignored.fetch_add(1, Ordering::Relaxed);
@@ -246,19 +264,19 @@ impl DnsDiscovery {
 
     /// Runs rounds until `stop` completes.
     pub async fn run(&self, stop: impl std::future::Future<Output = ()>) {
+        match resolver(&self.cfg) {
+            Ok(r) => self.run_with(&r, stop).await,
+            Err(e) => log::error!("discovery for {} cannot start: {e}", self.host),
+        }
+    }
+
+    async fn run_with(&self, resolver: &impl Resolve, stop: impl std::future::Future<Output = ()>) {
         tokio::pin!(stop);
-        let resolver = match resolver(&self.cfg) {
-            Ok(r) => r,
-            Err(e) => {
-                log::error!("discovery for {} cannot start: {e}", self.host);
-                return;
-            }
-        };
         let mut current = None;
         let mut failing = false;
         loop {
             let round = tokio::select! {
-                r = self.round(&resolver, &mut current, &mut failing) => r,
+                r = self.round(resolver, &mut current, &mut failing) => r,
                 _ = &mut stop => return,
             };
             let wait = match round {
@@ -270,5 +288,147 @@ impl DnsDiscovery {
                 _ = &mut stop => return,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The stability check against a scripted resolver, on paused time: deterministic and
+    //! instant, whatever the machine is doing.
+    use super::*;
+    use crate::pool::Pool;
+    use tokio::time::Instant;
+
+    /// Answers by the (paused) clock: `script[i] = (from, answer)`, the last entry whose `from`
+    /// has passed wins. `None` is a failed lookup.
+    struct Scripted {
+        start: Instant,
+        script: Vec<(Duration, Option<Vec<u8>>)>,
+    }
+
+    impl Resolve for Scripted {
+        async fn resolve(&self, _host: &str) -> Result<Answer, DiscoveryError> {
+            let now = self.start.elapsed();
+            let answer = self
+                .script
+                .iter()
+                .rev()
+                .find(|(from, _)| *from <= now)
+                .and_then(|(_, a)| a.clone());
+            match answer {
+                Some(last) => Ok(last.iter().map(|b| IpAddr::from([127, 0, 1, *b])).collect()),
+                None => Err(DiscoveryError::Lookup(
+                    "scripted failure".to_string().into(),
+                )),
+            }
+        }
+    }
+
+    fn cfg() -> DnsConfig {
+        DnsConfig {
+            nameservers: Vec::new(),
+            refresh_interval: Duration::from_secs(2),
+            stability_samples: 5,
+            stability_interval: Duration::from_millis(500),
+            unstable_retry: Duration::from_secs(10),
+        }
+    }
+
+    fn pods(b: &Balancer) -> Vec<u8> {
+        let mut v: Vec<u8> = b
+            .pool()
+            .pods()
+            .iter()
+            .filter(|p| p.active)
+            .map(|p| match p.addr.ip() {
+                IpAddr::V4(ip) => ip.octets()[3],
+                IpAddr::V6(_) => 0,
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Runs discovery against `script` and returns the pods it had fed at each checkpoint
+    /// (milliseconds from the start).
+    async fn run(script: Vec<(Duration, Option<Vec<u8>>)>, checkpoints: &[u64]) -> Vec<Vec<u8>> {
+        let balancer = Arc::new(Balancer::new(Pool::new("t", 1)));
+        let d = DnsDiscovery::new("svc".into(), vec![(80, Arc::clone(&balancer))], cfg());
+        let resolver = Scripted {
+            start: Instant::now(),
+            script,
+        };
+        let mut seen = Vec::new();
+        let run = d.run_with(&resolver, std::future::pending());
+        tokio::pin!(run);
+        let start = Instant::now();
+        for ms in checkpoints {
+            let at = start + Duration::from_millis(*ms);
+            tokio::select! {
+                _ = &mut run => unreachable!("discovery never stops by itself"),
+                _ = tokio::time::sleep_until(at) => {}
+            }
+            seen.push(pods(&balancer));
+        }
+        seen
+    }
+
+    fn s(ms: u64) -> Duration {
+        Duration::from_millis(ms)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_answer_is_taken_at_once() {
+        let seen = run(vec![(s(0), Some(vec![1, 2]))], &[1]).await;
+        assert_eq!(seen, vec![vec![1, 2]]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_change_is_adopted_only_after_it_repeats_five_times() {
+        // From 3 s on the answer is {1, 2, 3}. The round at 4 s sees it first and looks again
+        // at 4.5, 5, 5.5 and 6 s: adopted at 6 s, not before.
+        let seen = run(
+            vec![(s(0), Some(vec![1, 2])), (s(3000), Some(vec![1, 2, 3]))],
+            &[3500, 5900, 6100],
+        )
+        .await;
+        assert_eq!(seen, vec![vec![1, 2], vec![1, 2], vec![1, 2, 3]]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flapping_answer_never_replaces_the_pods() {
+        // Pod 2 disappears for 700 ms around each refresh: never five identical answers in a
+        // row, so the list stays.
+        let mut script = vec![(s(0), Some(vec![1, 2]))];
+        for k in 1..20u64 {
+            script.push((s(k * 2000 - 100), Some(vec![1])));
+            script.push((s(k * 2000 + 600), Some(vec![1, 2])));
+        }
+        let seen = run(script, &[5000, 15000, 30000]).await;
+        assert!(seen.iter().all(|p| *p == vec![1, 2]), "{seen:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dns_failures_keep_the_last_good_pods() {
+        let seen = run(
+            vec![
+                (s(0), Some(vec![1, 2])),
+                (s(1000), None),
+                (s(9000), Some(vec![1, 2])),
+            ],
+            &[3000, 8000, 10000],
+        )
+        .await;
+        assert_eq!(seen, vec![vec![1, 2], vec![1, 2], vec![1, 2]]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_empty_answer_is_an_answer_once_stable() {
+        let seen = run(
+            vec![(s(0), Some(vec![1])), (s(1000), Some(vec![]))],
+            &[2100, 4100],
+        )
+        .await;
+        assert_eq!(seen, vec![vec![1], Vec::<u8>::new()]);
     }
 }

@@ -19,6 +19,7 @@ pub mod live;
 pub mod loadgen;
 pub mod logging;
 pub mod metrics;
+pub mod plan;
 pub mod pool;
 pub mod proxy;
 pub mod reload;

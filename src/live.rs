@@ -194,10 +194,11 @@ impl Live {
     /// reported and left as they are. Returns a one-line summary of what changed.
     pub async fn apply(&self, config: &Config) -> String {
         let mut notes = Vec::new();
-        let restart = self
-            .started_with
-            .restart_only()
-            .changed(&config.restart_only());
+        let plan = {
+            let applied = self.applied.lock().unwrap_or_else(|e| e.into_inner());
+            crate::plan::plan(&self.started_with, &applied, config)
+        };
+        let restart = &plan.restart_only;
         if !restart.is_empty() {
             log::warn!(
                 "config reload: {} changed and only take effect after a restart; the running values stay",
@@ -240,13 +241,11 @@ impl Live {
         let wanted = by_host(config, &pools);
         let (keep, start): (Vec<_>, Vec<_>) = {
             let mut discovery = self.discovery.lock().unwrap_or_else(|e| e.into_inner());
-            discovery.retain(|host, _| {
-                let stays = wanted.contains_key(host);
-                if !stays {
+            for host in &plan.stop_discovery {
+                if discovery.remove(host).is_some() {
                     notes.push(format!("stopped discovery of {host}"));
                 }
-                stays
-            });
+            }
             wanted
                 .into_iter()
                 .partition(|(host, _)| discovery.contains_key(host))
@@ -278,10 +277,7 @@ impl Live {
 
         {
             let mut applied = self.applied.lock().unwrap_or_else(|e| e.into_inner());
-            if applied.routes != config.routes
-                || applied.connect_timeout != config.connect_timeout
-                || applied.upstream_idle_timeout != config.upstream_idle_timeout
-            {
+            if plan.routes_changed {
                 notes.push(format!("routes updated ({} routes)", config.routes.len()));
             }
             *applied = config.clone();

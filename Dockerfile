@@ -10,11 +10,14 @@ RUN apt-get update && apt-get install -y --no-install-recommends cmake && rm -rf
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+# The workspace's other member (fake pods, load generator, demo): cargo needs it to load the
+# workspace, but `-p lb-agent` never builds it, and nothing of it reaches the image.
+COPY testkit ./testkit
 # The release profile keeps line tables (`debug = 1`) for profiling: 90 of the binary's 102 MB.
 # They go to lb-agent.debug; the image gets the binary without them (14 MB). Its symbol table
 # stays, so panics and `perf` still name functions; the debuglink lets gdb/perf find the
 # line tables when lb-agent.debug is put beside the binary or under /usr/lib/debug.
-RUN cargo build --release --locked --bin lb-agent \
+RUN cargo build --release --locked -p lb-agent --bin lb-agent \
  && mkdir -p /out \
  && objcopy --only-keep-debug target/release/lb-agent /out/lb-agent.debug \
  && objcopy --strip-debug --add-gnu-debuglink=/out/lb-agent.debug target/release/lb-agent /out/lb-agent

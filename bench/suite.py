@@ -21,7 +21,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from benchkit import balance, h2, overhead, queue, report, selection  # noqa: E402
-from benchkit.contenders import LB_AGENT, ROOT  # noqa: E402
+from benchkit.contenders import LB_AGENT, ROOT, TESTKIT  # noqa: E402
 from benchkit.procs import BenchError, OtherLoad, loadavg, stop_all  # noqa: E402
 
 PARTS = ["balance", "h2", "overhead", "queue", "selection"]
@@ -84,8 +84,9 @@ def main(argv):
     missing = sorted({t for p in parts for t in NEEDS[p] if not shutil.which(t)})
     if missing:
         sys.exit(f"bench: missing tools {missing}; run `bash bench/run`, which installs them")
-    if any(p != "selection" for p in parts) and not os.access(LB_AGENT, os.X_OK):
-        sys.exit(f"bench: {LB_AGENT} not found; run `cargo build --release` (bench/run does)")
+    for binary in (LB_AGENT, TESTKIT):
+        if any(p != "selection" for p in parts) and not os.access(binary, os.X_OK):
+            sys.exit(f"bench: {binary} not found; run `cargo build --release` (bench/run does)")
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -11,12 +11,9 @@
 pub mod abandoned;
 pub mod admin;
 pub mod config;
-pub mod demo;
 pub mod discovery;
-pub mod fakepod;
 pub mod front;
 pub mod live;
-pub mod loadgen;
 pub mod logging;
 pub mod metrics;
 pub mod plan;

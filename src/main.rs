@@ -1,19 +1,15 @@
-//! `lb-agent [-c PATH] [--check]` runs (or validates) the proxy; `lb-agent demo` shows its job
-//! on fake pods without a cluster; `lb-agent fakepods …` serves fake pods (tests, bench/).
+//! `lb-agent [-c PATH] [--check]` runs (or validates) the proxy. The demo and the fake pods
+//! are not part of the product: they live in the `testkit` crate
+//! (`cargo run --release -p testkit -- demo`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 const USAGE: &str = "usage: lb-agent [-c|--config PATH] [--check]
-       lb-agent demo
-       lb-agent fakepods [--first IP] [--count N] [--port PORT] [--workers N]
 
   -c, --config PATH  config file (default: conf/config.yaml, then
                      /usr/local/services/ai-media/conf/config.yaml)
-  --check            validate the config and exit (0: valid)
-  demo               start fake pods on loopback, send a burst through lb-agent,
-                     print how the requests spread
-  fakepods           serve fake compute pods on IP, IP+1, … (see `lb-agent fakepods --help`)";
+  --check            validate the config and exit (0: valid)";
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
@@ -26,8 +22,6 @@ fn main() -> ExitCode {
                 None => return usage_error("-c needs a path"),
             },
             "--check" => check = true,
-            "demo" => return lb_agent::demo::run(),
-            "fakepods" => return lb_agent::fakepod::cli(args),
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return ExitCode::SUCCESS;

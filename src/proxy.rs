@@ -1,6 +1,6 @@
 //! The `ProxyHttp` implementation: route → wait for a slot → proxy → give the slot back.
 //!
-//! Try it: `cargo run -- demo`, or with a config of your own:
+//! Try it: `cargo run --release -p testkit -- demo`, or with a config of your own:
 //! `cargo run -- -c conf/config.yaml` then `curl -v localhost:8080/VideoCodecService/VideoCodec`.
 //!
 //! The slot a request holds lives in its CTX as a [`Slot`] guard. Pingora drops the CTX on every

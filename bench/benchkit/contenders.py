@@ -28,14 +28,16 @@ from .procs import (BenchError, Proc, free_port, http_get_sync, read_all, wait_h
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LB_AGENT = os.environ.get("LB_AGENT_BIN", os.path.join(ROOT, "target", "release", "lb-agent"))
+# The fake pods are not part of the product: they are the testkit crate's binary.
+TESTKIT = os.environ.get("TESTKIT_BIN", os.path.join(ROOT, "target", "release", "testkit"))
 HOST = "127.0.0.1"
 
 
 class FakePods:
-    """`lb-agent fakepods`: `count` pods on first, first+1, … sharing one port."""
+    """`testkit fakepods`: `count` pods on first, first+1, … sharing one port."""
 
     def __init__(self, workdir, first, count, workers=None, cpus=None):
-        argv = [LB_AGENT, "fakepods", "--first", first, "--count", str(count), "--port", "0"]
+        argv = [TESTKIT, "fakepods", "--first", first, "--count", str(count), "--port", "0"]
         if workers:
             argv += ["--workers", str(workers)]
         self.proc = Proc("fakepods", argv, os.path.join(workdir, "fakepods.log"), cpus=cpus,

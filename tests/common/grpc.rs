@@ -16,7 +16,6 @@
 #![allow(dead_code)]
 
 use bytes::{Buf, BufMut, Bytes};
-use lb_agent::fakepod::PodStats;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -26,6 +25,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
+use testkit::fakepod::PodStats;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::server::{NamedService, ServerStreamingService, UnaryService};
 use tonic::transport::{Channel, Endpoint};

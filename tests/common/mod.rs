@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub use lb_agent::fakepod::{start_pods, FakePod};
-pub use lb_agent::loadgen;
+pub use testkit::fakepod::{start_pods, FakePod};
+pub use testkit::loadgen;
 
 /// A running lb-agent process; killed on drop.
 pub struct Agent {

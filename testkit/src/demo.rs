@@ -1,12 +1,15 @@
-//! `lb-agent demo`: the problem and the fix on one machine, without a cluster.
+//! `testkit demo` (`cargo run --release -p testkit -- demo`): the problem and the fix on one
+//! machine, without a cluster.
 //!
 //! Starts 4 slow fake pods on 127.0.1.1–127.0.1.4 (one port, like real pods; each works on 2
-//! requests at a time, extra ones wait inside the pod as on a busy CPU), runs this same
-//! binary as lb-agent in front of them with `limit: 2`, and sends one burst of 16 requests of
-//! 500 ms each twice: once the way kube-proxy's iptables mode spreads connections (a pod at random
-//! per connection), once through lb-agent. It prints what each pod went through.
+//! requests at a time, extra ones wait inside the pod as on a busy CPU), runs the lb-agent
+//! binary in front of them with `limit: 2`, and sends one burst of 16 requests of 500 ms each
+//! twice: once the way kube-proxy's iptables mode spreads connections (a pod at random per
+//! connection), once through lb-agent. It prints what each pod went through.
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
@@ -33,7 +36,52 @@ fn free_port() -> std::io::Result<u16> {
         .port())
 }
 
-pub fn run() -> ExitCode {
+/// The lb-agent binary to run: `agent` if given, else `LB_AGENT_BIN` (as in bench/), else the
+/// one built beside this binary. Under `cargo run` that one is (re)built first, so the demo
+/// never runs a stale proxy: the product binary is not a dependency of testkit (testkit must
+/// not pull the product into its build, nor the product testkit), so cargo would not build it.
+fn agent_binary(agent: Option<PathBuf>) -> Result<PathBuf, String> {
+    if let Some(path) = agent.or_else(|| std::env::var_os("LB_AGENT_BIN").map(PathBuf::from)) {
+        return Ok(path);
+    }
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
+    let beside = exe.with_file_name("lb-agent");
+    if let Some(cargo) = std::env::var_os("CARGO") {
+        let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml");
+        let mut args: Vec<OsString> = ["build", "-p", "lb-agent", "--bin", "lb-agent"]
+            .map(OsString::from)
+            .to_vec();
+        args.push("--manifest-path".into());
+        args.push(manifest.into());
+        if !cfg!(debug_assertions) {
+            args.push("--release".into());
+        }
+        let status = Command::new(cargo)
+            .args(&args)
+            .status()
+            .map_err(|e| format!("cannot run cargo to build lb-agent: {e}"))?;
+        if !status.success() {
+            return Err(format!("building lb-agent failed ({status})"));
+        }
+    }
+    if beside.exists() {
+        Ok(beside)
+    } else {
+        Err(format!(
+            "no lb-agent binary at {}: build it (`cargo build --release`), or pass --agent PATH",
+            beside.display()
+        ))
+    }
+}
+
+pub fn run(agent: Option<PathBuf>) -> ExitCode {
+    let agent = match agent_binary(agent) {
+        Ok(path) => path,
+        Err(e) => {
+            eprintln!("demo: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -41,7 +89,7 @@ pub fn run() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(demo()) {
+    match rt.block_on(demo(agent)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("demo failed: {e}");
@@ -116,7 +164,7 @@ fn random_picks(n: usize, of: usize) -> Vec<usize> {
         .collect()
 }
 
-async fn demo() -> Result<(), String> {
+async fn demo(agent_bin: PathBuf) -> Result<(), String> {
     println!(
         "lb-agent demo: {PODS} fake compute pods on 127.0.1.1-127.0.1.{PODS}, each request takes {WORK_MS} ms,\n\
          limit {LIMIT} per pod, a burst of {REQUESTS} requests at once."
@@ -155,15 +203,14 @@ async fn demo() -> Result<(), String> {
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let path = dir.join("config.yaml");
     std::fs::write(&path, config).map_err(|e| e.to_string())?;
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let _agent = Agent(
-        Command::new(exe)
+        Command::new(&agent_bin)
             .arg("-c")
             .arg(&path)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .spawn()
-            .map_err(|e| format!("cannot start lb-agent: {e}"))?,
+            .map_err(|e| format!("cannot start {}: {e}", agent_bin.display()))?,
     );
     let admin_addr: SocketAddr = ([127, 0, 0, 1], admin).into();
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -1,0 +1,13 @@
+//! lb-agent's test tools, kept out of the product so the shipped binary and image hold only
+//! the proxy.
+//!
+//! - [`fakepod`]: fake compute pods that take their time and count their own load (what the
+//!   tests and bench/ read as the truth about how many requests a pod held);
+//! - [`loadgen`]: a one-request-per-connection HTTP client;
+//! - [`demo`]: the demo of the quick start.
+//!
+//! The binary (`src/main.rs`) serves `testkit demo` and `testkit fakepods …` (bench/).
+
+pub mod demo;
+pub mod fakepod;
+pub mod loadgen;

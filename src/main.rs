@@ -2,33 +2,29 @@
 //! are not part of the product: they live in the `testkit` crate
 //! (`cargo run --release -p testkit -- demo`).
 
+use clap::Parser;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: lb-agent [-c|--config PATH] [--check]
-
-  -c, --config PATH  config file (default: conf/config.yaml, then
-                     /usr/local/services/ai-media/conf/config.yaml)
-  --check            validate the config and exit (0: valid)";
+/// A strict least-in-flight load balancer for compute services on Kubernetes.
+#[derive(Debug, Parser)]
+#[command(name = "lb-agent", version)]
+struct Args {
+    /// Config file (default: conf/config.yaml, then
+    /// /usr/local/services/ai-media/conf/config.yaml)
+    #[arg(short = 'c', long = "config", value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Validate the config and exit (0: valid)
+    #[arg(long)]
+    check: bool,
+}
 
 fn main() -> ExitCode {
-    let mut args = std::env::args().skip(1);
-    let mut config_path: Option<PathBuf> = None;
-    let mut check = false;
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "-c" | "--config" => match args.next() {
-                Some(p) => config_path = Some(PathBuf::from(p)),
-                None => return usage_error("-c needs a path"),
-            },
-            "--check" => check = true,
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                return ExitCode::SUCCESS;
-            }
-            other => return usage_error(&format!("unknown argument {other:?}")),
-        }
-    }
+    // A bad command line prints the error and the usage, and exits 2.
+    let Args {
+        config: config_path,
+        check,
+    } = Args::parse();
     let (path, config) = match lb_agent::config::Config::locate(config_path.as_deref())
         .and_then(|p| lb_agent::config::Config::load(&p).map(|c| (p, c)))
     {
@@ -58,12 +54,6 @@ fn main() -> ExitCode {
         Ok(agent) => agent.run(),
         Err(e) => fail(&e.to_string()),
     }
-}
-
-/// A bad command line: the message, then the usage text (exit 2).
-fn usage_error(msg: &str) -> ExitCode {
-    eprintln!("lb-agent: {msg}\n{USAGE}");
-    ExitCode::from(2)
 }
 
 /// A runtime error (config, log file, listen address): one line that names the problem (exit 1).

@@ -107,7 +107,10 @@ mod tests {
         );
         assert!(p.added_pools.is_empty() && p.dropped_pools.is_empty());
         assert!(p.start_discovery.is_empty() && p.stop_discovery.is_empty());
-        assert!(!p.routes_changed, "a limit belongs to the pool, not the route");
+        assert!(
+            !p.routes_changed,
+            "a limit belongs to the pool, not the route"
+        );
     }
 
     #[test]

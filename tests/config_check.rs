@@ -115,12 +115,15 @@ fn a_runtime_error_is_one_line_naming_the_problem_without_the_usage_text() {
             && lines[0].contains(log_file.to_str().unwrap()),
         "{stderr:?}"
     );
-    assert!(!stderr.contains("usage"), "{stderr:?}");
+    assert!(!stderr.to_lowercase().contains("usage"), "{stderr:?}");
 
     // A bad argument still shows the usage.
     let (status, stderr) = run_bounded(&["--bogus"]);
     assert_eq!(status.code(), Some(2));
-    assert!(stderr.contains("unknown argument \"--bogus\"") && stderr.contains("usage:"));
+    assert!(
+        stderr.contains("'--bogus'") && stderr.contains("Usage: lb-agent"),
+        "{stderr:?}"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 

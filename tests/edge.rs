@@ -111,14 +111,7 @@ async fn an_impatient_http1_client_never_puts_a_pod_over_its_limit() {
 async fn an_impatient_h2c_client_never_puts_a_pod_over_its_limit() {
     let pods = start_pods(11, 1).await.unwrap();
     let agent = agent_with("", 1, &pods, "").await;
-    let tcp = TcpStream::connect(agent.addr).await.unwrap();
-    let (sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .expect("h2c handshake");
-    tokio::spawn(conn);
+    let sender = h2c_client(agent.addr).await;
     // Six calls on one connection, each reset (RST_STREAM) after 0.5 s.
     for i in 0..6 {
         let mut sender = sender.clone();

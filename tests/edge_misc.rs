@@ -248,14 +248,7 @@ async fn paths_are_normalised_before_routing_and_forwarded_normalised() {
 async fn paths_from_an_http2_client_are_normalised_too() {
     use http_body_util::{BodyExt, Empty};
     let (pods, agent) = two_routes().await;
-    let tcp = TcpStream::connect(agent.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .expect("h2c handshake");
-    tokio::spawn(conn);
+    let mut sender = h2c_client(agent.addr).await;
     for (path, want_status, want_body) in [
         (
             "/p/../admin",

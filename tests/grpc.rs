@@ -277,14 +277,7 @@ async fn h2c_requests_on_one_connection_spread_over_http1_pods() {
     let agent = start_work_route("", 2, &pods).await;
 
     // Prior-knowledge HTTP/2 on the proxy port (which also serves HTTP/1.1), one connection.
-    let tcp = tokio::net::TcpStream::connect(agent.addr).await.unwrap();
-    let (sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .expect("h2c handshake");
-    tokio::spawn(conn);
+    let sender = h2c_client(agent.addr).await;
     let requests: Vec<_> = (0..8)
         .map(|i| {
             let mut sender = sender.clone();

@@ -459,14 +459,7 @@ pub async fn raw_call(
 ) -> RawReply {
     use http_body_util::{BodyExt, Full};
     use hyper::body::Body as _;
-    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .expect("h2c handshake");
-    tokio::spawn(conn);
+    let mut sender = super::h2c_client(addr).await;
     // A gRPC message: uncompressed flag, 4-byte big-endian length, the bytes.
     let mut msg = vec![0u8];
     msg.extend_from_slice(&(body.len() as u32).to_be_bytes());

@@ -43,7 +43,9 @@ pub enum Rejected {
 
 impl ConfigService {
     pub fn new(live: Arc<Live>, path: Option<PathBuf>, interval: Duration) -> Self {
-        let loaded = path.as_ref().and_then(|p| std::fs::read(p).ok());
+        let loaded = path
+            .as_ref()
+            .and_then(|p| crate::config::read_bounded(p).ok());
         Self {
             live,
             path,
@@ -71,7 +73,7 @@ pub async fn reload_once(
     last: &mut Option<Vec<u8>>,
     force: bool,
 ) -> Result<Option<String>, Rejected> {
-    let bytes = std::fs::read(path)
+    let bytes = crate::config::read_bounded(path)
         .map_err(|e| Rejected::Unreadable(format!("cannot read {}: {e}", path.display())))?;
     if !force && last.as_deref() == Some(bytes.as_slice()) {
         return Ok(None);

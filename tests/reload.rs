@@ -195,3 +195,25 @@ async fn sighup_reloads_and_restart_only_settings_are_reported() {
     );
     assert_eq!(agent.get("/work").await.status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_endless_config_file_is_refused_without_reading_it_all() {
+    let pods = start_pods(31, 1).await.unwrap();
+    let agent = Agent::start(&work_route(1, &pods, "")).await;
+    // A ConfigMap swap whose config.yaml is endless: the reload reads at most 1 MiB + 1 byte
+    // of it, refuses it, and the running config stays.
+    let version = agent.dir.join("..endless");
+    std::fs::create_dir_all(&version).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", version.join("config.yaml")).unwrap();
+    let tmp = agent.dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink("..endless", &tmp).unwrap();
+    std::fs::rename(&tmp, agent.dir.join("..data")).unwrap();
+    eventually(SECS, "endless file rejected", || async {
+        agent.log().contains("config reload rejected")
+    })
+    .await;
+    let log = agent.log();
+    assert!(log.contains("larger than 1048576 bytes"), "{log}");
+    assert_eq!(agent.get("/work").await.status, 200);
+}

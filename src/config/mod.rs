@@ -219,20 +219,30 @@ pub struct PoolConfig {
     pub limit: usize,
 }
 
+/// Reads a config file's bytes, at most one more than [`MAX_CONFIG_BYTES`]: enough for
+/// [`Config::parse`] to refuse a file that is too large, without reading all of it (a huge file
+/// or `/dev/zero` must not block start-up or the reload service).
+pub fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_CONFIG_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
 impl Config {
     /// Reads and validates a config file. Reads at most one byte more than
     /// [`MAX_CONFIG_BYTES`], so a huge file (or `/dev/zero`) is refused without being read.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        use std::io::Read;
-        let cannot_read = |e: std::io::Error| {
-            ConfigError::new("", format!("cannot read {}: {e}", path.display()))
-        };
-        let mut text = String::new();
-        std::fs::File::open(path)
-            .map_err(cannot_read)?
-            .take(MAX_CONFIG_BYTES as u64 + 1)
-            .read_to_string(&mut text)
-            .map_err(cannot_read)?;
+        let bytes = read_bounded(path)
+            .map_err(|e| ConfigError::new("", format!("cannot read {}: {e}", path.display())))?;
+        let text = String::from_utf8(bytes).map_err(|_| {
+            ConfigError::new(
+                "",
+                format!("cannot read {}: not UTF-8 text", path.display()),
+            )
+        })?;
         Self::parse(&text)
     }
 

@@ -268,6 +268,19 @@ fn socket_addr(field: &str, value: &str) -> Result<SocketAddr, ConfigError> {
     })
 }
 
+/// An address lb-agent listens on: port 0 would bind a random port that no Service or probe
+/// points at.
+fn listen_addr(field: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    let addr = socket_addr(field, value)?;
+    if addr.port() == 0 {
+        return Err(ConfigError::new(
+            field,
+            format!("{value:?}: port 0 would listen on a random port; give the port"),
+        ));
+    }
+    Ok(addr)
+}
+
 /// An address lb-agent connects to (a pod, a nameserver): port 0 and addresses that name no
 /// single host (`0.0.0.0`, `::`, multicast, broadcast) are refused, since a connect to them
 /// either fails on every request or reaches something that is not the pod.
@@ -370,13 +383,13 @@ fn queue_policy(
 
 pub(super) fn validate(f: FileConfig) -> Result<Config, ConfigError> {
     let listen = match (&f.listen, f.port) {
-        (Some(l), _) => socket_addr("listen", l)?,
+        (Some(l), _) => listen_addr("listen", l)?,
         (None, Some(0)) | (None, None) => SocketAddr::from(([0, 0, 0, 0], 8080)),
         (None, Some(p)) => SocketAddr::from(([0, 0, 0, 0], p)),
     };
     let admin_listen = match &f.admin_listen {
         Some(a) => {
-            let addr = socket_addr("admin_listen", a)?;
+            let addr = listen_addr("admin_listen", a)?;
             if addr == listen {
                 return Err(ConfigError::new(
                     "admin_listen",
@@ -910,6 +923,14 @@ routes:
                 "threads: must be at most 1024 (got 4294967296)",
             ),
             ("max_attempts: 101\n", "max_attempts: must be at most 100"),
+            (
+                "listen: 127.0.0.1:0\n",
+                "listen: \"127.0.0.1:0\": port 0 would listen on a random port",
+            ),
+            (
+                "admin_listen: 127.0.0.1:0\n",
+                "admin_listen: \"127.0.0.1:0\": port 0 would listen on a random port",
+            ),
             ("max_attempts: 0\n", "max_attempts: must be at least 1"),
             (
                 "dns: {stability_samples: 101}\n",

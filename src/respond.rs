@@ -101,7 +101,7 @@ pub fn format_grpc_timeout(d: Duration) -> String {
     format!("{n}{unit}")
 }
 
-fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
     if !v.is_ascii() {
         return None;
     }

@@ -25,17 +25,6 @@ fn config(dns: &DnsServer, port: u16, limit: usize, queue: &str) -> String {
     )
 }
 
-/// Active pod addresses of the first pool, from /status.
-async fn active_pods(agent: &Agent) -> BTreeSet<String> {
-    agent.status().await["pools"][0]["pods"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|p| p["active"] == true)
-        .map(|p| p["addr"].as_str().unwrap().to_string())
-        .collect()
-}
-
 fn addrs(pods: &[FakePod]) -> BTreeSet<String> {
     pods.iter().map(|p| p.addr.to_string()).collect()
 }
@@ -110,7 +99,7 @@ async fn removed_pod_finishes_its_request_and_gets_no_new_ones() {
     // The busy pod leaves the DNS answer.
     dns.set_ips(NAME, &[pods[other].addr.ip()]);
     eventually(SECS, "pod removed from the pool", || async {
-        active_pods(&agent).await == BTreeSet::from([pods[other].addr.to_string()])
+        agent.active_pods().await == BTreeSet::from([pods[other].addr.to_string()])
     })
     .await;
     for _ in 0..5 {
@@ -141,7 +130,7 @@ async fn answers_flapping_faster_than_the_stability_window_do_not_churn() {
     dns.set_ips(NAME, &ips(&pods[..2]));
     let agent = Agent::start(&config(&dns, pods[0].addr.port(), 1, "{timeout: 30s}")).await;
     let stable = addrs(&pods[..2]);
-    assert_eq!(active_pods(&agent).await, stable);
+    assert_eq!(agent.active_pods().await, stable);
 
     // The server alternates {1,2,3} and {1,2} on every lookup for 1.5 s: the changed answer
     // never comes back identically, however the lookups are timed, so it is never adopted.
@@ -150,7 +139,7 @@ async fn answers_flapping_faster_than_the_stability_window_do_not_churn() {
     while Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(
-            active_pods(&agent).await,
+            agent.active_pods().await,
             stable,
             "pod list changed during flapping"
         );
@@ -164,7 +153,7 @@ async fn answers_flapping_faster_than_the_stability_window_do_not_churn() {
     // Once the answer settles, the change is taken.
     dns.set_ips(NAME, &ips(&pods));
     eventually(SECS, "settled answer adopted", || async {
-        active_pods(&agent).await == addrs(&pods)
+        agent.active_pods().await == addrs(&pods)
     })
     .await;
 }
@@ -202,7 +191,7 @@ async fn dns_server_stopping_mid_traffic_fails_no_request() {
     statuses.extend(traffic().await);
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     assert_eq!(
-        active_pods(&agent).await,
+        agent.active_pods().await,
         addrs(&pods),
         "pods kept while DNS is down"
     );
@@ -226,7 +215,7 @@ async fn nxdomain_means_zero_pods_requests_wait_then_proceed() {
     let dns = DnsServer::start().await;
     dns.set(NAME, Answer::NxDomain);
     let agent = Agent::start(&config(&dns, pods[0].addr.port(), 1, "{timeout: 30s}")).await;
-    assert!(active_pods(&agent).await.is_empty());
+    assert!(agent.active_pods().await.is_empty());
     let addr = agent.addr;
     let waiting = spawn_get(addr, "/work?ms=10");
     eventually(SECS, "request queued", || async {
@@ -268,7 +257,7 @@ async fn servfail_keeps_the_last_good_pods() {
     let agent = Agent::start(&config(&dns, pods[0].addr.port(), 1, "{timeout: 30s}")).await;
     dns.set(NAME, Answer::ServFail);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(active_pods(&agent).await, addrs(&pods));
+    assert_eq!(agent.active_pods().await, addrs(&pods));
     assert_eq!(agent.get("/work").await.status, 200);
 }
 

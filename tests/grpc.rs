@@ -457,7 +457,7 @@ async fn the_pod_gets_the_time_left_after_the_queue_wait() {
     let seen = pods[0].deadlines.lock().unwrap().clone();
     let left = |id: &str| {
         let (_, v) = seen.iter().find(|(i, _)| i == id).expect("call seen");
-        parse_grpc_timeout(v).unwrap_or_else(|| panic!("bad grpc-timeout {v:?}"))
+        lb_agent::respond::parse_grpc_timeout(v).unwrap_or_else(|| panic!("bad grpc-timeout {v:?}"))
     };
     println!("grpc-timeout at the pod: {seen:?}");
     let queued = left("queued");
@@ -470,19 +470,4 @@ async fn the_pod_gets_the_time_left_after_the_queue_wait() {
         direct > Duration::from_millis(4500) && direct <= Duration::from_secs(5),
         "the pod was given {direct:?}"
     );
-}
-
-/// `grpc-timeout` as the spec writes it (digits and a unit), for reading what a pod got.
-fn parse_grpc_timeout(v: &str) -> Option<Duration> {
-    let (n, unit) = v.split_at(v.len().checked_sub(1)?);
-    let n: u64 = n.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n * 3600),
-        "M" => Duration::from_secs(n * 60),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
 }

@@ -57,17 +57,6 @@ fn pod_series(metrics: &str) -> BTreeSet<String> {
         .collect()
 }
 
-/// Active pod addresses of the first pool, from /status.
-async fn active_pods(agent: &Agent) -> BTreeSet<String> {
-    agent.status().await["pools"][0]["pods"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|p| p["active"] == true)
-        .map(|p| p["addr"].as_str().unwrap().to_string())
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn discovery_metrics_follow_real_lookups() {
     let pods = start_pods(1, 2).await.unwrap();
@@ -144,7 +133,7 @@ async fn departed_pods_leave_no_series_behind() {
         let live = &pods[2 * step..2 * step + 2];
         dns.set_ips(NAME, &ips(live));
         eventually(SECS, "pod list changed", || async {
-            active_pods(&agent).await == addrs(live)
+            agent.active_pods().await == addrs(live)
         })
         .await;
         for _ in 0..4 {

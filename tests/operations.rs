@@ -288,16 +288,7 @@ async fn requests_queued_at_sigterm_are_served_or_refused_never_cut() {
     .await;
     agent.terminate();
     let first = first.await.unwrap();
-    let mut served = 0;
-    let mut refused = 0;
-    let mut cut = Vec::new();
-    for q in queued {
-        match q.await.unwrap() {
-            Ok(r) if r.status == 200 => served += 1,
-            Ok(r) if r.status == 503 && r.header("retry-after").is_some() => refused += 1,
-            other => cut.push(format!("{other:?}")),
-        }
-    }
+    let (served, refused, cut) = tally(queued).await;
     println!("first: {first:?}; queued: {served} served, {refused} refused, {cut:?} cut");
     assert_eq!(first.expect("in flight at SIGTERM, not cut").status, 200);
     assert!(
@@ -348,16 +339,7 @@ async fn a_queued_request_that_cannot_finish_in_the_grace_is_refused_not_started
     .await;
     agent.terminate();
     let first = first.await.unwrap();
-    let mut served = 0;
-    let mut refused = 0;
-    let mut cut = Vec::new();
-    for q in queued {
-        match q.await.unwrap() {
-            Ok(r) if r.status == 200 => served += 1,
-            Ok(r) if r.status == 503 && r.header("retry-after").is_some() => refused += 1,
-            other => cut.push(format!("{other:?}")),
-        }
-    }
+    let (served, refused, cut) = tally(queued).await;
     println!("1 s requests, grace 2.6 s: queued {served} served, {refused} refused, {cut:?} cut");
     assert_eq!(first.expect("in flight at SIGTERM, not cut").status, 200);
     assert!(
@@ -516,4 +498,22 @@ async fn during_the_delay_kept_alive_connections_are_served_then_closed() {
     assert_eq!(n, 0, "{rest:?}");
     let status = agent.wait_exit(SECS).await.expect("exited");
     assert!(status.success(), "{status:?}");
+}
+
+/// How queued requests ended: (served with 200, refused with 503 + Retry-After, anything else —
+/// a request cut without a proper answer — described).
+async fn tally(
+    queued: Vec<tokio::task::JoinHandle<std::io::Result<loadgen::Response>>>,
+) -> (usize, usize, Vec<String>) {
+    let mut served = 0;
+    let mut refused = 0;
+    let mut cut = Vec::new();
+    for q in queued {
+        match q.await.unwrap() {
+            Ok(r) if r.status == 200 => served += 1,
+            Ok(r) if r.status == 503 && r.header("retry-after").is_some() => refused += 1,
+            other => cut.push(format!("{other:?}")),
+        }
+    }
+    (served, refused, cut)
 }

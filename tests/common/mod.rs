@@ -183,6 +183,17 @@ impl Agent {
             .unwrap()
     }
 
+    /// Active pod addresses of the first pool, from /status.
+    pub async fn active_pods(&self) -> std::collections::BTreeSet<String> {
+        self.status().await["pools"][0]["pods"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["active"] == true)
+            .map(|p| p["addr"].as_str().unwrap().to_string())
+            .collect()
+    }
+
     pub async fn get(&self, path: &str) -> loadgen::Response {
         loadgen::get(self.addr, path, &[])
             .await

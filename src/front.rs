@@ -115,6 +115,13 @@ impl Guarded {
     }
 }
 
+fn header_timed_out() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        "client.header_timeout: request head not complete in time",
+    )
+}
+
 impl AsyncRead for Guarded {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -155,10 +162,7 @@ impl AsyncRead for Guarded {
             }
             _ => {
                 if this.timer.is_elapsed() {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "client.header_timeout: request head not complete in time",
-                    )));
+                    return Poll::Ready(Err(header_timed_out()));
                 }
                 let budget = this.limits.max_header_size.saturating_sub(this.head_bytes);
                 if budget == 0 {
@@ -183,10 +187,7 @@ impl AsyncRead for Guarded {
                     }
                     Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
                     Poll::Pending => match this.timer.as_mut().poll(cx) {
-                        Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            "client.header_timeout: request head not complete in time",
-                        ))),
+                        Poll::Ready(()) => Poll::Ready(Err(header_timed_out())),
                         Poll::Pending => Poll::Pending,
                     },
                 }

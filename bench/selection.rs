@@ -13,9 +13,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use futures::FutureExt;
-use lb_agent::config::QueuePolicy;
-use lb_agent::pool::{Pool, Slot};
-use lb_agent::selection::Balancer;
+use lb_agent::balance::{Balancer, Ledger, QueuePolicy, Slot};
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
@@ -48,7 +46,7 @@ fn selection(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1));
     for n in [10usize, 100, 1000] {
         for state in ["idle", "mixed"] {
-            let b = Balancer::new(Pool::new("bench", LIMIT));
+            let b = Balancer::new(&Ledger::new(), "bench", LIMIT);
             rt.block_on(b.set_pods((0..n).map(pod).collect::<BTreeSet<_>>()));
             let deadline = tokio::time::Instant::now() + Duration::from_secs(3600);
             // Load pod i with i % LIMIT requests: take slots until each pod holds its share,

@@ -22,7 +22,7 @@ use std::net::Shutdown;
 use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
 use tokio::io::AsyncReadExt;
 
-use crate::pool::Slot;
+use crate::balance::Slot;
 
 /// A duplicate of the upstream socket of a request in flight.
 #[derive(Debug)]

@@ -12,8 +12,8 @@ use pingora::protocols::http::ServerSession;
 use serde::Serialize;
 use std::sync::Arc;
 
+use crate::balance::Balancer;
 use crate::live::Live;
-use crate::selection::Balancer;
 
 pub struct AdminApp {
     pub live: Arc<Live>,
@@ -74,22 +74,21 @@ impl AdminApp {
             .chain(self.live.retired_pools())
             .enumerate()
             .map(|(i, b)| {
-                let p = b.pool();
-                let limit = p.limit();
-                let pods = p.pods();
+                let v = b.view();
                 PoolStatus {
-                    name: p.name().to_string(),
-                    limit,
-                    resolved: p.resolved(),
-                    queue_depth: p.waiting(),
-                    inflight: pods.iter().map(|x| x.inflight).sum(),
+                    name: v.name,
+                    limit: v.limit,
+                    resolved: b.resolved(),
+                    queue_depth: v.waiting,
+                    inflight: v.inflight,
                     retired: i >= in_force,
-                    pods: pods
+                    pods: v
+                        .pods
                         .into_iter()
                         .map(|x| PodStatus {
                             addr: x.addr.to_string(),
                             inflight: x.inflight,
-                            limit,
+                            limit: x.limit,
                             active: x.active,
                             recently_failed: x.recently_failed,
                             requests: x.requests,
@@ -116,7 +115,7 @@ impl AdminApp {
 
 /// A pool counts as ready once its pod list was learned (even empty) or it has pods.
 fn pod_list_known(b: &Balancer) -> bool {
-    b.pool().resolved() || b.pool().has_pods()
+    b.resolved() || b.has_pods()
 }
 
 fn reply(code: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
@@ -149,7 +148,7 @@ impl ServeHttp for AdminApp {
                         .pools
                         .iter()
                         .filter(|b| !pod_list_known(b))
-                        .map(|b| b.pool().name())
+                        .map(|b| b.name())
                         .collect();
                     let body = format!("not ready: no pod list yet for {}\n", waiting.join(", "));
                     reply(

@@ -21,8 +21,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::balance::Balancer;
 use crate::config::DnsConfig;
-use crate::selection::Balancer;
 
 /// A DNS answer: the set of pod IPs (empty for NXDOMAIN / no records).
 pub type Answer = BTreeSet<IpAddr>;
@@ -296,7 +296,7 @@ mod tests {
     //! The stability check against a scripted resolver, on paused time: deterministic and
     //! instant, whatever the machine is doing.
     use super::*;
-    use crate::pool::Pool;
+    use crate::balance::Ledger;
     use tokio::time::Instant;
 
     /// Answers by the (paused) clock: `script[i] = (from, answer)`, the last entry whose `from`
@@ -336,8 +336,8 @@ mod tests {
 
     fn pods(b: &Balancer) -> Vec<u8> {
         let mut v: Vec<u8> = b
-            .pool()
-            .pods()
+            .view()
+            .pods
             .iter()
             .filter(|p| p.active)
             .map(|p| match p.addr.ip() {
@@ -352,7 +352,7 @@ mod tests {
     /// Runs discovery against `script` and returns the pods it had fed at each checkpoint
     /// (milliseconds from the start).
     async fn run(script: Vec<(Duration, Option<Vec<u8>>)>, checkpoints: &[u64]) -> Vec<Vec<u8>> {
-        let balancer = Arc::new(Balancer::new(Pool::new("t", 1)));
+        let balancer = Arc::new(Balancer::new(&Ledger::new(), "t", 1));
         let d = DnsDiscovery::new("svc".into(), vec![(80, Arc::clone(&balancer))], cfg());
         let resolver = Scripted {
             start: Instant::now(),

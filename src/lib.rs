@@ -10,6 +10,7 @@
 
 pub mod abandoned;
 pub mod admin;
+pub mod balance;
 pub mod config;
 pub mod discovery;
 pub mod front;
@@ -17,12 +18,10 @@ pub mod live;
 pub mod logging;
 pub mod metrics;
 pub mod plan;
-pub mod pool;
 pub mod proxy;
 pub mod reload;
 pub mod respond;
 pub mod route;
-pub mod selection;
 pub mod shutdown;
 
 use pingora::apps::HttpServerOptions;

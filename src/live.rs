@@ -15,14 +15,25 @@
 use futures::FutureExt;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::Duration;
 
-use crate::config::{Config, Target};
+use crate::balance::{Balancer, Ledger, QueuePolicy};
+use crate::config::{ClientAbort, Config, Target, UpstreamProtocol};
 use crate::discovery::{DiscoveryStats, DnsDiscovery};
-use crate::pool::Pool;
-use crate::proxy::RouteEntry;
 use crate::route::RouteTable;
-use crate::selection::Balancer;
 use crate::shutdown::ShutdownState;
+
+/// What a route resolves to at request time.
+pub struct RouteEntry {
+    pub uri: String,
+    pub balancer: Arc<Balancer>,
+    pub queue: QueuePolicy,
+    pub connect_timeout: Duration,
+    pub protocol: UpstreamProtocol,
+    pub client_abort: ClientAbort,
+    /// A pooled connection to a pod idle longer than this is closed, not reused.
+    pub upstream_idle_timeout: Duration,
+}
 
 /// One config's routes and pools, as requests see them.
 pub struct Snapshot {
@@ -47,6 +58,8 @@ impl Drop for Discovery {
 }
 
 pub struct Live {
+    /// Per-pod counts, caps and the wait queue, shared by every pool of every config.
+    ledger: Arc<Ledger>,
     current: RwLock<Arc<Snapshot>>,
     /// Pools a reload removed; alive while a request still holds them.
     retired: Mutex<Vec<Weak<Balancer>>>,
@@ -111,10 +124,11 @@ impl Live {
     /// Builds the first snapshot. Static pods are set at once; discovery tasks are created but
     /// start only with [`Live::start_discovery`], inside the server's runtime.
     pub fn new(config: &Config) -> Result<Arc<Live>, LiveError> {
+        let ledger = Ledger::new();
         let pools: Vec<Arc<Balancer>> = config
             .pools
             .iter()
-            .map(|p| Arc::new(Balancer::new(Pool::new(p.name.clone(), p.limit))))
+            .map(|p| Arc::new(Balancer::new(&ledger, p.name.clone(), p.limit)))
             .collect();
         for (pc, b) in config.pools.iter().zip(&pools) {
             if let Target::Static(addrs) = &pc.target {
@@ -131,6 +145,7 @@ impl Live {
             })
             .collect();
         Ok(Arc::new(Live {
+            ledger,
             current: RwLock::new(Arc::new(route_table(config, &pools))),
             retired: Mutex::new(Vec::new()),
             discovery: Mutex::new(discovery),
@@ -213,19 +228,19 @@ impl Live {
         for pc in &config.pools {
             let found = candidates
                 .iter()
-                .position(|b| b.pool().name() == pc.name)
+                .position(|b| b.name() == pc.name)
                 .map(|i| candidates.swap_remove(i));
             let b = match found {
                 Some(b) => {
-                    let before = b.pool().limit();
+                    let before = b.limit();
                     if before != pc.limit {
-                        b.pool().set_limit(pc.limit);
+                        b.set_limit(pc.limit);
                         notes.push(format!("{}: limit {before} -> {}", pc.name, pc.limit));
                     }
                     b
                 }
                 None => {
-                    let b = Arc::new(Balancer::new(Pool::new(pc.name.clone(), pc.limit)));
+                    let b = Arc::new(Balancer::new(&self.ledger, pc.name.clone(), pc.limit));
                     if let Target::Static(addrs) = &pc.target {
                         b.set_pods(addrs.iter().copied().collect()).await;
                     }
@@ -292,7 +307,7 @@ impl Live {
             retired.clear();
             for b in candidates {
                 if old.pools.iter().any(|o| Arc::ptr_eq(o, &b)) {
-                    notes.push(format!("{}: retired", b.pool().name()));
+                    notes.push(format!("{}: retired", b.name()));
                 }
                 retired.push(Arc::downgrade(&b));
             }

@@ -191,22 +191,23 @@ impl Sample {
         // Pools of the config in force and retired pools still in use; names are unique among
         // them (a reload that names a retired pool again revives that same pool).
         for b in live.all_pools() {
-            let p = b.pool();
-            let name = p.name();
+            let v = b.view();
+            let name = v.name.as_str();
             self.queue_depth
                 .with_label_values(&[name])
-                .set(p.waiting() as i64);
+                .set(v.waiting as i64);
             self.discovery_pods
                 .with_label_values(&[name])
                 .set(b.trusted_pods().len() as i64);
-            let limit = p.limit() as i64;
-            for pod in p.pods() {
+            for pod in v.pods {
                 let labels = [name, &pod.addr.to_string()];
                 self.pod_inflight
                     .with_label_values(&labels)
                     .set(pod.inflight as i64);
                 if pod.active {
-                    self.pod_limit.with_label_values(&labels).set(limit);
+                    self.pod_limit
+                        .with_label_values(&labels)
+                        .set(pod.limit as i64);
                 }
                 self.pod_requests
                     .with_label_values(&labels)

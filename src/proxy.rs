@@ -16,28 +16,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::abandoned::{self, UpstreamSocket};
-use crate::config::{ClientAbort, ClientLimits, QueuePolicy, UpstreamProtocol};
+use crate::balance::{QueueError, Slot};
+use crate::config::{ClientAbort, ClientLimits, UpstreamProtocol};
 use crate::front;
-use crate::live::Live;
+use crate::live::{Live, RouteEntry};
 use crate::metrics;
-use crate::pool::{QueueError, Slot};
 use crate::respond::{
     format_grpc_timeout, grpc_status, grpc_timeout, is_grpc, write_grpc_status, write_text,
 };
-use crate::selection::Balancer;
 use crate::shutdown::ActiveRequest;
-
-/// What a route resolves to at request time.
-pub struct RouteEntry {
-    pub uri: String,
-    pub balancer: Arc<Balancer>,
-    pub queue: QueuePolicy,
-    pub connect_timeout: Duration,
-    pub protocol: UpstreamProtocol,
-    pub client_abort: ClientAbort,
-    /// A pooled connection to a pod idle longer than this is closed, not reused.
-    pub upstream_idle_timeout: Duration,
-}
 
 /// Bodies up to this size are read while the request waits in the queue, so that a client that
 /// goes away is noticed (and the body is replayed to the pod from Pingora's retry buffer).
@@ -431,7 +418,7 @@ impl ProxyHttp for LbProxy {
         ctx: &mut Ctx,
     ) -> pingora::Result<()> {
         if let Some(slot) = &ctx.slot {
-            slot.pool().report_connected(slot.addr());
+            slot.connected();
         }
         // An HTTP/2 connection to a pod carries other calls too; only an HTTP/1.1 connection
         // belongs to this request alone and can be finished on its own.
@@ -479,7 +466,7 @@ impl ProxyHttp for LbProxy {
         // Nothing was sent: give the slot back now and let the retry pick another pod.
         if let Some(slot) = ctx.slot.take() {
             let addr = slot.addr();
-            slot.pool().report_connect_failure(addr);
+            slot.connect_failed();
             ctx.tried.push(addr);
             log::warn!("connect to pod {addr} failed: {e}");
         }
@@ -487,7 +474,7 @@ impl ProxyHttp for LbProxy {
             && ctx
                 .route
                 .as_ref()
-                .is_some_and(|r| r.balancer.pool().has_untried(&ctx.tried));
+                .is_some_and(|r| r.balancer.has_untried(&ctx.tried));
         e.set_retry(can_retry);
         e
     }

@@ -24,7 +24,7 @@
 //!
 //! A queued request is only started on a pod while it can still finish: a pool's queue is
 //! closed once the time left is shorter than its recent requests took
-//! ([`crate::pool::Pool::longest_recent_hold`]), and [`QUEUE_CLOSE_MARGIN`] before the deadline
+//! ([`crate::balance::PoolView::longest_recent_hold`]), and [`QUEUE_CLOSE_MARGIN`] before the deadline
 //! at the latest. What still waits then gets a `503` with `Retry-After` and can be retried on
 //! another replica at once, instead of starting work on a pod only to be cut at the deadline
 //! without a response. A request that already left the queue keeps its slot and runs until the
@@ -38,8 +38,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::signal::unix::{signal, SignalKind};
 
+use crate::balance::Balancer;
 use crate::live::Live;
-use crate::selection::Balancer;
 
 /// How long before the end of the grace period the queues are closed: time enough to write the
 /// `503`s before the process exits.
@@ -112,7 +112,8 @@ fn drained(live: &Live, pools: &[Arc<Balancer>]) -> bool {
     live.shutdown.active() == 0
         && pools
             .iter()
-            .all(|b| b.pool().inflight() == 0 && b.pool().waiting() == 0)
+            .map(|b| b.view())
+            .all(|v| v.inflight == 0 && v.waiting == 0)
 }
 
 fn drain(live: Arc<Live>, grace: Duration) {
@@ -127,7 +128,7 @@ fn drain(live: Arc<Live>, grace: Duration) {
         }
         let now = Instant::now();
         if now >= deadline {
-            let in_flight: usize = pools.iter().map(|b| b.pool().inflight()).sum();
+            let in_flight: usize = pools.iter().map(|b| b.view().inflight).sum();
             log::warn!(
                 "shutdown: grace period of {grace:?} over; exiting with {in_flight} requests still in flight"
             );
@@ -135,21 +136,21 @@ fn drain(live: Arc<Live>, grace: Duration) {
         }
         let left = deadline - now;
         for b in &pools {
-            let pool = b.pool();
-            let needed = QUEUE_CLOSE_MARGIN.max(pool.longest_recent_hold());
+            let v = b.view();
+            let needed = QUEUE_CLOSE_MARGIN.max(v.longest_recent_hold);
             if left > needed {
                 continue;
             }
-            if closed.insert(pool.name().to_string()) {
+            if closed.insert(v.name.clone()) {
                 log::warn!(
                     "shutdown: {left:?} left, recent requests on {} took up to {:?}; answering its {} queued requests with 503",
-                    pool.name(),
-                    pool.longest_recent_hold(),
-                    pool.waiting()
+                    v.name,
+                    v.longest_recent_hold,
+                    v.waiting
                 );
             }
             // Every round, not once: closing is idempotent and covers any pool seen late.
-            pool.close();
+            b.close();
         }
         // Never sleep past the deadline: the grace ends when configured, not a poll later.
         std::thread::sleep(DRAIN_POLL.min(left));
@@ -184,8 +185,9 @@ impl ShutdownSignalWatch for DrainOnTerm {
             _ = int.recv() => return ShutdownSignal::FastShutdown,
         }
         let pools = self.live.all_pools();
-        let in_flight: usize = pools.iter().map(|b| b.pool().inflight()).sum();
-        let queued: usize = pools.iter().map(|b| b.pool().waiting()).sum();
+        let views: Vec<_> = pools.iter().map(|b| b.view()).collect();
+        let in_flight: usize = views.iter().map(|v| v.inflight).sum();
+        let queued: usize = views.iter().map(|v| v.waiting).sum();
         log::info!(
             "shutdown: no new connections; {in_flight} requests in flight and {queued} queued get up to {:?}",
             self.grace

@@ -148,21 +148,8 @@ pub enum ClientAbort {
     Cancel,
 }
 
-/// How long and how many requests may wait when every pod of a pool is full.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct QueuePolicy {
-    pub max_waiting: usize,
-    pub timeout: Duration,
-}
-
-impl Default for QueuePolicy {
-    fn default() -> Self {
-        Self {
-            max_waiting: 1000,
-            timeout: Duration::from_secs(30),
-        }
-    }
-}
+/// The queue's policy belongs to the queue; the config only fills it in.
+pub use crate::balance::QueuePolicy;
 
 /// How a route's `uri` is compared with a request's path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -44,12 +44,10 @@ const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// retries, so a longer timeout never waits longer.
 const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// Largest per-pod `limit`. Each pool's free slots are permits of one tokio semaphore, which
-/// panics above `usize::MAX >> 3` permits (about 2.3·10^18) — at start-up, or in the reload
-/// service after permits were already withdrawn. With at most 100 000 per pod, even the
-/// largest pod list a DNS answer can carry (65 535 bytes: ~4 000 A records) or a 1 MiB
-/// `endpoints` list stays below 10^11 permits; and 100 000 concurrent requests is already far
-/// beyond what one compute pod can take.
+/// Largest per-pod `limit`. 100 000 concurrent requests is already far beyond what one compute
+/// pod can take, and with it even the largest pod list a DNS answer can carry (65 535 bytes:
+/// ~4 000 A records) or a 1 MiB `endpoints` list keeps every sum of free slots below 10^11,
+/// far from any counter's overflow (a shared ledger counts in Redis's 64-bit integers).
 pub(super) const MAX_LIMIT: usize = 100_000;
 /// Largest `max_waiting`: every queued request holds a client connection (a file descriptor
 /// and its buffers), so a million is already more than one process can hold.
@@ -565,6 +563,27 @@ pub(super) fn validate(f: FileConfig) -> Result<Config, ConfigError> {
             None => queue,
         };
 
+        // A pod address has one cap, whichever route reaches it.
+        if let Target::Static(addrs) = &target {
+            for (idx, pc) in pools.iter().enumerate() {
+                let Target::Static(other) = &pc.target else {
+                    continue;
+                };
+                if pc.limit == limit {
+                    continue;
+                }
+                if let Some(shared) = addrs.iter().find(|a| other.contains(a)) {
+                    let owner = pool_owner[&idx];
+                    return Err(ConfigError::new(
+                        format!("{p}.limit"),
+                        format!(
+                            "{limit} conflicts with routes[{owner}].limit = {}: both routes reach pod {shared}, which has one per-pod cap, so they must agree",
+                            pc.limit
+                        ),
+                    ));
+                }
+            }
+        }
         let pool = match pools.iter().position(|pc| pc.target == target) {
             Some(idx) => {
                 if pools[idx].limit != limit {
@@ -835,6 +854,15 @@ routes:
     }
 
     #[test]
+    fn overlapping_endpoint_lists_with_one_limit_are_accepted() {
+        let c = Config::parse(
+            "routes:\n  - {uri: /a, limit: 2, endpoints: ['127.0.1.1:80', '127.0.1.2:80']}\n  - {uri: /b, limit: 2, endpoints: ['127.0.1.2:80', '127.0.1.3:80']}\n",
+        )
+        .unwrap();
+        assert_eq!(c.pools.len(), 2, "two pools, one cap per pod address");
+    }
+
+    #[test]
     fn bad_configs_name_their_field() {
         let cases: &[(&str, &str)] = &[
             ("routes:\n  - {uri: /a, limit: 0, endpoints: [\"127.0.0.1:1\"]}\n", "routes[0].limit: must be at least 1"),
@@ -851,6 +879,7 @@ routes:
             ("dns: {stability_interval: fast}\nroutes:\n  - {uri: /a, limit: 1, endpoints: [\"127.0.0.1:1\"]}\n", "dns.stability_interval"),
             ("dns: {nameservers: [\"x:y\"]}\nroutes:\n  - {uri: /a, limit: 1, endpoints: [\"127.0.0.1:1\"]}\n", "dns.nameservers[0]"),
             ("routes:\n  - {uri: /a, limit: 1, service_name: s, namespace: n, http_port: 1}\n  - {uri: /b, limit: 3, service_name: s, namespace: n, http_port: 1}\n", "routes[1].limit: 3 conflicts with routes[0].limit"),
+            ("routes:\n  - {uri: /a, limit: 1, endpoints: ['127.0.1.1:80', '127.0.1.2:80']}\n  - {uri: /b, limit: 2, endpoints: ['127.0.1.3:80', '127.0.1.2:80']}\n", "routes[1].limit: 2 conflicts with routes[0].limit = 1: both routes reach pod 127.0.1.2:80"),
             ("routes:\n  - {uri: /a, limit: 1, queue: {timeout: 0s}, endpoints: [\"127.0.0.1:1\"]}\n", "routes[0].queue.timeout"),
             ("listen: \"localhost\"\nroutes:\n  - {uri: /a, limit: 1, endpoints: [\"127.0.0.1:1\"]}\n", "listen:"),
             ("routes:\n  - {uri: /a, limit: 1}\n", "routes[0]: no target"),

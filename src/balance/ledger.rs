@@ -1,0 +1,592 @@
+//! The ledger: how many requests each pod has in flight, each pod's cap, and the one queue of
+//! requests waiting for a slot. Everything that counts slots is here, under one lock.
+//!
+//! **Per-pod state is keyed by the pod's address.** Every pool (one per target of the config in
+//! force, plus retired pools that requests still hold) that lists an `IP:port` counts against
+//! the same counter and the same cap, so overlapping `endpoints` lists, two DNS names that
+//! resolve to one pod, or a reload that replaces a pool all see one truth per pod. A pod's cap
+//! is the lowest `limit` of the pools that list it (the config refuses two limits for one
+//! static address; for DNS and across reload generations the stricter one holds).
+//!
+//! **One FIFO queue.** Each pool keeps its waiters in arrival order (a sequence number shared by
+//! all pools); when a slot frees, it goes to the oldest waiter, across all pools, that may use
+//! that pod. The invariant kept by every method, at every moment the lock is released: *no
+//! waiter waits while a pod it may use has a free slot.* Capacity appears only under the lock
+//! (a release, a new pod, a raised limit), and every such change hands it out before unlocking
+//! ([`Ledger::dispatch`]). That is what lets a newcomer take any free slot it sees without a
+//! queue check: no earlier request wants it.
+//!
+//! A waiter is answered through a oneshot channel carrying its [`Slot`]. If the waiter is gone
+//! by then (queue timeout, client gone), the slot comes back: either the send fails and the
+//! take is undone under the lock, or the receiver is dropped with the slot inside and the slot's
+//! own drop releases it.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+use super::{PodChange, PodView, PoolView, QueueError};
+
+/// How long a pod that refused a connection is placed behind every other pod in the choice.
+/// It is not removed (DNS owns the pod list); it only stops attracting first attempts.
+pub const CONNECT_FAILURE_PENALTY: Duration = Duration::from_secs(10);
+
+/// Slot hold times remembered per pool for [`PoolView::longest_recent_hold`].
+const RECENT_HOLDS: usize = 16;
+
+pub(super) type PoolId = u64;
+
+/// The in-process ledger: one per agent, shared by every pool.
+#[derive(Default)]
+pub struct Ledger {
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Ledger")
+    }
+}
+
+#[derive(Default)]
+struct State {
+    pods: HashMap<SocketAddr, Pod>,
+    pools: HashMap<PoolId, PoolState>,
+    next_pool: PoolId,
+    /// Arrival order, shared by all pools so that their queues can be merged.
+    next_seq: u64,
+    /// Waiters across all pools; lets a release skip the queue walk when nobody waits.
+    waiting: usize,
+}
+
+#[derive(Debug)]
+struct Pod {
+    inflight: usize,
+    /// The lowest limit among `listed_by`; 0 when no pool lists the pod (it takes no request).
+    limit: usize,
+    listed_by: Vec<PoolId>,
+    last_connect_failure: Option<Instant>,
+    requests: u64,
+    connect_failures: u64,
+}
+
+impl Pod {
+    fn new() -> Pod {
+        Pod {
+            inflight: 0,
+            limit: 0,
+            listed_by: Vec::new(),
+            last_connect_failure: None,
+            requests: 0,
+            connect_failures: 0,
+        }
+    }
+
+    fn recently_failed(&self, now: Instant) -> bool {
+        self.last_connect_failure
+            .is_some_and(|t| now.duration_since(t) < CONNECT_FAILURE_PENALTY)
+    }
+}
+
+struct PoolState {
+    name: String,
+    limit: usize,
+    /// The pool's pod list, sorted.
+    members: Vec<SocketAddr>,
+    /// Slots taken through this pool and not yet given back, per pod.
+    held: HashMap<SocketAddr, usize>,
+    waiters: BTreeMap<u64, Waiter>,
+    closed: bool,
+    /// Its `Balancer` is gone; the entry stays until its last slot comes back.
+    dropped: bool,
+    recent_holds: VecDeque<Duration>,
+    /// Advances on every take, so equally loaded pods take turns.
+    rotation: usize,
+}
+
+struct Waiter {
+    tried: Vec<SocketAddr>,
+    tx: oneshot::Sender<Result<Slot, QueueError>>,
+}
+
+/// What [`Ledger::enqueue`] gave.
+pub(super) enum Enqueued {
+    /// A slot was free after all.
+    Now(Slot),
+    /// Queued: the slot (or the reason there is none) arrives on the channel. Dropping the
+    /// ticket leaves the queue.
+    Wait(oneshot::Receiver<Result<Slot, QueueError>>, WaitTicket),
+}
+
+/// A place in the queue; dropping it gives the place up.
+pub(super) struct WaitTicket {
+    ledger: Arc<Ledger>,
+    pool: PoolId,
+    seq: u64,
+}
+
+impl Drop for WaitTicket {
+    fn drop(&mut self) {
+        let mut st = self.ledger.lock();
+        if let Some(pool) = st.pools.get_mut(&self.pool) {
+            if pool.waiters.remove(&self.seq).is_some() {
+                st.waiting -= 1;
+            }
+        }
+    }
+}
+
+/// Ranks the pods of `pool` a request may use: below their cap, not in `tried`. Least loaded
+/// first; a pod that just refused a connection goes last, so a dead pod does not attract every
+/// first attempt; ties take turns through the pool's rotation.
+fn ranked<'a>(
+    pods: &'a HashMap<SocketAddr, Pod>,
+    pool: &'a PoolState,
+    tried: &'a [SocketAddr],
+    now: Instant,
+) -> impl Iterator<Item = ((bool, usize), SocketAddr)> + 'a {
+    let n = pool.members.len();
+    let start = if n == 0 { 0 } else { pool.rotation % n };
+    (0..n).filter_map(move |i| {
+        let addr = pool.members[(start + i) % n];
+        let pod = pods.get(&addr)?;
+        (pod.inflight < pod.limit && !tried.contains(&addr))
+            .then(|| ((pod.recently_failed(now), pod.inflight), addr))
+    })
+}
+
+/// The best pod for a request of `pool`, as [`ranked`] orders them.
+fn pick(
+    pods: &HashMap<SocketAddr, Pod>,
+    pool: &PoolState,
+    tried: &[SocketAddr],
+    now: Instant,
+) -> Option<SocketAddr> {
+    let mut best: Option<((bool, usize), SocketAddr)> = None;
+    for (key, addr) in ranked(pods, pool, tried, now) {
+        if best.is_none_or(|(k, _)| key < k) {
+            best = Some((key, addr));
+        }
+    }
+    best.map(|(_, a)| a)
+}
+
+fn lowest_limit(pools: &HashMap<PoolId, PoolState>, pod: &mut Pod) {
+    pod.limit = pod
+        .listed_by
+        .iter()
+        .filter_map(|id| pools.get(id).map(|p| p.limit))
+        .min()
+        .unwrap_or(0);
+}
+
+impl Ledger {
+    pub fn new() -> Arc<Ledger> {
+        Arc::new(Ledger::default())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this lock would be a bug in this module; the counters are still
+        // the best information there is, so keep serving with them.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(super) fn add_pool(&self, name: String, limit: usize) -> PoolId {
+        let mut st = self.lock();
+        let id = st.next_pool;
+        st.next_pool += 1;
+        st.pools.insert(
+            id,
+            PoolState {
+                name,
+                limit,
+                members: Vec::new(),
+                held: HashMap::new(),
+                waiters: BTreeMap::new(),
+                closed: false,
+                dropped: false,
+                recent_holds: VecDeque::with_capacity(RECENT_HOLDS),
+                rotation: 0,
+            },
+        );
+        id
+    }
+
+    /// The pool's `Balancer` is gone. Its pods stay listed by it (and capped by its limit)
+    /// until the last slot taken through it comes back.
+    pub(super) fn drop_pool(self: &Arc<Self>, id: PoolId) {
+        let mut st = self.lock();
+        let Some(pool) = st.pools.get_mut(&id) else {
+            return;
+        };
+        pool.dropped = true;
+        let waiters = std::mem::take(&mut pool.waiters);
+        st.waiting -= waiters.len();
+        for (_, w) in waiters {
+            let _ = w.tx.send(Err(QueueError::ShuttingDown));
+        }
+        if st.pools[&id].held.is_empty() {
+            self.forget_pool(&mut st, id);
+        }
+    }
+
+    /// Removes a pool entry: its pods are no longer listed by it.
+    fn forget_pool(self: &Arc<Self>, st: &mut State, id: PoolId) {
+        let Some(pool) = st.pools.remove(&id) else {
+            return;
+        };
+        for addr in pool.members {
+            self.unlist(st, id, addr);
+        }
+        self.dispatch(st);
+    }
+
+    fn unlist(&self, st: &mut State, id: PoolId, addr: SocketAddr) {
+        let State { pods, pools, .. } = st;
+        if let Some(pod) = pods.get_mut(&addr) {
+            pod.listed_by.retain(|p| *p != id);
+            lowest_limit(pools, pod);
+            if pod.listed_by.is_empty() && pod.inflight == 0 {
+                pods.remove(&addr);
+            }
+        }
+    }
+
+    /// Replaces a pool's pod list. New pods are usable at once (queued requests start on
+    /// them); removed pods get no new request from this pool, and their requests in flight keep
+    /// counting against the pod's cap until they finish, also if the address comes back.
+    pub(super) fn set_members(
+        self: &Arc<Self>,
+        id: PoolId,
+        addrs: &BTreeSet<SocketAddr>,
+    ) -> PodChange {
+        let mut change = PodChange::default();
+        let mut st = self.lock();
+        let Some(pool) = st.pools.get_mut(&id) else {
+            return change;
+        };
+        let old = std::mem::replace(&mut pool.members, addrs.iter().copied().collect());
+        for addr in &old {
+            if !addrs.contains(addr) {
+                self.unlist(&mut st, id, *addr);
+                change.removed.push(*addr);
+            }
+        }
+        let State { pods, pools, .. } = &mut *st;
+        for addr in addrs {
+            if old.binary_search(addr).is_err() {
+                let pod = pods.entry(*addr).or_insert_with(Pod::new);
+                pod.listed_by.push(id);
+                lowest_limit(pools, pod);
+                change.added.push(*addr);
+            }
+        }
+        self.dispatch(&mut st);
+        change
+    }
+
+    /// Changes a pool's limit. Lowering it stops new requests above the new cap while those in
+    /// flight finish; raising it starts queued requests at once.
+    pub(super) fn set_limit(self: &Arc<Self>, id: PoolId, limit: usize) {
+        let mut st = self.lock();
+        let State { pods, pools, .. } = &mut *st;
+        let Some(pool) = pools.get_mut(&id) else {
+            return;
+        };
+        pool.limit = limit;
+        let members = pool.members.clone();
+        for addr in &members {
+            if let Some(pod) = pods.get_mut(addr) {
+                lowest_limit(pools, pod);
+            }
+        }
+        self.dispatch(&mut st);
+    }
+
+    pub(super) fn limit(&self, id: PoolId) -> usize {
+        self.lock().pools.get(&id).map_or(0, |p| p.limit)
+    }
+
+    /// Stops the pool's queue for good: every waiting and future request of this pool gets
+    /// [`QueueError::ShuttingDown`]. Requests holding a slot are not affected.
+    pub(super) fn close(&self, id: PoolId) {
+        let mut st = self.lock();
+        let Some(pool) = st.pools.get_mut(&id) else {
+            return;
+        };
+        pool.closed = true;
+        let waiters = std::mem::take(&mut pool.waiters);
+        st.waiting -= waiters.len();
+        for (_, w) in waiters {
+            let _ = w.tx.send(Err(QueueError::ShuttingDown));
+        }
+    }
+
+    /// The pods a request of this pool may be sent to right now, best first (for Pingora's
+    /// `BackendSelection`).
+    pub(super) fn candidates(&self, id: PoolId) -> Vec<SocketAddr> {
+        let st = self.lock();
+        let Some(pool) = st.pools.get(&id) else {
+            return Vec::new();
+        };
+        if pool.closed {
+            return Vec::new();
+        }
+        let mut v: Vec<_> = ranked(&st.pods, pool, &[], Instant::now()).collect();
+        // Stable: the rotation decides among ties.
+        v.sort_by_key(|(k, _)| *k);
+        v.into_iter().map(|(_, a)| a).collect()
+    }
+
+    /// Takes one slot on `addr` for a request of pool `id` if the pod is in the pool's list and
+    /// below its cap: the check and the take are one step under the lock. A newcomer may take
+    /// any free slot: no waiter wants it (see the module doc).
+    pub(super) fn try_take(self: &Arc<Self>, id: PoolId, addr: SocketAddr) -> Option<Slot> {
+        let mut st = self.lock();
+        let pool = st.pools.get(&id)?;
+        if pool.closed || pool.members.binary_search(&addr).is_err() {
+            return None;
+        }
+        let pod = st.pods.get(&addr)?;
+        if pod.inflight >= pod.limit {
+            return None;
+        }
+        Some(self.take(&mut st, id, addr))
+    }
+
+    fn take(self: &Arc<Self>, st: &mut State, id: PoolId, addr: SocketAddr) -> Slot {
+        if let Some(pod) = st.pods.get_mut(&addr) {
+            pod.inflight += 1;
+            pod.requests += 1;
+        }
+        if let Some(pool) = st.pools.get_mut(&id) {
+            *pool.held.entry(addr).or_default() += 1;
+            pool.rotation = pool.rotation.wrapping_add(1);
+        }
+        Slot {
+            ledger: Arc::clone(self),
+            pool: id,
+            addr,
+            taken: Instant::now(),
+            armed: true,
+        }
+    }
+
+    /// Gives a slot back (also the undo of a take whose waiter was gone).
+    fn untake(self: &Arc<Self>, st: &mut State, id: PoolId, addr: SocketAddr) {
+        if let Some(pod) = st.pods.get_mut(&addr) {
+            debug_assert!(pod.inflight > 0);
+            pod.inflight = pod.inflight.saturating_sub(1);
+            if pod.listed_by.is_empty() && pod.inflight == 0 {
+                st.pods.remove(&addr);
+            }
+        } else {
+            log::error!("ledger: released a slot on unknown pod {addr}");
+        }
+        let Some(pool) = st.pools.get_mut(&id) else {
+            return;
+        };
+        if let Some(n) = pool.held.get_mut(&addr) {
+            *n -= 1;
+            if *n == 0 {
+                pool.held.remove(&addr);
+            }
+        }
+        if pool.dropped && pool.held.is_empty() {
+            self.forget_pool(st, id);
+        }
+    }
+
+    fn release(self: &Arc<Self>, id: PoolId, addr: SocketAddr, held: Duration) {
+        let mut st = self.lock();
+        if let Some(pool) = st.pools.get_mut(&id) {
+            if pool.recent_holds.len() == RECENT_HOLDS {
+                pool.recent_holds.pop_front();
+            }
+            pool.recent_holds.push_back(held);
+        }
+        self.untake(&mut st, id, addr);
+        self.dispatch(&mut st);
+    }
+
+    /// Hands free slots to the oldest waiters that may use them, until no waiter can be
+    /// served. Called under the lock after every change that can free capacity.
+    fn dispatch(self: &Arc<Self>, st: &mut State) {
+        while st.waiting > 0 {
+            let now = Instant::now();
+            let mut best: Option<(u64, PoolId, SocketAddr)> = None;
+            for (id, pool) in &st.pools {
+                for (seq, w) in &pool.waiters {
+                    if best.is_some_and(|(s, _, _)| s < *seq) {
+                        break;
+                    }
+                    if let Some(addr) = pick(&st.pods, pool, &w.tried, now) {
+                        best = Some((*seq, *id, addr));
+                        break;
+                    }
+                    // Nothing free for a waiter that excludes no pod: nothing for any of them.
+                    if w.tried.is_empty() {
+                        break;
+                    }
+                }
+            }
+            let Some((seq, id, addr)) = best else {
+                return;
+            };
+            let Some(w) = st.pools.get_mut(&id).and_then(|p| p.waiters.remove(&seq)) else {
+                return;
+            };
+            st.waiting -= 1;
+            let slot = self.take(st, id, addr);
+            if let Err(Ok(mut slot)) = w.tx.send(Ok(slot)) {
+                // The waiter left a moment ago: undo here, the lock is held.
+                slot.armed = false;
+                self.untake(st, id, addr);
+            }
+        }
+    }
+
+    /// Takes a slot if one is free for this request, or queues it in arrival order.
+    pub(super) fn enqueue(
+        self: &Arc<Self>,
+        id: PoolId,
+        tried: &[SocketAddr],
+        max_waiting: usize,
+    ) -> Result<Enqueued, QueueError> {
+        let mut st = self.lock();
+        let Some(pool) = st.pools.get(&id) else {
+            return Err(QueueError::ShuttingDown);
+        };
+        if pool.closed || pool.dropped {
+            return Err(QueueError::ShuttingDown);
+        }
+        if !tried.is_empty()
+            && !pool.members.is_empty()
+            && pool.members.iter().all(|a| tried.contains(a))
+        {
+            return Err(QueueError::NoUntriedPod);
+        }
+        let full = pool.waiters.len() >= max_waiting;
+        if let Some(addr) = pick(&st.pods, pool, tried, Instant::now()) {
+            return Ok(Enqueued::Now(self.take(&mut st, id, addr)));
+        }
+        if full {
+            return Err(QueueError::Full);
+        }
+        let seq = st.next_seq;
+        st.next_seq += 1;
+        let (tx, rx) = oneshot::channel();
+        let waiter = Waiter {
+            tried: tried.to_vec(),
+            tx,
+        };
+        if let Some(pool) = st.pools.get_mut(&id) {
+            pool.waiters.insert(seq, waiter);
+        }
+        st.waiting += 1;
+        Ok(Enqueued::Wait(
+            rx,
+            WaitTicket {
+                ledger: Arc::clone(self),
+                pool: id,
+                seq,
+            },
+        ))
+    }
+
+    pub(super) fn has_untried(&self, id: PoolId, tried: &[SocketAddr]) -> bool {
+        let st = self.lock();
+        st.pools
+            .get(&id)
+            .is_some_and(|p| p.members.iter().any(|a| !tried.contains(a)))
+    }
+
+    pub(super) fn has_pods(&self, id: PoolId) -> bool {
+        let st = self.lock();
+        st.pools.get(&id).is_some_and(|p| !p.members.is_empty())
+    }
+
+    fn report(&self, addr: SocketAddr, failed: bool) {
+        if let Some(p) = self.lock().pods.get_mut(&addr) {
+            if failed {
+                p.last_connect_failure = Some(Instant::now());
+                p.connect_failures += 1;
+            } else {
+                p.last_connect_failure = None;
+            }
+        }
+    }
+
+    pub(super) fn view(&self, id: PoolId) -> PoolView {
+        let st = self.lock();
+        let Some(pool) = st.pools.get(&id) else {
+            return PoolView::default();
+        };
+        let now = Instant::now();
+        let mut addrs: Vec<SocketAddr> = pool.members.clone();
+        addrs.extend(pool.held.keys().filter(|a| !pool.members.contains(a)));
+        addrs.sort();
+        let pods = addrs
+            .into_iter()
+            .filter_map(|addr| {
+                let p = st.pods.get(&addr)?;
+                Some(PodView {
+                    addr,
+                    inflight: p.inflight,
+                    limit: p.limit,
+                    active: pool.members.binary_search(&addr).is_ok(),
+                    recently_failed: p.recently_failed(now),
+                    requests: p.requests,
+                    connect_failures: p.connect_failures,
+                })
+            })
+            .collect();
+        PoolView {
+            name: pool.name.clone(),
+            limit: pool.limit,
+            waiting: pool.waiters.len(),
+            inflight: pool.held.values().sum(),
+            longest_recent_hold: pool.recent_holds.iter().copied().max().unwrap_or_default(),
+            pods,
+        }
+    }
+}
+
+/// One taken slot on one pod. Dropping it gives the slot back, exactly once, and hands it to
+/// the oldest waiter that may use it.
+#[derive(Debug)]
+pub struct Slot {
+    ledger: Arc<Ledger>,
+    pool: PoolId,
+    addr: SocketAddr,
+    taken: Instant,
+    /// False only for a take undone under the lock (its waiter was gone).
+    armed: bool,
+}
+
+impl Slot {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The pod accepted a connection: it no longer goes last in the choice.
+    pub fn connected(&self) {
+        self.ledger.report(self.addr, false);
+    }
+
+    /// The pod refused a connection: for a while it goes last in every pool's choice.
+    pub fn connect_failed(&self) {
+        self.ledger.report(self.addr, true);
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if self.armed {
+            self.ledger
+                .release(self.pool, self.addr, self.taken.elapsed());
+        }
+    }
+}

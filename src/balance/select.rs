@@ -79,30 +79,28 @@ impl BackendSelection for LeastInFlight {
 
     fn iter(self: &Arc<Self>, _key: &[u8]) -> Ranked {
         Ranked {
-            backends: self
+            pods: self
                 .pool
                 .as_ref()
                 .map(|p| p.ledger.candidates(p.id))
                 .unwrap_or_default()
-                .into_iter()
-                .map(backend)
-                .collect(),
-            next: 0,
+                .into_iter(),
+            current: None,
         }
     }
 }
 
-/// Pods below their cap, least loaded first, snapshotted when the iterator is made.
+/// Pods below their cap, least loaded first, snapshotted when the iterator is made. A
+/// `Backend` is built only for the pods actually offered (usually one).
 pub(super) struct Ranked {
-    backends: Vec<Backend>,
-    next: usize,
+    pods: std::vec::IntoIter<SocketAddr>,
+    current: Option<Backend>,
 }
 
 impl BackendIter for Ranked {
     fn next(&mut self) -> Option<&Backend> {
-        let b = self.backends.get(self.next);
-        self.next += 1;
-        b
+        self.current = self.pods.next().map(backend);
+        self.current.as_ref()
     }
 }
 

@@ -19,6 +19,7 @@ pub mod logging;
 pub mod metrics;
 pub mod plan;
 pub mod proxy;
+pub mod redis_ledger;
 pub mod reload;
 pub mod respond;
 pub mod route;

@@ -1,0 +1,1236 @@
+//! A slot ledger shared by several lb-agent processes, kept in Redis (issue 12).
+//!
+//! One lb-agent process holds a pod's `limit` only for the requests it sends itself; with two
+//! replicas (high availability, every rolling update) a pod with `limit: 1` gets two requests.
+//! This ledger keeps the per-pod counts, the leases and the FIFO queue of every agent in one
+//! Redis, so the caps, least-in-flight choice and queue order are global.
+//!
+//! # How
+//!
+//! - **One atomic step per decision.** Taking a slot, queueing, releasing and handing a freed
+//!   slot to the oldest waiter are Lua scripts (`src/redis_ledger/*.lua`, run with EVALSHA and
+//!   loaded again after NOSCRIPT, e.g. after a Redis restart): the agent never reads and then
+//!   writes. A queue's keys share one hash tag (`lb:{<queue>}:…`).
+//! - **Leases** expire on Redis's own clock (`TIME` inside the scripts): each agent renews all its
+//!   leases of a queue with one call every `min(lease_ttl / 3, 1 s)`. The slots and waiters of an
+//!   agent that stopped renewing are reaped by whichever script runs next after `lease_ttl`, and
+//!   the freed slots go to waiters at once: no janitor process.
+//! - **FIFO across agents.** A waiter is a ZSET member scored by its arrival stamp (Redis clock,
+//!   µs, strictly increasing). A freed slot goes to the oldest waiter that can use it; a waiter
+//!   whose pods are all full (or already tried) does not block younger ones that can use the
+//!   free pod. The grant is made inside the releasing script and published on the owner's
+//!   channel (`lb:grant:<agent>`); the agent wakes the waiting request through a oneshot. Pub/sub
+//!   is lossy across disconnections, so every keep-alive also asks which of the agent's waiters
+//!   hold a slot by now (one call per queue per agent, not a loop per request).
+//! - **Redis restart or failover.** Every call names the epoch of the queue that the agent
+//!   knows (`<server run_id>/<nonce>`). A restarted Redis has no epoch, a promoted replica has one
+//!   made on another server: the first agent to notice starts a new epoch, and no slot is granted
+//!   for `recovery_hold` while every agent (told by its epoch mismatch, its dropped pub/sub
+//!   connection and its keep-alive) re-asserts its leases and its waiters with their old
+//!   arrival stamps. Counts are so rebuilt from what the agents know, over the caps if need be
+//!   (those requests *are* running), and queue order is kept.
+//! - **Redis unreachable.** Requests already holding a lease run on; new ones wait (no fall-back
+//!   to local counting, which would break the caps) and time out at their deadline as usual.
+//!   Releases that could not be sent are retried, and the agent's re-assertion after an epoch
+//!   change is the whole truth about its ids, so nothing leaks. Each episode is logged once when
+//!   it starts and once when it ends, and counted.
+//!
+//! # The client
+//!
+//! The `redis` crate (redis-rs) 1.8, the current stable line (2.0 is a release candidate): the
+//! maintained Rust client, used by most Rust services that speak to Redis, works with Valkey and
+//! other Redis-protocol servers, and has what this needs: a tokio [`ConnectionManager`] that
+//! multiplexes every request of the process on one connection and reconnects by itself,
+//! [`Script`] (EVALSHA with a fallback to loading the script), and a pub/sub connection.
+//! Features: `tokio-comp`, `connection-manager`, `script` only.
+//!
+//! # Not covered here
+//!
+//! Redis Cluster (the scripts derive keys from the queue prefix; one Redis, or Sentinel / a
+//! managed Redis with failover, is the intended deployment); the wiring into the balancing door,
+//! config, metrics and `/status` (the lead's side).
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant as StdInstant, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{RedisError, Script, Value};
+use tokio::sync::{oneshot, watch, Notify};
+use tokio::time::{sleep, sleep_until, timeout, timeout_at, Instant};
+
+/// While Redis is unreachable, how often the agent tries it again (and how soon its pub/sub
+/// connection is re-made after a drop, which is how a restart is noticed).
+const PROBE_EVERY: Duration = Duration::from_millis(100);
+
+/// The longest between two keep-alives, whatever `lease_ttl`: the keep-alive also makes up for
+/// a grant whose pub/sub message was lost, so it bounds that rare extra wait.
+const MAX_KEEPALIVE_EVERY: Duration = Duration::from_secs(1);
+
+/// Round-trip samples kept between two [`RedisLedger::take_round_trips`] calls; older ones are
+/// dropped so an unread buffer cannot grow without bound.
+const ROUND_TRIP_SAMPLES: usize = 8192;
+
+/// Default [`LedgerOptions::recovery_hold`]: several times the time an agent needs to notice a
+/// restarted Redis (its pub/sub connection is re-made every [`PROBE_EVERY`]) and re-assert.
+pub const DEFAULT_RECOVERY_HOLD: Duration = Duration::from_secs(2);
+
+/// Default timeout of one Redis call (connect or reply): a Redis that hangs counts as
+/// unreachable, so requests wait for it instead of hanging on one call.
+pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Settings of a [`RedisLedger`].
+#[derive(Clone, Copy, Debug)]
+pub struct LedgerOptions {
+    /// How long the slots and queued requests of an agent that vanished stay counted.
+    pub lease_ttl: Duration,
+    /// After Redis restarted or failed over, how long no slot is granted, so every live agent
+    /// re-asserts its leases first (caps hold through the restart).
+    pub recovery_hold: Duration,
+    /// Timeout of one Redis call.
+    pub io_timeout: Duration,
+}
+
+impl LedgerOptions {
+    pub fn new(lease_ttl: Duration) -> Self {
+        Self {
+            lease_ttl,
+            recovery_hold: DEFAULT_RECOVERY_HOLD,
+            io_timeout: DEFAULT_IO_TIMEOUT,
+        }
+    }
+}
+
+/// Why a ledger could not be set up or read.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("ledger.redis: {0}")]
+    Url(#[source] RedisError),
+    #[error("ledger agent id {0:?}: must be non-empty and without '#' or spaces")]
+    Agent(String),
+    #[error("ledger.lease_ttl: must be at least 300ms (it is renewed every third of it)")]
+    LeaseTtl,
+    #[error("ledger.recovery_hold: must be at least {PROBE_EVERY:?}")]
+    RecoveryHold,
+    #[error("ledger io timeout: must be at least 10ms")]
+    IoTimeout,
+    #[error("redis ledger: {0}")]
+    Redis(#[from] RedisError),
+    #[error("redis ledger: unexpected reply {0}")]
+    Reply(String),
+}
+
+/// Why [`RedisLedger::acquire`] gave no slot. Both mean "refuse the request" (503 + Retry-After,
+/// gRPC UNAVAILABLE), as with the in-process queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AcquireError {
+    /// `max_waiting` requests (from all agents) already wait in this queue.
+    #[error("queue full")]
+    Full,
+    /// The deadline passed first (every pod full, or the ledger unreachable, all that time).
+    #[error("queue timeout")]
+    Timeout,
+}
+
+/// Global figures of one queue (pool), for metrics and `/status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct QueueStatus {
+    /// Slots taken per pod, all agents together (pods with none are absent).
+    pub inflight: Vec<(SocketAddr, u32)>,
+    /// Requests waiting in the queue, all agents together.
+    pub waiting: u64,
+    /// Leases returned because their agent stopped renewing them (all agents, since the last
+    /// Redis restart).
+    pub leases_expired: u64,
+}
+
+/// What this agent knows of the ledger, without asking Redis.
+#[derive(Clone, Debug)]
+pub struct LedgerStatus {
+    pub reachable: bool,
+    /// Failed Redis calls.
+    pub errors: u64,
+    /// Times Redis became unreachable.
+    pub unreachable_episodes: u64,
+    /// Times a queue's epoch changed under this agent (Redis restarted or failed over).
+    pub epoch_changes: u64,
+    /// Times this agent found itself reaped while alive (no keep-alive got through for
+    /// `lease_ttl`).
+    pub reaped_while_alive: u64,
+    /// Per queue, as of this agent's last keep-alive.
+    pub queues: Vec<(String, QueueStatus)>,
+}
+
+/// The scripts, each made of `common.lua` (keys, helpers, reap, pump) and its own part.
+struct Scripts {
+    ensure: Script,
+    acquire: Script,
+    leave: Script,
+    keepalive: Script,
+    reassert: Script,
+    peek: Script,
+}
+
+macro_rules! script {
+    ($file:literal) => {
+        Script::new(concat!(
+            include_str!("redis_ledger/common.lua"),
+            include_str!(concat!("redis_ledger/", $file))
+        ))
+    };
+}
+
+impl Scripts {
+    fn new() -> Self {
+        Self {
+            ensure: script!("ensure.lua"),
+            acquire: script!("acquire.lua"),
+            leave: script!("leave.lua"),
+            keepalive: script!("keepalive.lua"),
+            reassert: script!("reassert.lua"),
+            peek: script!("peek.lua"),
+        }
+    }
+}
+
+/// The ledger client of one agent process. Create it once with [`RedisLedger::connect`] and
+/// share the `Arc`.
+pub struct RedisLedger {
+    client: redis::Client,
+    conn: ConnectionManager,
+    agent: String,
+    opts: LedgerOptions,
+    keepalive_every: Duration,
+    scripts: Scripts,
+    state: Mutex<State>,
+    /// One epoch recovery (ensure + re-assert) at a time.
+    recovery: tokio::sync::Mutex<()>,
+    reachable: watch::Sender<bool>,
+    /// Wakes the keep-alive task early (pub/sub reconnected, a hold ends, an error).
+    kick: Arc<Notify>,
+    stopped: AtomicBool,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    runtime: tokio::runtime::Handle,
+    errors: AtomicU64,
+    unreachable_episodes: AtomicU64,
+    epoch_changes: AtomicU64,
+    reaped_while_alive: AtomicU64,
+    round_trips: Mutex<Vec<Duration>>,
+}
+
+#[derive(Default)]
+struct State {
+    next_id: u64,
+    queues: HashMap<String, QueueState>,
+    entries: HashMap<u64, Entry>,
+    /// Releases that could not be sent; retried by the keep-alive.
+    failed_leaves: Vec<(String, u64)>,
+    unreachable_since: Option<StdInstant>,
+    /// Redis's `run_id` when last checked, to notice a failover.
+    server: Option<String>,
+    /// When a kick is already due for the end of a recovery hold.
+    hold_kick: Option<Instant>,
+}
+
+#[derive(Default)]
+struct QueueState {
+    /// The epoch this agent's entries are asserted under; `None`: (re-)assert before any call.
+    epoch: Option<String>,
+    /// The epoch last worked under, to tell a change from the first contact.
+    last_epoch: Option<String>,
+    /// Registered in the queue's `agents` set under `epoch` (so its absence means reaped).
+    known: bool,
+    view: String,
+    view_sent: Option<String>,
+    status: QueueStatus,
+}
+
+struct Entry {
+    queue: String,
+    slot: Slot,
+}
+
+enum Slot {
+    Waiting {
+        /// Arrival stamp in the ledger; 0 until the acquire's reply came.
+        stamp: u64,
+        tried: String,
+        wake: Option<oneshot::Sender<SocketAddr>>,
+    },
+    Leased(SocketAddr),
+}
+
+/// A slot on a pod. Dropping it releases the slot at once (the release is sent by a spawned
+/// task, so the drop never blocks); while it lives the agent's keep-alive renews it.
+pub struct Lease {
+    ledger: Arc<RedisLedger>,
+    queue: String,
+    n: u64,
+    addr: SocketAddr,
+    released: bool,
+}
+
+impl Lease {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Releases the slot and waits until Redis has it back (dropping the lease does the same
+    /// without waiting). A release that fails is retried by the keep-alive, as after a drop.
+    pub async fn release(mut self) {
+        self.released = true;
+        if let Some(sent) = self.ledger.forget_and_leave(&self.queue, self.n) {
+            // Spawned, so a caller that stops waiting does not stop the release.
+            let _ = sent.await;
+        }
+    }
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease")
+            .field("queue", &self.queue)
+            .field("id", &self.n)
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if self.released {
+            return;
+        }
+        drop(self.ledger.forget_and_leave(&self.queue, self.n));
+    }
+}
+
+/// An acquire in progress: dropped before it became a [`Lease`] (timeout, client gone), it
+/// takes the request out of the queue — or gives back the slot it was granted meanwhile.
+struct Pending {
+    ledger: Arc<RedisLedger>,
+    queue: String,
+    n: u64,
+    armed: bool,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if self.armed {
+            self.ledger.forget_and_leave(&self.queue, self.n);
+        }
+    }
+}
+
+/// A script's reply to an agent's call.
+enum Reply {
+    Granted(SocketAddr),
+    Queued {
+        stamp: u64,
+        hold_ms: u64,
+    },
+    Full,
+    /// The queue's epoch is not the one the agent named: re-assert first.
+    Epoch,
+    /// The agent was reaped while alive: re-assert.
+    Reaped,
+}
+
+impl RedisLedger {
+    /// Sets up the ledger client of this agent process. `agent` must be unique per process
+    /// (e.g. pod name + pid + a random part). Redis need not be up yet: requests wait for it.
+    pub async fn connect(
+        url: &str,
+        agent: String,
+        lease_ttl: Duration,
+    ) -> Result<Arc<Self>, LedgerError> {
+        Self::connect_with(url, agent, LedgerOptions::new(lease_ttl)).await
+    }
+
+    /// [`RedisLedger::connect`] with every setting.
+    pub async fn connect_with(
+        url: &str,
+        agent: String,
+        opts: LedgerOptions,
+    ) -> Result<Arc<Self>, LedgerError> {
+        if agent.is_empty() || agent.contains(['#', ' ', ',', '=']) {
+            return Err(LedgerError::Agent(agent));
+        }
+        if opts.lease_ttl < Duration::from_millis(300) {
+            return Err(LedgerError::LeaseTtl);
+        }
+        if opts.recovery_hold < PROBE_EVERY {
+            return Err(LedgerError::RecoveryHold);
+        }
+        if opts.io_timeout < Duration::from_millis(10) {
+            return Err(LedgerError::IoTimeout);
+        }
+        let client = redis::Client::open(url).map_err(LedgerError::Url)?;
+        // One attempt per reconnection: the keep-alive task does the retrying (every
+        // PROBE_EVERY) and tells waiting requests when Redis is back.
+        let config = ConnectionManagerConfig::new()
+            .set_number_of_retries(0)
+            .set_connection_timeout(Some(opts.io_timeout))
+            .set_response_timeout(Some(opts.io_timeout));
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
+            .map_err(LedgerError::Url)?;
+        let keepalive_every = (opts.lease_ttl / 3).min(MAX_KEEPALIVE_EVERY);
+        let (reachable, _) = watch::channel(true);
+        let ledger = Arc::new(Self {
+            client,
+            conn,
+            agent,
+            opts,
+            keepalive_every,
+            scripts: Scripts::new(),
+            state: Mutex::new(State::default()),
+            recovery: tokio::sync::Mutex::new(()),
+            reachable,
+            kick: Arc::new(Notify::new()),
+            stopped: AtomicBool::new(false),
+            tasks: Mutex::new(Vec::new()),
+            runtime: tokio::runtime::Handle::current(),
+            errors: AtomicU64::new(0),
+            unreachable_episodes: AtomicU64::new(0),
+            epoch_changes: AtomicU64::new(0),
+            reaped_while_alive: AtomicU64::new(0),
+            round_trips: Mutex::new(Vec::new()),
+        });
+        // Learn at once whether Redis is there, so the first requests wait for it if not.
+        if let Err(e) = ledger.server_id().await {
+            ledger.lost(&e);
+        }
+        let weak = Arc::downgrade(&ledger);
+        let tasks = vec![
+            tokio::spawn(keepalive_task(weak.clone(), Arc::clone(&ledger.kick))),
+            tokio::spawn(grants_task(weak)),
+        ];
+        *lock(&ledger.tasks) = tasks;
+        Ok(ledger)
+    }
+
+    /// This agent's id in the ledger.
+    pub fn agent(&self) -> &str {
+        &self.agent
+    }
+
+    /// Takes a slot on the pod with the fewest in-flight requests of all agents among
+    /// `candidates` (this agent's pods of the pool and its limit for each) less `tried`, below
+    /// its limit; or waits in the pool's queue (`queue`: the pool's name, the same on every
+    /// agent) until a slot is handed to it, oldest first across agents. Dropping the future
+    /// leaves the queue. While Redis is unreachable the request waits, and times out at
+    /// `deadline` like any other.
+    pub async fn acquire(
+        self: &Arc<Self>,
+        queue: &str,
+        candidates: &[(SocketAddr, u32)],
+        tried: &[SocketAddr],
+        max_waiting: usize,
+        deadline: Instant,
+    ) -> Result<Lease, AcquireError> {
+        let tried = join_addrs(tried);
+        let (wake, mut woken) = oneshot::channel();
+        let n = {
+            let mut st = lock(&self.state);
+            st.queues.entry(queue.to_string()).or_default().view = encode_view(candidates);
+            let n = st.next_id;
+            st.next_id += 1;
+            st.entries.insert(
+                n,
+                Entry {
+                    queue: queue.to_string(),
+                    slot: Slot::Waiting {
+                        stamp: 0,
+                        tried: tried.clone(),
+                        wake: Some(wake),
+                    },
+                },
+            );
+            n
+        };
+        let mut pending = Pending {
+            ledger: Arc::clone(self),
+            queue: queue.to_string(),
+            n,
+            armed: true,
+        };
+        loop {
+            if self.stopped.load(Ordering::Relaxed) || !self.wait_reachable(deadline).await {
+                sleep_until(deadline).await;
+                return Err(AcquireError::Timeout);
+            }
+            let reply = timeout_at(deadline, self.try_acquire(queue, n, &tried, max_waiting)).await;
+            match reply {
+                Err(_) => return Err(AcquireError::Timeout),
+                Ok(Err(e)) => self.lost(&e),
+                Ok(Ok(Reply::Granted(addr))) => {
+                    self.deliver(n, addr);
+                    pending.armed = false;
+                    return Ok(self.lease(queue, n, addr));
+                }
+                Ok(Ok(Reply::Queued { stamp, hold_ms })) => {
+                    if let Some(Entry {
+                        slot: Slot::Waiting { stamp: s, .. },
+                        ..
+                    }) = lock(&self.state).entries.get_mut(&n)
+                    {
+                        *s = stamp;
+                    }
+                    if hold_ms > 0 {
+                        self.kick_after(Duration::from_millis(hold_ms));
+                    }
+                    break;
+                }
+                Ok(Ok(Reply::Full)) => {
+                    // Nothing was written: no leave to send.
+                    pending.armed = false;
+                    lock(&self.state).entries.remove(&n);
+                    return Err(AcquireError::Full);
+                }
+                Ok(Ok(Reply::Epoch)) => self.invalidate(queue),
+                Ok(Ok(Reply::Reaped)) => self.reaped(queue),
+            }
+        }
+        tokio::select! {
+            woke = &mut woken => match woke {
+                Ok(addr) => {
+                    pending.armed = false;
+                    Ok(self.lease(queue, n, addr))
+                }
+                // The agent stopped (abandon): nobody will hand this request a slot.
+                Err(_) => {
+                    sleep_until(deadline).await;
+                    Err(AcquireError::Timeout)
+                }
+            },
+            _ = sleep_until(deadline) => Err(AcquireError::Timeout),
+        }
+    }
+
+    /// Replaces this agent's pods of `queue` (and their limits) for its waiting requests too:
+    /// call it when discovery or a reload changes them, so waiters can be given a new pod. Sent
+    /// with the next call for the queue (at the latest the next keep-alive, which is kicked).
+    pub fn set_pods(&self, queue: &str, candidates: &[(SocketAddr, u32)]) {
+        lock(&self.state)
+            .queues
+            .entry(queue.to_string())
+            .or_default()
+            .view = encode_view(candidates);
+        self.kick.notify_one();
+    }
+
+    /// Reads a queue's global figures from Redis now.
+    pub async fn queue_status(&self, queue: &str) -> Result<QueueStatus, LedgerError> {
+        let v = self.eval(&self.scripts.peek, queue, &[]).await?;
+        let items = array(v).ok_or_else(|| LedgerError::Reply("peek".into()))?;
+        let [_epoch, waiting, expired, inflight] = &items[..] else {
+            return Err(LedgerError::Reply("peek".into()));
+        };
+        Ok(QueueStatus {
+            inflight: parse_counts(inflight),
+            waiting: int(waiting).unwrap_or(0),
+            leases_expired: int(expired).unwrap_or(0),
+        })
+    }
+
+    /// What this agent knows without asking Redis.
+    pub fn status(&self) -> LedgerStatus {
+        let st = lock(&self.state);
+        let mut queues: Vec<_> = st
+            .queues
+            .iter()
+            .map(|(name, q)| (name.clone(), q.status.clone()))
+            .collect();
+        queues.sort_by(|a, b| a.0.cmp(&b.0));
+        LedgerStatus {
+            reachable: *self.reachable.borrow(),
+            errors: self.errors.load(Ordering::Relaxed),
+            unreachable_episodes: self.unreachable_episodes.load(Ordering::Relaxed),
+            epoch_changes: self.epoch_changes.load(Ordering::Relaxed),
+            reaped_while_alive: self.reaped_while_alive.load(Ordering::Relaxed),
+            queues,
+        }
+    }
+
+    /// Round trips of the Redis calls since the last call of this (for a histogram).
+    pub fn take_round_trips(&self) -> Vec<Duration> {
+        std::mem::take(&mut *lock(&self.round_trips))
+    }
+
+    /// Stops everything this agent does in Redis, as if the process had died: no keep-alive,
+    /// no release. Its slots and waiters come back only through `lease_ttl` expiry. For a fast
+    /// exit, and for tests of a vanished agent.
+    pub fn abandon(&self) {
+        self.stopped.store(true, Ordering::Relaxed);
+        for task in lock(&self.tasks).drain(..) {
+            task.abort();
+        }
+        // Waiting requests wake to time out.
+        for entry in lock(&self.state).entries.values_mut() {
+            if let Slot::Waiting { wake, .. } = &mut entry.slot {
+                wake.take();
+            }
+        }
+    }
+
+    fn lease(self: &Arc<Self>, queue: &str, n: u64, addr: SocketAddr) -> Lease {
+        Lease {
+            ledger: Arc::clone(self),
+            queue: queue.to_string(),
+            n,
+            addr,
+            released: false,
+        }
+    }
+
+    /// One try of the acquire script, asserting the queue first if needed.
+    async fn try_acquire(
+        &self,
+        queue: &str,
+        n: u64,
+        tried: &str,
+        max_waiting: usize,
+    ) -> Result<Reply, RedisError> {
+        let epoch = self.ready(queue).await?;
+        let (known, view) = self.call_view(queue);
+        let args = [
+            epoch,
+            self.agent.clone(),
+            self.opts.lease_ttl.as_millis().to_string(),
+            flag(known),
+            self.wire_id(n),
+            view.clone(),
+            tried.to_string(),
+            max_waiting.to_string(),
+        ];
+        let v = self.eval(&self.scripts.acquire, queue, &args).await?;
+        let reply = parse_reply(v)?;
+        if matches!(
+            reply,
+            Reply::Granted(_) | Reply::Queued { .. } | Reply::Full
+        ) {
+            self.sent(queue, view);
+        }
+        Ok(reply)
+    }
+
+    /// The queue's epoch, after (re-)asserting this agent's entries if it changed.
+    async fn ready(&self, queue: &str) -> Result<String, RedisError> {
+        if let Some(e) = self.epoch(queue) {
+            return Ok(e);
+        }
+        let _one = self.recovery.lock().await;
+        for _ in 0..3 {
+            if let Some(e) = self.epoch(queue) {
+                return Ok(e);
+            }
+            let sid = self.server_id().await?;
+            let nonce = format!(
+                "{}.{}",
+                self.agent,
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_nanos())
+                    .unwrap_or(0)
+            );
+            let hold = self.opts.recovery_hold.as_millis().to_string();
+            let v = self
+                .eval(&self.scripts.ensure, queue, &[sid, nonce, hold])
+                .await?;
+            let items = array(v).unwrap_or_default();
+            let Some(epoch) = items.first().and_then(string) else {
+                return Err(reply_error("ensure"));
+            };
+            if self.reassert(queue, &epoch).await? {
+                return Ok(epoch);
+            }
+        }
+        Err(reply_error("the queue's epoch keeps changing"))
+    }
+
+    /// Asserts everything this agent holds or waits for in `queue` under `epoch`. False: the
+    /// epoch changed meanwhile.
+    async fn reassert(&self, queue: &str, epoch: &str) -> Result<bool, RedisError> {
+        let (args, leases, waiters, view) = {
+            let st = lock(&self.state);
+            let view = st
+                .queues
+                .get(queue)
+                .map(|q| q.view.clone())
+                .unwrap_or_default();
+            let mut args = vec![
+                epoch.to_string(),
+                self.agent.clone(),
+                self.opts.lease_ttl.as_millis().to_string(),
+                view.clone(),
+                // Every id below next_id that is not listed is over (ids are taken under this
+                // same lock before their acquire is sent).
+                st.next_id.saturating_sub(1).to_string(),
+            ];
+            let (mut leases, mut waiters) = (0, 0);
+            for (n, entry) in st.entries.iter().filter(|(_, e)| e.queue == queue) {
+                match &entry.slot {
+                    Slot::Leased(addr) => {
+                        leases += 1;
+                        args.extend(["L".into(), self.wire_id(*n), addr.to_string(), "".into()]);
+                    }
+                    Slot::Waiting { stamp: 0, .. } => {
+                        args.extend(["K".into(), self.wire_id(*n), "".into(), "".into()]);
+                    }
+                    Slot::Waiting { stamp, tried, .. } => {
+                        waiters += 1;
+                        args.extend([
+                            "W".into(),
+                            self.wire_id(*n),
+                            stamp.to_string(),
+                            tried.clone(),
+                        ]);
+                    }
+                }
+            }
+            (args, leases, waiters, view)
+        };
+        if self.stopped.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        let v = self.eval(&self.scripts.reassert, queue, &args).await?;
+        let items = array(v).ok_or_else(|| reply_error("reassert"))?;
+        match items.first().and_then(string).as_deref() {
+            Some("ok") => {}
+            Some("epoch") => return Ok(false),
+            _ => return Err(reply_error("reassert")),
+        }
+        let hold_ms = items.get(1).and_then(int).unwrap_or(0);
+        {
+            let mut st = lock(&self.state);
+            let q = st.queues.entry(queue.to_string()).or_default();
+            let changed = q.last_epoch.as_deref().is_some_and(|last| last != epoch);
+            q.epoch = Some(epoch.to_string());
+            q.last_epoch = Some(epoch.to_string());
+            q.known = true;
+            q.view_sent = Some(view);
+            if changed {
+                self.epoch_changes.fetch_add(1, Ordering::Relaxed);
+                log::warn!(
+                    "redis ledger: queue {queue} has a new epoch (Redis restarted or failed \
+                     over); re-asserted {leases} leases and {waiters} waiting requests"
+                );
+            }
+        }
+        if let Some(granted) = items.get(2) {
+            self.deliver_pairs(granted);
+        }
+        if hold_ms > 0 {
+            self.kick_after(Duration::from_millis(hold_ms));
+        }
+        Ok(true)
+    }
+
+    /// Renews this agent in every queue it knows, and picks up grants whose message was lost.
+    async fn keepalive_round(&self) -> Result<(), RedisError> {
+        let failed = std::mem::take(&mut lock(&self.state).failed_leaves);
+        for (i, (queue, n)) in failed.iter().enumerate() {
+            if let Err(e) = self.leave(queue, *n).await {
+                lock(&self.state)
+                    .failed_leaves
+                    .extend(failed[i..].iter().cloned());
+                return Err(e);
+            }
+        }
+        let queues: Vec<String> = lock(&self.state).queues.keys().cloned().collect();
+        for queue in queues {
+            self.keepalive_queue(&queue).await?;
+        }
+        Ok(())
+    }
+
+    async fn keepalive_queue(&self, queue: &str) -> Result<(), RedisError> {
+        let epoch = self.ready(queue).await?;
+        let (known, view) = self.call_view(queue);
+        let mut args = vec![
+            epoch,
+            self.agent.clone(),
+            self.opts.lease_ttl.as_millis().to_string(),
+            flag(known),
+            view.clone(),
+        ];
+        {
+            let st = lock(&self.state);
+            for (n, entry) in &st.entries {
+                if entry.queue == queue && matches!(entry.slot, Slot::Waiting { .. }) {
+                    args.push(self.wire_id(*n));
+                }
+            }
+        }
+        let v = self.eval(&self.scripts.keepalive, queue, &args).await?;
+        let items = array(v).ok_or_else(|| reply_error("keepalive"))?;
+        match items.first().and_then(string).as_deref() {
+            Some("ok") => {}
+            Some("epoch") => {
+                self.invalidate(queue);
+                self.kick.notify_one();
+                return Ok(());
+            }
+            Some("reaped") => {
+                self.reaped(queue);
+                self.kick.notify_one();
+                return Ok(());
+            }
+            _ => return Err(reply_error("keepalive")),
+        }
+        self.sent(queue, view);
+        let hold_ms = items.get(1).and_then(int).unwrap_or(0);
+        let status = QueueStatus {
+            waiting: items.get(2).and_then(int).unwrap_or(0),
+            leases_expired: items.get(3).and_then(int).unwrap_or(0),
+            inflight: items.get(4).map(parse_counts).unwrap_or_default(),
+        };
+        if let Some(q) = lock(&self.state).queues.get_mut(queue) {
+            q.status = status;
+        }
+        if let Some(granted) = items.get(5) {
+            self.deliver_pairs(granted);
+        }
+        if hold_ms > 0 {
+            self.kick_after(Duration::from_millis(hold_ms));
+        }
+        Ok(())
+    }
+
+    async fn leave(&self, queue: &str, n: u64) -> Result<(), RedisError> {
+        self.eval(&self.scripts.leave, queue, &[self.wire_id(n)])
+            .await
+            .map(drop)
+    }
+
+    /// Forgets a lease or waiter locally and tells Redis (spawned: called from `Drop`).
+    fn forget_and_leave(
+        self: &Arc<Self>,
+        queue: &str,
+        n: u64,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        lock(&self.state).entries.remove(&n);
+        if self.stopped.load(Ordering::Relaxed) {
+            return None;
+        }
+        let queue = queue.to_string();
+        if !*self.reachable.borrow() {
+            lock(&self.state).failed_leaves.push((queue, n));
+            return None;
+        }
+        let me = Arc::clone(self);
+        let release = async move {
+            if let Err(e) = me.leave(&queue, n).await {
+                me.lost(&e);
+                lock(&me.state).failed_leaves.push((queue, n));
+            }
+        };
+        Some(match tokio::runtime::Handle::try_current() {
+            Ok(handle) => handle.spawn(release),
+            Err(_) => self.runtime.spawn(release),
+        })
+    }
+
+    /// A grant for waiter `n` (from the acquire reply, pub/sub or a keep-alive).
+    fn deliver(&self, n: u64, addr: SocketAddr) {
+        let mut st = lock(&self.state);
+        if let Some(entry) = st.entries.get_mut(&n) {
+            if let Slot::Waiting { wake, .. } = &mut entry.slot {
+                let wake = wake.take();
+                entry.slot = Slot::Leased(addr);
+                if let Some(wake) = wake {
+                    let _ = wake.send(addr);
+                }
+            }
+        }
+        // Unknown: the request left meanwhile; its leave (sent after) gives the slot back.
+    }
+
+    fn deliver_pairs(&self, pairs: &Value) {
+        let Value::Array(items) = pairs else { return };
+        for pair in items.chunks(2) {
+            if let [id, addr] = pair {
+                if let (Some(n), Some(addr)) = (
+                    string(id).and_then(|id| self.parse_id(&id)),
+                    string(addr).and_then(|a| a.parse().ok()),
+                ) {
+                    self.deliver(n, addr);
+                }
+            }
+        }
+    }
+
+    fn on_grant(&self, payload: &str) {
+        let mut words = payload.split(' ');
+        if let (Some(Some(n)), Some(Ok(addr))) = (
+            words.next().map(|id| self.parse_id(id)),
+            words.next().map(str::parse::<SocketAddr>),
+        ) {
+            self.deliver(n, addr);
+        }
+    }
+
+    fn epoch(&self, queue: &str) -> Option<String> {
+        lock(&self.state)
+            .queues
+            .get(queue)
+            .and_then(|q| q.epoch.clone())
+    }
+
+    fn invalidate(&self, queue: &str) {
+        if let Some(q) = lock(&self.state).queues.get_mut(queue) {
+            q.epoch = None;
+            q.known = false;
+        }
+    }
+
+    fn reaped(&self, queue: &str) {
+        self.reaped_while_alive.fetch_add(1, Ordering::Relaxed);
+        log::warn!(
+            "redis ledger: this agent's entries in queue {queue} expired while it was alive \
+             (no keep-alive got through for {:?}); re-asserting them",
+            self.opts.lease_ttl
+        );
+        self.invalidate(queue);
+    }
+
+    /// (registered?, view argument: "-" when Redis has it already).
+    fn call_view(&self, queue: &str) -> (bool, String) {
+        let st = lock(&self.state);
+        match st.queues.get(queue) {
+            Some(q) if q.view_sent.as_ref() == Some(&q.view) => (q.known, "-".into()),
+            Some(q) => (q.known, q.view.clone()),
+            None => (false, String::new()),
+        }
+    }
+
+    /// A call naming `view` succeeded: Redis has that view and knows the agent.
+    fn sent(&self, queue: &str, view: String) {
+        if let Some(q) = lock(&self.state).queues.get_mut(queue) {
+            q.known = true;
+            if view != "-" {
+                q.view_sent = Some(view);
+            }
+        }
+    }
+
+    async fn wait_reachable(&self, deadline: Instant) -> bool {
+        let mut rx = self.reachable.subscribe();
+        tokio::select! {
+            r = rx.wait_for(|up| *up) => r.is_ok(),
+            _ = sleep_until(deadline) => false,
+        }
+    }
+
+    /// A Redis call failed: count it; the first failure of an episode logs and marks Redis
+    /// unreachable, which holds new calls until the keep-alive task gets through again.
+    fn lost(&self, e: &RedisError) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        if self
+            .reachable
+            .send_if_modified(|up| std::mem::replace(up, false))
+        {
+            self.unreachable_episodes.fetch_add(1, Ordering::Relaxed);
+            lock(&self.state).unreachable_since = Some(StdInstant::now());
+            log::warn!(
+                "redis ledger unreachable ({e}): requests wait in their queue until it is back \
+                 or they time out; requests on pods run on"
+            );
+            self.kick.notify_one();
+        }
+    }
+
+    /// Redis answers again: look for a server change, then let requests through.
+    async fn back(&self) -> Result<(), RedisError> {
+        let sid = self.server_id().await?;
+        let since = {
+            let mut st = lock(&self.state);
+            if st.server.as_ref().is_some_and(|old| *old != sid) {
+                for q in st.queues.values_mut() {
+                    q.epoch = None;
+                    q.known = false;
+                }
+            }
+            st.server = Some(sid);
+            st.unreachable_since.take()
+        };
+        self.reachable.send_replace(true);
+        log::warn!(
+            "redis ledger reachable again{}",
+            since
+                .map(|s| format!(" after {:?}", s.elapsed()))
+                .unwrap_or_default()
+        );
+        Ok(())
+    }
+
+    /// Redis's `run_id`: changes with a restart or a failover.
+    async fn server_id(&self) -> Result<String, RedisError> {
+        let mut conn = self.conn.clone();
+        let info: String = redis::cmd("INFO")
+            .arg("server")
+            .query_async(&mut conn)
+            .await?;
+        let sid = info
+            .lines()
+            .find_map(|l| l.strip_prefix("run_id:"))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
+        let mut st = lock(&self.state);
+        if st.server.is_none() {
+            st.server = Some(sid.clone());
+        }
+        Ok(sid)
+    }
+
+    async fn eval(
+        &self,
+        script: &Script,
+        queue: &str,
+        args: &[String],
+    ) -> Result<Value, RedisError> {
+        let mut call = script.prepare_invoke();
+        call.key(queue_prefix(queue));
+        for a in args {
+            call.arg(a);
+        }
+        let mut conn = self.conn.clone();
+        let start = StdInstant::now();
+        let v = call.invoke_async(&mut conn).await?;
+        let mut samples = lock(&self.round_trips);
+        if samples.len() >= ROUND_TRIP_SAMPLES {
+            samples.clear();
+        }
+        samples.push(start.elapsed());
+        Ok(v)
+    }
+
+    /// Kicks the keep-alive after `d` (the end of a recovery hold: somebody must pump then).
+    fn kick_after(&self, d: Duration) {
+        let at = Instant::now() + d + Duration::from_millis(5);
+        {
+            let mut st = lock(&self.state);
+            if st.hold_kick.is_some_and(|k| k > Instant::now() && k <= at) {
+                return;
+            }
+            st.hold_kick = Some(at);
+        }
+        let kick = Arc::clone(&self.kick);
+        self.runtime.spawn(async move {
+            sleep_until(at).await;
+            kick.notify_one();
+        });
+    }
+
+    fn wire_id(&self, n: u64) -> String {
+        format!("{}#{n}", self.agent)
+    }
+
+    fn parse_id(&self, id: &str) -> Option<u64> {
+        let (agent, n) = id.rsplit_once('#')?;
+        if agent != self.agent {
+            return None;
+        }
+        n.parse().ok()
+    }
+}
+
+impl Drop for RedisLedger {
+    fn drop(&mut self) {
+        for task in lock(&self.tasks).drain(..) {
+            task.abort();
+        }
+    }
+}
+
+/// Renews leases every `keepalive_every`, or probes Redis every [`PROBE_EVERY`] while it is
+/// unreachable. Holds the ledger only while working, so dropping the last `Arc` ends it.
+async fn keepalive_task(weak: Weak<RedisLedger>, kick: Arc<Notify>) {
+    loop {
+        let wait = match weak.upgrade() {
+            Some(me) if *me.reachable.borrow() => me.keepalive_every,
+            Some(_) => PROBE_EVERY,
+            None => return,
+        };
+        tokio::select! {
+            _ = sleep(wait) => {}
+            _ = kick.notified() => {}
+        }
+        let Some(me) = weak.upgrade() else { return };
+        if me.stopped.load(Ordering::Relaxed) {
+            return;
+        }
+        if !*me.reachable.borrow() {
+            let mut conn = me.conn.clone();
+            let ping = redis::cmd("PING");
+            match timeout(me.opts.io_timeout, ping.query_async::<String>(&mut conn)).await {
+                Ok(Ok(_)) => {
+                    if let Err(e) = me.back().await {
+                        me.errors.fetch_add(1, Ordering::Relaxed);
+                        log::debug!("redis ledger: still unreachable: {e}");
+                        continue;
+                    }
+                }
+                _ => continue,
+            }
+        }
+        if let Err(e) = me.keepalive_round().await {
+            me.lost(&e);
+        }
+    }
+}
+
+/// Listens on this agent's grant channel; re-subscribes after a drop and then kicks a
+/// keep-alive, which finds the grants published while nobody listened.
+async fn grants_task(weak: Weak<RedisLedger>) {
+    loop {
+        let Some(me) = weak.upgrade() else { return };
+        let client = me.client.clone();
+        let channel = format!("lb:grant:{}", me.agent);
+        let io_timeout = me.opts.io_timeout;
+        let kick = Arc::clone(&me.kick);
+        drop(me);
+        let subscribed = timeout(io_timeout, async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(&channel).await?;
+            Ok::<_, RedisError>(pubsub)
+        })
+        .await;
+        let Ok(Ok(pubsub)) = subscribed else {
+            sleep(PROBE_EVERY).await;
+            continue;
+        };
+        kick.notify_one();
+        let mut messages = pubsub.into_on_message();
+        while let Some(msg) = messages.next().await {
+            let Some(me) = weak.upgrade() else { return };
+            if let Ok(payload) = msg.get_payload::<String>() {
+                me.on_grant(&payload);
+            }
+        }
+        // The connection dropped (Redis restarted?): let the keep-alive find out now.
+        kick.notify_one();
+        sleep(PROBE_EVERY).await;
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// All keys of a queue share this prefix; the braces make it one Redis Cluster hash slot.
+fn queue_prefix(queue: &str) -> String {
+    format!("lb:{{{queue}}}:")
+}
+
+fn encode_view(candidates: &[(SocketAddr, u32)]) -> String {
+    let mut s = String::new();
+    for (i, (addr, limit)) in candidates.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        let _ = write!(s, "{addr}={limit}");
+    }
+    s
+}
+
+fn join_addrs(addrs: &[SocketAddr]) -> String {
+    addrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn flag(b: bool) -> String {
+    if b { "1" } else { "0" }.to_string()
+}
+
+fn reply_error(what: &str) -> RedisError {
+    RedisError::from((
+        redis::ErrorKind::Client,
+        "unexpected ledger script reply",
+        what.to_string(),
+    ))
+}
+
+fn parse_reply(v: Value) -> Result<Reply, RedisError> {
+    let items = array(v).ok_or_else(|| reply_error("acquire"))?;
+    let kind = items.first().and_then(string);
+    Ok(match kind.as_deref() {
+        Some("granted") => Reply::Granted(
+            items
+                .get(1)
+                .and_then(string)
+                .and_then(|a| a.parse().ok())
+                .ok_or_else(|| reply_error("acquire: address"))?,
+        ),
+        Some("queued") => Reply::Queued {
+            stamp: items.get(1).and_then(int).unwrap_or(0),
+            hold_ms: items.get(2).and_then(int).unwrap_or(0),
+        },
+        Some("full") => Reply::Full,
+        Some("epoch") => Reply::Epoch,
+        Some("reaped") => Reply::Reaped,
+        _ => return Err(reply_error("acquire")),
+    })
+}
+
+fn parse_counts(v: &Value) -> Vec<(SocketAddr, u32)> {
+    let Value::Array(items) = v else {
+        return Vec::new();
+    };
+    let mut counts: Vec<(SocketAddr, u32)> = items
+        .chunks(2)
+        .filter_map(|pair| match pair {
+            [addr, n] => Some((string(addr)?.parse().ok()?, u32::try_from(int(n)?).ok()?)),
+            _ => None,
+        })
+        .collect();
+    counts.sort();
+    counts
+}
+
+fn array(v: Value) -> Option<Vec<Value>> {
+    match v {
+        Value::Array(items) => Some(items),
+        _ => None,
+    }
+}
+
+fn string(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::Okay => Some("OK".into()),
+        _ => None,
+    }
+}
+
+fn int(v: &Value) -> Option<u64> {
+    match v {
+        Value::Int(i) => u64::try_from(*i).ok(),
+        _ => string(v)?.parse().ok(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn view_and_ids_round_trip() {
+        let a: SocketAddr = "127.0.1.1:80".parse().unwrap();
+        let b: SocketAddr = "127.0.1.2:80".parse().unwrap();
+        assert_eq!(
+            encode_view(&[(a, 2), (b, 3)]),
+            "127.0.1.1:80=2,127.0.1.2:80=3"
+        );
+        assert_eq!(join_addrs(&[a, b]), "127.0.1.1:80,127.0.1.2:80");
+        assert_eq!(queue_prefix("svc.ns:80"), "lb:{svc.ns:80}:");
+    }
+}

@@ -1,0 +1,525 @@
+//! The shared slot ledger (src/redis_ledger.rs) against a real `redis-server` on loopback.
+//!
+//! Several `RedisLedger` instances in one process stand for several agents; the pods are fake
+//! addresses 127.0.1.x:80 (the ledger never connects to them). Caps are checked twice: with a
+//! counter of the live leases the test itself holds per pod, and with the global counts read
+//! from Redis while the test runs.
+//!
+//! Needs `redis-server` on the PATH (Debian package `redis-server`; `.ci/run` installs it).
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lb_agent::redis_ledger::{AcquireError, LedgerOptions, RedisLedger};
+use tokio::time::{sleep, Instant};
+
+/// A `redis-server` on 127.0.0.1, without persistence: a restart loses everything, the worst
+/// case the ledger must survive.
+struct Redis {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Redis {
+    fn start() -> Self {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut redis = Redis { port, child: None };
+        redis.restart();
+        redis
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Starts it (again) on the same port; returns when it accepts connections.
+    fn restart(&mut self) {
+        assert!(self.child.is_none());
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--dir", &std::env::temp_dir().to_string_lossy()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (apt-get install redis-server)");
+        self.child = Some(child);
+        for _ in 0..200 {
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("redis-server did not start on port {}", self.port);
+    }
+
+    /// kill -9: nothing is saved.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn pod(i: u8) -> SocketAddr {
+    SocketAddr::from(([127, 0, 1, i], 80))
+}
+
+fn opts(lease_ttl_ms: u64, hold_ms: u64) -> LedgerOptions {
+    let mut o = LedgerOptions::new(Duration::from_millis(lease_ttl_ms));
+    o.recovery_hold = Duration::from_millis(hold_ms);
+    o.io_timeout = Duration::from_millis(500);
+    o
+}
+
+async fn agents(redis: &Redis, n: usize, o: LedgerOptions) -> Vec<Arc<RedisLedger>> {
+    let mut v = Vec::new();
+    for i in 0..n {
+        v.push(
+            RedisLedger::connect_with(&redis.url(), format!("agent{i}-{}", std::process::id()), o)
+                .await
+                .unwrap(),
+        );
+    }
+    v
+}
+
+/// Waits (bounded) until `cond` holds.
+async fn eventually<F, Fut>(what: &str, limit: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if cond().await {
+            return;
+        }
+        sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+/// Live leases per pod as the test sees them (from the leases it holds), and the highest
+/// count seen per pod.
+#[derive(Default)]
+struct Held(Mutex<HashMap<SocketAddr, (u32, u32)>>);
+
+impl Held {
+    fn take(&self, addr: SocketAddr) {
+        let mut m = self.0.lock().unwrap();
+        let e = m.entry(addr).or_default();
+        e.0 += 1;
+        e.1 = e.1.max(e.0);
+    }
+    /// Call before dropping the lease, so the count never lags behind the ledger's.
+    fn give(&self, addr: SocketAddr) {
+        self.0.lock().unwrap().get_mut(&addr).unwrap().0 -= 1;
+    }
+    fn max(&self, addr: SocketAddr) -> u32 {
+        self.0.lock().unwrap().get(&addr).map_or(0, |e| e.1)
+    }
+}
+
+/// Samples the global in-flight counts in Redis until stopped; returns the max per pod.
+fn watch_global(
+    ledger: Arc<RedisLedger>,
+    queue: &'static str,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<HashMap<SocketAddr, u32>> {
+    tokio::spawn(async move {
+        let mut max: HashMap<SocketAddr, u32> = HashMap::new();
+        for _ in 0..20_000 {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            if let Ok(status) = ledger.queue_status(queue).await {
+                for (addr, n) in status.inflight {
+                    let m = max.entry(addr).or_default();
+                    *m = (*m).max(n);
+                }
+            }
+            sleep(Duration::from_millis(2)).await;
+        }
+        max
+    })
+}
+
+const Q: &str = "svc.ns.svc.cluster.local:80";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn burst_through_three_agents_holds_every_cap_and_serves_all() {
+    let redis = Redis::start();
+    let agents = agents(&redis, 3, opts(5_000, 300)).await;
+    let limit = 2;
+    let pods: Vec<(SocketAddr, u32)> = (1..=4).map(|i| (pod(i), limit)).collect();
+    let held = Arc::new(Held::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let global = watch_global(Arc::clone(&agents[0]), Q, Arc::clone(&stop));
+
+    let mut tasks = Vec::new();
+    for i in 0..60u64 {
+        let agent = Arc::clone(&agents[i as usize % 3]);
+        let pods = pods.clone();
+        let held = Arc::clone(&held);
+        tasks.push(tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let lease = agent.acquire(Q, &pods, &[], 1000, deadline).await?;
+            held.take(lease.addr());
+            sleep(Duration::from_millis(5 + (i * 7) % 30)).await;
+            held.give(lease.addr());
+            drop(lease);
+            Ok::<_, AcquireError>(())
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().expect("every request is served");
+    }
+    stop.store(true, Ordering::Relaxed);
+    let global = global.await.unwrap();
+    for (addr, _) in &pods {
+        assert!(
+            held.max(*addr) <= limit,
+            "{addr}: {} leases held at once",
+            held.max(*addr)
+        );
+        let g = global.get(addr).copied().unwrap_or(0);
+        assert!(g <= limit, "{addr}: global count {g} in Redis");
+    }
+    assert!(
+        pods.iter().any(|(a, _)| held.max(*a) == limit),
+        "the burst must fill pods to their limit for the check to mean anything"
+    );
+    eventually("all slots back", Duration::from_secs(5), || async {
+        let s = agents[1].queue_status(Q).await.unwrap();
+        s.inflight.is_empty() && s.waiting == 0
+    })
+    .await;
+}
+
+/// Waiters queued on three agents in a known order get the slot in that order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifo_across_agents() {
+    let redis = Redis::start();
+    let agents = agents(&redis, 3, opts(5_000, 200)).await;
+    let pods = vec![(pod(1), 1)];
+    let far = || Instant::now() + Duration::from_secs(20);
+    let first = agents[0].acquire(Q, &pods, &[], 100, far()).await.unwrap();
+
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for i in 0..9usize {
+        let agent = Arc::clone(&agents[[1, 2, 0][i % 3]]);
+        let (pods, order) = (pods.clone(), Arc::clone(&order));
+        tasks.push(tokio::spawn(async move {
+            let lease = agent.acquire(Q, &pods, &[], 100, far()).await.unwrap();
+            order.lock().unwrap().push(i);
+            sleep(Duration::from_millis(10)).await;
+            lease.release().await;
+        }));
+        eventually("the waiter is queued", Duration::from_secs(5), || async {
+            agents[0].queue_status(Q).await.unwrap().waiting == i as u64 + 1
+        })
+        .await;
+    }
+    drop(first);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(*order.lock().unwrap(), (0..9).collect::<Vec<_>>());
+}
+
+/// A full queue refuses at once; a request whose future is dropped leaves the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_queue_and_dropped_waiter() {
+    let redis = Redis::start();
+    let agents = agents(&redis, 2, opts(5_000, 200)).await;
+    let pods = vec![(pod(1), 1)];
+    let far = || Instant::now() + Duration::from_secs(20);
+    let lease = agents[0].acquire(Q, &pods, &[], 2, far()).await.unwrap();
+    let mut waiters = Vec::new();
+    for i in 0..2u64 {
+        let (agent, pods) = (Arc::clone(&agents[i as usize % 2]), pods.clone());
+        waiters.push(tokio::spawn(async move {
+            agent
+                .acquire(Q, &pods, &[], 2, far())
+                .await
+                .map(|l| l.addr())
+        }));
+        eventually("queued", Duration::from_secs(5), || async {
+            agents[0].queue_status(Q).await.unwrap().waiting == i + 1
+        })
+        .await;
+    }
+    let start = Instant::now();
+    let refused = agents[1].acquire(Q, &pods, &[], 2, far()).await;
+    assert_eq!(refused.unwrap_err(), AcquireError::Full);
+    assert!(start.elapsed() < Duration::from_secs(1));
+
+    // The first waiter's client goes away: it leaves, and the slot goes to the second.
+    waiters.remove(0).abort();
+    eventually(
+        "the dropped waiter left",
+        Duration::from_secs(5),
+        || async { agents[0].queue_status(Q).await.unwrap().waiting == 1 },
+    )
+    .await;
+    drop(lease);
+    let got = tokio::time::timeout(Duration::from_secs(5), waiters.remove(0))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, Ok(pod(1)));
+}
+
+/// An agent that stops renewing (its process died): its slots return after lease_ttl, its
+/// waiters leave the queue, and a waiter of another agent gets the slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vanished_agent_slots_return_after_lease_ttl() {
+    let redis = Redis::start();
+    let ttl = Duration::from_millis(1_000);
+    let agents = agents(&redis, 2, opts(1_000, 200)).await;
+    let (alive, dying) = (&agents[0], &agents[1]);
+    let pods = vec![(pod(1), 2)];
+    let far = || Instant::now() + Duration::from_secs(20);
+    let held = vec![
+        dying.acquire(Q, &pods, &[], 10, far()).await.unwrap(),
+        dying.acquire(Q, &pods, &[], 10, far()).await.unwrap(),
+    ];
+    let dying_waiter = {
+        let (d, pods) = (Arc::clone(dying), pods.clone());
+        tokio::spawn(async move { d.acquire(Q, &pods, &[], 10, far()).await.map(|l| l.addr()) })
+    };
+    eventually(
+        "dying agent's waiter queued",
+        Duration::from_secs(5),
+        || async { alive.queue_status(Q).await.unwrap().waiting == 1 },
+    )
+    .await;
+    let alive_waiter = {
+        let (a, pods) = (Arc::clone(alive), pods.clone());
+        tokio::spawn(async move { a.acquire(Q, &pods, &[], 10, far()).await })
+    };
+    eventually(
+        "alive agent's waiter queued",
+        Duration::from_secs(5),
+        || async { alive.queue_status(Q).await.unwrap().waiting == 2 },
+    )
+    .await;
+
+    // kill -9: no release, no keep-alive.
+    dying.abandon();
+    let died = Instant::now();
+    drop(held);
+    dying_waiter.abort();
+
+    let lease = tokio::time::timeout(Duration::from_secs(5), alive_waiter)
+        .await
+        .expect("the slot came back")
+        .unwrap()
+        .unwrap();
+    let took = died.elapsed();
+    println!("dead agent's slots returned after {took:?} (lease_ttl {ttl:?})");
+    assert!(
+        took >= ttl - Duration::from_millis(400),
+        "returned too early: {took:?}"
+    );
+    assert!(
+        took <= ttl + Duration::from_millis(1_500),
+        "returned too late: {took:?}"
+    );
+    let s = alive.queue_status(Q).await.unwrap();
+    assert_eq!(s.waiting, 0, "the dead agent's waiter left the queue");
+    assert_eq!(
+        s.inflight,
+        vec![(pod(1), 1)],
+        "only the live agent's lease is counted"
+    );
+    assert_eq!(s.leases_expired, 2);
+    drop(lease);
+}
+
+/// Redis restarted (kill -9, nothing saved) with a lease held and waiters queued on three
+/// agents: the lease is re-asserted (the cap still holds: nobody else gets the pod), the
+/// waiters are re-queued in their old order and served in it, after a request that arrived
+/// after the restart... no: before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restart_keeps_caps_and_queue_order() {
+    let mut redis = Redis::start();
+    let agents = agents(&redis, 3, opts(5_000, 1_000)).await;
+    let pods = vec![(pod(1), 1)];
+    let far = || Instant::now() + Duration::from_secs(30);
+    let held = Arc::new(Held::default());
+
+    let first = agents[0].acquire(Q, &pods, &[], 100, far()).await.unwrap();
+    held.take(first.addr());
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let spawn_waiter = |i: usize, agent: &Arc<RedisLedger>| {
+        let (agent, pods) = (Arc::clone(agent), pods.clone());
+        let (order, held) = (Arc::clone(&order), Arc::clone(&held));
+        tokio::spawn(async move {
+            let lease = agent.acquire(Q, &pods, &[], 100, far()).await.unwrap();
+            held.take(lease.addr());
+            order.lock().unwrap().push(i);
+            sleep(Duration::from_millis(20)).await;
+            held.give(lease.addr());
+            lease.release().await;
+        })
+    };
+    let mut tasks = Vec::new();
+    for i in 0..3 {
+        tasks.push(spawn_waiter(i, &agents[[1, 2, 0][i]]));
+        eventually("queued", Duration::from_secs(5), || async {
+            agents[0].queue_status(Q).await.unwrap().waiting == i as u64 + 1
+        })
+        .await;
+    }
+
+    redis.kill();
+    sleep(Duration::from_millis(300)).await;
+    redis.restart();
+
+    // Everything is back in Redis, from what the agents knew.
+    eventually(
+        "lease and waiters re-asserted",
+        Duration::from_secs(10),
+        || async {
+            agents[1]
+                .queue_status(Q)
+                .await
+                .is_ok_and(|s| s.inflight == vec![(pod(1), 1)] && s.waiting == 3)
+        },
+    )
+    .await;
+    // A request arriving now queues behind the re-asserted ones.
+    tasks.push(spawn_waiter(3, &agents[1]));
+    eventually(
+        "queued after the restart",
+        Duration::from_secs(5),
+        || async { agents[0].queue_status(Q).await.unwrap().waiting == 4 },
+    )
+    .await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let global = watch_global(Arc::clone(&agents[2]), Q, Arc::clone(&stop));
+    // The re-asserted lease still holds the pod: nobody got it meanwhile.
+    sleep(Duration::from_millis(200)).await;
+    assert!(
+        order.lock().unwrap().is_empty(),
+        "a waiter got a slot the old lease holds"
+    );
+
+    held.give(first.addr());
+    drop(first);
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(10), t)
+            .await
+            .expect("every waiter served")
+            .unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    assert_eq!(*order.lock().unwrap(), vec![0, 1, 2, 3]);
+    assert!(held.max(pod(1)) <= 1);
+    assert!(global.await.unwrap().get(&pod(1)).copied().unwrap_or(0) <= 1);
+    let changes: u64 = agents.iter().map(|a| a.status().epoch_changes).sum();
+    assert!(changes >= 1, "the restart was noticed");
+}
+
+/// Redis down: a new request waits and times out at its deadline (no fall-back that would
+/// break the caps); once Redis is back, requests are served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_times_out_then_recovers() {
+    let mut redis = Redis::start();
+    let agents = agents(&redis, 1, opts(5_000, 200)).await;
+    let pods = vec![(pod(1), 1)];
+    let lease = agents[0]
+        .acquire(Q, &pods, &[], 10, Instant::now() + Duration::from_secs(5))
+        .await
+        .unwrap();
+    lease.release().await;
+
+    redis.kill();
+    let start = Instant::now();
+    let wait = Duration::from_millis(600);
+    let r = agents[0].acquire(Q, &pods, &[], 10, start + wait).await;
+    let took = start.elapsed();
+    assert_eq!(r.unwrap_err(), AcquireError::Timeout);
+    assert!(
+        took >= wait - Duration::from_millis(20),
+        "gave up early: {took:?}"
+    );
+    assert!(
+        took < wait + Duration::from_millis(500),
+        "gave up late: {took:?}"
+    );
+    let status = agents[0].status();
+    assert!(!status.reachable);
+    assert_eq!(status.unreachable_episodes, 1);
+
+    redis.restart();
+    let lease = agents[0]
+        .acquire(Q, &pods, &[], 10, Instant::now() + Duration::from_secs(10))
+        .await
+        .expect("served once Redis is back");
+    assert_eq!(lease.addr(), pod(1));
+    assert!(agents[0].status().reachable);
+    assert_eq!(
+        agents[0].status().unreachable_episodes,
+        1,
+        "one episode, counted once"
+    );
+}
+
+/// Not a timed assertion: prints the ledger's cost per request on loopback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trip_per_acquire_and_release() {
+    let redis = Redis::start();
+    let agents = agents(&redis, 1, opts(5_000, 100)).await;
+    let pods: Vec<(SocketAddr, u32)> = (1..=4).map(|i| (pod(i), 2)).collect();
+    let deadline = || Instant::now() + Duration::from_secs(5);
+    // Warm up: the first call waits out the fresh ledger's recovery hold and loads the scripts.
+    agents[0]
+        .acquire(Q, &pods, &[], 10, deadline())
+        .await
+        .unwrap()
+        .release()
+        .await;
+
+    let mut pairs = Vec::new();
+    for _ in 0..2000 {
+        let start = std::time::Instant::now();
+        let lease = agents[0]
+            .acquire(Q, &pods, &[], 10, deadline())
+            .await
+            .unwrap();
+        lease.release().await;
+        pairs.push(start.elapsed());
+    }
+    pairs.sort();
+    let p = |q: f64| pairs[((pairs.len() as f64 * q) as usize).min(pairs.len() - 1)];
+    println!(
+        "ledger acquire+release on loopback, 2000 uncontended pairs: p50 {:?}, p99 {:?}, max {:?}",
+        p(0.50),
+        p(0.99),
+        pairs[pairs.len() - 1]
+    );
+    let s = agents[0].queue_status(Q).await.unwrap();
+    assert!(
+        s.inflight.is_empty() && s.waiting == 0,
+        "every slot released"
+    );
+}

@@ -51,9 +51,36 @@ struct RouteStatus {
 #[derive(Serialize)]
 struct Status {
     ready: bool,
+    ledger: LedgerStatus,
     routes: Vec<RouteStatus>,
     pools: Vec<PoolStatus>,
 }
+
+/// Which ledger is in force and, for a shared one, what all agents together hold.
+#[derive(Serialize, Default)]
+struct LedgerStatus {
+    /// `in_process` or `redis`.
+    kind: &'static str,
+    reachable: bool,
+    /// Requests waiting in the queues of this agent's pools, all agents together.
+    queue_depth: u64,
+    /// Per pool of this agent: global queue and per-pod in-flight counts (all agents).
+    pools: Vec<SharedPoolStatus>,
+    errors: u64,
+    unreachable_episodes: u64,
+    epoch_changes: u64,
+}
+
+#[derive(Serialize)]
+struct SharedPoolStatus {
+    name: String,
+    queue_depth: u64,
+    leases_expired: u64,
+    inflight: std::collections::BTreeMap<String, u32>,
+}
+
+/// How long `/status` waits for the shared ledger before showing it as unreachable.
+const LEDGER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
 
 impl AdminApp {
     /// Ready once every pool has learned its pod list at least once (an empty list counts:
@@ -64,7 +91,46 @@ impl AdminApp {
             && self.live.snapshot().pools.iter().all(|b| pod_list_known(b))
     }
 
-    fn status(&self) -> Status {
+    async fn ledger_status(&self) -> LedgerStatus {
+        let Some(redis) = self.live.ledger.redis() else {
+            return LedgerStatus {
+                kind: "in_process",
+                reachable: true,
+                ..LedgerStatus::default()
+            };
+        };
+        let known = redis.status();
+        let mut status = LedgerStatus {
+            kind: "redis",
+            reachable: known.reachable,
+            errors: known.errors,
+            unreachable_episodes: known.unreachable_episodes,
+            epoch_changes: known.epoch_changes,
+            ..LedgerStatus::default()
+        };
+        for b in self.live.snapshot().pools.iter() {
+            let read = tokio::time::timeout(LEDGER_READ_TIMEOUT, redis.queue_status(b.name()));
+            let Ok(Ok(q)) = read.await else {
+                status.reachable = false;
+                continue;
+            };
+            status.queue_depth += q.waiting;
+            status.pools.push(SharedPoolStatus {
+                name: b.name().to_string(),
+                queue_depth: q.waiting,
+                leases_expired: q.leases_expired,
+                inflight: q
+                    .inflight
+                    .iter()
+                    .map(|(a, n)| (a.to_string(), *n))
+                    .collect(),
+            });
+        }
+        status
+    }
+
+    async fn status(&self) -> Status {
+        let ledger = self.ledger_status().await;
         let snapshot = self.live.snapshot();
         let in_force = snapshot.pools.len();
         let pools: Vec<PoolStatus> = snapshot
@@ -100,6 +166,7 @@ impl AdminApp {
             .collect();
         Status {
             ready: self.ready(),
+            ledger,
             routes: snapshot
                 .route_list
                 .iter()
@@ -164,7 +231,7 @@ impl ServeHttp for AdminApp {
                 crate::metrics::render(),
             ),
             "/status" => {
-                let body = serde_json::to_vec_pretty(&self.status()).unwrap_or_default();
+                let body = serde_json::to_vec_pretty(&self.status().await).unwrap_or_default();
                 reply(StatusCode::OK, "application/json", body)
             }
             _ => reply(

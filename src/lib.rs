@@ -55,6 +55,55 @@ pub enum StartError {
     Server(#[source] Box<pingora::Error>),
     #[error(transparent)]
     Live(#[from] live::LiveError),
+    #[error(transparent)]
+    Ledger(#[from] redis_ledger::LedgerError),
+    #[error("cannot start the ledger's runtime: {0}")]
+    LedgerRuntime(#[source] std::io::Error),
+}
+
+/// The in-process ledger, or the Redis one of `ledger.redis`. The Redis client's own tasks
+/// (keep-alive, grants) run on a small runtime of their own that lives as long as the
+/// process: Pingora's runtimes belong to its services and start later.
+fn open_ledger(config: &Config) -> Result<balance::Ledger, StartError> {
+    let Some(url) = &config.ledger.redis else {
+        return Ok(balance::Ledger::new());
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("ledger")
+        .enable_all()
+        .build()
+        .map_err(StartError::LedgerRuntime)?;
+    let redis = runtime.block_on(redis_ledger::RedisLedger::connect(
+        url,
+        agent_id(),
+        config.ledger.lease_ttl,
+    ))?;
+    log::info!(
+        "ledger: shared through {} as agent {} (lease_ttl {:?})",
+        url.rsplit('@').next().unwrap_or(url),
+        redis.agent(),
+        config.ledger.lease_ttl
+    );
+    // Lives as long as the process, like the leases its tasks keep alive.
+    std::mem::forget(runtime);
+    Ok(balance::Ledger::shared(redis))
+}
+
+/// This process's name in the shared ledger: the pod name (HOSTNAME in Kubernetes), the pid
+/// and the start time, so a restarted agent is a new agent and never renews a dead one's leases.
+fn agent_id() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "lb-agent".to_string());
+    let host: String = host
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+        .take(63)
+        .collect();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!("{}-{}-{:x}", host, std::process::id(), nanos)
 }
 
 /// A built server, ready to run.
@@ -105,7 +154,7 @@ pub fn build_server(config: &Config, config_path: Option<&Path>) -> Result<Agent
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
-    let live = Live::new(config)?;
+    let live = Live::new(config, open_ledger(config)?)?;
     metrics::sample_from(&live);
     server.add_service(background_service(
         "config and discovery",

@@ -59,7 +59,7 @@ impl Drop for Discovery {
 
 pub struct Live {
     /// Per-pod counts, caps and the wait queue, shared by every pool of every config.
-    ledger: Arc<Ledger>,
+    pub ledger: Ledger,
     current: RwLock<Arc<Snapshot>>,
     /// Pools a reload removed; alive while a request still holds them.
     retired: Mutex<Vec<Weak<Balancer>>>,
@@ -123,8 +123,7 @@ pub enum LiveError {
 impl Live {
     /// Builds the first snapshot. Static pods are set at once; discovery tasks are created but
     /// start only with [`Live::start_discovery`], inside the server's runtime.
-    pub fn new(config: &Config) -> Result<Arc<Live>, LiveError> {
-        let ledger = Ledger::new();
+    pub fn new(config: &Config, ledger: Ledger) -> Result<Arc<Live>, LiveError> {
         let pools: Vec<Arc<Balancer>> = config
             .pools
             .iter()

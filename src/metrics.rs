@@ -30,7 +30,14 @@ pub struct Metrics {
     pub request_duration: HistogramVec,
     pub queue_wait: HistogramVec,
     pub config_reloads: IntCounterVec,
+    /// Round trips to the shared ledger, fed from the ledger's samples at each scrape.
+    pub ledger_round_trip: HistogramVec,
 }
+
+/// Buckets for ledger round trips: a loopback or in-cluster Redis answers in well under 1 ms.
+const LEDGER_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+];
 
 /// Buckets for requests that take from milliseconds to many minutes.
 const SLOW_BUCKETS: &[f64] = &[
@@ -62,6 +69,12 @@ fn build() -> Result<Metrics, prometheus::Error> {
             "Config reloads by result (applied, rejected: the running config stayed in force)",
             &["result"]
         )?,
+        ledger_round_trip: register_histogram_vec!(
+            "lb_ledger_round_trip_seconds",
+            "Round trips of calls to the shared ledger (Redis), as the agent measured them",
+            &[],
+            LEDGER_BUCKETS.to_vec()
+        )?,
     };
     prometheus::register(Box::new(StateCollector::new()?))?;
     Ok(m)
@@ -91,7 +104,17 @@ pub fn sample_from(live: &Arc<Live>) {
 
 /// Renders the default registry as Prometheus text.
 pub fn render() -> Vec<u8> {
-    get();
+    if let (Some(m), Some(live)) = (
+        get(),
+        SOURCE.read().unwrap_or_else(|e| e.into_inner()).upgrade(),
+    ) {
+        if let Some(redis) = live.ledger.redis() {
+            let h = m.ledger_round_trip.with_label_values(&[] as &[&str]);
+            for rtt in redis.take_round_trips() {
+                h.observe(rtt.as_secs_f64());
+            }
+        }
+    }
     let mut out = Vec::new();
     if let Err(e) = TextEncoder::new().encode(&prometheus::gather(), &mut out) {
         log::error!("cannot encode metrics: {e}");
@@ -111,6 +134,13 @@ struct Sample {
     discovery_last_success: GaugeVec,
     discovery_errors: IntCounterVec,
     discovery_unstable: IntCounterVec,
+    ledger_reachable: IntGaugeVec,
+    ledger_errors: IntCounterVec,
+    ledger_unreachable: IntCounterVec,
+    ledger_epoch_changes: IntCounterVec,
+    ledger_queue_depth: IntGaugeVec,
+    ledger_pod_inflight: IntGaugeVec,
+    ledger_leases_expired: IntCounterVec,
 }
 
 impl Sample {
@@ -170,10 +200,56 @@ impl Sample {
                 ),
                 &["service"],
             )?,
+            ledger_reachable: IntGaugeVec::new(
+                Opts::new(
+                    "lb_ledger_reachable",
+                    "1 while the shared ledger (Redis) answers, 0 while it does not",
+                ),
+                &[],
+            )?,
+            ledger_errors: IntCounterVec::new(
+                Opts::new("lb_ledger_errors_total", "Failed calls to the shared ledger"),
+                &[],
+            )?,
+            ledger_unreachable: IntCounterVec::new(
+                Opts::new(
+                    "lb_ledger_unreachable_episodes_total",
+                    "Times the shared ledger became unreachable",
+                ),
+                &[],
+            )?,
+            ledger_epoch_changes: IntCounterVec::new(
+                Opts::new(
+                    "lb_ledger_epoch_changes_total",
+                    "Times Redis restarted or failed over and this agent re-asserted its slots",
+                ),
+                &[],
+            )?,
+            ledger_queue_depth: IntGaugeVec::new(
+                Opts::new(
+                    "lb_ledger_queue_depth",
+                    "Requests waiting per pool, all agents together (scale the compute service on this with several replicas)",
+                ),
+                &["pool"],
+            )?,
+            ledger_pod_inflight: IntGaugeVec::new(
+                Opts::new(
+                    "lb_ledger_pod_inflight",
+                    "Requests in flight per pod, all agents together",
+                ),
+                &["pool", "pod"],
+            )?,
+            ledger_leases_expired: IntCounterVec::new(
+                Opts::new(
+                    "lb_ledger_leases_expired_total",
+                    "Slots returned because their agent stopped renewing them (vanished agent)",
+                ),
+                &["pool"],
+            )?,
         })
     }
 
-    fn parts(&self) -> [&dyn Collector; 9] {
+    fn parts(&self) -> [&dyn Collector; 16] {
         [
             &self.queue_depth,
             &self.pod_inflight,
@@ -184,6 +260,13 @@ impl Sample {
             &self.discovery_last_success,
             &self.discovery_errors,
             &self.discovery_unstable,
+            &self.ledger_reachable,
+            &self.ledger_errors,
+            &self.ledger_unreachable,
+            &self.ledger_epoch_changes,
+            &self.ledger_queue_depth,
+            &self.ledger_pod_inflight,
+            &self.ledger_leases_expired,
         ]
     }
 
@@ -215,6 +298,35 @@ impl Sample {
                 self.pod_connect_failures
                     .with_label_values(&labels)
                     .inc_by(pod.connect_failures);
+            }
+        }
+        if let Some(redis) = live.ledger.redis() {
+            // As of this agent's last keep-alive (at most a second old): a scrape never waits
+            // for Redis.
+            let s = redis.status();
+            let none: &[&str] = &[];
+            self.ledger_reachable
+                .with_label_values(none)
+                .set(i64::from(s.reachable));
+            self.ledger_errors.with_label_values(none).inc_by(s.errors);
+            self.ledger_unreachable
+                .with_label_values(none)
+                .inc_by(s.unreachable_episodes);
+            self.ledger_epoch_changes
+                .with_label_values(none)
+                .inc_by(s.epoch_changes);
+            for (pool, q) in &s.queues {
+                self.ledger_queue_depth
+                    .with_label_values(&[pool])
+                    .set(q.waiting as i64);
+                self.ledger_leases_expired
+                    .with_label_values(&[pool])
+                    .inc_by(q.leases_expired);
+                for (pod, n) in &q.inflight {
+                    self.ledger_pod_inflight
+                        .with_label_values(&[pool.as_str(), &pod.to_string()])
+                        .set(i64::from(*n));
+                }
             }
         }
         for (host, stats) in live.discovery_stats() {

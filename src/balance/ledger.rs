@@ -13,10 +13,10 @@
 //! that pod. The invariant kept by every method, at every moment the lock is released: *no
 //! waiter waits while a pod it may use has a free slot.* Capacity appears only under the lock
 //! (a release, a new pod, a raised limit), and every such change hands it out before unlocking
-//! ([`Ledger::dispatch`]). That is what lets a newcomer take any free slot it sees without a
+//! ([`LocalLedger::dispatch`]). That is what lets a newcomer take any free slot it sees without a
 //! queue check: no earlier request wants it.
 //!
-//! A waiter is answered through a oneshot channel carrying its [`Slot`]. If the waiter is gone
+//! A waiter is answered through a oneshot channel carrying its [`LocalSlot`]. If the waiter is gone
 //! by then (queue timeout, client gone), the slot comes back: either the send fails and the
 //! take is undone under the lock, or the receiver is dropped with the slot inside and the slot's
 //! own drop releases it.
@@ -33,20 +33,20 @@ use super::{PodChange, PodView, PoolView, QueueError};
 /// It is not removed (DNS owns the pod list); it only stops attracting first attempts.
 pub const CONNECT_FAILURE_PENALTY: Duration = Duration::from_secs(10);
 
-/// Slot hold times remembered per pool for [`PoolView::longest_recent_hold`].
+/// LocalSlot hold times remembered per pool for [`PoolView::longest_recent_hold`].
 const RECENT_HOLDS: usize = 16;
 
 pub(super) type PoolId = u64;
 
 /// The in-process ledger: one per agent, shared by every pool.
 #[derive(Default)]
-pub struct Ledger {
+pub(super) struct LocalLedger {
     state: Mutex<State>,
 }
 
-impl std::fmt::Debug for Ledger {
+impl std::fmt::Debug for LocalLedger {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Ledger")
+        f.write_str("LocalLedger")
     }
 }
 
@@ -108,21 +108,21 @@ struct PoolState {
 
 struct Waiter {
     tried: Vec<SocketAddr>,
-    tx: oneshot::Sender<Result<Slot, QueueError>>,
+    tx: oneshot::Sender<Result<LocalSlot, QueueError>>,
 }
 
-/// What [`Ledger::enqueue`] gave.
+/// What [`LocalLedger::enqueue`] gave.
 pub(super) enum Enqueued {
     /// A slot was free after all.
-    Now(Slot),
+    Now(LocalSlot),
     /// Queued: the slot (or the reason there is none) arrives on the channel. Dropping the
     /// ticket leaves the queue.
-    Wait(oneshot::Receiver<Result<Slot, QueueError>>, WaitTicket),
+    Wait(oneshot::Receiver<Result<LocalSlot, QueueError>>, WaitTicket),
 }
 
 /// A place in the queue; dropping it gives the place up.
 pub(super) struct WaitTicket {
-    ledger: Arc<Ledger>,
+    ledger: Arc<LocalLedger>,
     pool: PoolId,
     seq: u64,
 }
@@ -182,11 +182,7 @@ fn lowest_limit(pools: &HashMap<PoolId, PoolState>, pod: &mut Pod) {
         .unwrap_or(0);
 }
 
-impl Ledger {
-    pub fn new() -> Arc<Ledger> {
-        Arc::new(Ledger::default())
-    }
-
+impl LocalLedger {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding this lock would be a bug in this module; the counters are still
         // the best information there is, so keep serving with them.
@@ -343,7 +339,7 @@ impl Ledger {
     /// Takes one slot on `addr` for a request of pool `id` if the pod is in the pool's list and
     /// below its cap: the check and the take are one step under the lock. A newcomer may take
     /// any free slot: no waiter wants it (see the module doc).
-    pub(super) fn try_take(self: &Arc<Self>, id: PoolId, addr: SocketAddr) -> Option<Slot> {
+    pub(super) fn try_take(self: &Arc<Self>, id: PoolId, addr: SocketAddr) -> Option<LocalSlot> {
         let mut st = self.lock();
         let pool = st.pools.get(&id)?;
         if pool.closed || pool.members.binary_search(&addr).is_err() {
@@ -356,7 +352,7 @@ impl Ledger {
         Some(self.take(&mut st, id, addr))
     }
 
-    fn take(self: &Arc<Self>, st: &mut State, id: PoolId, addr: SocketAddr) -> Slot {
+    fn take(self: &Arc<Self>, st: &mut State, id: PoolId, addr: SocketAddr) -> LocalSlot {
         if let Some(pod) = st.pods.get_mut(&addr) {
             pod.inflight += 1;
             pod.requests += 1;
@@ -365,7 +361,7 @@ impl Ledger {
             *pool.held.entry(addr).or_default() += 1;
             pool.rotation = pool.rotation.wrapping_add(1);
         }
-        Slot {
+        LocalSlot {
             ledger: Arc::clone(self),
             pool: id,
             addr,
@@ -496,6 +492,42 @@ impl Ledger {
         ))
     }
 
+    /// Counts a slot that a shared ledger granted: the cap was checked there, across agents.
+    /// This agent keeps its own count for its views, its metrics and the shutdown drain.
+    pub(super) fn record(self: &Arc<Self>, id: PoolId, addr: SocketAddr) -> LocalSlot {
+        let mut st = self.lock();
+        st.pods.entry(addr).or_insert_with(Pod::new);
+        self.take(&mut st, id, addr)
+    }
+
+    /// The pool's pods with their caps, minus `tried`, for a shared ledger; `Err` when the
+    /// request may not wait (closed, or every pod tried).
+    pub(super) fn offer(
+        &self,
+        id: PoolId,
+        tried: &[SocketAddr],
+    ) -> Result<Vec<(SocketAddr, u32)>, QueueError> {
+        let st = self.lock();
+        let pool = st.pools.get(&id).ok_or(QueueError::ShuttingDown)?;
+        if pool.closed || pool.dropped {
+            return Err(QueueError::ShuttingDown);
+        }
+        if !tried.is_empty()
+            && !pool.members.is_empty()
+            && pool.members.iter().all(|a| tried.contains(a))
+        {
+            return Err(QueueError::NoUntriedPod);
+        }
+        Ok(pool
+            .members
+            .iter()
+            .filter_map(|a| {
+                let limit = st.pods.get(a)?.limit;
+                Some((*a, u32::try_from(limit).unwrap_or(u32::MAX)))
+            })
+            .collect())
+    }
+
     pub(super) fn has_untried(&self, id: PoolId, tried: &[SocketAddr]) -> bool {
         let st = self.lock();
         st.pools
@@ -557,8 +589,8 @@ impl Ledger {
 /// One taken slot on one pod. Dropping it gives the slot back, exactly once, and hands it to
 /// the oldest waiter that may use it.
 #[derive(Debug)]
-pub struct Slot {
-    ledger: Arc<Ledger>,
+pub(super) struct LocalSlot {
+    ledger: Arc<LocalLedger>,
     pool: PoolId,
     addr: SocketAddr,
     taken: Instant,
@@ -566,7 +598,7 @@ pub struct Slot {
     armed: bool,
 }
 
-impl Slot {
+impl LocalSlot {
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
@@ -582,7 +614,7 @@ impl Slot {
     }
 }
 
-impl Drop for Slot {
+impl Drop for LocalSlot {
     fn drop(&mut self) {
         if self.armed {
             self.ledger

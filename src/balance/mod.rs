@@ -12,10 +12,14 @@
 //! * [`Balancer::view`] is the read-only picture for `/status`, `/metrics` and the shutdown
 //!   drain.
 //!
-//! Inside, the [`Ledger`] (ledger.rs) owns per-pod counts, caps and the wait queue, keyed by pod
-//! address and shared by every pool of the agent; select.rs is Pingora's `BackendSelection`,
-//! where the pod for a request that does not wait is chosen. A ledger shared by several agent
-//! replicas plugs in here, behind the same door.
+//! Inside, the **ledger** owns per-pod counts, caps and the wait queue, keyed by pod address
+//! and shared by every pool of the agent. There are two, chosen by the config's `ledger`:
+//!
+//! * in process (ledger.rs, the default): one agent; select.rs is Pingora's
+//!   `BackendSelection`, where the pod for a request that does not wait is chosen;
+//! * shared by several agent replicas through Redis (redis.rs): the cap, the least-in-flight
+//!   choice and the FIFO queue are global, decided by one atomic script per step. The
+//!   in-process ledger then only counts this agent's own slots, for its views and its drain.
 
 mod ledger;
 mod select;
@@ -23,12 +27,13 @@ mod select;
 use pingora::lb::{Backends, LoadBalancer};
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ledger::Enqueued;
-pub use ledger::{Ledger, Slot, CONNECT_FAILURE_PENALTY};
+use crate::redis_ledger::{AcquireError, Lease, RedisLedger};
+pub use ledger::CONNECT_FAILURE_PENALTY;
+use ledger::{Enqueued, LocalLedger, LocalSlot};
 use select::{inet, LeastInFlight, PoolHandle, SharedDiscovery, TrustedPods};
 
 /// How long and how many requests may wait when every pod of a pool is full.
@@ -113,13 +118,91 @@ pub struct PodChange {
     pub removed: Vec<SocketAddr>,
 }
 
+/// The agent's ledger, handed to every [`Balancer`]: in process, or shared through Redis.
+#[derive(Clone)]
+pub struct Ledger {
+    local: Arc<LocalLedger>,
+    shared: Option<Arc<RedisLedger>>,
+}
+
+impl std::fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.shared.is_some() {
+            "Ledger(redis)"
+        } else {
+            "Ledger(in process)"
+        })
+    }
+}
+
+impl Ledger {
+    /// The in-process ledger: caps hold for the requests of this agent (one replica).
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Ledger {
+        Ledger {
+            local: Arc::new(LocalLedger::default()),
+            shared: None,
+        }
+    }
+
+    /// A ledger shared with every agent connected to the same Redis.
+    pub fn shared(redis: Arc<RedisLedger>) -> Ledger {
+        Ledger {
+            local: Arc::new(LocalLedger::default()),
+            shared: Some(redis),
+        }
+    }
+
+    /// The shared ledger, if this agent uses one (for `/status` and `/metrics`).
+    pub fn redis(&self) -> Option<&Arc<RedisLedger>> {
+        self.shared.as_ref()
+    }
+}
+
+/// One taken slot on one pod. Dropping it gives the slot back, exactly once (in the shared
+/// ledger too), and hands it to the oldest waiter that may use it.
+#[derive(Debug)]
+pub struct Slot {
+    local: LocalSlot,
+    /// The slot in the shared ledger, held for its `Drop` (which releases it there).
+    #[allow(dead_code)]
+    lease: Option<Lease>,
+}
+
+impl Slot {
+    pub fn addr(&self) -> SocketAddr {
+        self.local.addr()
+    }
+
+    /// The pod accepted a connection: it no longer goes last in the choice.
+    pub fn connected(&self) {
+        self.local.connected();
+    }
+
+    /// The pod refused a connection: for a while it goes last in every pool's choice.
+    pub fn connect_failed(&self) {
+        self.local.connect_failed();
+    }
+}
+
+impl From<LocalSlot> for Slot {
+    fn from(local: LocalSlot) -> Slot {
+        Slot { local, lease: None }
+    }
+}
+
 /// One pool: its pods (as Pingora's `LoadBalancer` knows them) and its entry in the ledger.
 pub struct Balancer {
     lb: LoadBalancer<LeastInFlight>,
     pool: Arc<PoolHandle>,
+    shared: Option<Arc<RedisLedger>>,
     trusted: Arc<TrustedPods>,
     /// The pod list has been learned at least once (for readiness).
     resolved: AtomicBool,
+    /// Requests of this pool waiting in the shared ledger's queue.
+    shared_waiting: AtomicUsize,
+    /// Wakes requests waiting in the shared ledger when the pool is closed.
+    closing: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Balancer {
@@ -131,11 +214,11 @@ impl std::fmt::Debug for Balancer {
 }
 
 impl Balancer {
-    pub fn new(ledger: &Arc<Ledger>, name: impl Into<String>, limit: usize) -> Balancer {
+    pub fn new(ledger: &Ledger, name: impl Into<String>, limit: usize) -> Balancer {
         let name = name.into();
         let pool = Arc::new(PoolHandle {
-            ledger: Arc::clone(ledger),
-            id: ledger.add_pool(name.clone(), limit),
+            ledger: Arc::clone(&ledger.local),
+            id: ledger.local.add_pool(name.clone(), limit),
             name,
         });
         let trusted = Arc::new(TrustedPods::default());
@@ -144,8 +227,11 @@ impl Balancer {
         Balancer {
             lb,
             pool,
+            shared: ledger.shared.clone(),
             trusted,
             resolved: AtomicBool::new(false),
+            shared_waiting: AtomicUsize::new(0),
+            closing: tokio::sync::Notify::new(),
         }
     }
 
@@ -159,7 +245,18 @@ impl Balancer {
         self.trusted.set(pods);
         // Our discovery cannot fail.
         let _ = self.lb.update().await;
+        self.share_pods();
         self.resolved.store(true, Ordering::Release);
+    }
+
+    /// Tells the shared ledger this agent's pods and caps of the pool, so its waiting requests
+    /// can be given a new pod (and not a removed one).
+    fn share_pods(&self) {
+        if let Some(redis) = &self.shared {
+            if let Ok(offer) = self.pool.ledger.offer(self.pool.id, &[]) {
+                redis.set_pods(&self.pool.name, &offer);
+            }
+        }
     }
 
     /// The pod list last given to [`Balancer::set_pods`].
@@ -176,6 +273,7 @@ impl Balancer {
     /// requests in flight finish; raising it lets queued requests start at once.
     pub fn set_limit(&self, limit: usize) {
         self.pool.ledger.set_limit(self.pool.id, limit);
+        self.share_pods();
     }
 
     pub fn limit(&self) -> usize {
@@ -196,10 +294,13 @@ impl Balancer {
     /// [`QueueError::ShuttingDown`]. Requests already holding a slot are not affected.
     pub fn close(&self) {
         self.pool.ledger.close(self.pool.id);
+        self.closing.notify_waiters();
     }
 
     pub fn view(&self) -> PoolView {
-        self.pool.ledger.view(self.pool.id)
+        let mut v = self.pool.ledger.view(self.pool.id);
+        v.waiting += self.shared_waiting.load(Ordering::Relaxed);
+        v
     }
 
     /// Takes a slot on the least-loaded pod below its cap, waiting in the FIFO queue when all
@@ -212,6 +313,9 @@ impl Balancer {
         deadline: tokio::time::Instant,
         tried: &[SocketAddr],
     ) -> Result<Slot, QueueError> {
+        if let Some(redis) = &self.shared {
+            return self.acquire_shared(redis, policy, deadline, tried).await;
+        }
         let (ledger, id) = (&self.pool.ledger, self.pool.id);
         // Pingora's selection chooses the pod; the ledger's check-and-take accepts it. Pingora's
         // health flag is not used: pods come and go through DNS, and connect failures are
@@ -226,13 +330,13 @@ impl Balancer {
             ok
         });
         if let Some(slot) = taken.into_inner() {
-            return Ok(slot);
+            return Ok(slot.into());
         }
         match ledger.enqueue(id, tried, policy.max_waiting)? {
-            Enqueued::Now(slot) => Ok(slot),
+            Enqueued::Now(slot) => Ok(slot.into()),
             Enqueued::Wait(granted, _place) => {
                 match tokio::time::timeout_at(deadline, granted).await {
-                    Ok(Ok(result)) => result,
+                    Ok(Ok(result)) => result.map(Slot::from),
                     // The ledger dropped the pool (it cannot while we hold the balancer).
                     Ok(Err(_)) => Err(QueueError::ShuttingDown),
                     Err(_) => Err(QueueError::Timeout),
@@ -240,6 +344,39 @@ impl Balancer {
             }
         }
     }
+
+    /// [`Balancer::acquire`] through the shared ledger: the pod is chosen among this agent's
+    /// pods of the pool by the global counts, and the request waits in the one queue of all
+    /// agents. While Redis is unreachable the request waits and times out as usual.
+    async fn acquire_shared(
+        &self,
+        redis: &Arc<RedisLedger>,
+        policy: &QueuePolicy,
+        deadline: tokio::time::Instant,
+        tried: &[SocketAddr],
+    ) -> Result<Slot, QueueError> {
+        let closing = self.closing.notified();
+        tokio::pin!(closing);
+        closing.as_mut().enable();
+        let offer = self.pool.ledger.offer(self.pool.id, tried)?;
+        self.shared_waiting.fetch_add(1, Ordering::Relaxed);
+        let result = tokio::select! {
+            r = redis.acquire(&self.pool.name, &offer, tried, policy.max_waiting, deadline) => {
+                r.map_err(|e| match e {
+                    AcquireError::Full => QueueError::Full,
+                    AcquireError::Timeout => QueueError::Timeout,
+                })
+            }
+            _ = closing => Err(QueueError::ShuttingDown),
+        };
+        self.shared_waiting.fetch_sub(1, Ordering::Relaxed);
+        let lease = result?;
+        Ok(Slot {
+            local: self.pool.ledger.record(self.pool.id, lease.addr()),
+            lease: Some(lease),
+        })
+    }
 }
+
 #[cfg(test)]
 mod tests;

@@ -14,12 +14,12 @@ use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use super::ledger::{Ledger, PoolId};
+use super::ledger::{LocalLedger, PoolId};
 
 /// A pool's entry in the ledger; the entry is dropped with the last handle.
 #[derive(Debug)]
 pub(super) struct PoolHandle {
-    pub ledger: Arc<Ledger>,
+    pub ledger: Arc<LocalLedger>,
     pub id: PoolId,
     pub name: String,
 }

@@ -22,7 +22,7 @@ fn after(ms: u64) -> tokio::time::Instant {
 
 const LONG: u64 = 60_000;
 
-async fn pool(ledger: &Arc<Ledger>, limit: usize, pods: &[u8]) -> Arc<Balancer> {
+async fn pool(ledger: &Ledger, limit: usize, pods: &[u8]) -> Arc<Balancer> {
     let b = Arc::new(Balancer::new(ledger, "t", limit));
     b.set_pods(pods.iter().map(|i| addr(*i)).collect()).await;
     b

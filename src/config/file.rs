@@ -40,7 +40,16 @@ pub(super) struct FileConfig {
     #[serde(default)]
     pub(super) client: FileClient,
     #[serde(default)]
+    pub(super) ledger: FileLedger,
+    #[serde(default)]
     pub(super) routes: Vec<FileRoute>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileLedger {
+    pub(super) redis: Option<String>,
+    pub(super) lease_ttl: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

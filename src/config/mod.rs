@@ -82,9 +82,30 @@ pub struct Config {
     pub reload_interval: Duration,
     /// What a client connection may cost before it is closed (slow, idle or oversized).
     pub client: ClientLimits,
+    /// Where per-pod slot counts live: in this process, or in a Redis shared by replicas.
+    pub ledger: LedgerConfig,
     pub routes: Vec<RouteConfig>,
     /// One entry per distinct target; routes refer to it by index.
     pub pools: Vec<PoolConfig>,
+}
+
+/// Where per-pod slot counts and the wait queue live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerConfig {
+    /// `None`: in this process (one replica, the default). `Some(url)`: a Redis shared by every
+    /// replica, so that a pod's cap holds across all of them.
+    pub redis: Option<String>,
+    /// How long the slots and queue places of an agent that vanished stay counted.
+    pub lease_ttl: Duration,
+}
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        Self {
+            redis: None,
+            lease_ttl: Duration::from_secs(30),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -284,6 +305,7 @@ impl Config {
             shutdown_delay,
             reload_interval,
             client,
+            ledger,
             routes: _,
             pools: _,
         } = self.clone();
@@ -299,6 +321,7 @@ impl Config {
             shutdown_delay,
             reload_interval,
             client,
+            ledger,
         }
     }
 }
@@ -318,6 +341,7 @@ pub struct RestartOnly {
     pub shutdown_delay: Duration,
     pub reload_interval: Duration,
     pub client: ClientLimits,
+    pub ledger: LedgerConfig,
 }
 
 impl RestartOnly {
@@ -337,6 +361,7 @@ impl RestartOnly {
             shutdown_delay,
             reload_interval,
             client,
+            ledger,
         } = self;
         let mut changed = Vec::new();
         let mut note = |differs: bool, name: &'static str| {
@@ -355,6 +380,7 @@ impl RestartOnly {
         note(*shutdown_grace != other.shutdown_grace, "shutdown_grace");
         note(*shutdown_delay != other.shutdown_delay, "shutdown_delay");
         note(*reload_interval != other.reload_interval, "reload_interval");
+        note(*ledger != other.ledger, "ledger");
         changed
     }
 }

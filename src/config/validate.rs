@@ -12,10 +12,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::file::{FileClient, FileConfig, FileQueue, FileRoute};
+use super::file::{FileClient, FileConfig, FileLedger, FileQueue, FileRoute};
 use super::{
-    ClientLimits, Config, ConfigError, DnsConfig, MatchKind, PoolConfig, QueuePolicy, RouteConfig,
-    Target,
+    ClientLimits, Config, ConfigError, DnsConfig, LedgerConfig, MatchKind, PoolConfig, QueuePolicy,
+    RouteConfig, Target,
 };
 
 /// Largest config file: Kubernetes caps a ConfigMap at 1 MiB, and ours are a few hundred bytes.
@@ -510,6 +510,7 @@ pub(super) fn validate(f: FileConfig) -> Result<Config, ConfigError> {
     )?;
 
     let client = client_limits(&f.client)?;
+    let ledger = ledger(&f.ledger)?;
 
     if f.routes.is_empty() {
         return Err(ConfigError::new("routes", "at least one route is required"));
@@ -635,9 +636,46 @@ pub(super) fn validate(f: FileConfig) -> Result<Config, ConfigError> {
         shutdown_delay,
         reload_interval,
         client,
+        ledger,
         routes,
         pools,
     })
+}
+
+/// Shortest and longest `ledger.lease_ttl`: below a second a busy Redis or a GC pause would
+/// expire live leases; above an hour a dead agent's slots would stay lost for too long.
+const MIN_LEASE_TTL: Duration = Duration::from_secs(1);
+const MAX_LEASE_TTL: Duration = Duration::from_secs(3600);
+
+fn ledger(f: &FileLedger) -> Result<LedgerConfig, ConfigError> {
+    let d = LedgerConfig::default();
+    let lease_ttl = duration("ledger.lease_ttl", &f.lease_ttl, d.lease_ttl)?;
+    if !(MIN_LEASE_TTL..=MAX_LEASE_TTL).contains(&lease_ttl) {
+        return Err(ConfigError::new(
+            "ledger.lease_ttl",
+            format!("must be between 1s and 1h (got {lease_ttl:?})"),
+        ));
+    }
+    let redis = match f.redis.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(url) => {
+            let rest = url.strip_prefix("redis://").ok_or_else(|| {
+                ConfigError::new(
+                    "ledger.redis",
+                    format!("{url:?} must be a redis://host:port/db URL (TLS is not built in)"),
+                )
+            })?;
+            let host = rest.rsplit('@').next().unwrap_or_default();
+            if host.is_empty() || host.starts_with('/') || host.starts_with(':') {
+                return Err(ConfigError::new(
+                    "ledger.redis",
+                    format!("{url:?} names no host"),
+                ));
+            }
+            Some(url.to_string())
+        }
+    };
+    Ok(LedgerConfig { redis, lease_ttl })
 }
 
 fn client_limits(f: &FileClient) -> Result<ClientLimits, ConfigError> {
@@ -879,6 +917,10 @@ routes:
             ("dns: {stability_interval: fast}\nroutes:\n  - {uri: /a, limit: 1, endpoints: [\"127.0.0.1:1\"]}\n", "dns.stability_interval"),
             ("dns: {nameservers: [\"x:y\"]}\nroutes:\n  - {uri: /a, limit: 1, endpoints: [\"127.0.0.1:1\"]}\n", "dns.nameservers[0]"),
             ("routes:\n  - {uri: /a, limit: 1, service_name: s, namespace: n, http_port: 1}\n  - {uri: /b, limit: 3, service_name: s, namespace: n, http_port: 1}\n", "routes[1].limit: 3 conflicts with routes[0].limit"),
+            ("ledger: {redis: 'http://r:6379'}\nroutes:\n  - {uri: /a, limit: 1, endpoints: ['127.0.1.1:80']}\n", "ledger.redis: \"http://r:6379\" must be a redis://"),
+            ("ledger: {redis: 'redis://'}\nroutes:\n  - {uri: /a, limit: 1, endpoints: ['127.0.1.1:80']}\n", "ledger.redis: \"redis://\" names no host"),
+            ("ledger: {lease_ttl: 500ms}\nroutes:\n  - {uri: /a, limit: 1, endpoints: ['127.0.1.1:80']}\n", "ledger.lease_ttl: must be between 1s and 1h"),
+            ("ledger: {lease_ttl: 1000000000000s}\nroutes:\n  - {uri: /a, limit: 1, endpoints: ['127.0.1.1:80']}\n", "ledger.lease_ttl: must be between 1s and 1h"),
             ("routes:\n  - {uri: /a, limit: 1, endpoints: ['127.0.1.1:80', '127.0.1.2:80']}\n  - {uri: /b, limit: 2, endpoints: ['127.0.1.3:80', '127.0.1.2:80']}\n", "routes[1].limit: 2 conflicts with routes[0].limit = 1: both routes reach pod 127.0.1.2:80"),
             ("routes:\n  - {uri: /a, limit: 1, queue: {timeout: 0s}, endpoints: [\"127.0.0.1:1\"]}\n", "routes[0].queue.timeout"),
             ("listen: \"localhost\"\nroutes:\n  - {uri: /a, limit: 1, endpoints: [\"127.0.0.1:1\"]}\n", "listen:"),

@@ -118,6 +118,12 @@ impl Agent {
         assert!(ok, "kill -TERM failed");
     }
 
+    /// Kills the process at once (SIGKILL): no drain, no goodbye to anyone.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Waits for the process to exit; `None` if it is still running after `within`.
     pub async fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + within;
@@ -253,6 +259,7 @@ where
 }
 
 pub mod dns;
+pub mod redis;
 
 /// One prior-knowledge HTTP/2 (h2c) client connection to `addr` (hyper), driven in a task.
 pub async fn h2c_client<B>(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<B>

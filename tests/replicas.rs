@@ -1,0 +1,268 @@
+//! Several lb-agent processes sharing one slot ledger in a real `redis-server` on loopback:
+//! every cap is global, read from the fake pods' own in-flight counts.
+
+mod common;
+
+use common::redis::Redis;
+use common::*;
+use std::time::{Duration, Instant};
+
+const SECS: Duration = Duration::from_secs(15);
+
+fn config(redis: &Redis, extra: &str, limit: usize, pods: &[FakePod]) -> String {
+    format!(
+        "ledger: {{redis: \"{}\", lease_ttl: 2s}}\nshutdown_delay: 0s\n{extra}routes:\n  - {{uri: /work, limit: {limit}, endpoints: {}}}\n",
+        redis.url(),
+        endpoints(pods)
+    )
+}
+
+fn get_tagged(
+    agent: &Agent,
+    path: &str,
+    id: &str,
+) -> tokio::task::JoinHandle<std::io::Result<loadgen::Response>> {
+    let (addr, path, id) = (agent.addr, path.to_string(), id.to_string());
+    tokio::spawn(async move { loadgen::get(addr, &path, &[("x-req-id", id.as_str())]).await })
+}
+
+/// The queue length across every agent, as the ledger reports it in `/status`.
+async fn global_queue(agent: &Agent) -> u64 {
+    agent.status().await["ledger"]["queue_depth"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// 3 agents, 3 pods of limit 2, 36 requests sent at once, each to an agent chosen at random
+/// (as a ClusterIP Service does): every pod stays at or below 2, and every request is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_through_three_agents_holds_every_cap() {
+    let redis = Redis::start();
+    let pods = start_pods(1, 3).await.unwrap();
+    let body = config(&redis, "", 2, &pods);
+    let agents = [
+        Agent::start(&body).await,
+        Agent::start(&body).await,
+        Agent::start(&body).await,
+    ];
+    // A fixed pseudo-random spread, so a failure can be replayed.
+    let mut x: u32 = 0x9e37_79b9;
+    let burst: Vec<_> = (0..36)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            spawn_get(agents[(x % 3) as usize].addr, "/work?ms=300")
+        })
+        .collect();
+    for t in burst {
+        assert_eq!(t.await.unwrap().unwrap().status, 200);
+    }
+    for p in &pods {
+        assert_eq!(p.stats.max_inflight(), 2, "pod {} cap", p.addr);
+    }
+    assert_eq!(pods.iter().map(|p| p.stats.started()).sum::<usize>(), 36);
+    // Every agent reports the ledger it uses and its round trips to it.
+    for agent in &agents {
+        let status = agent.status().await;
+        assert_eq!(status["ledger"]["kind"], "redis");
+        assert_eq!(status["ledger"]["reachable"], true);
+        let metrics = loadgen::get(agent.admin, "/metrics", &[])
+            .await
+            .unwrap()
+            .body;
+        assert!(metrics.contains("lb_ledger_reachable 1"), "{metrics}");
+        let count = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("lb_ledger_round_trip_seconds_count "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        assert!(count > 0, "no ledger round trips in /metrics:\n{metrics}");
+    }
+}
+
+/// Requests queued through different agents are served in the order they reached the ledger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_queue_is_one_fifo_across_agents() {
+    let redis = Redis::start();
+    let pods = start_pods(1, 1).await.unwrap();
+    let body = config(&redis, "", 1, &pods);
+    let agents = [
+        Agent::start(&body).await,
+        Agent::start(&body).await,
+        Agent::start(&body).await,
+    ];
+    let first = get_tagged(&agents[0], "/work?ms=800", "r0");
+    eventually(SECS, "r0 on the pod", || async {
+        pods[0].stats.inflight() == 1
+    })
+    .await;
+    let mut waiting = Vec::new();
+    for i in 1..=6u64 {
+        waiting.push(get_tagged(
+            &agents[i as usize % 3],
+            "/work?ms=20",
+            &format!("r{i}"),
+        ));
+        eventually(SECS, "queued in the ledger", || async {
+            global_queue(&agents[0]).await == i
+        })
+        .await;
+    }
+    assert_eq!(first.await.unwrap().unwrap().status, 200);
+    for t in waiting {
+        assert_eq!(t.await.unwrap().unwrap().status, 200);
+    }
+    let want: Vec<String> = (0..=6).map(|i| format!("r{i}")).collect();
+    assert_eq!(pods[0].stats.arrivals(), want);
+    assert_eq!(pods[0].stats.max_inflight(), 1);
+}
+
+/// An agent killed with requests in flight: its slots stay counted (its requests may still run
+/// on the pod) until `lease_ttl`, then return; the other agents never exceed a cap meanwhile
+/// and nothing is sent twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_agents_slots_return_after_the_lease_ttl() {
+    let redis = Redis::start();
+    let pods = start_pods(1, 2).await.unwrap();
+    let body = config(&redis, "queue: {timeout: 20s}\n", 1, &pods);
+    let mut doomed = Agent::start(&body).await;
+    let other = Agent::start(&body).await;
+    let lost: Vec<_> = (0..2)
+        .map(|i| get_tagged(&doomed, "/work?ms=500", &format!("lost{i}")))
+        .collect();
+    eventually(SECS, "both pods busy", || async {
+        pods.iter().all(|p| p.stats.inflight() == 1)
+    })
+    .await;
+    let queued: Vec<_> = (0..2)
+        .map(|i| get_tagged(&other, "/work?ms=200", &format!("next{i}")))
+        .collect();
+    eventually(SECS, "queued behind the doomed agent", || async {
+        global_queue(&other).await == 2
+    })
+    .await;
+    doomed.kill9();
+    let killed = Instant::now();
+    for t in lost {
+        assert!(
+            t.await.unwrap().is_err(),
+            "the client of a killed agent gets no answer"
+        );
+    }
+    for t in queued {
+        assert_eq!(t.await.unwrap().unwrap().status, 200);
+    }
+    let returned = killed.elapsed();
+    // A lease is renewed every third of its ttl, so it expires 2/3 ttl to 1 ttl after the kill.
+    assert!(
+        returned >= Duration::from_millis(1300),
+        "slots came back after {returned:?}, before the 2 s lease could expire"
+    );
+    for p in &pods {
+        assert_eq!(p.stats.max_inflight(), 1, "pod {} cap", p.addr);
+    }
+    let started: usize = pods.iter().map(|p| p.stats.started()).sum();
+    assert_eq!(started, 4, "each request reached a pod exactly once");
+    eprintln!("a killed agent's slots returned {returned:?} after kill -9 (lease_ttl 2s)");
+}
+
+/// A rolling update: a second agent starts while the first has long requests in flight, then
+/// the first gets SIGTERM. The new agent sees the old one's slots throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rolling_update_keeps_the_cap() {
+    let redis = Redis::start();
+    let pods = start_pods(1, 2).await.unwrap();
+    let body = config(&redis, "", 1, &pods);
+    let old = Agent::start(&body).await;
+    let long: Vec<_> = (0..2)
+        .map(|i| get_tagged(&old, "/work?ms=1500", &format!("old{i}")))
+        .collect();
+    eventually(SECS, "both pods busy", || async {
+        pods.iter().all(|p| p.stats.inflight() == 1)
+    })
+    .await;
+    let new = Agent::start(&body).await;
+    let fresh: Vec<_> = (0..4)
+        .map(|i| get_tagged(&new, "/work?ms=100", &format!("new{i}")))
+        .collect();
+    eventually(
+        SECS,
+        "the new agent waits for the old one's slots",
+        || async { global_queue(&new).await == 4 },
+    )
+    .await;
+    old.terminate();
+    for t in long.into_iter().chain(fresh) {
+        assert_eq!(t.await.unwrap().unwrap().status, 200);
+    }
+    for p in &pods {
+        assert_eq!(p.stats.max_inflight(), 1, "pod {} cap", p.addr);
+    }
+    assert_eq!(pods.iter().map(|p| p.stats.started()).sum::<usize>(), 6);
+}
+
+/// Redis restarted empty mid-run: the agents re-assert their slots and their queued requests,
+/// so no cap is exceeded, nothing is lost and the queue order stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redis_restart_loses_nothing() {
+    let mut redis = Redis::start();
+    let pods = start_pods(1, 1).await.unwrap();
+    let body = config(&redis, "queue: {timeout: 20s}\n", 1, &pods);
+    let a = Agent::start(&body).await;
+    let b = Agent::start(&body).await;
+    let first = get_tagged(&a, "/work?ms=1500", "r0");
+    eventually(SECS, "r0 on the pod", || async {
+        pods[0].stats.inflight() == 1
+    })
+    .await;
+    let r1 = get_tagged(&b, "/work?ms=50", "r1");
+    eventually(SECS, "r1 queued", || async { global_queue(&a).await == 1 }).await;
+    let r2 = get_tagged(&a, "/work?ms=50", "r2");
+    eventually(SECS, "r2 queued", || async { global_queue(&a).await == 2 }).await;
+    redis.restart();
+    eventually(SECS, "both waiters known again", || async {
+        global_queue(&a).await == 2
+    })
+    .await;
+    // A newcomer after the restart must not jump the re-asserted queue or the running r0.
+    let r3 = get_tagged(&b, "/work?ms=50", "r3");
+    for t in [first, r1, r2, r3] {
+        assert_eq!(t.await.unwrap().unwrap().status, 200);
+    }
+    assert_eq!(pods[0].stats.max_inflight(), 1);
+    assert_eq!(pods[0].stats.arrivals(), vec!["r0", "r1", "r2", "r3"]);
+    for agent in [&a, &b] {
+        let log = agent.log();
+        assert!(log.contains("has a new epoch"), "{log}");
+    }
+}
+
+/// Redis unreachable: a new request waits and gets the usual 503 at its queue timeout (never
+/// a silent fall-back to local counting); when Redis is back, requests are served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_down_gives_a_clear_503_and_recovers() {
+    let mut redis = Redis::start();
+    let pods = start_pods(1, 1).await.unwrap();
+    // The queue timeout outlasts the ledger's recovery hold (2 s without grants after a new
+    // epoch, while every agent re-asserts its slots), which also follows the first contact.
+    let agent = Agent::start(&config(&redis, "queue: {timeout: 3s}\n", 1, &pods)).await;
+    assert_eq!(agent.get("/work?ms=10").await.status, 200);
+    redis.stop();
+    let r = agent.get("/work?ms=10").await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.body.contains("queue timeout"), "{}", r.body);
+    assert!(r.elapsed >= Duration::from_millis(2900), "{:?}", r.elapsed);
+    assert!(r
+        .headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("retry-after")));
+    assert_eq!(pods[0].stats.started(), 1, "nothing reached the pod");
+    assert_eq!(agent.status().await["ledger"]["reachable"], false);
+    redis.restart();
+    eventually(SECS, "served again", || async {
+        agent.get("/work?ms=10").await.status == 200
+    })
+    .await;
+    assert_eq!(agent.status().await["ledger"]["reachable"], true);
+}

@@ -114,6 +114,41 @@ fn manifests_dockerfile_and_config_agree() {
         dep["spec"]["selector"]["matchLabels"]
     );
 
+    // Several replicas share one cap: the ConfigMap's ledger is the Redis that k8s/ runs, a
+    // PodDisruptionBudget keeps all but one up, and replicas spread over nodes.
+    let replicas = dep["spec"]["replicas"].as_u64().unwrap();
+    assert!(replicas >= 2, "replicas: {replicas}");
+    let ledger_svc = load("k8s/ledger-redis-service.yaml");
+    let ledger_dep = load("k8s/ledger-redis.yaml");
+    assert_eq!(
+        parsed.ledger.redis.as_deref(),
+        Some(
+            format!(
+                "redis://{}.{}.svc.cluster.local:{}/0",
+                ledger_svc["metadata"]["name"].as_str().unwrap(),
+                ledger_svc["metadata"]["namespace"].as_str().unwrap(),
+                ledger_svc["spec"]["ports"][0]["port"].as_u64().unwrap()
+            )
+            .as_str()
+        ),
+        "with several replicas the ConfigMap must point at the ledger Service"
+    );
+    assert_eq!(
+        ledger_svc["spec"]["selector"],
+        ledger_dep["spec"]["selector"]["matchLabels"]
+    );
+    let pdb = load("k8s/pdb.yaml");
+    assert_eq!(pdb["kind"], "PodDisruptionBudget");
+    assert_eq!(
+        pdb["spec"]["selector"]["matchLabels"],
+        dep["spec"]["selector"]["matchLabels"]
+    );
+    assert!(pdb["spec"]["maxUnavailable"].as_u64().unwrap() < replicas);
+    assert_eq!(
+        pod["topologySpreadConstraints"][0]["topologyKey"],
+        "kubernetes.io/hostname"
+    );
+
     // The backend Service is headless and serves the route's port.
     let backend = load("k8s/backend-headless-service.yaml");
     assert_eq!(backend["spec"]["clusterIP"], "None");

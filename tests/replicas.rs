@@ -266,3 +266,29 @@ async fn redis_down_gives_a_clear_503_and_recovers() {
     .await;
     assert_eq!(agent.status().await["ledger"]["reachable"], true);
 }
+
+/// A request that runs longer than `lease_ttl` keeps its slot: its agent renews the lease, so
+/// another agent's request waits for the pod instead of joining it when the lease would have
+/// expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_long_request_keeps_its_lease_past_the_ttl() {
+    let redis = Redis::start();
+    let pods = start_pods(1, 1).await.unwrap();
+    let body = config(&redis, "queue: {timeout: 20s}\n", 1, &pods);
+    let a = Agent::start(&body).await;
+    let b = Agent::start(&body).await;
+    let long = get_tagged(&a, "/work?ms=5000", "long");
+    eventually(SECS, "long on the pod", || async {
+        pods[0].stats.inflight() == 1
+    })
+    .await;
+    let next = get_tagged(&b, "/work?ms=10", "next");
+    assert_eq!(long.await.unwrap().unwrap().status, 200);
+    assert_eq!(next.await.unwrap().unwrap().status, 200);
+    assert_eq!(
+        pods[0].stats.max_inflight(),
+        1,
+        "the lease expired under a live request"
+    );
+    assert_eq!(pods[0].stats.arrivals(), vec!["long", "next"]);
+}

@@ -61,6 +61,16 @@ impl Redis {
         panic!("redis-server did not start on port {}", self.port);
     }
 
+    /// SIGSTOP / SIGCONT: a Redis that hangs without closing its connections.
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().unwrap().id().to_string();
+        assert!(Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success());
+    }
+
     /// kill -9: nothing is saved.
     fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -145,6 +155,7 @@ fn watch_global(
     tokio::spawn(async move {
         let mut max: HashMap<SocketAddr, u32> = HashMap::new();
         for _ in 0..20_000 {
+            // Bounded in count and in time (each read times out after the io timeout).
             if stop.load(Ordering::Relaxed) {
                 break;
             }
@@ -356,8 +367,8 @@ async fn vanished_agent_slots_return_after_lease_ttl() {
 
 /// Redis restarted (kill -9, nothing saved) with a lease held and waiters queued on three
 /// agents: the lease is re-asserted (the cap still holds: nobody else gets the pod), the
-/// waiters are re-queued in their old order and served in it, after a request that arrived
-/// after the restart... no: before it.
+/// waiters are re-queued in their old order and served in it, before a request that arrived
+/// after the restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restart_keeps_caps_and_queue_order() {
     let mut redis = Redis::start();
@@ -393,6 +404,13 @@ async fn redis_restart_keeps_caps_and_queue_order() {
     redis.kill();
     sleep(Duration::from_millis(300)).await;
     redis.restart();
+    // A new agent starts right after the restart and asks at once, before the others have
+    // noticed: it must not be given the pod the old lease holds, and must queue behind the
+    // old waiters once they are re-asserted.
+    let late = RedisLedger::connect_with(&redis.url(), "late".into(), opts(5_000, 1_000))
+        .await
+        .unwrap();
+    tasks.push(spawn_waiter(3, &late));
 
     // Everything is back in Redis, from what the agents knew.
     eventually(
@@ -402,16 +420,8 @@ async fn redis_restart_keeps_caps_and_queue_order() {
             agents[1]
                 .queue_status(Q)
                 .await
-                .is_ok_and(|s| s.inflight == vec![(pod(1), 1)] && s.waiting == 3)
+                .is_ok_and(|s| s.inflight == vec![(pod(1), 1)] && s.waiting == 4)
         },
-    )
-    .await;
-    // A request arriving now queues behind the re-asserted ones.
-    tasks.push(spawn_waiter(3, &agents[1]));
-    eventually(
-        "queued after the restart",
-        Duration::from_secs(5),
-        || async { agents[0].queue_status(Q).await.unwrap().waiting == 4 },
     )
     .await;
     let stop = Arc::new(AtomicBool::new(false));
@@ -522,4 +532,38 @@ async fn round_trip_per_acquire_and_release() {
         s.inflight.is_empty() && s.waiting == 0,
         "every slot released"
     );
+}
+
+/// Redis hangs (SIGSTOP) while a lease is held: a new request times out at its deadline; the
+/// lease dropped meanwhile is released once Redis answers again, so no slot leaks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_redis_release_is_retried_when_back() {
+    let redis = Redis::start();
+    let agents = agents(&redis, 2, opts(30_000, 200)).await;
+    let pods = vec![(pod(1), 1)];
+    let far = || Instant::now() + Duration::from_secs(10);
+    let lease = agents[0].acquire(Q, &pods, &[], 10, far()).await.unwrap();
+
+    redis.signal("-STOP");
+    let start = Instant::now();
+    let wait = Duration::from_millis(800);
+    let r = agents[1].acquire(Q, &pods, &[], 10, start + wait).await;
+    assert_eq!(r.unwrap_err(), AcquireError::Timeout);
+    assert!(start.elapsed() >= wait - Duration::from_millis(20));
+    // The request on the pod ends while Redis hangs.
+    drop(lease);
+    sleep(Duration::from_millis(700)).await;
+    redis.signal("-CONT");
+
+    // The release got through (lease_ttl is 30 s: expiry cannot be what freed the slot).
+    eventually("the slot is free again", Duration::from_secs(5), || async {
+        agents[1]
+            .queue_status(Q)
+            .await
+            .is_ok_and(|s| s.inflight.is_empty() && s.waiting == 0)
+    })
+    .await;
+    let lease = agents[1].acquire(Q, &pods, &[], 10, far()).await.unwrap();
+    assert_eq!(lease.addr(), pod(1));
+    assert_eq!(agents[1].queue_status(Q).await.unwrap().leases_expired, 0);
 }

@@ -968,18 +968,27 @@ impl RedisLedger {
         Ok(())
     }
 
-    /// Redis's `run_id`: changes with a restart or a failover.
+    /// Redis's `run_id`: changes with a restart or a failover. A server that refuses `INFO`
+    /// (some managed offerings restrict it) gets "-": a restart is still seen by its missing
+    /// epoch, a failover to a replica then only by the dropped connections.
     async fn server_id(&self) -> Result<String, RedisError> {
         let mut conn = self.conn.clone();
-        let info: String = redis::cmd("INFO")
+        let info = redis::cmd("INFO")
             .arg("server")
-            .query_async(&mut conn)
-            .await?;
-        let sid = info
-            .lines()
-            .find_map(|l| l.strip_prefix("run_id:"))
-            .map(|s| s.trim().to_string())
-            .unwrap_or_default();
+            .query_async::<String>(&mut conn)
+            .await;
+        let sid = match info {
+            Ok(info) => info
+                .lines()
+                .find_map(|l| l.strip_prefix("run_id:"))
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty() && !s.contains('/'))
+                .unwrap_or_else(|| "-".into()),
+            Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => {
+                return Err(e)
+            }
+            Err(_) => "-".into(),
+        };
         let mut st = lock(&self.state);
         if st.server.is_none() {
             st.server = Some(sid.clone());

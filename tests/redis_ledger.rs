@@ -362,6 +362,16 @@ async fn vanished_agent_slots_return_after_lease_ttl() {
         "only the live agent's lease is counted"
     );
     assert_eq!(s.leases_expired, 2);
+
+    // The live agent's keep-alive renews its lease however long its request runs.
+    sleep(ttl * 2).await;
+    let s = alive.queue_status(Q).await.unwrap();
+    assert_eq!(
+        s.inflight,
+        vec![(pod(1), 1)],
+        "a live lease outlasts lease_ttl"
+    );
+    assert_eq!(s.leases_expired, 2);
     drop(lease);
 }
 
@@ -566,4 +576,64 @@ async fn hung_redis_release_is_retried_when_back() {
     let lease = agents[1].acquire(Q, &pods, &[], 10, far()).await.unwrap();
     assert_eq!(lease.addr(), pod(1));
     assert_eq!(agents[1].queue_status(Q).await.unwrap().leases_expired, 0);
+}
+
+/// Redis hangs for longer than lease_ttl (SIGSTOP): nobody could renew, so nobody is reaped
+/// when it answers again — a waiter must not be given the slots of agents that are alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_stalled_longer_than_lease_ttl_reaps_nobody() {
+    let redis = Redis::start();
+    let ttl = Duration::from_millis(1_000);
+    let agents = agents(&redis, 4, opts(1_000, 200)).await;
+    let pods: Vec<(SocketAddr, u32)> = (1..=3).map(|i| (pod(i), 1)).collect();
+    let far = || Instant::now() + Duration::from_secs(20);
+    let held = Arc::new(Held::default());
+    let mut leases = Vec::new();
+    for agent in &agents[..3] {
+        let lease = agent.acquire(Q, &pods, &[], 10, far()).await.unwrap();
+        held.take(lease.addr());
+        leases.push(lease);
+    }
+    let waiter = {
+        let (agent, pods, held) = (Arc::clone(&agents[3]), pods.clone(), Arc::clone(&held));
+        tokio::spawn(async move {
+            let lease = agent.acquire(Q, &pods, &[], 10, far()).await.unwrap();
+            held.take(lease.addr());
+            lease
+        })
+    };
+    eventually("queued", Duration::from_secs(5), || async {
+        agents[0].queue_status(Q).await.unwrap().waiting == 1
+    })
+    .await;
+
+    redis.signal("-STOP");
+    sleep(ttl + ttl / 2).await;
+    redis.signal("-CONT");
+    sleep(ttl + ttl / 2).await;
+
+    let s = agents[0].queue_status(Q).await.unwrap();
+    assert_eq!(s.leases_expired, 0, "live agents were reaped");
+    assert_eq!(s.waiting, 1);
+    assert_eq!(
+        s.inflight,
+        pods.iter().map(|(a, _)| (*a, 1)).collect::<Vec<_>>()
+    );
+    assert!(
+        !waiter.is_finished(),
+        "the waiter got a slot that a live lease holds"
+    );
+
+    let freed = leases.remove(0);
+    let addr = freed.addr();
+    held.give(addr);
+    drop(freed);
+    let lease = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(lease.addr(), addr);
+    for (a, _) in &pods {
+        assert!(held.max(*a) <= 1, "{a}: {} at once", held.max(*a));
+    }
 }

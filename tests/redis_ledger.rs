@@ -98,6 +98,8 @@ fn opts(lease_ttl_ms: u64, hold_ms: u64) -> LedgerOptions {
 }
 
 async fn agents(redis: &Redis, n: usize, o: LedgerOptions) -> Vec<Arc<RedisLedger>> {
+    // RUST_LOG=warn shows the ledger's episode lines.
+    let _ = env_logger::builder().is_test(true).try_init();
     let mut v = Vec::new();
     for i in 0..n {
         v.push(

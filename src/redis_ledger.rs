@@ -14,7 +14,11 @@
 //! - **Leases** expire on Redis's own clock (`TIME` inside the scripts): each agent renews all its
 //!   leases of a queue with one call every `min(lease_ttl / 3, 1 s)`. The slots and waiters of an
 //!   agent that stopped renewing are reaped by whichever script runs next after `lease_ttl`, and
-//!   the freed slots go to waiters at once: no janitor process.
+//!   the freed slots go to waiters at once: no janitor process. A stall of Redis itself (no
+//!   script ran on the queue for over half a lease: Redis hung, or no agent could reach it) is
+//!   not held against the agents: the gap is added to every expiry, so live agents are not
+//!   reaped all at once when it answers again. The price: when every agent was gone for a
+//!   while, the dead ones' slots return `lease_ttl` after the next agent's first call.
 //! - **FIFO across agents.** A waiter is a ZSET member scored by its arrival stamp (Redis clock,
 //!   µs, strictly increasing). A freed slot goes to the oldest waiter that can use it; a waiter
 //!   whose pods are all full (or already tried) does not block younger ones that can use the
@@ -48,7 +52,10 @@
 //!
 //! Redis Cluster (the scripts derive keys from the queue prefix; one Redis, or Sentinel / a
 //! managed Redis with failover, is the intended deployment); the wiring into the balancing door,
-//! config, metrics and `/status` (the lead's side).
+//! config, metrics and `/status` (the lead's side). A queue once used is renewed by its agent
+//! for the life of the process (one small call per keep-alive), even after a reload removed
+//! its pool. An agent cut off from Redis (alone) for `lease_ttl` cannot be told from a dead
+//! one: its slots are given away, and it re-asserts them (over the caps) when it is back.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -959,7 +966,7 @@ impl RedisLedger {
             st.unreachable_since.take()
         };
         self.reachable.send_replace(true);
-        log::warn!(
+        log::info!(
             "redis ledger reachable again{}",
             since
                 .map(|s| format!(" after {:?}", s.elapsed()))
@@ -968,18 +975,27 @@ impl RedisLedger {
         Ok(())
     }
 
-    /// Redis's `run_id`: changes with a restart or a failover.
+    /// Redis's `run_id`: changes with a restart or a failover. A server that refuses `INFO`
+    /// (some managed offerings restrict it) gets "-": a restart is still seen by its missing
+    /// epoch, a failover to a replica then only by the dropped connections.
     async fn server_id(&self) -> Result<String, RedisError> {
         let mut conn = self.conn.clone();
-        let info: String = redis::cmd("INFO")
+        let info = redis::cmd("INFO")
             .arg("server")
-            .query_async(&mut conn)
-            .await?;
-        let sid = info
-            .lines()
-            .find_map(|l| l.strip_prefix("run_id:"))
-            .map(|s| s.trim().to_string())
-            .unwrap_or_default();
+            .query_async::<String>(&mut conn)
+            .await;
+        let sid = match info {
+            Ok(info) => info
+                .lines()
+                .find_map(|l| l.strip_prefix("run_id:"))
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty() && !s.contains('/'))
+                .unwrap_or_else(|| "-".into()),
+            Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => {
+                return Err(e)
+            }
+            Err(_) => "-".into(),
+        };
         let mut st = lock(&self.state);
         if st.server.is_none() {
             st.server = Some(sid.clone());

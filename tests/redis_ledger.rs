@@ -61,6 +61,16 @@ impl Redis {
         panic!("redis-server did not start on port {}", self.port);
     }
 
+    /// SIGSTOP / SIGCONT: a Redis that hangs without closing its connections.
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().unwrap().id().to_string();
+        assert!(Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success());
+    }
+
     /// kill -9: nothing is saved.
     fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -88,6 +98,8 @@ fn opts(lease_ttl_ms: u64, hold_ms: u64) -> LedgerOptions {
 }
 
 async fn agents(redis: &Redis, n: usize, o: LedgerOptions) -> Vec<Arc<RedisLedger>> {
+    // RUST_LOG=warn shows the ledger's episode lines.
+    let _ = env_logger::builder().is_test(true).try_init();
     let mut v = Vec::new();
     for i in 0..n {
         v.push(
@@ -145,6 +157,7 @@ fn watch_global(
     tokio::spawn(async move {
         let mut max: HashMap<SocketAddr, u32> = HashMap::new();
         for _ in 0..20_000 {
+            // Bounded in count and in time (each read times out after the io timeout).
             if stop.load(Ordering::Relaxed) {
                 break;
             }
@@ -351,13 +364,23 @@ async fn vanished_agent_slots_return_after_lease_ttl() {
         "only the live agent's lease is counted"
     );
     assert_eq!(s.leases_expired, 2);
+
+    // The live agent's keep-alive renews its lease however long its request runs.
+    sleep(ttl * 2).await;
+    let s = alive.queue_status(Q).await.unwrap();
+    assert_eq!(
+        s.inflight,
+        vec![(pod(1), 1)],
+        "a live lease outlasts lease_ttl"
+    );
+    assert_eq!(s.leases_expired, 2);
     drop(lease);
 }
 
 /// Redis restarted (kill -9, nothing saved) with a lease held and waiters queued on three
 /// agents: the lease is re-asserted (the cap still holds: nobody else gets the pod), the
-/// waiters are re-queued in their old order and served in it, after a request that arrived
-/// after the restart... no: before it.
+/// waiters are re-queued in their old order and served in it, before a request that arrived
+/// after the restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restart_keeps_caps_and_queue_order() {
     let mut redis = Redis::start();
@@ -393,6 +416,13 @@ async fn redis_restart_keeps_caps_and_queue_order() {
     redis.kill();
     sleep(Duration::from_millis(300)).await;
     redis.restart();
+    // A new agent starts right after the restart and asks at once, before the others have
+    // noticed: it must not be given the pod the old lease holds, and must queue behind the
+    // old waiters once they are re-asserted.
+    let late = RedisLedger::connect_with(&redis.url(), "late".into(), opts(5_000, 1_000))
+        .await
+        .unwrap();
+    tasks.push(spawn_waiter(3, &late));
 
     // Everything is back in Redis, from what the agents knew.
     eventually(
@@ -402,16 +432,8 @@ async fn redis_restart_keeps_caps_and_queue_order() {
             agents[1]
                 .queue_status(Q)
                 .await
-                .is_ok_and(|s| s.inflight == vec![(pod(1), 1)] && s.waiting == 3)
+                .is_ok_and(|s| s.inflight == vec![(pod(1), 1)] && s.waiting == 4)
         },
-    )
-    .await;
-    // A request arriving now queues behind the re-asserted ones.
-    tasks.push(spawn_waiter(3, &agents[1]));
-    eventually(
-        "queued after the restart",
-        Duration::from_secs(5),
-        || async { agents[0].queue_status(Q).await.unwrap().waiting == 4 },
     )
     .await;
     let stop = Arc::new(AtomicBool::new(false));
@@ -522,4 +544,98 @@ async fn round_trip_per_acquire_and_release() {
         s.inflight.is_empty() && s.waiting == 0,
         "every slot released"
     );
+}
+
+/// Redis hangs (SIGSTOP) while a lease is held: a new request times out at its deadline; the
+/// lease dropped meanwhile is released once Redis answers again, so no slot leaks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_redis_release_is_retried_when_back() {
+    let redis = Redis::start();
+    let agents = agents(&redis, 2, opts(30_000, 200)).await;
+    let pods = vec![(pod(1), 1)];
+    let far = || Instant::now() + Duration::from_secs(10);
+    let lease = agents[0].acquire(Q, &pods, &[], 10, far()).await.unwrap();
+
+    redis.signal("-STOP");
+    let start = Instant::now();
+    let wait = Duration::from_millis(800);
+    let r = agents[1].acquire(Q, &pods, &[], 10, start + wait).await;
+    assert_eq!(r.unwrap_err(), AcquireError::Timeout);
+    assert!(start.elapsed() >= wait - Duration::from_millis(20));
+    // The request on the pod ends while Redis hangs.
+    drop(lease);
+    sleep(Duration::from_millis(700)).await;
+    redis.signal("-CONT");
+
+    // The release got through (lease_ttl is 30 s: expiry cannot be what freed the slot).
+    eventually("the slot is free again", Duration::from_secs(5), || async {
+        agents[1]
+            .queue_status(Q)
+            .await
+            .is_ok_and(|s| s.inflight.is_empty() && s.waiting == 0)
+    })
+    .await;
+    let lease = agents[1].acquire(Q, &pods, &[], 10, far()).await.unwrap();
+    assert_eq!(lease.addr(), pod(1));
+    assert_eq!(agents[1].queue_status(Q).await.unwrap().leases_expired, 0);
+}
+
+/// Redis hangs for longer than lease_ttl (SIGSTOP): nobody could renew, so nobody is reaped
+/// when it answers again — a waiter must not be given the slots of agents that are alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_stalled_longer_than_lease_ttl_reaps_nobody() {
+    let redis = Redis::start();
+    let ttl = Duration::from_millis(1_000);
+    let agents = agents(&redis, 4, opts(1_000, 200)).await;
+    let pods: Vec<(SocketAddr, u32)> = (1..=3).map(|i| (pod(i), 1)).collect();
+    let far = || Instant::now() + Duration::from_secs(20);
+    let held = Arc::new(Held::default());
+    let mut leases = Vec::new();
+    for agent in &agents[..3] {
+        let lease = agent.acquire(Q, &pods, &[], 10, far()).await.unwrap();
+        held.take(lease.addr());
+        leases.push(lease);
+    }
+    let waiter = {
+        let (agent, pods, held) = (Arc::clone(&agents[3]), pods.clone(), Arc::clone(&held));
+        tokio::spawn(async move {
+            let lease = agent.acquire(Q, &pods, &[], 10, far()).await.unwrap();
+            held.take(lease.addr());
+            lease
+        })
+    };
+    eventually("queued", Duration::from_secs(5), || async {
+        agents[0].queue_status(Q).await.unwrap().waiting == 1
+    })
+    .await;
+
+    redis.signal("-STOP");
+    sleep(ttl + ttl / 2).await;
+    redis.signal("-CONT");
+    sleep(ttl + ttl / 2).await;
+
+    let s = agents[0].queue_status(Q).await.unwrap();
+    assert_eq!(s.leases_expired, 0, "live agents were reaped");
+    assert_eq!(s.waiting, 1);
+    assert_eq!(
+        s.inflight,
+        pods.iter().map(|(a, _)| (*a, 1)).collect::<Vec<_>>()
+    );
+    assert!(
+        !waiter.is_finished(),
+        "the waiter got a slot that a live lease holds"
+    );
+
+    let freed = leases.remove(0);
+    let addr = freed.addr();
+    held.give(addr);
+    drop(freed);
+    let lease = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(lease.addr(), addr);
+    for (a, _) in &pods {
+        assert!(held.max(*a) <= 1, "{a}: {} at once", held.max(*a));
+    }
 }

@@ -85,9 +85,26 @@ local function drop(id)
   return false
 end
 
+-- When no script ran on this queue for over half a lease (Redis hung, or no agent could reach
+-- it), no agent could renew: the lost time is added to every agent's expiry instead of
+-- reaping them all at once, which would give their slots away before they re-assert.
+local function forgive()
+  local seen = tonumber(redis.call('HGET', P .. 'meta', 'seen') or '0')
+  local ttl = tonumber(redis.call('HGET', P .. 'meta', 'ttl') or '0')
+  redis.call('HSET', P .. 'meta', 'seen', int(now_ms))
+  local gap = now_ms - seen
+  if seen > 0 and gap > ttl / 2 then
+    local flat = redis.call('ZRANGE', P .. 'agents', 0, -1, 'WITHSCORES')
+    for i = 1, #flat, 2 do
+      redis.call('ZADD', P .. 'agents', int(tonumber(flat[i + 1]) + gap), flat[i])
+    end
+  end
+end
+
 -- Agents that stopped renewing for lease_ttl are gone (kill -9, node lost): their slots come
 -- back and their waiters leave. Done inside every script, so no janitor is needed.
 local function reap()
+  forgive()
   local freed = 0
   for _, a in ipairs(redis.call('ZRANGEBYSCORE', P .. 'agents', '-inf', int(now_ms))) do
     for _, id in ipairs(redis.call('SMEMBERS', P .. 'own:' .. a)) do
@@ -144,6 +161,7 @@ end
 local function renew(agent, ttl_ms, known)
   if known == '1' and not redis.call('ZSCORE', P .. 'agents', agent) then return false end
   redis.call('ZADD', P .. 'agents', int(now_ms + ttl_ms), agent)
+  redis.call('HSET', P .. 'meta', 'ttl', int(ttl_ms))
   return true
 end
 

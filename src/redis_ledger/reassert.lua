@@ -10,6 +10,7 @@
 local agent = ARGV[2]
 if not epoch_is(ARGV[1]) then return {'epoch'} end
 redis.call('ZADD', P .. 'agents', int(now_ms + tonumber(ARGV[3])), agent)
+redis.call('HSET', P .. 'meta', 'ttl', ARGV[3])
 redis.call('HSET', P .. 'views', agent, ARGV[4])
 reap()
 local keep, waiters = {}, {}

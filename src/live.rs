@@ -69,6 +69,7 @@ fn route_table(config: &Config, pools: &[Arc<Balancer>]) -> Snapshot {
             upstream_idle_timeout: config.upstream_idle_timeout,
             protocol: r.protocol,
             client_abort: r.client_abort,
+            metrics: Default::default(),
         })
     });
     Snapshot {

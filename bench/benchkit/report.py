@@ -188,13 +188,16 @@ def queue_md(d):
             f"{bare['kib_per_idle_connection']:.2f} | — | — | — | — | — | — | — |")
     if bare and lb and "kib_queued_over_idle" in lb:
         b = bare["kib_per_idle_connection"]
-        out += ["", f"**Memory split of a queued lb-agent request** ({s['queued']} at once): "
-                f"{lb['kib_per_queued_request']:.2f} KiB = {b:.2f} KiB for Pingora's idle "
-                f"connection (bare Pingora) + {lb['kib_per_idle_connection'] - b:.2f} KiB that "
-                f"lb-agent adds to an idle connection + {lb['kib_queued_over_idle']:.2f} KiB "
-                "that the queued request adds on top of its connection. Each figure is an RSS "
-                "difference divided by the count, so glibc's reuse of freed memory moves the "
-                "parts between runs (see the reading below)."]
+        out += ["", f"**Memory split of a queued lb-agent request** ({s['queued']} at once, RSS "
+                "differences divided by the count): bare Pingora holds "
+                f"{b:.2f} KiB per idle connection (accepted, nothing sent). lb-agent holds "
+                f"{lb['kib_per_idle_connection']:.2f} KiB per idle connection (its front door "
+                "waits for the first bytes before Pingora's per-connection session exists), and "
+                f"the queued request adds {lb['kib_queued_over_idle']:.2f} KiB on top: "
+                f"{lb['kib_per_queued_request']:.2f} KiB in all, "
+                f"{lb['kib_per_queued_request'] - b:+.2f} KiB against a connection that merely "
+                "sits idle in bare Pingora. glibc's reuse of freed memory moves these parts "
+                "between runs by a few KiB."]
     out += ["", "NGINX OSS has no queue (beyond `max_conns` it fails at once) and the random "
             "model has none either, so neither is run here. Drain time runs from the first "
             "blocker's response (slots free) to the last queued response; it includes the "

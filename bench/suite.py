@@ -21,7 +21,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from benchkit import balance, h2, overhead, queue, report, selection  # noqa: E402
-from benchkit.contenders import LB_AGENT, ROOT, TESTKIT  # noqa: E402
+from benchkit.contenders import BARE_PINGORA, LB_AGENT, ROOT, TESTKIT  # noqa: E402
 from benchkit.procs import BenchError, OtherLoad, loadavg, stop_all  # noqa: E402
 
 PARTS = ["balance", "h2", "overhead", "queue", "selection"]
@@ -69,7 +69,7 @@ def commit():
     head = sh("git", "-C", ROOT, "rev-parse", "--short", "HEAD")
     # The code that was measured; results and the README are rewritten by every run.
     dirty = sh("git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no", "--", "src",
-               "Cargo.toml", "Cargo.lock", "bench/run", "bench/suite.py", "bench/selection.rs",
+               "Cargo.toml", "Cargo.lock", "examples", "bench/run", "bench/suite.py", "bench/selection.rs",
                "bench/benchkit")
     return head + ("+uncommitted changes" if dirty else "")
 
@@ -84,9 +84,9 @@ def main(argv):
     missing = sorted({t for p in parts for t in NEEDS[p] if not shutil.which(t)})
     if missing:
         sys.exit(f"bench: missing tools {missing}; run `bash bench/run`, which installs them")
-    for binary in (LB_AGENT, TESTKIT):
+    for binary in (LB_AGENT, TESTKIT, BARE_PINGORA):
         if any(p != "selection" for p in parts) and not os.access(binary, os.X_OK):
-            sys.exit(f"bench: {binary} not found; run `cargo build --release` (bench/run does)")
+            sys.exit(f"bench: {binary} not found; run `bash bench/run`, which builds it")
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

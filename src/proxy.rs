@@ -267,7 +267,6 @@ impl ProxyHttp for LbProxy {
             .await?;
             return Ok(true);
         }
-        let path = session.req_header().uri.path().to_string();
         ctx.grpc = is_grpc(session);
         if ctx.grpc {
             ctx.grpc_deadline = grpc_timeout(session).map(|t| tokio::time::Instant::now() + t);
@@ -278,14 +277,23 @@ impl ProxyHttp for LbProxy {
             session.set_keepalive(None);
         }
         // The route found here stays with the request, whatever a config reload does meanwhile.
-        match self.live.snapshot().routes.lookup(&path) {
+        let route = self
+            .live
+            .snapshot()
+            .routes
+            .lookup(session.req_header().uri.path())
+            .map(Arc::clone);
+        match route {
             Some(route) => {
-                ctx.route = Some(Arc::clone(route));
+                ctx.route = Some(route);
                 Ok(false)
             }
             None => {
                 ctx.refusal = Some(Refusal::NoRoute);
-                let message = format!("lb-agent: no route for path {path}\n");
+                let message = format!(
+                    "lb-agent: no route for path {}\n",
+                    session.req_header().uri.path()
+                );
                 if ctx.grpc {
                     write_grpc_status(session, grpc_status::UNIMPLEMENTED, &message).await?;
                 } else {
@@ -584,32 +592,57 @@ impl ProxyHttp for LbProxy {
         }
         let route = ctx.route.as_ref().map_or("-", |r| r.uri.as_str());
         if let Some(m) = metrics::get() {
-            // Unrouted requests share the label "-": request paths must not become labels.
-            m.requests
-                .with_label_values(&[route, outcome.as_str()])
-                .inc();
-            if ctx.route.is_some() {
-                m.request_duration
-                    .with_label_values(&[route])
-                    .observe(ctx.start.elapsed().as_secs_f64());
-                m.queue_wait
-                    .with_label_values(&[route])
-                    .observe(ctx.queue_wait.as_secs_f64());
+            match &ctx.route {
+                Some(r) => {
+                    let rm = r.metrics.get_or_init(|| m.route(&r.uri));
+                    if outcome == Outcome::Ok {
+                        rm.ok.inc();
+                    } else {
+                        m.requests
+                            .with_label_values(&[route, outcome.as_str()])
+                            .inc();
+                    }
+                    rm.request_duration
+                        .observe(ctx.start.elapsed().as_secs_f64());
+                    rm.queue_wait.observe(ctx.queue_wait.as_secs_f64());
+                }
+                // Unrouted requests share the label "-": request paths must not become labels.
+                None => m
+                    .requests
+                    .with_label_values(&[route, outcome.as_str()])
+                    .inc(),
             }
         }
-        let pod = ctx.pod.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
+        // The request line is off unless RUST_LOG asks for INFO: then nothing of it may cost
+        // anything per request (formatting the pod's address allocated a String every time).
+        if !log::log_enabled!(log::Level::Info) {
+            return;
+        }
         log::info!(
             "{} {} route={} pod={} status={} outcome={} queue_wait_ms={} duration_ms={} attempts={}",
             session.req_header().method,
             session.req_header().uri,
             route,
-            pod,
+            PodName(ctx.pod),
             status,
             outcome.as_str(),
             ctx.queue_wait.as_millis(),
             ctx.start.elapsed().as_millis(),
             ctx.attempts,
         );
+    }
+}
+
+/// A pod's address for a log line, `-` when the request reached none; formatted only when the
+/// line is written.
+struct PodName(Option<SocketAddr>);
+
+impl std::fmt::Display for PodName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(addr) => addr.fmt(f),
+            None => f.write_str("-"),
+        }
     }
 }
 

@@ -213,10 +213,12 @@ fn image_is_stripped_small_in_context_and_writable_where_it_logs() {
         .iter()
         .find(|i| i.contains("cargo build"))
         .expect("a cargo build step");
+    // The shipped binary is built with the tuned `dist` profile (LTO, one codegen unit).
     assert!(
-        cargo.contains("objcopy --only-keep-debug target/release/lb-agent /out/lb-agent.debug")
+        cargo.contains("cargo build --profile dist ")
+            && cargo.contains("objcopy --only-keep-debug target/dist/lb-agent /out/lb-agent.debug")
             && cargo.contains("objcopy --strip-debug")
-            && cargo.ends_with("target/release/lb-agent /out/lb-agent"),
+            && cargo.ends_with("target/dist/lb-agent /out/lb-agent"),
         "{cargo}"
     );
     assert!(
@@ -300,4 +302,43 @@ fn image_is_stripped_small_in_context_and_writable_where_it_logs() {
             "COPY {source} is not in the build context: add !{source} to .dockerignore"
         );
     }
+}
+
+/// The `[profile.NAME]` section of Cargo.toml as `key = value` lines (comments dropped).
+fn cargo_profile(cargo_toml: &str, name: &str) -> Vec<String> {
+    let header = format!("[profile.{name}]");
+    cargo_toml
+        .lines()
+        .map(str::trim)
+        .skip_while(|l| *l != header)
+        .skip(1)
+        .take_while(|l| !l.starts_with('['))
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| l.replace(' ', ""))
+        .collect()
+}
+
+/// The image is built with whole-program optimisation, the tests are not (CI builds them with
+/// `--release`, which must stay quick), and no profile aborts on panic: a panic must stay inside
+/// its request, not take every queued and in-flight request of the process with it.
+#[test]
+fn dist_profile_is_tuned_release_stays_quick_and_panics_unwind() {
+    let cargo = std::fs::read_to_string("Cargo.toml").unwrap();
+    let dist = cargo_profile(&cargo, "dist");
+    for want in ["inherits=\"release\"", "lto=\"fat\"", "codegen-units=1"] {
+        assert!(
+            dist.iter().any(|l| l == want),
+            "[profile.dist] lacks {want}: {dist:?}"
+        );
+    }
+    let release = cargo_profile(&cargo, "release");
+    assert!(!release.is_empty(), "Cargo.toml has a [profile.release]");
+    assert!(
+        !release.iter().any(|l| l.starts_with("lto=")),
+        "[profile.release] has no LTO (cargo test --release must stay quick): {release:?}"
+    );
+    assert!(
+        !cargo.replace(' ', "").contains("panic=\"abort\""),
+        "no profile sets panic = \"abort\""
+    );
 }

@@ -9,6 +9,10 @@ per-request access log (lb-agent runs with RUST_LOG=warn, HAProxy without `log`,
 * HAProxy: `balance leastconn`, `maxconn <limit>` per server, `timeout queue`, `nbthread 1`.
 * NGINX OSS: `least_conn`, `max_conns=<limit>` per server, `worker_processes 1`. It has no
   queue: when every server is at max_conns the request fails at once (502).
+* pingora (bare): Pingora 0.9 itself, a `ProxyHttp` whose `upstream_peer` returns one fixed peer
+  (examples/bare_pingora.rs), one thread, no logging, default release build. It has no cap, no
+  queue and only one peer: it is the floor lb-agent stands on, run in the overhead part and for
+  the cost of an idle connection in the queue part.
 * random: a model of kube-proxy's iptables mode, a TCP forwarder that picks a pod uniformly
   at random per connection (randfwd.py). It has no cap and no queue.
 
@@ -27,7 +31,12 @@ from .procs import (BenchError, Proc, free_port, http_get_sync, read_all, wait_h
                     wait_tcp)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-LB_AGENT = os.environ.get("LB_AGENT_BIN", os.path.join(ROOT, "target", "release", "lb-agent"))
+# lb-agent as the image ships it: the `dist` profile (release + LTO, one codegen unit).
+LB_AGENT = os.environ.get("LB_AGENT_BIN", os.path.join(ROOT, "target", "dist", "lb-agent"))
+# The floor: a Pingora proxy with one fixed peer and no logic (examples/bare_pingora.rs), built
+# with the plain `release` profile.
+BARE_PINGORA = os.environ.get("BARE_PINGORA_BIN",
+                              os.path.join(ROOT, "target", "release", "examples", "bare_pingora"))
 # The fake pods are not part of the product: they are the testkit crate's binary.
 TESTKIT = os.environ.get("TESTKIT_BIN", os.path.join(ROOT, "target", "release", "testkit"))
 HOST = "127.0.0.1"
@@ -253,6 +262,19 @@ class Nginx(Contender):
         wait_tcp(HOST, self.port, 10, self.proc)
 
 
+class BarePingora(Contender):
+    name = "pingora"
+    has_queue = False
+    has_cap = False
+
+    def start(self):
+        if len(self.pods) != 1:
+            raise BenchError(f"pingora (bare) proxies to one fixed peer, not {len(self.pods)}")
+        self.proc = Proc(self.name, [BARE_PINGORA, f"{HOST}:{self.port}", self.pods[0]],
+                         os.path.join(self.workdir, "log"), cpus=self.cpus)
+        wait_tcp(HOST, self.port, 10, self.proc)
+
+
 class Random(Contender):
     name = "random"
     has_queue = False
@@ -335,4 +357,5 @@ class Backend:
         self.proc.stop()
 
 
-ALL = {"lb-agent": LbAgent, "haproxy": HAProxy, "nginx": Nginx, "random": Random}
+ALL = {"lb-agent": LbAgent, "haproxy": HAProxy, "nginx": Nginx, "random": Random,
+       "pingora": BarePingora}

@@ -5,7 +5,9 @@ keep-alive connections, DURATION s after a WARMUP s warm-up; ROUNDS rounds with 
 interleaved, median reported. Proxies run with one worker
 (lb-agent `threads: 1`, HAProxy `nbthread 1`, NGINX `worker_processes 1`), each with a cap far
 above the load so that only the forwarding is measured. `direct` is wrk against the backend
-itself (the floor).
+itself (the floor of the network path); `pingora` is a bare Pingora proxy with one fixed peer
+and no logic (examples/bare_pingora.rs, default release build): the floor lb-agent stands on,
+so lb-agent's own per-request cost is its difference to that row.
 
 On a machine with 2+ cores the proxy is pinned to CPU 1 and wrk + backend to CPU 0, so the
 proxy under test always has a core of its own. CPU seconds per 10k requests are read from
@@ -23,8 +25,9 @@ from . import contenders as C
 from .procs import BenchError, cpu_seconds, machine_busy
 from .stats import median
 
-CONNS, DURATION, WARMUP, ROUNDS = 32, 6, 2, 3
-ORDER = ["direct", "lb-agent", "haproxy", "nginx"]
+CONNS, DURATION, WARMUP = 32, 6, 2
+ROUNDS = int(os.environ.get("BENCH_OVERHEAD_ROUNDS", "3"))
+ORDER = ["direct", "pingora", "lb-agent", "haproxy", "nginx"]
 
 
 def cpu_plan():
@@ -69,10 +72,11 @@ def wrk(url, seconds, cpus, log_path):
 
 
 def profile(c, url, cpus, workdir, log):
-    """A short `perf` profile of lb-agent under the same load (when perf works here)."""
+    """A short `perf` profile of `c` (lb-agent, bare Pingora) under the same load (when perf
+    works here)."""
     if not shutil.which("perf"):
         return None
-    data = os.path.join(workdir, "perf.data")
+    data = os.path.join(workdir, f"perf-{c.name}.data")
     rec = subprocess.Popen(
         ["perf", "record", "-F", "499", "-g", "-p", str(c.proc.pid), "-o", data, "--", "sleep", "5"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -127,10 +131,12 @@ def run(workdir, log, with_perf=True):
         raise BenchError("wrk is not installed (bench/run installs it on Debian)")
     plan = cpu_plan()
     backend = C.Backend(workdir, "127.0.2.1", cpus=plan["load"])
-    rounds, perf_text = {n: [] for n in ORDER}, None
+    rounds, perf_text = {n: [] for n in ORDER}, {}
     try:
         for rnd in range(ROUNDS):
-            for name in ORDER:
+            # Every other round runs the contenders in reverse, so that none always runs
+            # right after the same neighbour (or first, on a cooler machine).
+            for name in ORDER if rnd % 2 == 0 else ORDER[::-1]:
                 if name == "direct":
                     c, url = None, f"http://{backend.addr}/"
                 else:
@@ -147,8 +153,8 @@ def run(workdir, log, with_perf=True):
                         + f" non-2xx {r['non_2xx']} socket errors {r['socket_errors']}"
                         + f" other processes {r['other_cores']:.2f} cores"
                     )
-                    if name == "lb-agent" and with_perf and rnd == 0:
-                        perf_text = profile(c, url, plan["load"], workdir, log)
+                    if name in ("lb-agent", "pingora") and with_perf and rnd == 0:
+                        perf_text[name] = profile(c, url, plan["load"], workdir, log)
                 finally:
                     if c:
                         c.stop()
@@ -162,11 +168,22 @@ def run(workdir, log, with_perf=True):
         results[name]["socket_errors"] = sum(r["socket_errors"] for r in rs)
         results[name]["rps_range"] = [min(r["rps"] for r in rs), max(r["rps"] for r in rs)]
         results[name]["p99_range_ms"] = [min(r["p99_ms"] for r in rs), max(r["p99_ms"] for r in rs)]
+        if "cpu_s_per_10k" in rs[0]:
+            results[name]["cpu_range_s_per_10k"] = [min(r["cpu_s_per_10k"] for r in rs),
+                                                    max(r["cpu_s_per_10k"] for r in rs)]
+    # lb-agent against the bare Pingora proxy of the same round (they ran back to back, so a
+    # machine that was slower for a while weighs on both): the spread of the ratio.
+    per_round = [
+        {"rps": lb["rps"] / bare["rps"], "cpu": lb["cpu_s_per_10k"] / bare["cpu_s_per_10k"]}
+        for lb, bare in zip(rounds["lb-agent"], rounds["pingora"])
+    ]
     return {
         "setup": {"connections": CONNS, "duration_s": DURATION, "warmup_s": WARMUP,
                   "rounds": ROUNDS,
                   "pinning": {k: sorted(v) if v else None for k, v in plan.items()}},
         "results": results,
         "rounds": rounds,
-        "perf_lb_agent": perf_text,
+        "lb_agent_vs_bare_per_round": per_round,
+        "perf_lb_agent": perf_text.get("lb-agent"),
+        "perf_pingora": perf_text.get("pingora"),
     }

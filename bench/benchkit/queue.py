@@ -12,6 +12,11 @@ timeout far above the test). Once the balancer reports all N queued, we measure 
 * idle CPU: CPU seconds the balancer used during the window, as a share of one core (and the
   same over IDLE_S s with nothing queued, before the test, for comparison).
 
+The bare Pingora proxy (examples/bare_pingora.rs, one fixed peer, no queue) is run for the
+connection part only: its RSS with N idle connections open is what Pingora itself costs per
+connection, so lb-agent's memory per queued request splits into Pingora's idle connection, what
+lb-agent adds to an idle connection, and what a queued request adds on top of its connection.
+
 When the blockers finish the 16 slots free and the queue drains; drain time is from the first
 blocker's response to the last queued response. NGINX OSS and the random model have no queue
 and are not run here.
@@ -135,6 +140,8 @@ async def scenario(c, pods, log):
         "rss_queued_kib": rss1,
         "rss_queued_end_kib": rss2,
         "kib_per_queued_request": (rss1 - rss0) / N,
+        # What the request adds once its connection is there (the rest is the connection).
+        "kib_queued_over_idle": (rss1 - rss_idle) / N,
         "idle_cpu_s": cpu1 - cpu0,
         "idle_window_s": t1 - t0,
         "idle_core_share": (cpu1 - cpu0) / (t1 - t0),
@@ -146,6 +153,36 @@ async def scenario(c, pods, log):
         "max_inflight": [s["max_inflight"] for s in stats],
         "cap_violations": sum(1 for s in stats if s["max_inflight"] > LIMIT),
     }
+
+
+async def idle_connections(c):
+    """RSS of `c` before and with N idle connections open (accepted, nothing sent), after the
+    same warm-up as `scenario`: the cost of a connection alone, for a proxy without a queue."""
+    host, port = c.entry
+    warm = [Result(0) for _ in range(200)]
+    gate = asyncio.Semaphore(16)
+    await asyncio.gather(*(one(host, port, "/warm?ms=0", r, 10, gate) for r in warm))
+    if any(r.status != 200 for r in warm):
+        raise BenchError(f"queue: warm-up through {c.name} failed: "
+                         f"{[r.error or r.status for r in warm if r.status != 200][:3]}")
+    await asyncio.sleep(1)
+    rss0 = rss_kib(c.proc.pid)
+    gate = asyncio.Semaphore(256)
+
+    async def connect():
+        async with gate:
+            return await asyncio.open_connection(host, port)
+
+    try:
+        conns = await asyncio.gather(*(connect() for _ in range(N)))
+    except OSError as e:
+        raise BenchError(f"queue: cannot open {N} connections to {c.name}: {e}")
+    await asyncio.sleep(1)
+    rss_idle = rss_kib(c.proc.pid)
+    for _, w in conns:
+        w.close()
+    return {"connections": N, "rss_before_kib": rss0, "rss_idle_conns_kib": rss_idle,
+            "kib_per_idle_connection": (rss_idle - rss0) / N}
 
 
 def run(workdir, log):
@@ -163,9 +200,19 @@ def run(workdir, log):
             log(f"queue {name}: {r['kib_per_queued_request']:.2f} KiB per queued request, idle "
                 f"{r['idle_core_share']:.2%} of a core, drained {N} in {r['drain_s']:.2f} s "
                 f"({r['drain_rps']:.0f}/s), failed {r['failed']}, max in flight {r['max_inflight']}")
+        # The floor: bare Pingora in front of one of the same pods, connections only.
+        c = C.BarePingora(workdir, pods.addrs[:1], LIMIT)
+        try:
+            bare = asyncio.run(idle_connections(c))
+        finally:
+            c.stop()
+        log(f"queue pingora (bare): RSS {bare['rss_before_kib']} KiB → "
+            f"{bare['rss_idle_conns_kib']} KiB with {N} idle connections: "
+            f"{bare['kib_per_idle_connection']:.2f} KiB per idle connection")
     finally:
         pods.stop()
     return {
+        "bare_pingora": bare,
         "setup": {"pods": PODS, "limit": LIMIT, "queued": N, "hold_ms": HOLD_MS,
                   "idle_window_s": IDLE_S},
         "results": results,

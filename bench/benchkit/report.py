@@ -10,9 +10,10 @@ RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 README = os.path.join(os.path.dirname(RESULTS), "README.md")
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 LABEL = {"lb-agent": "lb-agent", "haproxy": "HAProxy", "nginx": "NGINX OSS",
-         "random": "random (kube-proxy model)", "direct": "direct (no proxy)"}
+         "random": "random (kube-proxy model)", "direct": "direct (no proxy)",
+         "pingora": "pingora (bare)"}
 COLOR = {"lb-agent": "#d95f02", "haproxy": "#1b9e77", "nginx": "#7570b3", "random": "#999999",
-         "direct": "#444444"}
+         "direct": "#444444", "pingora": "#e6ab02"}
 
 
 def load(name):
@@ -114,36 +115,51 @@ def h2_md(d):
 def overhead_md(d):
     s = d["data"]["setup"]
     res = d["data"]["results"]
-    ha = res.get("haproxy")
+    ha, bare = res.get("haproxy"), res.get("pingora")
+
+    def rel(r, base, key):
+        return (f"{r[key] / base[key]:.2f}×" if base and r.get(key) is not None
+                and base.get(key) else "—")
+
     out = [f"### Proxy overhead (wrk, 1 thread, {s['connections']} keep-alive connections, "
            f"{s['duration_s']} s × {s['rounds']} rounds, median; one worker per proxy; proxy "
            f"pinned to CPU {s['pinning']['proxy']}, wrk + backend to CPU {s['pinning']['load']})",
            "", when(d), "",
-           "| proxy | req/s (range) | vs HAProxy | p50 ms | p99 ms (range) | p99 vs HAProxy | "
-           "CPU s per 10k req | vs HAProxy | proxy CPU (cores) | non-2xx + socket errors | "
-           "other processes (cores) |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| proxy | req/s (range) | vs bare Pingora | vs HAProxy | p50 ms | p99 ms (range) | "
+           "p99 vs HAProxy | CPU s per 10k req (range) | vs bare Pingora | vs HAProxy | "
+           "proxy CPU (cores) | non-2xx + socket errors | other processes (cores) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c, r in res.items():
-        rel = f"{r['rps'] / ha['rps']:.2f}×" if ha else "—"
-        prel = f"{r['p99_ms'] / ha['p99_ms']:.2f}×" if ha else "—"
-        crel = (f"{r['cpu_s_per_10k'] / ha['cpu_s_per_10k']:.2f}×"
-                if ha and r.get("cpu_s_per_10k") else "—")
+        cpu = f(r.get("cpu_s_per_10k"))
+        if r.get("cpu_range_s_per_10k"):
+            lo, hi = r["cpu_range_s_per_10k"]
+            cpu += f" ({lo:.3f}–{hi:.3f})"
         out.append(
             f"| {LABEL[c]} | {r['rps']:.0f} ({r['rps_range'][0]:.0f}–{r['rps_range'][1]:.0f}) | "
-            f"{rel} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} ({r['p99_range_ms'][0]:.2f}–"
-            f"{r['p99_range_ms'][1]:.2f}) | {prel} | {f(r.get('cpu_s_per_10k'))} | {crel} | "
-            f"{f(r.get('proxy_core_share'), '{:.2f}')} | {r['non_2xx'] + r['socket_errors']} | "
-            f"{r['other_cores']:.2f} |")
-    out += ["", "CPU per 10k requests is the proxy's own CPU (all its threads and processes) "
+            f"{rel(r, bare, 'rps')} | {rel(r, ha, 'rps')} | {r['p50_ms']:.3f} | "
+            f"{r['p99_ms']:.3f} ({r['p99_range_ms'][0]:.2f}–{r['p99_range_ms'][1]:.2f}) | "
+            f"{rel(r, ha, 'p99_ms')} | {cpu} | {rel(r, bare, 'cpu_s_per_10k')} | "
+            f"{rel(r, ha, 'cpu_s_per_10k')} | {f(r.get('proxy_core_share'), '{:.2f}')} | "
+            f"{r['non_2xx'] + r['socket_errors']} | {r['other_cores']:.2f} |")
+    paired = d["data"].get("lb_agent_vs_bare_per_round")
+    if paired:
+        out += ["", "lb-agent ÷ bare Pingora in each round (the two ran back to back): req/s "
+                + ", ".join(f"{p['rps']:.2f}×" for p in paired) + "; CPU per request "
+                + ", ".join(f"{p['cpu']:.2f}×" for p in paired) + "."]
+    out += ["", "pingora (bare) is `examples/bare_pingora.rs`: Pingora 0.9 with one fixed peer and "
+            "no logic, built with the default `release` profile; lb-agent is built with the "
+            "`dist` profile it ships with (release + LTO + one codegen unit). "
+            "CPU per 10k requests is the proxy's own CPU (all its threads and processes) "
             "from /proc/<pid>/stat. A proxy CPU near 1.00 core means the proxy was the "
             "bottleneck; well below it, wrk or the backend (sharing the other core) was, and "
             "the req/s of that proxy is a lower bound. Other processes: busy cores on the "
             "machine not used by the proxy, the backend or wrk during the run (another build, "
             "say); above ~0.1 the run was disturbed.", ""]
-    if d["data"].get("perf_lb_agent"):
-        out += ["<details><summary>perf profile of lb-agent under this load (top symbols, "
-                "self time)</summary>", "", "```", d["data"]["perf_lb_agent"], "```",
-                "</details>", ""]
+    for key, who in (("perf_lb_agent", "lb-agent"), ("perf_pingora", "bare Pingora")):
+        if d["data"].get(key):
+            out += [f"<details><summary>perf profile of {who} under this load (top symbols, "
+                    "self time)</summary>", "", "```", d["data"][key], "```",
+                    "</details>", ""]
     return out
 
 
@@ -163,6 +179,25 @@ def queue_md(d):
             f"{r['idle_core_share'] * 100:.2f} | {f(pct100(r.get('empty_idle_core_share')), '{:.2f}')} | "
             f"{r['fill_s']:.1f} | {r['drain_s']:.2f} | {r['drain_rps']:.0f} | "
             f"{r['failed']} | {max(r['max_inflight'])} |")
+    bare = d["data"].get("bare_pingora")
+    lb = d["data"]["results"].get("lb-agent")
+    if bare:
+        out.append(
+            f"| {LABEL['pingora']} (idle connections only) | {bare['rss_before_kib'] / 1024:.1f} "
+            f"| {bare['rss_idle_conns_kib'] / 1024:.1f} (idle) | — | "
+            f"{bare['kib_per_idle_connection']:.2f} | — | — | — | — | — | — | — |")
+    if bare and lb and "kib_queued_over_idle" in lb:
+        b = bare["kib_per_idle_connection"]
+        out += ["", f"**Memory split of a queued lb-agent request** ({s['queued']} at once, RSS "
+                "differences divided by the count): bare Pingora holds "
+                f"{b:.2f} KiB per idle connection (accepted, nothing sent). lb-agent holds "
+                f"{lb['kib_per_idle_connection']:.2f} KiB per idle connection (its front door "
+                "waits for the first bytes before Pingora's per-connection session exists), and "
+                f"the queued request adds {lb['kib_queued_over_idle']:.2f} KiB on top: "
+                f"{lb['kib_per_queued_request']:.2f} KiB in all, "
+                f"{lb['kib_per_queued_request'] - b:+.2f} KiB against a connection that merely "
+                "sits idle in bare Pingora. glibc's reuse of freed memory moves these parts "
+                "between runs by a few KiB."]
     out += ["", "NGINX OSS has no queue (beyond `max_conns` it fails at once) and the random "
             "model has none either, so neither is run here. Drain time runs from the first "
             "blocker's response (slots free) to the last queued response; it includes the "
@@ -207,6 +242,15 @@ def targets_md(bal, ovh, que, h2=None):
         pr = r["lb-agent"]["p99_ms"] / r["haproxy"]["p99_ms"]
         rows.append(("p99 ≤ HAProxy's", f"{r['lb-agent']['p99_ms']:.3f} ms vs "
                      f"{r['haproxy']['p99_ms']:.3f} ms ({pr:.2f}×)", pr <= 1.0))
+    if ovh and {"lb-agent", "pingora"} <= ovh["data"]["results"].keys():
+        r = ovh["data"]["results"]
+        ratio = r["lb-agent"]["rps"] / r["pingora"]["rps"]
+        rows.append(("one-thread throughput ≥ 1.0× bare Pingora's (default release build)",
+                     f"{ratio:.2f}×", ratio >= 1.0))
+        cr = r["lb-agent"]["cpu_s_per_10k"] / r["pingora"]["cpu_s_per_10k"]
+        rows.append(("CPU per request ≤ 1.0× bare Pingora's",
+                     f"{r['lb-agent']['cpu_s_per_10k']:.3f} vs {r['pingora']['cpu_s_per_10k']:.3f}"
+                     f" s per 10k ({cr:.2f}×)", cr <= 1.0))
     if que and "lb-agent" in que["data"]["results"]:
         q = que["data"]["results"]["lb-agent"]
         rows.append(("≤ 4 KiB RSS per queued request", f"{q['kib_per_queued_request']:.2f} KiB",

@@ -165,8 +165,14 @@ async fn client_gone(session: &mut Session) {
     }
 }
 
-/// How often a queued request with an unread body checks whether its client is still there.
-const CLOSE_CHECK_INTERVAL: Duration = Duration::from_millis(250);
+/// How soon a queued request first checks its client's TCP state, and the longest between two
+/// checks. The checks back off (doubling) because every queued HTTP/1.1 request runs one: at a
+/// fixed 250 ms, 10,000 queued requests cost 16 % of a core doing nothing. A client that closes
+/// is seen at once anyway (its FIN wakes the body read); the checks are for the clients whose
+/// FIN the read cannot see (a pipelined next request stashed, or an unread large body), and
+/// for those the backed-off checks notice within a few seconds.
+const CLOSE_CHECK_FIRST: Duration = Duration::from_millis(250);
+const CLOSE_CHECK_MAX: Duration = Duration::from_secs(4);
 
 /// Completes once the client's TCP connection is closed or half-closed (it sent FIN or RST);
 /// never completes if the state cannot be read.
@@ -177,8 +183,10 @@ async fn connection_closed(socket: Option<Arc<pingora::protocols::SocketDigest>>
     let Some(socket) = socket else {
         return std::future::pending().await;
     };
+    let mut every = CLOSE_CHECK_FIRST;
     loop {
-        tokio::time::sleep(CLOSE_CHECK_INTERVAL).await;
+        tokio::time::sleep(every).await;
+        every = (every * 2).min(CLOSE_CHECK_MAX);
         match socket.tcp_info() {
             Some(info) if info.tcpi_state == TCP_CLOSE || info.tcpi_state == TCP_CLOSE_WAIT => {
                 return

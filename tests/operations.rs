@@ -89,6 +89,22 @@ async fn metrics_follow_a_burst() {
         };
         *seen.entry(kind.to_string()).or_default() += 1;
     }
+    // A request is counted when its log line is written, just after the client got the last
+    // byte: wait until all 12 are counted before comparing (a read at once can be one behind).
+    eventually(SECS, "every request counted", || async {
+        let m = metrics(&agent).await;
+        let counted: f64 = ["ok", "queue_full", "queue_timeout", "other"]
+            .iter()
+            .map(|o| {
+                sample(
+                    &m,
+                    &format!("lb_requests_total{{outcome=\"{o}\",route=\"/work\"}}"),
+                )
+            })
+            .sum();
+        counted >= 12.0
+    })
+    .await;
     let after = metrics(&agent).await;
     println!("clients saw {seen:?}");
     for (outcome, n) in &seen {

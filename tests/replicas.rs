@@ -292,3 +292,31 @@ async fn a_long_request_keeps_its_lease_past_the_ttl() {
     );
     assert_eq!(pods[0].stats.arrivals(), vec!["long", "next"]);
 }
+
+/// Two agents, two routes whose `endpoints` share pod 2 (limit 1), a burst on both routes
+/// through both agents: every pod, the shared one included, has one request at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn overlapping_routes_through_two_agents_share_the_pods_cap() {
+    let redis = Redis::start();
+    let pods = start_pods(1, 3).await.unwrap();
+    let body = format!(
+        "ledger: {{redis: \"{}\", lease_ttl: 2s}}\nshutdown_delay: 0s\nqueue: {{timeout: 20s}}\nroutes:\n  - {{uri: /a, limit: 1, endpoints: {}}}\n  - {{uri: /b, limit: 1, endpoints: {}}}\n",
+        redis.url(),
+        endpoints(&pods[..2]),
+        endpoints(&pods[1..])
+    );
+    let agents = [Agent::start(&body).await, Agent::start(&body).await];
+    let burst: Vec<_> = (0..16)
+        .map(|i| {
+            let path = if i % 2 == 0 { "/a?ms=200" } else { "/b?ms=200" };
+            spawn_get(agents[(i / 2) % 2].addr, path)
+        })
+        .collect();
+    for t in burst {
+        assert_eq!(t.await.unwrap().unwrap().status, 200);
+    }
+    for p in &pods {
+        assert_eq!(p.stats.max_inflight(), 1, "pod {} cap", p.addr);
+    }
+    assert_eq!(pods.iter().map(|p| p.stats.started()).sum::<usize>(), 16);
+}

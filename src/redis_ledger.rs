@@ -10,12 +10,20 @@
 //! - **One atomic step per decision.** Taking a slot, queueing, releasing and handing a freed
 //!   slot to the oldest waiter are Lua scripts (`src/redis_ledger/*.lua`, run with EVALSHA and
 //!   loaded again after NOSCRIPT, e.g. after a Redis restart): the agent never reads and then
-//!   writes. A queue's keys share one hash tag (`lb:{<queue>}:…`).
+//!   writes.
+//! - **One ledger for all pools.** Every key has the prefix `lb:{ledger}:` (one hash tag), as
+//!   the in-process ledger keys its state by pod address for every pool: a pod reached by two
+//!   pools (overlapping endpoint lists, two routes, a pool and its replacement after a reload)
+//!   has one global count against its one cap, and the queue is one FIFO across pools. Each
+//!   waiter records its pool, and an agent tells its pods *per pool* (its view of the pool,
+//!   `<agent>|<pool>`): a waiter is only given a pod its own agent has in its own pool, less the
+//!   pods it tried. `max_waiting` and the figures ([`RedisLedger::queue_status`]) stay per pool.
+//!   The key layout is in `common.lua`.
 //! - **Leases** expire on Redis's own clock (`TIME` inside the scripts): each agent renews all its
-//!   leases of a queue with one call every `min(lease_ttl / 3, 1 s)`. The slots and waiters of an
+//!   leases of a pool with one call every `min(lease_ttl / 3, 1 s)`. The slots and waiters of an
 //!   agent that stopped renewing are reaped by whichever script runs next after `lease_ttl`, and
 //!   the freed slots go to waiters at once: no janitor process. A stall of Redis itself (no
-//!   script ran on the queue for over half a lease: Redis hung, or no agent could reach it) is
+//!   script ran for over half a lease: Redis hung, or no agent could reach it) is
 //!   not held against the agents: the gap is added to every expiry, so live agents are not
 //!   reaped all at once when it answers again. The price: when every agent was gone for a
 //!   while, the dead ones' slots return `lease_ttl` after the next agent's first call.
@@ -25,8 +33,8 @@
 //!   free pod. The grant is made inside the releasing script and published on the owner's
 //!   channel (`lb:grant:<agent>`); the agent wakes the waiting request through a oneshot. Pub/sub
 //!   is lossy across disconnections, so every keep-alive also asks which of the agent's waiters
-//!   hold a slot by now (one call per queue per agent, not a loop per request).
-//! - **Redis restart or failover.** Every call names the epoch of the queue that the agent
+//!   hold a slot by now (one call per pool per agent, not a loop per request).
+//! - **Redis restart or failover.** Every call names the epoch of the ledger that the agent
 //!   knows (`<server run_id>/<nonce>`). A restarted Redis has no epoch, a promoted replica has one
 //!   made on another server: the first agent to notice starts a new epoch, and no slot is granted
 //!   for `recovery_hold` while every agent (told by its epoch mismatch, its dropped pub/sub
@@ -50,11 +58,15 @@
 //!
 //! # Not covered here
 //!
-//! Redis Cluster (the scripts derive keys from the queue prefix; one Redis, or Sentinel / a
-//! managed Redis with failover, is the intended deployment); the wiring into the balancing door,
-//! config, metrics and `/status` (the lead's side). A queue once used is renewed by its agent
-//! for the life of the process (one small call per keep-alive), even after a reload removed
-//! its pool. An agent cut off from Redis (alone) for `lease_ttl` cannot be told from a dead
+//! Sharding over a Redis Cluster: the whole ledger is one hash slot, so one Redis node does all
+//! of it (one Redis, or Sentinel / a managed Redis with failover, is the intended deployment).
+//! The wiring into the balancing door, config, metrics and `/status` (the lead's side). A pool
+//! once used is renewed by its agent for the life of the process (one small call per
+//! keep-alive), even after a reload removed it. The pump walks the one queue past waiters that
+//! cannot use a free pod: with many waiters of a pool whose pods are all full queued ahead of
+//! one that can use a pod freed in another pool, a release costs a walk over them (the
+//! in-process ledger has the same order rule). Agents of a version that kept one key prefix
+//! per pool (`lb:{<pool>}:`) do not see this ledger's counts: do not mix them in one rollout. An agent cut off from Redis (alone) for `lease_ttl` cannot be told from a dead
 //! one: its slots are given away, and it re-asserts them (over the caps) when it is back.
 
 use std::collections::HashMap;
@@ -117,7 +129,7 @@ impl LedgerOptions {
 pub enum LedgerError {
     #[error("ledger.redis: {0}")]
     Url(#[source] RedisError),
-    #[error("ledger agent id {0:?}: must be non-empty and without '#' or spaces")]
+    #[error("ledger agent id {0:?}: must be non-empty and without '#', ',', '=', '|' or spaces")]
     Agent(String),
     #[error("ledger.lease_ttl: must be at least 300ms (it is renewed every third of it)")]
     LeaseTtl,
@@ -364,7 +376,7 @@ impl RedisLedger {
         agent: String,
         opts: LedgerOptions,
     ) -> Result<Arc<Self>, LedgerError> {
-        if agent.is_empty() || agent.contains(['#', ' ', ',', '=']) {
+        if agent.is_empty() || agent.contains(['#', ' ', ',', '=', '|']) {
             return Err(LedgerError::Agent(agent));
         }
         if opts.lease_ttl < Duration::from_millis(300) {
@@ -1010,7 +1022,8 @@ impl RedisLedger {
         args: &[String],
     ) -> Result<Value, RedisError> {
         let mut call = script.prepare_invoke();
-        call.key(queue_prefix(queue));
+        call.key(LEDGER_PREFIX);
+        call.arg(queue);
         for a in args {
             call.arg(a);
         }
@@ -1138,10 +1151,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// All keys of a queue share this prefix; the braces make it one Redis Cluster hash slot.
-fn queue_prefix(queue: &str) -> String {
-    format!("lb:{{{queue}}}:")
-}
+/// Every key of the ledger, whatever the pool, has this prefix: a pod reached by several pools
+/// has one count, and the queue is one across pools. The braces make it one Redis Cluster hash
+/// slot (a script may only touch keys of one slot).
+const LEDGER_PREFIX: &str = "lb:{ledger}:";
 
 fn encode_view(candidates: &[(SocketAddr, u32)]) -> String {
     let mut s = String::new();
@@ -1247,6 +1260,5 @@ mod tests {
             "127.0.1.1:80=2,127.0.1.2:80=3"
         );
         assert_eq!(join_addrs(&[a, b]), "127.0.1.1:80,127.0.1.2:80");
-        assert_eq!(queue_prefix("svc.ns:80"), "lb:{svc.ns:80}:");
     }
 }

@@ -639,3 +639,170 @@ async fn redis_stalled_longer_than_lease_ttl_reaps_nobody() {
         assert!(held.max(*a) <= 1, "{a}: {} at once", held.max(*a));
     }
 }
+
+/// Two pools (two routes, or a pool and its replacement after a reload) reaching the same pod.
+const QA: &str = "static[127.0.1.1:80,127.0.1.2:80]";
+const QB: &str = "static[127.0.1.2:80,127.0.1.3:80]";
+
+/// Requests waiting in all the given pools, all agents together.
+async fn waiting_in(agent: &RedisLedger, pools: &[&str]) -> u64 {
+    let mut n = 0;
+    for p in pools {
+        n += agent.queue_status(p).await.unwrap().waiting;
+    }
+    n
+}
+
+/// Two pools whose pod lists share pod 2, limit 1, a burst through three agents on both: pod 2
+/// has one cap, not one per pool (the test's own lease count and Redis's global count).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pools_sharing_a_pod_share_its_cap() {
+    let redis = Redis::start();
+    let agents = agents(&redis, 3, opts(5_000, 300)).await;
+    let pools = [
+        (QA, vec![(pod(1), 1), (pod(2), 1)]),
+        (QB, vec![(pod(2), 1), (pod(3), 1)]),
+    ];
+    let held = Arc::new(Held::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let watchers = [
+        watch_global(Arc::clone(&agents[0]), QA, Arc::clone(&stop)),
+        watch_global(Arc::clone(&agents[1]), QB, Arc::clone(&stop)),
+    ];
+    let mut tasks = Vec::new();
+    for i in 0..60u64 {
+        let agent = Arc::clone(&agents[i as usize % 3]);
+        let (queue, pods) = pools[(i / 3) as usize % 2].clone();
+        let held = Arc::clone(&held);
+        tasks.push(tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let lease = agent.acquire(queue, &pods, &[], 1000, deadline).await?;
+            held.take(lease.addr());
+            sleep(Duration::from_millis(5 + (i * 7) % 30)).await;
+            held.give(lease.addr());
+            drop(lease);
+            Ok::<_, AcquireError>(())
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().expect("every request is served");
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in watchers {
+        for (addr, g) in w.await.unwrap() {
+            assert!(g <= 1, "{addr}: global count {g} in Redis");
+        }
+    }
+    for i in 1..=3 {
+        assert!(
+            held.max(pod(i)) <= 1,
+            "{}: {} leases held at once",
+            pod(i),
+            held.max(pod(i))
+        );
+    }
+    assert_eq!(held.max(pod(2)), 1, "the shared pod was used");
+    eventually("all slots back", Duration::from_secs(5), || async {
+        let (a, b) = (
+            agents[2].queue_status(QA).await.unwrap(),
+            agents[2].queue_status(QB).await.unwrap(),
+        );
+        a.inflight.is_empty() && b.inflight.is_empty() && a.waiting + b.waiting == 0
+    })
+    .await;
+}
+
+/// One pod in two pools, limit 1: waiters queued in both pools through three agents get the
+/// freed slot in their arrival order, whichever pool they wait in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_freed_shared_pod_goes_to_the_oldest_waiter_of_any_pool() {
+    let redis = Redis::start();
+    let agents = agents(&redis, 3, opts(5_000, 200)).await;
+    let pods = vec![(pod(1), 1)];
+    let far = || Instant::now() + Duration::from_secs(20);
+    let first = agents[0].acquire(QA, &pods, &[], 100, far()).await.unwrap();
+
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for i in 0..8usize {
+        let agent = Arc::clone(&agents[[1, 2, 0][i % 3]]);
+        let queue = [QB, QA][i % 2];
+        let (pods, order) = (pods.clone(), Arc::clone(&order));
+        tasks.push(tokio::spawn(async move {
+            let lease = agent.acquire(queue, &pods, &[], 100, far()).await.unwrap();
+            order.lock().unwrap().push(i);
+            sleep(Duration::from_millis(10)).await;
+            lease.release().await;
+        }));
+        eventually("the waiter is queued", Duration::from_secs(5), || async {
+            waiting_in(&agents[0], &[QA, QB]).await == i as u64 + 1
+        })
+        .await;
+    }
+    assert_eq!(agents[0].queue_status(QA).await.unwrap().waiting, 4);
+    assert_eq!(agents[0].queue_status(QB).await.unwrap().waiting, 4);
+    drop(first);
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(10), t)
+            .await
+            .expect("every waiter served")
+            .unwrap();
+    }
+    assert_eq!(*order.lock().unwrap(), (0..8).collect::<Vec<_>>());
+}
+
+/// A waiter is only given a pod of its own pool, as its agent sees that pool: pool A is pod 1,
+/// pool B pods 1 and 2, on the same agent. A's older waiter keeps waiting when pod 2 frees up
+/// (B's younger waiter gets it), and gets pod 1 when that frees up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_is_never_given_a_pod_outside_its_pool() {
+    let redis = Redis::start();
+    let agents = agents(&redis, 2, opts(5_000, 200)).await;
+    let a_pods = vec![(pod(1), 1)];
+    let b_pods = vec![(pod(1), 1), (pod(2), 1)];
+    let far = || Instant::now() + Duration::from_secs(20);
+    let on_1 = agents[1]
+        .acquire(QA, &a_pods, &[], 10, far())
+        .await
+        .unwrap();
+    let on_2 = agents[1]
+        .acquire(QB, &b_pods, &[], 10, far())
+        .await
+        .unwrap();
+    assert_eq!((on_1.addr(), on_2.addr()), (pod(1), pod(2)));
+
+    let spawn_waiter = |queue: &'static str, pods: &Vec<(SocketAddr, u32)>| {
+        let (agent, pods) = (Arc::clone(&agents[0]), pods.clone());
+        tokio::spawn(async move { agent.acquire(queue, &pods, &[], 10, far()).await.unwrap() })
+    };
+    let a_waiter = spawn_waiter(QA, &a_pods);
+    eventually("A's request queued", Duration::from_secs(5), || async {
+        agents[1].queue_status(QA).await.unwrap().waiting == 1
+    })
+    .await;
+    let b_waiter = spawn_waiter(QB, &b_pods);
+    eventually("B's request queued", Duration::from_secs(5), || async {
+        agents[1].queue_status(QB).await.unwrap().waiting == 1
+    })
+    .await;
+
+    drop(on_2);
+    let b_lease = tokio::time::timeout(Duration::from_secs(5), b_waiter)
+        .await
+        .expect("B's request gets the freed pod 2")
+        .unwrap();
+    assert_eq!(b_lease.addr(), pod(2));
+    sleep(Duration::from_millis(300)).await;
+    assert!(!a_waiter.is_finished(), "A's request was given a pod of B");
+    assert_eq!(agents[1].queue_status(QA).await.unwrap().waiting, 1);
+
+    drop(on_1);
+    let a_lease = tokio::time::timeout(Duration::from_secs(5), a_waiter)
+        .await
+        .expect("A's request gets pod 1")
+        .unwrap();
+    assert_eq!(a_lease.addr(), pod(1));
+    let s = agents[1].queue_status(QB).await.unwrap();
+    assert_eq!(s.inflight, vec![(pod(1), 1), (pod(2), 1)]);
+    assert_eq!(s.waiting, 0);
+}

@@ -292,3 +292,86 @@ async fn a_long_request_keeps_its_lease_past_the_ttl() {
     );
     assert_eq!(pods[0].stats.arrivals(), vec!["long", "next"]);
 }
+
+/// Two agents, two routes whose `endpoints` share pod 2 (limit 1), a burst on both routes
+/// through both agents: every pod, the shared one included, has one request at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn overlapping_routes_through_two_agents_share_the_pods_cap() {
+    let redis = Redis::start();
+    let pods = start_pods(1, 3).await.unwrap();
+    let body = format!(
+        "ledger: {{redis: \"{}\", lease_ttl: 2s}}\nshutdown_delay: 0s\nqueue: {{timeout: 20s}}\nroutes:\n  - {{uri: /a, limit: 1, endpoints: {}}}\n  - {{uri: /b, limit: 1, endpoints: {}}}\n",
+        redis.url(),
+        endpoints(&pods[..2]),
+        endpoints(&pods[1..])
+    );
+    let agents = [Agent::start(&body).await, Agent::start(&body).await];
+    let burst: Vec<_> = (0..16)
+        .map(|i| {
+            let path = if i % 2 == 0 { "/a?ms=200" } else { "/b?ms=200" };
+            spawn_get(agents[(i / 2) % 2].addr, path)
+        })
+        .collect();
+    for t in burst {
+        assert_eq!(t.await.unwrap().unwrap().status, 200);
+    }
+    for p in &pods {
+        assert_eq!(p.stats.max_inflight(), 1, "pod {} cap", p.addr);
+    }
+    assert_eq!(pods.iter().map(|p| p.stats.started()).sum::<usize>(), 16);
+}
+
+/// A reload that grows a static list makes a new pool; with the shared ledger too, it sees the
+/// request the old pool runs on pod 1, and the request queued in the old pool gets pod 1 before
+/// a newcomer of the new pool that arrived after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_grown_static_list_keeps_the_cap_and_the_queue_order_in_redis() {
+    let redis = Redis::start();
+    let pods = start_pods(1, 2).await.unwrap();
+    let route = |p: &[FakePod]| {
+        format!(
+            "ledger: {{redis: \"{}\", lease_ttl: 2s}}\nreload_interval: 50ms\nqueue: {{timeout: 20s}}\nroutes:\n  - {{uri: /work, limit: 1, endpoints: {}}}\n",
+            redis.url(),
+            endpoints(p)
+        )
+    };
+    let agent = Agent::start(&route(&pods[..1])).await;
+    let r1 = get_tagged(&agent, "/work?ms=1500", "r1");
+    eventually(SECS, "r1 runs on pod 1", || async {
+        pods[0].stats.inflight() == 1
+    })
+    .await;
+    let r2 = get_tagged(&agent, "/work?ms=200", "r2");
+    eventually(SECS, "r2 queued", || async {
+        global_queue(&agent).await == 1
+    })
+    .await;
+
+    agent.update_config(&route(&pods));
+    eventually(SECS, "the grown list is in force", || async {
+        agent.status().await["pools"][0]["pods"]
+            .as_array()
+            .is_some_and(|v| v.len() == 2)
+    })
+    .await;
+    let r3 = get_tagged(&agent, "/work?ms=3000", "r3");
+    eventually(SECS, "r3 runs on the new pod 2", || async {
+        pods[1].stats.inflight() == 1
+    })
+    .await;
+    let r4 = get_tagged(&agent, "/work?ms=200", "r4");
+    // `/status` lists the pools in force only: r4 waits in the new pool, r2 in the old one.
+    eventually(SECS, "r4 queued behind r2", || async {
+        agent.status().await["ledger"]["pools"][0]["queue_depth"] == 1
+    })
+    .await;
+    assert!(!r2.is_finished(), "r2 waits for pod 1");
+
+    for t in [r1, r2, r3, r4] {
+        assert_eq!(t.await.unwrap().unwrap().status, 200);
+    }
+    assert_eq!(pods[0].stats.max_inflight(), 1, "pod 1 over its cap");
+    assert_eq!(pods[1].stats.max_inflight(), 1, "pod 2 over its cap");
+    assert_eq!(pods[0].stats.arrivals(), vec!["r1", "r2", "r4"]);
+    assert_eq!(pods[1].stats.arrivals(), vec!["r3"]);
+}

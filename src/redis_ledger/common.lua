@@ -1,20 +1,28 @@
--- Shared by every ledger script (prepended to each one). KEYS[1] is the queue's key prefix,
--- "lb:{<queue>}:"; every key used is that prefix plus a suffix, so a queue's keys share one
--- hash slot. Keys of a queue:
+-- Shared by every ledger script (prepended to each one). KEYS[1] is the ledger's key prefix,
+-- "lb:{ledger}:", one for all pools: a pod reached by two pools (overlapping endpoint lists,
+-- two routes, a pool and its replacement after a reload) has one count and one cap, and the
+-- queue is one FIFO across pools, as in the in-process ledger. Every key is that prefix plus a
+-- suffix, so all share one hash slot. ARGV[1] is always the pool the call is about. Keys:
 --   meta        HASH  epoch ("<server run_id>/<nonce>"), hold_until (ms), last (last arrival
---                     stamp, µs), expired (leases returned because their agent vanished)
---   agents      ZSET  agent -> expiry of that agent's leases (ms, Redis clock)
---   views       HASH  agent -> "addr=limit,addr=limit": the pods that agent may send to
---   inflight    HASH  addr -> slots taken on that pod, all agents together
+--                     stamp, µs), seen (last script run, ms), ttl (ms)
+--   expired     HASH  pool -> leases of that pool returned because their agent vanished
+--   agents      ZSET  reg -> expiry of that registration's leases (ms, Redis clock); a reg is
+--                     "<agent>|<pool>": an agent registers (and is reaped) per pool it uses
+--   views       HASH  reg -> "addr=limit,addr=limit": the pods that agent may send to for that
+--                     pool (a waiter is only given a pod of its own reg's view)
+--   inflight    HASH  addr -> slots taken on that pod, all agents and all pools together
 --   leases      HASH  id -> addr
---   queue       ZSET  id -> arrival stamp (µs, Redis clock, strictly increasing)
+--   pool        HASH  id -> pool of that lease or waiter
+--   queue       ZSET  id -> arrival stamp (µs, Redis clock, strictly increasing), all pools
+--   waiting     HASH  pool -> waiters of that pool in `queue` (for max_waiting and status)
 --   tried       HASH  id -> "addr,addr": pods a waiter must not be given
---   own:<agent> SET   that agent's ids (leases and waiters), so they can be reaped
+--   own:<reg>   SET   that registration's ids (leases and waiters), so they can be reaped
 -- An id is "<agent>#<n>": its owner is the text before the last '#'.
 -- Redis < 7 replicates scripts verbatim unless told to replicate their effects, and TIME
 -- makes a script non-deterministic; from Redis 7 on this is the default and the call a no-op.
 if redis.replicate_commands then redis.replicate_commands() end
 local P = KEYS[1]
+local POOL = ARGV[1]
 local t = redis.call('TIME')
 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local now_ms = math.floor(now_us / 1000)
@@ -23,6 +31,11 @@ local now_ms = math.floor(now_us / 1000)
 local function int(x) return string.format('%.0f', x) end
 
 local function owner(id) return string.match(id, '^(.*)#[^#]*$') end
+
+local function reg_of(agent, pool) return agent .. '|' .. pool end
+
+-- The pool of a registration (agents have no '|', pools may).
+local function reg_pool(reg) return string.sub(reg, (string.find(reg, '|', 1, true) or 0) + 1) end
 
 local function parse_set(s)
   local set = {}
@@ -40,6 +53,16 @@ end
 
 local function hold_left()
   return math.max(0, tonumber(redis.call('HGET', P .. 'meta', 'hold_until') or '0') - now_ms)
+end
+
+local function pool_waiting(pool)
+  return tonumber(redis.call('HGET', P .. 'waiting', pool) or '0')
+end
+
+local function count_waiting(pool, d)
+  if redis.call('HINCRBY', P .. 'waiting', pool, d) <= 0 then
+    redis.call('HDEL', P .. 'waiting', pool)
+  end
 end
 
 -- The least loaded pod of `view` below its limit and not in `tried` (ties: first listed).
@@ -60,34 +83,53 @@ local function pick(view, tried, counts)
   return best
 end
 
-local function take(id, addr, counts)
+-- Records `id` (of `pool`) as holding a slot on `addr`.
+local function take(id, addr, pool, counts)
   redis.call('HSET', P .. 'leases', id, addr)
+  redis.call('HSET', P .. 'pool', id, pool)
   local n = redis.call('HINCRBY', P .. 'inflight', addr, 1)
   if counts then counts[addr] = n end
-  redis.call('SADD', P .. 'own:' .. owner(id), id)
+  redis.call('SADD', P .. 'own:' .. reg_of(owner(id), pool), id)
 end
 
--- Removes `id` whatever it is; says what it was ('lease', 'waiter' or false).
+-- Queues `id` of `pool` with arrival stamp `stamp`.
+local function enqueue(id, pool, stamp, tried)
+  redis.call('ZADD', P .. 'queue', stamp, id)
+  redis.call('HSET', P .. 'pool', id, pool)
+  if tried ~= '' then redis.call('HSET', P .. 'tried', id, tried) end
+  redis.call('SADD', P .. 'own:' .. reg_of(owner(id), pool), id)
+  count_waiting(pool, 1)
+end
+
+-- Takes waiter `id` of `pool` out of the queue (granted or gone). False if it was not there.
+local function unqueue(id, pool)
+  if redis.call('ZREM', P .. 'queue', id) == 0 then return false end
+  redis.call('HDEL', P .. 'tried', id)
+  count_waiting(pool, -1)
+  return true
+end
+
+-- Removes `id` whatever it is; says what it was ('lease', 'waiter' or false) and its pool.
 local function drop(id)
-  redis.call('SREM', P .. 'own:' .. owner(id), id)
+  local pool = redis.call('HGET', P .. 'pool', id)
+  if not pool then return false end
+  redis.call('HDEL', P .. 'pool', id)
+  redis.call('SREM', P .. 'own:' .. reg_of(owner(id), pool), id)
   local addr = redis.call('HGET', P .. 'leases', id)
   if addr then
     redis.call('HDEL', P .. 'leases', id)
     if redis.call('HINCRBY', P .. 'inflight', addr, -1) <= 0 then
       redis.call('HDEL', P .. 'inflight', addr)
     end
-    return 'lease'
+    return 'lease', pool
   end
-  if redis.call('ZREM', P .. 'queue', id) == 1 then
-    redis.call('HDEL', P .. 'tried', id)
-    return 'waiter'
-  end
-  return false
+  if unqueue(id, pool) then return 'waiter', pool end
+  return false, pool
 end
 
--- When no script ran on this queue for over half a lease (Redis hung, or no agent could reach
--- it), no agent could renew: the lost time is added to every agent's expiry instead of
--- reaping them all at once, which would give their slots away before they re-assert.
+-- When no script ran for over half a lease (Redis hung, or no agent could reach it), no agent
+-- could renew: the lost time is added to every registration's expiry instead of reaping them
+-- all at once, which would give their slots away before they re-assert.
 local function forgive()
   local seen = tonumber(redis.call('HGET', P .. 'meta', 'seen') or '0')
   local ttl = tonumber(redis.call('HGET', P .. 'meta', 'ttl') or '0')
@@ -101,27 +143,32 @@ local function forgive()
   end
 end
 
--- Agents that stopped renewing for lease_ttl are gone (kill -9, node lost): their slots come
--- back and their waiters leave. Done inside every script, so no janitor is needed.
+-- Registrations not renewed for lease_ttl are gone (kill -9, node lost): their slots come back
+-- and their waiters leave. Done inside every script, so no janitor is needed.
 local function reap()
   forgive()
   local freed = 0
-  for _, a in ipairs(redis.call('ZRANGEBYSCORE', P .. 'agents', '-inf', int(now_ms))) do
-    for _, id in ipairs(redis.call('SMEMBERS', P .. 'own:' .. a)) do
-      if drop(id) == 'lease' then freed = freed + 1 end
+  for _, r in ipairs(redis.call('ZRANGEBYSCORE', P .. 'agents', '-inf', int(now_ms))) do
+    for _, id in ipairs(redis.call('SMEMBERS', P .. 'own:' .. r)) do
+      local was, pool = drop(id)
+      if was == 'lease' then
+        freed = freed + 1
+        redis.call('HINCRBY', P .. 'expired', pool, 1)
+      end
     end
-    redis.call('DEL', P .. 'own:' .. a)
-    redis.call('HDEL', P .. 'views', a)
-    redis.call('ZREM', P .. 'agents', a)
+    redis.call('DEL', P .. 'own:' .. r)
+    redis.call('HDEL', P .. 'views', r)
+    redis.call('ZREM', P .. 'agents', r)
   end
-  if freed > 0 then redis.call('HINCRBY', P .. 'meta', 'expired', freed) end
   return freed
 end
 
--- Gives free slots to waiters, oldest first. A waiter none of whose pods is free is passed
--- over, not a barrier: a younger one that can use the free pod gets it. Stops as soon as no
--- agent's view has a free pod. Each grant is published to its agent, except `quiet` (the
--- caller, who reads it from the reply). Nothing is granted during a recovery hold.
+-- Gives free slots to waiters, oldest first across all pools. A waiter may only be given a pod
+-- of its own registration's view (its agent's pods of its pool), less the pods it tried. A
+-- waiter none of whose pods is free is passed over, not a barrier: a younger one that can use
+-- the free pod gets it. Stops as soon as no view has a free pod. Each grant is published to its
+-- agent, except `quiet` (the caller, who reads it from the reply). Nothing is granted during a
+-- recovery hold.
 local function pump(quiet)
   if hold_left() > 0 then return end
   local views, counts, none = {}, {}, {}
@@ -130,8 +177,8 @@ local function pump(quiet)
   local open, n_open
   local function refresh()
     open, n_open = {}, 0
-    for a, v in pairs(views) do
-      if pick(v, none, counts) then open[a], n_open = true, n_open + 1 end
+    for r, v in pairs(views) do
+      if pick(v, none, counts) then open[r], n_open = true, n_open + 1 end
     end
   end
   refresh()
@@ -141,11 +188,13 @@ local function pump(quiet)
     if #ids == 0 then return end
     for _, id in ipairs(ids) do
       local a = owner(id)
-      local addr = open[a] and pick(views[a], parse_set(redis.call('HGET', P .. 'tried', id)), counts)
+      local pool = redis.call('HGET', P .. 'pool', id)
+      local r = pool and reg_of(a, pool)
+      local addr = r and open[r]
+        and pick(views[r], parse_set(redis.call('HGET', P .. 'tried', id)), counts)
       if addr then
-        redis.call('ZREM', P .. 'queue', id)
-        redis.call('HDEL', P .. 'tried', id)
-        take(id, addr, counts)
+        unqueue(id, pool)
+        take(id, addr, pool, counts)
         if id ~= quiet then redis.call('PUBLISH', 'lb:grant:' .. a, id .. ' ' .. addr) end
         refresh()
         if n_open == 0 then return end
@@ -156,13 +205,34 @@ local function pump(quiet)
   end
 end
 
--- Renews `agent` (ARGV order is the caller's). Returns false when the agent believed it was
--- registered (`known`) and is not: it was reaped while alive and must re-assert.
-local function renew(agent, ttl_ms, known)
-  if known == '1' and not redis.call('ZSCORE', P .. 'agents', agent) then return false end
-  redis.call('ZADD', P .. 'agents', int(now_ms + ttl_ms), agent)
+-- Renews registration `reg` (ARGV order is the caller's). Returns false when the agent
+-- believed it was registered (`known`) and is not: it was reaped while alive and must
+-- re-assert.
+local function renew(reg, ttl_ms, known)
+  if known == '1' and not redis.call('ZSCORE', P .. 'agents', reg) then return false end
+  redis.call('ZADD', P .. 'agents', int(now_ms + ttl_ms), reg)
   redis.call('HSET', P .. 'meta', 'ttl', int(ttl_ms))
   return true
 end
 
 local function epoch_is(e) return redis.call('HGET', P .. 'meta', 'epoch') == e end
+
+-- The pool's figures: {waiting, expired, {addr, n, ...}} where the pods are those of any
+-- agent's view of the pool, with their global counts (all pools), pods with none left out.
+local function pool_status(pool)
+  local seen, counts = {}, {}
+  local flat = redis.call('HGETALL', P .. 'views')
+  for i = 1, #flat, 2 do
+    if reg_pool(flat[i]) == pool then
+      for _, p in ipairs(parse_view(flat[i + 1])) do
+        local a = p[1]
+        if not seen[a] then
+          seen[a] = true
+          local n = redis.call('HGET', P .. 'inflight', a)
+          if n then counts[#counts + 1] = a; counts[#counts + 1] = n end
+        end
+      end
+    end
+  end
+  return {pool_waiting(pool), tonumber(redis.call('HGET', P .. 'expired', pool) or '0'), counts}
+end

@@ -1,3 +1,4 @@
--- No ARGV. Read only: {epoch or '', waiting, expired, {addr, n, ...}} for status and tests.
-return {redis.call('HGET', P .. 'meta', 'epoch') or '', redis.call('ZCARD', P .. 'queue'),
-  tonumber(redis.call('HGET', P .. 'meta', 'expired') or '0'), redis.call('HGETALL', P .. 'inflight')}
+-- ARGV: pool. Read only: {epoch or '', waiting, expired, {addr, n, ...}} of the pool, for
+-- status and tests (see pool_status).
+local s = pool_status(POOL)
+return {redis.call('HGET', P .. 'meta', 'epoch') or '', s[1], s[2], s[3]}

@@ -108,7 +108,8 @@ impl AdminApp {
             epoch_changes: known.epoch_changes,
             ..LedgerStatus::default()
         };
-        for b in self.live.snapshot().pools.iter() {
+        // Retired pools too: their queued requests still wait in the ledger.
+        for b in self.live.all_pools().iter() {
             let read = tokio::time::timeout(LEDGER_READ_TIMEOUT, redis.queue_status(b.name()));
             let Ok(Ok(q)) = read.await else {
                 status.reachable = false;

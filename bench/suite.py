@@ -1,4 +1,5 @@
-"""lb-agent bench suite: `python3 bench/suite.py [all|balance|h2|overhead|queue|selection …]`.
+"""lb-agent bench suite: `python3 bench/suite.py [all|balance|h2|overhead|queue|selection|
+replicas …]`.
 
 Normally started by `bash bench/run`, which installs the tools and builds lb-agent first.
 Each part writes bench/results/<part>.json; then the markdown table (results/latest.md, and
@@ -20,13 +21,14 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from benchkit import balance, h2, overhead, queue, report, selection  # noqa: E402
+from benchkit import balance, h2, overhead, queue, replicas, report, selection  # noqa: E402
 from benchkit.contenders import BARE_PINGORA, LB_AGENT, ROOT, TESTKIT  # noqa: E402
 from benchkit.procs import BenchError, OtherLoad, loadavg, stop_all  # noqa: E402
 
-PARTS = ["balance", "h2", "overhead", "queue", "selection"]
+PARTS = ["balance", "h2", "overhead", "queue", "selection", "replicas"]
 NEEDS = {"balance": ["haproxy", "nginx"], "h2": ["haproxy", "nginx", "h2load"],
-         "overhead": ["haproxy", "nginx", "wrk"], "queue": ["haproxy"], "selection": ["cargo"]}
+         "overhead": ["haproxy", "nginx", "wrk"], "queue": ["haproxy"], "selection": ["cargo"],
+         "replicas": ["haproxy", "redis-server"]}
 
 
 def log(msg):
@@ -119,6 +121,8 @@ def main(argv):
                 data = overhead.run(pdir, log, with_perf=os.environ.get("BENCH_PERF", "1") == "1")
             elif part == "queue":
                 data = queue.run(pdir, log)
+            elif part == "replicas":
+                data = replicas.run(pdir, reps, log)
             else:
                 data = selection.run(pdir, log)
         except BenchError as e:

@@ -217,7 +217,7 @@ def selection_md(d):
     return out
 
 
-def targets_md(bal, ovh, que, h2=None):
+def targets_md(bal, ovh, que, h2=None, rep=None):
     rows = []
     if bal:
         s = bal["data"]["summary"]
@@ -257,6 +257,8 @@ def targets_md(bal, ovh, que, h2=None):
                      q["kib_per_queued_request"] <= 4))
         rows.append(("idle CPU ~0 with 10,000 queued (≤ 1 % of a core)",
                      f"{q['idle_core_share'] * 100:.2f} % of a core", q["idle_core_share"] <= 0.01))
+    if rep:
+        rows += replicas_target_rows(rep)
     if not rows:
         return []
     out = ["### Targets", "", "| target | measured (lb-agent) | met |", "|---|---|---|"]
@@ -396,13 +398,146 @@ def plots(bal, ovh, que, h2=None):
     return made
 
 
+
+# --- replicas (issue #12) ---------------------------------------------------------------------
+
+REP_LABEL = {"one": "1 lb-agent (in-process ledger)", "redis": "3 lb-agents, one Redis ledger",
+             "haproxy": "3 HAProxy (maxconn per instance)",
+             "partitioned": "3 lb-agents, pods split among them (Knative model)"}
+REP_SHORT = {"one": "1 agent", "redis": "3 agents\nRedis", "haproxy": "3 HAProxy",
+             "partitioned": "3 agents\npartitioned"}
+REP_COLOR = {"one": "#d95f02", "redis": "#e6ab02", "haproxy": "#1b9e77", "partitioned": "#7570b3"}
+
+
+def replicas_target_rows(rep):
+    s, lat = rep["data"]["summary"], rep["data"]["latency"]
+    caps = sum(r["cap_violations"] for r in s["redis"].values())
+    worst = max(max(r["max_inflight_per_pod"]) for r in s["redis"].values())
+    vs = s["redis"]["burst"]["vs_one"]
+    return [
+        ("0 cap violations with 3 agents (Redis ledger, all runs)",
+         f"{caps} (highest in flight on a pod: {worst}, limit {rep['data']['setup']['limit']})",
+         caps == 0),
+        ("burst efficiency with 3 agents ≥ 0.97 of one agent's",
+         f"{f(s['redis']['burst']['efficiency'])} vs {f(s['one']['burst']['efficiency'])} "
+         f"({f(vs)}×)", vs is not None and vs >= 0.97),
+        ("ledger's added latency per request ≤ 1 ms p99 (loopback)",
+         f"p99 +{lat['added_p99_ms']:.3f} ms (p50 +{lat['added_p50_ms']:.3f} ms)",
+         lat["added_p99_ms"] <= 1.0),
+    ]
+
+
+def replicas_md(d):
+    s, summ, lat = d["data"]["setup"], d["data"]["summary"], d["data"]["latency"]
+    out = [f"### Several replicas ({s['pods']} pods × limit {s['limit']}, each pod works on "
+           f"{s['pod_workers']} at a time; client picks a replica at random per request; "
+           f"median of {s['reps']} runs)", "", when(d), "",
+           "| workload | contender | makespan s (range) | ideal s | efficiency | vs 1 agent | "
+           "failed | p50 ms | p99 ms | max in flight per pod | cap violations |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for w in ["burst", "hetero"]:
+        for c, per in summ.items():
+            r = per[w]
+            rng = r["makespan_range_s"]
+            out.append(
+                f"| {w} | {REP_LABEL[c]} | {r['makespan_s']:.3f} ({rng[0]:.3f}–{rng[1]:.3f}) | "
+                f"{r['ideal_makespan_s']:.3f} | {f(r['efficiency'])} | "
+                f"{f(r['vs_one'], '{:.3f}')} | {r['failed']}/{r['requests']} | "
+                f"{f(r['p50_ms'], '{:.0f}')} | {f(r['p99_ms'], '{:.0f}')} | "
+                f"{'·'.join(str(v) for v in r['max_inflight_per_pod'])} | "
+                f"{r['cap_violations']} |")
+    out += ["", f"Workloads: **burst** {s['requests']} × 200 ms at once (ideal "
+            f"ceil({s['requests']}/{s['pods'] * s['limit']}) × 200 ms); **hetero** "
+            f"{s['requests']} requests at once, 20–1500 ms (Σ {s['hetero_total_service_s']:.1f} "
+            f"s; ideal = lower bound max(Σ/{s['pods'] * s['limit']}, longest)). Each request "
+            "goes to a replica drawn at random (seeded; the same draws for every contender of a "
+            "run), as a ClusterIP Service in front of the replicas would send it. The 3 HAProxy "
+            "instances each have `maxconn "
+            f"{s['limit']}` per server and `balance leastconn`; the partitioned model gives each "
+            f"of 3 lb-agents {s['pods'] // s['replicas']} of the pods. Max in flight per pod: "
+            "each pod's own highest count over all runs (pods 1…" f"{s['pods']}" "); cap "
+            "violations: pods above the limit, summed over runs. Efficiency = ideal / measured "
+            "makespan; vs 1 agent = efficiency / the single agent's.", "",
+            f"**Added latency of the Redis ledger**: {s['latency_rounds']} rounds × "
+            f"{s['latency_requests_per_round']} sequential `GET /work?ms=0` on one keep-alive "
+            f"connection (after {s['latency_warmup']} unmeasured), through one agent with the "
+            "Redis ledger and the same agent without it, rounds interleaved; percentiles over "
+            "all measured requests (client's round trip).", "",
+            "| ledger | p50 ms | p99 ms | mean ms | requests |", "|---|---|---|---|---|"]
+    for k in ("in-process", "redis"):
+        r = lat[k]
+        out.append(f"| {k} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['mean_ms']:.3f} | "
+                   f"{r['requests']} |")
+    out.append(f"| **added by Redis** | **{lat['added_p50_ms']:+.3f}** | "
+               f"**{lat['added_p99_ms']:+.3f}** | "
+               f"{lat['redis']['mean_ms'] - lat['in-process']['mean_ms']:+.3f} | |")
+    out.append("")
+    if lat.get("ledger_calls_per_request") is not None:
+        out += [f"The Redis agent's own `lb_ledger_round_trip_seconds`: "
+                f"{lat['ledger_calls_per_request']:.2f} ledger calls per request (take + "
+                f"release, and lease renewals), {lat['ledger_round_trip_mean_ms']:.3f} ms per "
+                "call on average.", ""]
+    first = d["data"].get("fresh_ledger_first_request_s")
+    if first is not None:
+        out += [f"On a fresh (empty) Redis the first request took **{first:.2f} s**: an empty "
+                "Redis is a new ledger epoch, and the agents grant nothing for 2 s after one so "
+                "that the replicas of a restarted Redis can re-assert their leases. The runs "
+                "above come after it (steady state).", ""]
+    return out
+
+
+def replicas_plot(rep):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s, setup = rep["data"]["summary"], rep["data"]["setup"]
+    names = list(s)
+    wls = ["burst", "hetero"]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [3, 2]})
+    width = 0.8 / len(names)
+    for i, c in enumerate(names):
+        xs = [j + i * width for j in range(len(wls))]
+        vals = [s[c][w]["efficiency"] or 0 for w in wls]
+        bars = a1.bar(xs, vals, width, label=REP_LABEL[c], color=REP_COLOR[c])
+        for b in bars:
+            a1.text(b.get_x() + b.get_width() / 2, b.get_height() + 0.01,
+                    f"{b.get_height():.2f}", ha="center", va="bottom", fontsize=7)
+    a1.axhline(1.0, color="black", lw=0.8, ls="--")
+    a1.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(wls))], wls)
+    a1.set_ylim(0, 1.15)
+    a1.set_ylabel("efficiency (ideal / measured)")
+    a1.set_title("efficiency (higher is better)", fontsize=9)
+    a1.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, frameon=False)
+    worst = [max(max(s[c][w]["max_inflight_per_pod"]) for w in wls) for c in names]
+    bars = a2.bar([REP_SHORT[c] for c in names], worst, color=[REP_COLOR[c] for c in names])
+    for b in bars:
+        a2.text(b.get_x() + b.get_width() / 2, b.get_height(), str(int(b.get_height())),
+                ha="center", va="bottom", fontsize=8)
+    a2.axhline(setup["limit"], color="black", lw=0.8, ls="--")
+    a2.text(len(names) - 0.5, setup["limit"], f"limit {setup['limit']}", va="bottom",
+            ha="right", fontsize=7)
+    a2.set_title("highest in flight on any pod (pods' own counts)", fontsize=9)
+    a2.tick_params(axis="x", labelsize=7)
+    fig.suptitle(f"Several replicas: {setup['pods']} pods × limit {setup['limit']}, client "
+                 "picks a replica at random", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(os.path.join(RESULTS, "replicas.png"), dpi=110)
+    plt.close(fig)
+    return ["replicas.png"]
+
+
 def render():
     bal, h2, ovh, que, sel = (load(n) for n in ("balance", "h2", "overhead", "queue",
                                                 "selection"))
     machine = load("machine")
+    rep = load("replicas")
     pngs = plots(bal, ovh, que, h2)
+    if rep:
+        pngs += replicas_plot(rep)
     lines = []
-    lines += targets_md(bal, ovh, que, h2)
+    lines += targets_md(bal, ovh, que, h2, rep=rep)
     if machine:
         lines += machine_md(machine)
     if bal:
@@ -415,6 +550,8 @@ def render():
         lines += queue_md(que) + ["![queue](results/queue.png)", ""]
     if sel:
         lines += selection_md(sel)
+    if rep:
+        lines += replicas_md(rep) + ["![replicas](results/replicas.png)", ""]
     body = "\n".join(lines)
     with open(os.path.join(RESULTS, "latest.md"), "w") as fh:
         fh.write("# lb-agent bench: latest results\n\n"

@@ -375,3 +375,38 @@ async fn a_grown_static_list_keeps_the_cap_and_the_queue_order_in_redis() {
     assert_eq!(pods[0].stats.arrivals(), vec!["r1", "r2", "r4"]);
     assert_eq!(pods[1].stats.arrivals(), vec!["r3"]);
 }
+
+/// A client that gives up while queued in the shared ledger leaves the queue at once: the
+/// ledger's queue empties, and its request never reaches a pod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_gone_while_queued_leaves_the_shared_queue() {
+    use tokio::io::AsyncWriteExt;
+    let redis = Redis::start();
+    let pods = start_pods(1, 1).await.unwrap();
+    let body = config(&redis, "queue: {timeout: 20s}\n", 1, &pods);
+    let a = Agent::start(&body).await;
+    let b = Agent::start(&body).await;
+    let running = get_tagged(&a, "/work?ms=1500", "running");
+    eventually(SECS, "the pod is busy", || async {
+        pods[0].stats.inflight() == 1
+    })
+    .await;
+    let mut gone = tokio::net::TcpStream::connect(b.addr).await.unwrap();
+    gone.write_all(b"GET /work?ms=10 HTTP/1.1\r\nhost: x\r\nx-req-id: gone\r\n\r\n")
+        .await
+        .unwrap();
+    eventually(SECS, "queued in the ledger", || async {
+        global_queue(&a).await == 1
+    })
+    .await;
+    drop(gone);
+    eventually(SECS, "the ledger's queue is empty again", || async {
+        global_queue(&a).await == 0
+    })
+    .await;
+    assert_eq!(running.await.unwrap().unwrap().status, 200);
+    let after = get_tagged(&a, "/work?ms=10", "after");
+    assert_eq!(after.await.unwrap().unwrap().status, 200);
+    assert_eq!(pods[0].stats.arrivals(), vec!["running", "after"]);
+    assert_eq!(pods[0].stats.max_inflight(), 1);
+}

@@ -410,3 +410,41 @@ async fn a_client_gone_while_queued_leaves_the_shared_queue() {
     assert_eq!(pods[0].stats.arrivals(), vec!["running", "after"]);
     assert_eq!(pods[0].stats.max_inflight(), 1);
 }
+
+/// SIGTERM with a request queued in the shared ledger and no slot coming before the grace ends:
+/// the queued request gets the usual "shutting down" 503 with Retry-After, in time to retry on
+/// another replica, and never reaches a pod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_answers_requests_queued_in_the_shared_ledger() {
+    let redis = Redis::start();
+    let pods = start_pods(1, 1).await.unwrap();
+    let body = config(
+        &redis,
+        "queue: {timeout: 20s}\nshutdown_grace: 2s\n",
+        1,
+        &pods,
+    );
+    let other = Agent::start(&body).await;
+    let mut stopping = Agent::start(&body).await;
+    let long = get_tagged(&other, "/work?ms=4000", "long");
+    eventually(SECS, "the pod is busy", || async {
+        pods[0].stats.inflight() == 1
+    })
+    .await;
+    let queued = get_tagged(&stopping, "/work?ms=10", "queued");
+    eventually(SECS, "queued in the ledger", || async {
+        global_queue(&other).await == 1
+    })
+    .await;
+    stopping.terminate();
+    let r = queued.await.unwrap().unwrap();
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.body.contains("shutting down"), "{}", r.body);
+    assert!(r
+        .headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("retry-after")));
+    assert!(stopping.wait_exit(SECS).await.is_some(), "the agent exits");
+    assert_eq!(long.await.unwrap().unwrap().status, 200);
+    assert_eq!(pods[0].stats.arrivals(), vec!["long"]);
+}

@@ -74,10 +74,15 @@ fn open_ledger(config: &Config) -> Result<balance::Ledger, StartError> {
         .enable_all()
         .build()
         .map_err(StartError::LedgerRuntime)?;
-    let redis = runtime.block_on(redis_ledger::RedisLedger::connect(
+    let options = redis_ledger::LedgerOptions {
+        lease_ttl: config.ledger.lease_ttl,
+        recovery_hold: config.ledger.recovery_hold,
+        io_timeout: redis_ledger::DEFAULT_IO_TIMEOUT,
+    };
+    let redis = runtime.block_on(redis_ledger::RedisLedger::connect_with(
         url,
         agent_id(),
-        config.ledger.lease_ttl,
+        options,
     ))?;
     log::info!(
         "ledger: shared through {} as agent {} (lease_ttl {:?})",

@@ -448,3 +448,20 @@ async fn sigterm_answers_requests_queued_in_the_shared_ledger() {
     assert_eq!(long.await.unwrap().unwrap().status, 200);
     assert_eq!(pods[0].stats.arrivals(), vec!["long"]);
 }
+
+/// `ledger.recovery_hold` is the wait after a new ledger epoch (here: a fresh Redis): with
+/// 300 ms, the first request fits in a 1 s queue timeout; with the default 2 s it does not
+/// (`redis_down_gives_a_clear_503_and_recovers` needs a 3 s queue timeout for that reason).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_recovery_hold_is_configurable() {
+    let redis = Redis::start();
+    let pods = start_pods(1, 1).await.unwrap();
+    let short = format!(
+        "ledger: {{redis: \"{}\", recovery_hold: 300ms}}\nqueue: {{timeout: 1s}}\nroutes:\n  - {{uri: /work, limit: 1, endpoints: {}}}\n",
+        redis.url(),
+        endpoints(&pods)
+    );
+    let agent = Agent::start(&short).await;
+    let r = agent.get("/work?ms=10").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}

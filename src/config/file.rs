@@ -50,6 +50,7 @@ pub(super) struct FileConfig {
 pub(super) struct FileLedger {
     pub(super) redis: Option<String>,
     pub(super) lease_ttl: Option<String>,
+    pub(super) recovery_hold: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

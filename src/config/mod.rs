@@ -97,6 +97,9 @@ pub struct LedgerConfig {
     pub redis: Option<String>,
     /// How long the slots and queue places of an agent that vanished stay counted.
     pub lease_ttl: Duration,
+    /// After Redis restarted (or is new), how long no slot is granted while every agent
+    /// re-asserts what it holds.
+    pub recovery_hold: Duration,
 }
 
 impl Default for LedgerConfig {
@@ -104,6 +107,7 @@ impl Default for LedgerConfig {
         Self {
             redis: None,
             lease_ttl: Duration::from_secs(30),
+            recovery_hold: crate::redis_ledger::DEFAULT_RECOVERY_HOLD,
         }
     }
 }

@@ -646,6 +646,10 @@ pub(super) fn validate(f: FileConfig) -> Result<Config, ConfigError> {
 /// expire live leases; above an hour a dead agent's slots would stay lost for too long.
 const MIN_LEASE_TTL: Duration = Duration::from_secs(1);
 const MAX_LEASE_TTL: Duration = Duration::from_secs(3600);
+/// `ledger.recovery_hold` must outlast the time an agent needs to notice a restarted Redis
+/// (it re-makes its pub/sub connection every 100 ms) and re-assert; a minute is past any need.
+const MIN_RECOVERY_HOLD: Duration = Duration::from_millis(200);
+const MAX_RECOVERY_HOLD: Duration = Duration::from_secs(60);
 
 fn ledger(f: &FileLedger) -> Result<LedgerConfig, ConfigError> {
     let d = LedgerConfig::default();
@@ -654,6 +658,13 @@ fn ledger(f: &FileLedger) -> Result<LedgerConfig, ConfigError> {
         return Err(ConfigError::new(
             "ledger.lease_ttl",
             format!("must be between 1s and 1h (got {lease_ttl:?})"),
+        ));
+    }
+    let recovery_hold = duration("ledger.recovery_hold", &f.recovery_hold, d.recovery_hold)?;
+    if !(MIN_RECOVERY_HOLD..=MAX_RECOVERY_HOLD).contains(&recovery_hold) {
+        return Err(ConfigError::new(
+            "ledger.recovery_hold",
+            format!("must be between 200ms and 1m (got {recovery_hold:?})"),
         ));
     }
     let redis = match f.redis.as_deref().map(str::trim) {
@@ -675,7 +686,11 @@ fn ledger(f: &FileLedger) -> Result<LedgerConfig, ConfigError> {
             Some(url.to_string())
         }
     };
-    Ok(LedgerConfig { redis, lease_ttl })
+    Ok(LedgerConfig {
+        redis,
+        lease_ttl,
+        recovery_hold,
+    })
 }
 
 fn client_limits(f: &FileClient) -> Result<ClientLimits, ConfigError> {
@@ -919,6 +934,7 @@ routes:
             ("routes:\n  - {uri: /a, limit: 1, service_name: s, namespace: n, http_port: 1}\n  - {uri: /b, limit: 3, service_name: s, namespace: n, http_port: 1}\n", "routes[1].limit: 3 conflicts with routes[0].limit"),
             ("ledger: {redis: 'http://r:6379'}\nroutes:\n  - {uri: /a, limit: 1, endpoints: ['127.0.1.1:80']}\n", "ledger.redis: \"http://r:6379\" must be a redis://"),
             ("ledger: {redis: 'redis://'}\nroutes:\n  - {uri: /a, limit: 1, endpoints: ['127.0.1.1:80']}\n", "ledger.redis: \"redis://\" names no host"),
+            ("ledger: {recovery_hold: 50ms}\nroutes:\n  - {uri: /a, limit: 1, endpoints: ['127.0.1.1:80']}\n", "ledger.recovery_hold: must be between 200ms and 1m"),
             ("ledger: {lease_ttl: 500ms}\nroutes:\n  - {uri: /a, limit: 1, endpoints: ['127.0.1.1:80']}\n", "ledger.lease_ttl: must be between 1s and 1h"),
             ("ledger: {lease_ttl: 1000000000000s}\nroutes:\n  - {uri: /a, limit: 1, endpoints: ['127.0.1.1:80']}\n", "ledger.lease_ttl: must be between 1s and 1h"),
             ("routes:\n  - {uri: /a, limit: 1, endpoints: ['127.0.1.1:80', '127.0.1.2:80']}\n  - {uri: /b, limit: 2, endpoints: ['127.0.1.3:80', '127.0.1.2:80']}\n", "routes[1].limit: 2 conflicts with routes[0].limit = 1: both routes reach pod 127.0.1.2:80"),

@@ -439,6 +439,8 @@ pub async fn grpcio_call(
 /// What [`raw_call`] saw of a response.
 #[derive(Debug)]
 pub struct RawReply {
+    /// The HTTP status: 200 for any gRPC status, refusals included.
+    pub http_status: u16,
     /// `grpc-status`, from the header block or the trailers.
     pub grpc_status: Option<String>,
     pub grpc_message: Option<String>,
@@ -472,6 +474,7 @@ pub async fn raw_call(
         .body(Full::new(Bytes::from(msg)))
         .unwrap();
     let resp = sender.send_request(req).await.expect("h2 response");
+    let http_status = resp.status().as_u16();
     let trailers_only = resp.body().is_end_stream();
     let header = |h: &http::HeaderMap, name: &str| {
         h.get(name)
@@ -486,6 +489,7 @@ pub async fn raw_call(
         grpc_message = grpc_message.or_else(|| header(trailers, "grpc-message"));
     }
     RawReply {
+        http_status,
         grpc_status,
         grpc_message,
         trailers_only,

@@ -404,6 +404,11 @@ async fn a_client_gone_while_queued_leaves_the_shared_queue() {
         global_queue(&a).await == 0
     })
     .await;
+    // The agent that held it counts it as waiting no more (its /status, metrics and drain).
+    eventually(SECS, "agent b's own queue count is back to 0", || async {
+        b.queue_depth().await == 0
+    })
+    .await;
     assert_eq!(running.await.unwrap().unwrap().status, 200);
     let after = get_tagged(&a, "/work?ms=10", "after");
     assert_eq!(after.await.unwrap().unwrap().status, 200);

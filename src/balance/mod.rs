@@ -359,7 +359,8 @@ impl Balancer {
         tokio::pin!(closing);
         closing.as_mut().enable();
         let offer = self.pool.ledger.offer(self.pool.id, tried)?;
-        self.shared_waiting.fetch_add(1, Ordering::Relaxed);
+        // Counted until this future ends or is dropped (client gone, task cancelled).
+        let _waiting = Counted::new(&self.shared_waiting);
         let result = tokio::select! {
             r = redis.acquire(&self.pool.name, &offer, tried, policy.max_waiting, deadline) => {
                 r.map_err(|e| match e {
@@ -369,12 +370,28 @@ impl Balancer {
             }
             _ = closing => Err(QueueError::ShuttingDown),
         };
-        self.shared_waiting.fetch_sub(1, Ordering::Relaxed);
+        drop(_waiting);
         let lease = result?;
         Ok(Slot {
             local: self.pool.ledger.record(self.pool.id, lease.addr()),
             lease: Some(lease),
         })
+    }
+}
+
+/// Counts one while it lives: a count that a dropped future gives back too.
+struct Counted<'a>(&'a AtomicUsize);
+
+impl<'a> Counted<'a> {
+    fn new(n: &'a AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::Relaxed);
+        Counted(n)
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -17,15 +17,6 @@ fn config(redis: &Redis, extra: &str, limit: usize, pods: &[FakePod]) -> String 
     )
 }
 
-fn get_tagged(
-    agent: &Agent,
-    path: &str,
-    id: &str,
-) -> tokio::task::JoinHandle<std::io::Result<loadgen::Response>> {
-    let (addr, path, id) = (agent.addr, path.to_string(), id.to_string());
-    tokio::spawn(async move { loadgen::get(addr, &path, &[("x-req-id", id.as_str())]).await })
-}
-
 /// The queue length across every agent, as the ledger reports it in `/status`.
 async fn global_queue(agent: &Agent) -> u64 {
     agent.status().await["ledger"]["queue_depth"]

@@ -13,15 +13,6 @@ fn list(pods: &[&FakePod]) -> String {
     format!("[{}]", v.join(", "))
 }
 
-fn get_tagged(
-    agent: &Agent,
-    path: &str,
-    id: &str,
-) -> tokio::task::JoinHandle<std::io::Result<loadgen::Response>> {
-    let (addr, path, id) = (agent.addr, path.to_string(), id.to_string());
-    tokio::spawn(async move { loadgen::get(addr, &path, &[("x-req-id", id.as_str())]).await })
-}
-
 async fn queued(agent: &Agent) -> u64 {
     let status = agent.status().await;
     status["pools"]

@@ -218,11 +218,7 @@ impl LocalLedger {
             return;
         };
         pool.dropped = true;
-        let waiters = std::mem::take(&mut pool.waiters);
-        st.waiting -= waiters.len();
-        for (_, w) in waiters {
-            let _ = w.tx.send(Err(QueueError::ShuttingDown));
-        }
+        Self::refuse_waiters(&mut st, id);
         if st.pools[&id].held.is_empty() {
             self.forget_pool(&mut st, id);
         }
@@ -313,6 +309,15 @@ impl LocalLedger {
             return;
         };
         pool.closed = true;
+        Self::refuse_waiters(&mut st, id);
+    }
+
+    /// Answers every waiter of the pool with [`QueueError::ShuttingDown`] (the pool is closed or
+    /// gone). Sending an error under the lock is safe: it carries no slot to drop.
+    fn refuse_waiters(st: &mut State, id: PoolId) {
+        let Some(pool) = st.pools.get_mut(&id) else {
+            return;
+        };
         let waiters = std::mem::take(&mut pool.waiters);
         st.waiting -= waiters.len();
         for (_, w) in waiters {

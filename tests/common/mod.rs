@@ -245,6 +245,17 @@ pub fn spawn_get(
     tokio::spawn(async move { loadgen::get(addr, &path, &[]).await })
 }
 
+/// Sends `GET path` through `agent` in a task of its own, tagged `x-req-id: id` (the fake pods
+/// record the ids in arrival order).
+pub fn get_tagged(
+    agent: &Agent,
+    path: &str,
+    id: &str,
+) -> tokio::task::JoinHandle<std::io::Result<loadgen::Response>> {
+    let (addr, path, id) = (agent.addr, path.to_string(), id.to_string());
+    tokio::spawn(async move { loadgen::get(addr, &path, &[("x-req-id", id.as_str())]).await })
+}
+
 /// Polls `cond` every 10 ms until it holds; panics with `what` after `within`.
 pub async fn eventually<F, Fut>(within: Duration, what: &str, mut cond: F)
 where

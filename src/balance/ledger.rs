@@ -505,8 +505,8 @@ impl LocalLedger {
         self.take(&mut st, id, addr)
     }
 
-    /// The pool's pods with their caps, minus `tried`, for a shared ledger; `Err` when the
-    /// request may not wait (closed, or every pod tried).
+    /// The pool's pods with their caps, for a shared ledger (which leaves out `tried` itself);
+    /// `Err` when the request may not wait (closed, or every pod tried).
     pub(super) fn offer(
         &self,
         id: PoolId,

@@ -106,6 +106,23 @@ struct PoolState {
     rotation: usize,
 }
 
+impl PoolState {
+    /// Whether a request of this pool may take or wait for a slot: not once the pool is closed
+    /// or gone, and not a retry that has already tried every pod of the pool.
+    fn may_wait(&self, tried: &[SocketAddr]) -> Result<(), QueueError> {
+        if self.closed || self.dropped {
+            return Err(QueueError::ShuttingDown);
+        }
+        if !tried.is_empty()
+            && !self.members.is_empty()
+            && self.members.iter().all(|a| tried.contains(a))
+        {
+            return Err(QueueError::NoUntriedPod);
+        }
+        Ok(())
+    }
+}
+
 struct Waiter {
     tried: Vec<SocketAddr>,
     tx: oneshot::Sender<Result<LocalSlot, QueueError>>,
@@ -460,15 +477,7 @@ impl LocalLedger {
         let Some(pool) = st.pools.get(&id) else {
             return Err(QueueError::ShuttingDown);
         };
-        if pool.closed || pool.dropped {
-            return Err(QueueError::ShuttingDown);
-        }
-        if !tried.is_empty()
-            && !pool.members.is_empty()
-            && pool.members.iter().all(|a| tried.contains(a))
-        {
-            return Err(QueueError::NoUntriedPod);
-        }
+        pool.may_wait(tried)?;
         let full = pool.waiters.len() >= max_waiting;
         if let Some(addr) = pick(&st.pods, pool, tried, Instant::now()) {
             return Ok(Enqueued::Now(self.take(&mut st, id, addr)));
@@ -514,15 +523,7 @@ impl LocalLedger {
     ) -> Result<Vec<(SocketAddr, u32)>, QueueError> {
         let st = self.lock();
         let pool = st.pools.get(&id).ok_or(QueueError::ShuttingDown)?;
-        if pool.closed || pool.dropped {
-            return Err(QueueError::ShuttingDown);
-        }
-        if !tried.is_empty()
-            && !pool.members.is_empty()
-            && pool.members.iter().all(|a| tried.contains(a))
-        {
-            return Err(QueueError::NoUntriedPod);
-        }
+        pool.may_wait(tried)?;
         Ok(pool
             .members
             .iter()

@@ -372,6 +372,23 @@ impl ProxyHttp for LbProxy {
                 other => other,
             };
             match result {
+                // During the drain, a request that could not finish before the deadline is
+                // not started (its work would be cut, its client left without an answer).
+                Ok(slot)
+                    if !self
+                        .live
+                        .shutdown
+                        .may_start(route.balancer.view().longest_recent_hold) =>
+                {
+                    drop(slot);
+                    ctx.refusal = Some(Refusal::Queue(QueueError::ShuttingDown));
+                    let mut e = Error::explain(
+                        ErrorType::HTTPStatus(503),
+                        "shutting down: too little time left to finish",
+                    );
+                    e.set_retry(false);
+                    return Err(e);
+                }
                 Ok(slot) => {
                     ctx.slot = Some(slot);
                     // The client waits for this before it sends its body: sent when the

@@ -264,6 +264,8 @@ pub struct RedisLedger {
     epoch_changes: AtomicU64,
     reaped_while_alive: AtomicU64,
     reasserted_over_limit: AtomicU64,
+    /// Releases sent and not yet answered (a deliberate exit waits for them).
+    releases_in_flight: Arc<AtomicU64>,
     round_trips: Mutex<Vec<Duration>>,
 }
 
@@ -449,6 +451,7 @@ impl RedisLedger {
             epoch_changes: AtomicU64::new(0),
             reaped_while_alive: AtomicU64::new(0),
             reasserted_over_limit: AtomicU64::new(0),
+            releases_in_flight: Arc::new(AtomicU64::new(0)),
             round_trips: Mutex::new(Vec::new()),
         });
         // Learn at once whether Redis is there, so the first requests wait for it if not.
@@ -627,6 +630,61 @@ impl RedisLedger {
                 wake.take();
             }
         }
+    }
+
+    /// Before a deliberate exit: tells Redis that this agent's queue places are gone, and its
+    /// leases in the queues `release` names, and waits until Redis has heard every release
+    /// (also those already on their way), for `within` at most. Leases of other queues are left
+    /// to expire after `lease_ttl`: their requests were cut by the exit, but their pods may
+    /// still be working on them (`client_abort: finish`). Afterwards the agent does nothing
+    /// more in Redis. Returns how many entries it released.
+    pub async fn leave_before_exit(
+        &self,
+        release: impl Fn(&str) -> bool,
+        within: Duration,
+    ) -> usize {
+        let deadline = Instant::now() + within;
+        let mut leaves = std::mem::take(&mut lock(&self.state).failed_leaves);
+        {
+            let mut st = lock(&self.state);
+            st.entries.retain(|n, e| {
+                let go = match e.slot {
+                    Slot::Waiting { .. } => true,
+                    Slot::Leased(_) => release(&e.queue),
+                };
+                if go {
+                    leaves.push((e.queue.clone(), *n));
+                }
+                !go
+            });
+        }
+        let released = leaves.len();
+        let sends = futures::future::join_all(leaves.iter().map(|(q, n)| self.leave(q, *n)));
+        let failed = timeout_at(deadline, sends)
+            .await
+            .map_or(released, |r| r.iter().filter(|r| r.is_err()).count());
+        while self.releases_in_flight.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+            sleep(Duration::from_millis(5)).await;
+        }
+        if failed > 0 {
+            log::warn!(
+                "redis ledger: {failed} of {released} releases before exit not confirmed; they \
+                 return after lease_ttl ({:?})",
+                self.opts.lease_ttl
+            );
+        }
+        self.abandon();
+        released
+    }
+
+    /// [`Self::leave_before_exit`] from a thread outside the runtime (the drain thread).
+    pub fn leave_before_exit_blocking(
+        &self,
+        release: impl Fn(&str) -> bool,
+        within: Duration,
+    ) -> usize {
+        self.runtime
+            .block_on(self.leave_before_exit(release, within))
     }
 
     fn lease(self: &Arc<Self>, queue: &str, n: u64, addr: SocketAddr) -> Lease {
@@ -911,11 +969,14 @@ impl RedisLedger {
             return None;
         }
         let me = Arc::clone(self);
+        let in_flight = Arc::clone(&self.releases_in_flight);
+        in_flight.fetch_add(1, Ordering::AcqRel);
         let release = async move {
             if let Err(e) = me.leave(&queue, n).await {
                 me.lost(&e);
                 lock(&me.state).failed_leaves.push((queue, n));
             }
+            in_flight.fetch_sub(1, Ordering::AcqRel);
         };
         Some(match tokio::runtime::Handle::try_current() {
             Ok(handle) => handle.spawn(release),

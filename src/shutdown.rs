@@ -22,13 +22,14 @@
 //! `terminationGracePeriodSeconds` must cover `shutdown_delay + shutdown_grace` (plus a second to
 //! exit), or the kubelet's SIGKILL comes first.
 //!
-//! A queued request is only started on a pod while it can still finish: a pool's queue is
-//! closed once the time left is shorter than its recent requests took
-//! ([`crate::balance::PoolView::longest_recent_hold`]), and [`QUEUE_CLOSE_MARGIN`] before the deadline
-//! at the latest. What still waits then gets a `503` with `Retry-After` and can be retried on
-//! another replica at once, instead of starting work on a pod only to be cut at the deadline
-//! without a response. A request that already left the queue keeps its slot and runs until the
-//! deadline like any other request in flight.
+//! A request is only started on a pod while it can still finish: at the moment it is handed a
+//! slot during the drain, the time left must cover what the pool's recent requests took
+//! ([`crate::balance::PoolView::longest_recent_hold`]) plus [`QUEUE_CLOSE_MARGIN`] to write the
+//! answer ([`ShutdownState::may_start`]); otherwise it gets a `503` with `Retry-After` and can
+//! be retried on another replica at once, instead of starting work on a pod only to be cut at
+//! the deadline without a response. The same rule closes a pool's queue (checked every
+//! [`DRAIN_POLL`]), so what still waits is answered promptly. A request that was started keeps
+//! its slot and runs until the deadline like any other request in flight.
 
 use async_trait::async_trait;
 use pingora::server::{ShutdownSignal, ShutdownSignalWatch};
@@ -64,6 +65,8 @@ pub fn pingora_grace_secs(grace: Duration) -> u64 {
 pub struct ShutdownState {
     stopping: AtomicBool,
     active: AtomicUsize,
+    /// When the drain ends (the process exits at the latest), once it has begun.
+    deadline: std::sync::Mutex<Option<Instant>>,
 }
 
 impl ShutdownState {
@@ -74,6 +77,23 @@ impl ShutdownState {
 
     fn begin(&self) {
         self.stopping.store(true, Ordering::Release);
+    }
+
+    fn drain_until(&self, deadline: Instant) {
+        *self.deadline.lock().unwrap_or_else(|p| p.into_inner()) = Some(deadline);
+    }
+
+    /// Whether a request whose pool's recent requests took up to `hold` may still be started
+    /// on a pod: always, unless the drain has begun and the time left would not cover `hold`
+    /// plus the margin to answer. Decided when the request is handed its slot, not by a poll.
+    pub fn may_start(&self, hold: Duration) -> bool {
+        if !self.stopping() {
+            return true;
+        }
+        let deadline = *self.deadline.lock().unwrap_or_else(|p| p.into_inner());
+        deadline.is_none_or(|d| {
+            d.saturating_duration_since(Instant::now()) >= hold + QUEUE_CLOSE_MARGIN
+        })
     }
 
     /// Counts a request as being handled until the guard is dropped. Slots and queue places
@@ -116,14 +136,14 @@ fn drained(live: &Live, pools: &[Arc<Balancer>]) -> bool {
             .all(|v| v.inflight == 0 && v.waiting == 0)
 }
 
-fn drain(live: Arc<Live>, grace: Duration) {
-    let start = Instant::now();
+fn drain(live: Arc<Live>, grace: Duration, start: Instant) {
     let deadline = start + grace;
     let mut closed: HashSet<String> = HashSet::new();
     loop {
         let pools = live.all_pools();
         if drained(&live, &pools) {
             log::info!("shutdown: drained after {:?}; exiting", start.elapsed());
+            leave_shared_ledger(&live);
             std::process::exit(0);
         }
         let now = Instant::now();
@@ -132,13 +152,14 @@ fn drain(live: Arc<Live>, grace: Duration) {
             log::warn!(
                 "shutdown: grace period of {grace:?} over; exiting with {in_flight} requests still in flight"
             );
+            leave_shared_ledger(&live);
             std::process::exit(0);
         }
         let left = deadline - now;
         for b in &pools {
             let v = b.view();
-            let needed = QUEUE_CLOSE_MARGIN.max(v.longest_recent_hold);
-            if left > needed {
+            let needed = QUEUE_CLOSE_MARGIN + v.longest_recent_hold;
+            if left >= needed {
                 continue;
             }
             if closed.insert(v.name.clone()) {
@@ -155,6 +176,39 @@ fn drain(live: Arc<Live>, grace: Duration) {
         // Never sleep past the deadline: the grace ends when configured, not a poll later.
         std::thread::sleep(DRAIN_POLL.min(left));
     }
+}
+
+/// The longest an exiting agent waits for the shared ledger to hear its last releases.
+const LEDGER_EXIT_WAIT: Duration = Duration::from_secs(1);
+
+/// Before exiting on purpose, gives the shared ledger back what this agent holds, so the other
+/// replicas' waiters get the pods at once rather than after `lease_ttl`: its queue places, the
+/// releases still on their way, and the slots of requests the deadline cuts on pools whose
+/// routes all say `client_abort: cancel` (those pods stop when their client leaves). A request
+/// cut on a `finish` pool keeps its slot until `lease_ttl`: its pod may still be working on it.
+fn leave_shared_ledger(live: &Live) {
+    let Some(redis) = live.ledger.redis() else {
+        return;
+    };
+    let snapshot = live.snapshot();
+    let mut cancel: HashSet<String> = HashSet::new();
+    let mut finish: HashSet<String> = HashSet::new();
+    for r in snapshot.routes.iter() {
+        let set = match r.client_abort {
+            crate::config::ClientAbort::Cancel => &mut cancel,
+            crate::config::ClientAbort::Finish => &mut finish,
+        };
+        set.insert(r.balancer.name().to_string());
+    }
+    let started = Instant::now();
+    let released = redis.leave_before_exit_blocking(
+        |q| cancel.contains(q) && !finish.contains(q),
+        LEDGER_EXIT_WAIT,
+    );
+    log::info!(
+        "shutdown: released {released} entries in the shared ledger in {:?}",
+        started.elapsed()
+    );
 }
 
 #[async_trait]
@@ -194,7 +248,9 @@ impl ShutdownSignalWatch for DrainOnTerm {
         );
         let live = Arc::clone(&self.live);
         let grace = self.grace;
-        std::thread::spawn(move || drain(live, grace));
+        let start = Instant::now();
+        live.shutdown.drain_until(start + grace);
+        std::thread::spawn(move || drain(live, grace, start));
         ShutdownSignal::GracefulTerminate
     }
 }
@@ -202,6 +258,23 @@ impl ShutdownSignalWatch for DrainOnTerm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_request_starts_during_the_drain_only_if_it_can_finish_with_a_margin() {
+        let state = ShutdownState::default();
+        let hold = Duration::from_millis(800);
+        assert!(state.may_start(hold), "no shutdown");
+        state.begin();
+        assert!(state.may_start(hold), "the delay: no deadline yet");
+        state.drain_until(Instant::now() + Duration::from_millis(1_250));
+        assert!(!state.may_start(hold), "1.25 s left < 0.8 s + 0.5 s margin");
+        assert!(
+            state.may_start(Duration::from_millis(500)),
+            "1.25 s left >= 0.5 s + 0.5 s"
+        );
+        state.drain_until(Instant::now() - Duration::from_millis(1));
+        assert!(!state.may_start(Duration::ZERO), "past the deadline");
+    }
 
     #[test]
     fn pingora_grace_is_never_shorter_than_ours() {

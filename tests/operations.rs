@@ -278,10 +278,12 @@ async fn the_grace_ends_at_the_configured_time_not_a_second_sooner_or_later() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn requests_queued_at_sigterm_are_served_or_refused_never_cut() {
-    // One slot; 1.2 s in flight and six 300 ms requests queued at SIGTERM, grace 2 s. Queued
-    // requests are served one after another as the slot frees; the queue closes 0.5 s before
-    // the deadline, so the last one taken from the queue starts just before that and must
-    // still get its response. The rest get 503 + Retry-After. Nobody is cut.
+    // One slot; 0.6 s in flight and six 300 ms requests queued at SIGTERM, grace 2 s. Queued
+    // requests are served one after another as the slot frees, while the time left covers the
+    // longest recent request (0.6 s) plus the 0.5 s margin; then the rest get 503 +
+    // Retry-After. Nobody is cut. (With 1.2 s in flight, 0.8 s is left when it ends: less than
+    // 1.2 s + 0.5 s, so every queued one is refused; only a race with the 20 ms drain poll
+    // used to start one.)
     let pods = start_pods(1, 1).await.unwrap();
     let mut agent = start_work_route(
         &format!("shutdown_grace: 2s\n{NO_DELAY}queue: {{timeout: 60s}}\n"),
@@ -289,7 +291,7 @@ async fn requests_queued_at_sigterm_are_served_or_refused_never_cut() {
         &pods,
     )
     .await;
-    let first = spawn_get(agent.addr, "/work?ms=1200");
+    let first = spawn_get(agent.addr, "/work?ms=600");
     eventually(SECS, "in flight", || async {
         pods[0].stats.inflight() == 1
     })
@@ -532,4 +534,70 @@ async fn tally(
         }
     }
     (served, refused, cut)
+}
+
+/// Issue 28, item 1: the decision to start a queued request during the drain is taken when it
+/// is handed its slot, with a margin, not by a 20 ms poll without one. The issue's scenario: two
+/// pods with `limit: 1`, 20 clients looping on 800 ms requests, `shutdown_delay: 1s`,
+/// `shutdown_grace: 3s`, SIGTERM in steady state with requests queued. Every request ends with
+/// 200 or 503 + Retry-After (none is started and then cut by the deadline), and every request
+/// a pod started was answered 200. Four runs (before the fix, 2 of 4 runs cut a request).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_request_is_started_that_the_deadline_would_cut() {
+    for run in 0..4 {
+        let pods = start_pods(1, 2).await.unwrap();
+        let mut agent = start_work_route(
+            "shutdown_delay: 1s\nshutdown_grace: 3s\nqueue: {timeout: 60s}\n",
+            1,
+            &pods,
+        )
+        .await;
+        let mut clients = Vec::new();
+        for _ in 0..20 {
+            let addr = agent.addr;
+            clients.push(tokio::spawn(async move {
+                let (mut ok, mut refused, mut cut) = (0, 0, Vec::new());
+                // Bounded: 40 requests at most; ends at the first refusal or refused connect.
+                for _ in 0..40 {
+                    match loadgen::get(addr, "/work?ms=800", &[]).await {
+                        Ok(r) if r.status == 200 => ok += 1,
+                        Ok(r) if r.status == 503 && r.header("retry-after").is_some() => {
+                            refused += 1;
+                            break;
+                        }
+                        // The listener closed: this one was never sent.
+                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break,
+                        other => {
+                            cut.push(format!("{other:?}"));
+                            break;
+                        }
+                    }
+                }
+                (ok, refused, cut)
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(2_000)).await;
+        assert!(agent.queue_depth().await >= 8, "steady state with a queue");
+        agent.terminate();
+        let status = agent.wait_exit(SECS).await.expect("exited");
+        assert!(status.success(), "{status:?}");
+        let (mut ok, mut refused, mut cut) = (0, 0, Vec::new());
+        for c in clients {
+            let (o, r, c) = tokio::time::timeout(SECS, c).await.unwrap().unwrap();
+            ok += o;
+            refused += r;
+            cut.extend(c);
+        }
+        let started: usize = pods.iter().map(|p| p.stats.started()).sum();
+        println!(
+            "run {run}: {ok} served, {refused} refused, {} cut, pods started {started}",
+            cut.len()
+        );
+        assert!(cut.is_empty(), "run {run}: requests cut: {cut:?}");
+        assert!(refused >= 1, "run {run}: the queue was refused at the end");
+        assert_eq!(
+            started, ok,
+            "run {run}: a request a pod started was not answered"
+        );
+    }
 }

@@ -461,3 +461,56 @@ async fn the_recovery_hold_is_configurable() {
     let r = agent.get("/work?ms=10").await;
     assert_eq!(r.status, 200, "{}", r.body);
 }
+
+/// Issue 28, item 2: an agent that exits at the end of its grace gives its slots back in the
+/// shared ledger first. Agent A holds both pods with 9 s requests on a `client_abort: cancel`
+/// route (pods that stop when their client leaves); agent B has two requests queued; A gets
+/// SIGTERM and exits at its 2 s deadline, cutting its requests. B's queued requests must reach
+/// the pods right away, not when A's leases expire (`lease_ttl: 5s`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_exiting_at_its_deadline_gives_its_slots_back_at_once() {
+    let redis = Redis::start();
+    let pods = start_pods(151, 2).await.unwrap();
+    let body = format!(
+        "ledger: {{redis: \"{}\", lease_ttl: 5s}}\nshutdown_delay: 0s\nshutdown_grace: 2s\nqueue: {{timeout: 30s}}\nroutes:\n  - {{uri: /work, limit: 1, client_abort: cancel, endpoints: {}}}\n",
+        redis.url(),
+        endpoints(&pods)
+    );
+    let mut a = Agent::start(&body).await;
+    let b = Agent::start(&body).await;
+    let held: Vec<_> = (0..2).map(|_| spawn_get(a.addr, "/work?ms=9000")).collect();
+    eventually(SECS, "A holds both pods", || async {
+        pods.iter().all(|p| p.stats.inflight() == 1)
+    })
+    .await;
+    let queued: Vec<_> = (0..2).map(|_| spawn_get(b.addr, "/work?ms=10")).collect();
+    eventually(SECS, "B's requests queued", || async {
+        global_queue(&b).await == 2
+    })
+    .await;
+    a.terminate();
+    a.wait_exit(SECS).await.expect("A exits");
+    let exited = Instant::now();
+    for q in queued {
+        let r = tokio::time::timeout(SECS, q)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.status, 200);
+    }
+    let waited = exited.elapsed();
+    println!("B's queued requests served {waited:?} after A exited");
+    assert!(
+        waited < Duration::from_millis(1_500),
+        "B's requests waited {waited:?} after A's exit (A's leases were left to expire)"
+    );
+    for h in held {
+        let _ = h.await;
+    }
+    assert!(
+        a.log().contains("released 2 entries in the shared ledger"),
+        "{}",
+        a.log()
+    );
+}

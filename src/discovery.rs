@@ -6,17 +6,23 @@
 //! current pod list stays and the name is looked at again after `unstable_retry`. An answer
 //! equal to the current list changes nothing.
 //!
-//! DNS errors (timeout, SERVFAIL, unreachable server) keep the last good pod list; they are
-//! logged once per episode. NXDOMAIN or an empty answer is an answer: zero pods, once stable.
+//! DNS errors (timeout, SERVFAIL, REFUSED, unreachable server) keep the last good pod list; they
+//! are logged once per episode. NXDOMAIN or an empty answer is an answer: zero pods, once stable.
+//!
+//! Names are looked up as absolute names (with the root's trailing dot, see [`lookup_name`]):
+//! the search list and `ndots` of `/etc/resolv.conf` never apply. Otherwise an error on the real
+//! name makes the resolver go on to the search-list names (`<name>.<ns>.svc.cluster.local`, …),
+//! whose NXDOMAIN becomes the final answer: a SERVFAIL would read as "no pods".
 //!
 //! One discovery task runs per DNS name; every pool (port) behind that name is fed from it.
 //! The tasks run inside the config background service ([`crate::reload`]), which starts and
 //! stops them as config reloads add and remove names.
 
-use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
+use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig, ResolverOpts};
 use hickory_resolver::TokioResolver;
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -30,8 +36,12 @@ pub type Answer = BTreeSet<IpAddr>;
 /// Why a DNS name could not be looked up, or discovery could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
-    #[error("cannot read /etc/resolv.conf: {0}")]
-    ResolvConf(#[source] hickory_resolver::net::NetError),
+    #[error("cannot read {path}: {source}")]
+    ResolvConf {
+        path: String,
+        #[source]
+        source: hickory_resolver::net::NetError,
+    },
     #[error("cannot build DNS resolver: {0}")]
     Build(#[source] hickory_resolver::net::NetError),
     /// A failure that says nothing about the pods (timeout, SERVFAIL, network error).
@@ -39,12 +49,57 @@ pub enum DiscoveryError {
     Lookup(#[source] hickory_resolver::net::NetError),
 }
 
+/// Testing only: a resolv.conf to read instead of `/etc/resolv.conf`, so the tests can give the
+/// system resolver a search list and `ndots` without touching the machine's own file.
+pub const RESOLV_CONF_ENV: &str = "LB_AGENT_RESOLV_CONF";
+/// Testing only: the port of the nameservers in that file (resolv.conf cannot say one; the
+/// tests' DNS server listens on an unprivileged port).
+pub const RESOLV_CONF_PORT_ENV: &str = "LB_AGENT_RESOLV_CONF_PORT";
+
+/// The system resolver's settings: `/etc/resolv.conf` (or the file of [`RESOLV_CONF_ENV`]).
+fn system_config() -> Result<(ResolverConfig, ResolverOpts), DiscoveryError> {
+    let path = std::env::var_os(RESOLV_CONF_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/etc/resolv.conf"));
+    let failed = |source| DiscoveryError::ResolvConf {
+        path: path.display().to_string(),
+        source,
+    };
+    let bytes = std::fs::read(&path).map_err(|e| failed(e.into()))?;
+    let (config, opts) = hickory_resolver::system_conf::parse_resolv_conf(bytes).map_err(failed)?;
+    let Some(port) = std::env::var(RESOLV_CONF_PORT_ENV)
+        .ok()
+        .and_then(|p| p.parse::<u16>().ok())
+    else {
+        return Ok((config, opts));
+    };
+    let (domain, search, mut servers) = config.into_parts();
+    for conn in servers.iter_mut().flat_map(|s| s.connections.iter_mut()) {
+        conn.port = port;
+    }
+    Ok((ResolverConfig::from_parts(domain, search, servers), opts))
+}
+
+/// The name actually looked up for `host`: absolute (trailing dot), so the resolver asks for
+/// exactly this name and nothing from the search list. An IP literal stays as it is.
+pub fn lookup_name(host: &str) -> String {
+    if host.ends_with('.') || host.parse::<IpAddr>().is_ok() {
+        host.to_string()
+    } else {
+        format!("{host}.")
+    }
+}
+
 /// Builds a resolver that never answers from a cache: the refresh and the stability check need
 /// to see every change as soon as the DNS server makes it.
 pub fn resolver(cfg: &DnsConfig) -> Result<TokioResolver, DiscoveryError> {
     let mut builder = if cfg.nameservers.is_empty() {
-        // /etc/resolv.conf, with its search domains and ndots, as a pod expects.
-        TokioResolver::builder_tokio().map_err(DiscoveryError::ResolvConf)?
+        // /etc/resolv.conf's nameservers and options, as a pod expects. Its search list stays
+        // configured but never applies: every name is looked up absolute (`lookup_name`).
+        let (config, opts) = system_config()?;
+        let mut b = TokioResolver::builder_with_config(config, Default::default());
+        *b.options_mut() = opts;
+        b
     } else {
         let servers = cfg
             .nameservers
@@ -90,10 +145,10 @@ impl Resolve for TokioResolver {
     }
 }
 
-/// Resolves `host` once. `Ok(empty)` for NXDOMAIN / no records; `Err` for failures that say
-/// nothing about the pods (timeouts, SERVFAIL, network errors).
+/// Resolves `host` once, as an absolute name. `Ok(empty)` for NXDOMAIN / no records; `Err` for
+/// failures that say nothing about the pods (timeouts, SERVFAIL, REFUSED, network errors).
 pub async fn resolve(resolver: &TokioResolver, host: &str) -> Result<Answer, DiscoveryError> {
-    match resolver.lookup_ip(host).await {
+    match resolver.lookup_ip(lookup_name(host)).await {
         Ok(lookup) => Ok(lookup.iter().collect()),
         Err(e) if e.is_no_records_found() => Ok(Answer::new()),
         Err(e) => Err(DiscoveryError::Lookup(e)),
@@ -375,6 +430,18 @@ mod tests {
 
     fn s(ms: u64) -> Duration {
         Duration::from_millis(ms)
+    }
+
+    #[test]
+    fn names_are_looked_up_absolute_so_no_search_list_applies() {
+        let name = "codec.ai-media.svc.cluster.local";
+        assert_eq!(lookup_name(name), "codec.ai-media.svc.cluster.local.");
+        assert_eq!(
+            lookup_name("codec.ai-media.svc.cluster.local."),
+            lookup_name(name)
+        );
+        assert_eq!(lookup_name("10.1.2.3"), "10.1.2.3");
+        assert_eq!(lookup_name("fd00::1"), "fd00::1");
     }
 
     #[tokio::test(start_paused = true)]

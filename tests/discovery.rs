@@ -406,3 +406,86 @@ async fn a_reload_starts_discovery_for_a_new_name_and_stops_it_for_a_removed_one
     );
     assert_eq!(agent.get("/render").await.status, 200);
 }
+
+/// The system resolver (no `dns.nameservers`) with a pod's resolv.conf: a search list and
+/// `ndots:2`. SERVFAIL, REFUSED and no answer at all for the real name keep the pods (an error
+/// stays an error, never "no records"), and only the real name is ever asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn system_resolver_with_a_search_list_keeps_the_pods_through_dns_errors() {
+    let pods = start_pods(51, 2).await.unwrap();
+    let dns = DnsServer::start().await;
+    dns.set_ips(NAME, &ips(&pods));
+    let dir = temp_dir("resolv");
+    let resolv = dir.join("resolv.conf");
+    std::fs::write(
+        &resolv,
+        "search ai-media.svc.cluster.local svc.cluster.local cluster.local\n\
+         nameserver 127.0.0.1\n\
+         options ndots:2\n",
+    )
+    .unwrap();
+    let port = dns.addr.port().to_string();
+    let agent = Agent::spawn_with_env(
+        &format!(
+            "dns: {{refresh_interval: 100ms, stability_samples: 3, stability_interval: 50ms, unstable_retry: 300ms}}\n\
+             routes:\n  - {{uri: /work, limit: 1, service_name: codec, namespace: ai-media, http_port: {}}}\n",
+            pods[0].addr.port()
+        ),
+        &[
+            ("LB_AGENT_RESOLV_CONF", resolv.to_str().unwrap()),
+            ("LB_AGENT_RESOLV_CONF_PORT", &port),
+        ],
+    );
+    agent.wait_ready(SECS).await;
+    assert_eq!(agent.active_pods().await, addrs(&pods));
+
+    for (n, failure) in [Answer::ServFail, Answer::Refused, Answer::Silent]
+        .into_iter()
+        .enumerate()
+    {
+        let before = dns.queries_for(NAME);
+        dns.set(NAME, failure.clone());
+        // Many rounds with SERVFAIL/REFUSED (100 ms apart); a silent server costs the 2 s
+        // timeout per round, so give it a few.
+        let hold = match failure {
+            Answer::Silent => Duration::from_millis(5000),
+            _ => Duration::from_millis(1000),
+        };
+        let started = Instant::now();
+        while started.elapsed() < hold {
+            assert_eq!(
+                agent.active_pods().await,
+                addrs(&pods),
+                "pods lost on {failure:?} after {:?}",
+                started.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(agent.get("/work").await.status, 200);
+        println!(
+            "{failure:?}: {} queries for the name in {hold:?}",
+            dns.queries_for(NAME) - before
+        );
+        dns.set_ips(NAME, &ips(&pods));
+        eventually(SECS, "lookups work again", || async {
+            agent.log().matches("works again").count() == n + 1
+        })
+        .await;
+    }
+    let total = dns.queries.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        total,
+        dns.queries_for(NAME),
+        "only the absolute name is asked for, never a search-list name"
+    );
+    assert_eq!(
+        agent
+            .log()
+            .matches(&format!("DNS lookup of {NAME} failed"))
+            .count(),
+        3,
+        "each failure episode warned once:\n{}",
+        agent.log()
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -270,11 +270,17 @@ impl DnsDiscovery {
             Ok(a) => a,
             Err(e) => {
                 if !*failing {
-                    log::warn!(
-                        "DNS lookup of {} failed: {e}; keeping the last known pods {:?} until it recovers",
-                        self.host,
-                        current.as_ref().map(|c| c.iter().collect::<Vec<_>>())
-                    );
+                    match current {
+                        Some(c) => log::warn!(
+                            "DNS lookup of {} failed: {e}; keeping the last known pods {:?} until it recovers",
+                            self.host,
+                            c.iter().collect::<Vec<_>>()
+                        ),
+                        None => log::warn!(
+                            "DNS lookup of {} failed: {e}; no pod list yet: requests to its routes wait until it resolves",
+                            self.host
+                        ),
+                    }
                     *failing = true;
                 }
                 return Round::Failed;

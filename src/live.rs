@@ -72,6 +72,14 @@ pub struct Live {
     applied: Mutex<Config>,
     /// Whether SIGTERM has come, and the requests a drain waits for.
     pub shutdown: Arc<ShutdownState>,
+    /// The pools readiness waits for (see [`Live::readiness_waits_for`]): those of the config
+    /// in force until the agent is first ready, then none, for good.
+    awaited: Mutex<Vec<Weak<Balancer>>>,
+}
+
+/// A pool knows its pods once it has learned its pod list (even an empty one) or has pods.
+pub fn pod_list_known(b: &Balancer) -> bool {
+    b.resolved() || b.has_pods()
 }
 
 fn route_table(config: &Config, pools: &[Arc<Balancer>]) -> Snapshot {
@@ -146,8 +154,10 @@ impl Live {
                 (host, Discovery { task, handle: None })
             })
             .collect();
+        let awaited = pools.iter().map(Arc::downgrade).collect();
         Ok(Arc::new(Live {
             ledger,
+            awaited: Mutex::new(awaited),
             current: RwLock::new(Arc::new(route_table(config, &pools))),
             retired: Mutex::new(Vec::new()),
             discovery: Mutex::new(discovery),
@@ -160,6 +170,40 @@ impl Live {
     /// The snapshot requests are routed with right now.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         Arc::clone(&self.current.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The pools in force that have no pod list yet and that readiness waits for.
+    ///
+    /// Readiness means "this replica can serve the config it runs": at start-up every pool of
+    /// the config in force must have learned its pod list once (a reload before that point
+    /// counts: its pools are waited for too, a pool it removed no longer is). From the first
+    /// moment no pool is waited for, the agent is ready for good (until SIGTERM): a pool that a
+    /// later reload adds is not waited for, so one broken route in a ConfigMap shared by every
+    /// replica cannot take them all out of the Service. Such a pool shows in `/status`
+    /// (`unresolved`) and in the discovery logs and metrics instead.
+    pub fn readiness_waits_for(&self) -> Vec<Arc<Balancer>> {
+        let awaited = self.awaited.lock().unwrap_or_else(|e| e.into_inner());
+        self.snapshot()
+            .pools
+            .iter()
+            .filter(|b| {
+                awaited
+                    .iter()
+                    .any(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(b)))
+            })
+            .filter(|b| !pod_list_known(b))
+            .cloned()
+            .collect()
+    }
+
+    /// Pools in force that have no pod list yet, whether readiness waits for them or not.
+    pub fn unresolved(&self) -> Vec<Arc<Balancer>> {
+        self.snapshot()
+            .pools
+            .iter()
+            .filter(|b| !pod_list_known(b))
+            .cloned()
+            .collect()
     }
 
     /// Pools of the current config, then retired pools that requests still hold.
@@ -299,8 +343,19 @@ impl Live {
             }
             *applied = config.clone();
         }
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) =
-            Arc::new(route_table(config, &pools));
+        {
+            // Decided before the swap, while the pools in force are the ones waited for: if the
+            // agent is ready now, it stays ready whatever this config adds.
+            let ready = self.readiness_waits_for().is_empty();
+            let mut awaited = self.awaited.lock().unwrap_or_else(|e| e.into_inner());
+            *awaited = if ready {
+                Vec::new()
+            } else {
+                pools.iter().map(Arc::downgrade).collect()
+            };
+            *self.current.write().unwrap_or_else(|e| e.into_inner()) =
+                Arc::new(route_table(config, &pools));
+        }
 
         // What the old config had and the new one dropped is retired (and `candidates` holds
         // exactly those now).

@@ -489,3 +489,85 @@ async fn system_resolver_with_a_search_list_keeps_the_pods_through_dns_errors() 
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Replicas share one ConfigMap: a reload that adds a route whose name does not resolve must not
+/// take them all out of the Service. The agent stays ready, the new pool shows as unresolved in
+/// /status, the existing route keeps serving, and the failure is logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reload_adding_a_route_that_does_not_resolve_keeps_the_agent_ready() {
+    const BAD: &str = "bad.test.local";
+    let pods = start_pods(55, 1).await.unwrap();
+    let dns = DnsServer::start().await;
+    dns.set_ips(NAME, &ips(&pods));
+    dns.set(BAD, Answer::ServFail);
+    let port = pods[0].addr.port();
+    let dns_line = format!(
+        "reload_interval: 50ms\ndns: {{nameservers: [\"{}\"], refresh_interval: 100ms, stability_samples: 3, stability_interval: 50ms, unstable_retry: 300ms}}\n",
+        dns.addr
+    );
+    let work = format!(
+        "  - {{uri: /work, limit: 1, service_name: codec, namespace: ai-media, http_port: {port}}}\n"
+    );
+    let bad = format!("  - {{uri: /bad, limit: 1, host: {BAD}, http_port: {port}}}\n");
+    let agent = Agent::start(&format!("{dns_line}routes:\n{work}")).await;
+
+    agent.update_config(&format!("{dns_line}routes:\n{work}{bad}"));
+    eventually(SECS, "the new name looked up and failing", || async {
+        agent.log().contains(&format!("DNS lookup of {BAD} failed"))
+    })
+    .await;
+    for _ in 0..20 {
+        let r = loadgen::get(agent.admin, "/readyz", &[]).await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let status = agent.status().await;
+    assert_eq!(status["ready"], true, "{status}");
+    assert_eq!(
+        status["unresolved"],
+        serde_json::json!([format!("{BAD}:{port}")]),
+        "{status}"
+    );
+    assert_eq!(agent.get("/work").await.status, 200);
+
+    // Once the name resolves, the new route serves and nothing is unresolved.
+    dns.set_ips(BAD, &ips(&pods));
+    eventually(SECS, "the new route served", || async {
+        agent.get("/bad").await.status == 200
+    })
+    .await;
+    assert_eq!(agent.status().await["unresolved"], serde_json::json!([]));
+}
+
+/// At start-up readiness waits for every pool of the config in force: one that does not resolve
+/// keeps the agent unready (a rolling update stops at it), and a reload that removes it, before
+/// the agent was ever ready, lets it become ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn at_start_up_readiness_waits_for_every_pool_of_the_config_in_force() {
+    const BAD: &str = "bad.test.local";
+    let pods = start_pods(57, 1).await.unwrap();
+    let dns = DnsServer::start().await;
+    dns.set_ips(NAME, &ips(&pods));
+    dns.set(BAD, Answer::ServFail);
+    let port = pods[0].addr.port();
+    let dns_line = format!(
+        "reload_interval: 50ms\ndns: {{nameservers: [\"{}\"], refresh_interval: 100ms, stability_samples: 3, stability_interval: 50ms, unstable_retry: 300ms}}\n",
+        dns.addr
+    );
+    let work = format!(
+        "  - {{uri: /work, limit: 1, service_name: codec, namespace: ai-media, http_port: {port}}}\n"
+    );
+    let bad = format!("  - {{uri: /bad, limit: 1, host: {BAD}, http_port: {port}}}\n");
+    let agent = Agent::spawn(&format!("{dns_line}routes:\n{work}{bad}"));
+    eventually(SECS, "the bad name failing", || async {
+        agent.log().contains(&format!("DNS lookup of {BAD} failed"))
+    })
+    .await;
+    let r = loadgen::get(agent.admin, "/readyz", &[]).await.unwrap();
+    assert_eq!(r.status, 503);
+    assert!(r.body.contains(&format!("{BAD}:{port}")), "{}", r.body);
+
+    agent.update_config(&format!("{dns_line}routes:\n{work}"));
+    agent.wait_ready(SECS).await;
+    assert_eq!(agent.get("/work").await.status, 200);
+}

@@ -16,22 +16,63 @@
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::live::Live;
+
+/// The config file the agent runs, as it was read at start-up: later reads are compared with
+/// exactly the bytes that were parsed, so an edit landing just after start-up is a change.
+pub struct Source {
+    pub path: PathBuf,
+    pub bytes: Vec<u8>,
+}
+
+impl Source {
+    /// Reads and validates the config file, keeping the bytes that were parsed.
+    pub fn load(path: &Path) -> Result<(Config, Source), ConfigError> {
+        let (config, bytes) = Config::load_with_bytes(path)?;
+        let source = Source {
+            path: path.to_path_buf(),
+            bytes,
+        };
+        Ok((config, source))
+    }
+}
+
+/// SIGHUP, caught from the first line of `main` on. Its default action ends the process, so
+/// until a handler is installed a SIGHUP (a reload sent just after a deploy) would kill the
+/// agent; one that arrives before the reload service runs is kept and reloads then.
+pub struct Hangup(Result<Signal, String>);
+
+impl Hangup {
+    /// Installs the SIGHUP handler now. Tokio installs it process-wide when the stream is
+    /// created, which needs a runtime with an IO driver; the stream itself is then read on
+    /// Pingora's runtime, whose driver delivers the signals (also those sent meanwhile).
+    pub fn catch() -> Hangup {
+        let stream = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .map_err(|e| e.to_string())
+            .and_then(|rt| {
+                let _in_runtime = rt.enter();
+                signal(SignalKind::hangup()).map_err(|e| e.to_string())
+            });
+        Hangup(stream)
+    }
+}
 
 pub struct ConfigService {
     live: Arc<Live>,
     /// `None`: no file to watch (the config did not come from one).
-    path: Option<PathBuf>,
+    source: Option<Source>,
     /// Zero: no polling; SIGHUP still reloads.
     interval: Duration,
-    /// The bytes the running config was loaded from.
-    loaded: Option<Vec<u8>>,
+    /// Taken by the service when it starts.
+    hangup: Mutex<Option<Hangup>>,
 }
 
 /// Why a reload did not apply.
@@ -42,25 +83,17 @@ pub enum Rejected {
 }
 
 impl ConfigService {
-    pub fn new(live: Arc<Live>, path: Option<PathBuf>, interval: Duration) -> Self {
-        let loaded = path
-            .as_ref()
-            .and_then(|p| crate::config::read_bounded(p).ok());
+    pub fn new(
+        live: Arc<Live>,
+        source: Option<Source>,
+        interval: Duration,
+        hangup: Option<Hangup>,
+    ) -> Self {
         Self {
             live,
-            path,
+            source,
             interval,
-            loaded,
-        }
-    }
-
-    async fn sighup() -> Option<tokio::signal::unix::Signal> {
-        match signal(SignalKind::hangup()) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                log::warn!("cannot listen for SIGHUP ({e}); config reload only by polling");
-                None
-            }
+            hangup: Mutex::new(hangup),
         }
     }
 }
@@ -69,7 +102,7 @@ impl ConfigService {
 /// Returns `Ok(None)` when nothing changed, `Ok(Some(summary))` when applied.
 pub async fn reload_once(
     live: &Live,
-    path: &std::path::Path,
+    path: &Path,
     last: &mut Option<Vec<u8>>,
     force: bool,
 ) -> Result<Option<String>, Rejected> {
@@ -97,13 +130,22 @@ fn count(result: &str) {
 impl BackgroundService for ConfigService {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         self.live.start_discovery();
-        let Some(path) = self.path.clone() else {
+        let Some(source) = &self.source else {
             let _ = shutdown.changed().await;
             self.live.stop_discovery();
             return;
         };
-        let mut hup = Self::sighup().await;
-        let mut last = self.loaded.clone();
+        let path = &source.path;
+        let hangup = self.hangup.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let mut hup = match hangup.map(|h| h.0) {
+            Some(Ok(s)) => Some(s),
+            Some(Err(e)) => {
+                log::warn!("cannot listen for SIGHUP ({e}); config reload only by polling");
+                None
+            }
+            None => None,
+        };
+        let mut last = Some(source.bytes.clone());
         let mut unreadable = false;
         loop {
             let force = tokio::select! {
@@ -125,7 +167,7 @@ impl BackgroundService for ConfigService {
                     }
                 } => false,
             };
-            match reload_once(&self.live, &path, &mut last, force).await {
+            match reload_once(&self.live, path, &mut last, force).await {
                 Ok(None) => {}
                 Ok(Some(summary)) => {
                     unreadable = false;

@@ -217,3 +217,105 @@ async fn an_endless_config_file_is_refused_without_reading_it_all() {
     assert!(log.contains("larger than 1048576 bytes"), "{log}");
     assert_eq!(agent.get("/work").await.status, 200);
 }
+
+/// Makes `dir/config.yaml` a named pipe: the agent's start-up read of its config blocks until
+/// the test writes it, so the test can act at that exact point of start-up.
+fn config_fifo(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("config.yaml");
+    let ok = std::process::Command::new("mkfifo")
+        .arg(&path)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "mkfifo failed");
+    path
+}
+
+fn fifo_config(port: u16, admin: u16, reload: &str, limit: usize, pods: &[FakePod]) -> String {
+    format!(
+        "listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:{admin}\nreload_interval: {reload}\nroutes:\n  - {{uri: /work, limit: {limit}, endpoints: {}}}\n",
+        endpoints(pods)
+    )
+}
+
+/// An edit that lands while the agent is reading its config at start-up: the running config is
+/// the version it parsed, and later reads are compared with those bytes, so the edit is a
+/// change and is applied (it was lost for good when the file was read a second time as the
+/// baseline).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_edit_right_after_start_up_is_applied() {
+    let pods = start_pods(65, 1).await.unwrap();
+    let (port, admin) = (free_port(), free_port());
+    let dir = temp_dir("startup-edit");
+    let fifo = config_fifo(&dir);
+    let first = fifo_config(port, admin, "50ms", 1, &pods);
+    let edited = fifo_config(port, admin, "50ms", 2, &pods);
+    let agent = Agent::launch(dir.clone(), port, admin, &[]);
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        // Returns once the agent has opened its config to read it.
+        let mut reading = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+        // The edit lands now: a regular file replaces the pipe the agent is reading.
+        std::fs::write(dir.join("edited.yaml"), edited).unwrap();
+        std::fs::rename(dir.join("edited.yaml"), &fifo).unwrap();
+        reading.write_all(first.as_bytes()).unwrap();
+    })
+    .await
+    .unwrap();
+    agent.wait_ready(SECS).await;
+    eventually(SECS, "the edit applied", || async {
+        pool_limit(&agent).await == 2
+    })
+    .await;
+}
+
+/// A SIGHUP while the agent is still starting (here: while it reads its config, before any
+/// port is open) neither kills it nor is lost: the reload runs once the reload service does.
+/// Polling is off, so only that SIGHUP can apply the edit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sighup_during_start_up_reloads_instead_of_killing_the_agent() {
+    let pods = start_pods(67, 1).await.unwrap();
+    let (port, admin) = (free_port(), free_port());
+    let dir = temp_dir("startup-hup");
+    let fifo = config_fifo(&dir);
+    let first = fifo_config(port, admin, "0s", 1, &pods);
+    let edited = fifo_config(port, admin, "0s", 3, &pods);
+    let mut agent = Agent::launch(dir.clone(), port, admin, &[]);
+    let pid = agent.pid().to_string();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut reading = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+        // The agent is inside its start-up config read.
+        let ok = std::process::Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -HUP failed");
+        std::thread::sleep(Duration::from_millis(100));
+        std::fs::write(dir.join("edited.yaml"), edited).unwrap();
+        std::fs::rename(dir.join("edited.yaml"), &fifo).unwrap();
+        // Fails if the SIGHUP has killed the agent (nobody reads the pipe any more).
+        let _ = reading.write_all(first.as_bytes());
+    })
+    .await
+    .unwrap();
+    let deadline = std::time::Instant::now() + SECS;
+    loop {
+        if let Some(status) = agent.wait_exit(Duration::ZERO).await {
+            panic!("the agent died of a SIGHUP at start-up: {status}");
+        }
+        if let Ok(r) = loadgen::get(agent.admin, "/readyz", &[]).await {
+            if r.status == 200 {
+                break;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", agent.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eventually(SECS, "the early SIGHUP reloaded the edit", || async {
+        pool_limit(&agent).await == 3
+    })
+    .await;
+    assert!(agent.log().contains("SIGHUP: reloading"), "{}", agent.log());
+}

@@ -19,6 +19,21 @@ async fn pool_limit(agent: &Agent) -> u64 {
     agent.status().await["pools"][0]["limit"].as_u64().unwrap()
 }
 
+/// The limit of the pool serving `uri`, from /status (`None`: no such route).
+async fn route_limit(agent: &Agent, uri: &str) -> Option<u64> {
+    let status = agent.status().await;
+    let pool = status["routes"]
+        .as_array()?
+        .iter()
+        .find(|r| r["uri"] == uri)?["pool"]
+        .clone();
+    status["pools"]
+        .as_array()?
+        .iter()
+        .find(|p| p["name"] == pool && p["retired"] == false)?["limit"]
+        .as_u64()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn raised_limit_starts_queued_requests_and_lowered_limit_holds_new_ones() {
     let pods = start_pods(1, 2).await.unwrap();
@@ -216,6 +231,99 @@ async fn an_endless_config_file_is_refused_without_reading_it_all() {
     let log = agent.log();
     assert!(log.contains("larger than 1048576 bytes"), "{log}");
     assert_eq!(agent.get("/work").await.status, 200);
+}
+
+/// An editor, `docker cp` or a config-management tool rewrites the file in place: truncate, the
+/// first route, a 400 ms pause, the rest. The fragment (a valid config without `/w`) is never
+/// applied: no probe of `/w` sees a 404, and the complete file is applied once it settles.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_file_rewritten_in_place_is_applied_only_once_complete() {
+    use std::io::Write;
+    let pods = start_pods(61, 2).await.unwrap();
+    let route = |uri: &str, limit: usize, pod: usize| {
+        format!(
+            "  - {{uri: {uri}, limit: {limit}, endpoints: {}}}\n",
+            endpoints(&pods[pod..pod + 1])
+        )
+    };
+    let agent = Agent::start(&format!(
+        "reload_interval: 50ms\nroutes:\n{}{}",
+        route("/a", 1, 0),
+        route("/w", 1, 1)
+    ))
+    .await;
+    let head = format!(
+        "listen: {}\nadmin_listen: {}\nreload_interval: 50ms\nroutes:\n{}",
+        agent.addr,
+        agent.admin,
+        route("/a", 1, 0)
+    );
+    let rest = route("/w", 2, 1);
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let probes = {
+        let (stop, addr) = (std::sync::Arc::clone(&stop), agent.addr);
+        tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let r = loadgen::get(addr, "/w", &[]).await;
+                statuses.push(r.map(|r| r.status).unwrap_or(0));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            statuses
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let path = agent.dir.join("config.yaml");
+    let written = tokio::task::spawn_blocking(move || {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        f.write_all(head.as_bytes()).unwrap();
+        f.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(400));
+        f.write_all(rest.as_bytes()).unwrap();
+        f.flush().unwrap();
+        std::time::Instant::now()
+    })
+    .await
+    .unwrap();
+    eventually(SECS, "the complete file applied", || async {
+        route_limit(&agent, "/w").await == Some(2)
+    })
+    .await;
+    println!("complete file written to applied: {:?}", written.elapsed());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let statuses = probes.await.unwrap();
+    let missing = statuses.iter().filter(|s| **s == 404).count();
+    println!("{} probes, {missing} saw 404", statuses.len());
+    assert!(statuses.len() >= 20, "{statuses:?}");
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    let log = agent.log();
+    assert!(
+        log.contains("is skipped"),
+        "the fragment's skip logged:\n{log}"
+    );
+    assert!(!log.contains("routes updated"), "{log}");
+
+    // A ConfigMap update swaps in a complete file through a symlink: no settling, it applies at
+    // the first read that sees it.
+    let swapped = std::time::Instant::now();
+    agent.update_config(&format!(
+        "reload_interval: 50ms\nroutes:\n{}{}",
+        route("/a", 1, 0),
+        route("/w", 3, 1)
+    ));
+    eventually(SECS, "the swapped-in file applied", || async {
+        route_limit(&agent, "/w").await == Some(3)
+    })
+    .await;
+    let took = swapped.elapsed();
+    println!("symlink swap to applied: {took:?}");
+    assert!(took < Duration::from_millis(900), "{took:?}");
 }
 
 /// Makes `dir/config.yaml` a named pipe: the agent's start-up read of its config blocks until

@@ -16,7 +16,10 @@
 //!
 //! One discovery task runs per DNS name; every pool (port) behind that name is fed from it.
 //! The tasks run inside the config background service ([`crate::reload`]), which starts and
-//! stops them as config reloads add and remove names.
+//! stops them as config reloads add and remove names. Pools a reload retired are fed too, for as
+//! long as requests still hold them (see [`crate::live`]): their queued requests must go to the
+//! pods DNS names now, not to a frozen list. A task whose name no pool uses any more, in force or
+//! retired, stops by itself.
 
 use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig, ResolverOpts};
 use hickory_resolver::TokioResolver;
@@ -24,7 +27,7 @@ use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::balance::Balancer;
@@ -178,9 +181,25 @@ pub struct DnsDiscovery {
 /// The pools fed from one name, and the answer they were last given. Kept under one lock so a
 /// pool attached by a config reload gets exactly the answer its siblings have.
 struct Attached {
-    /// (port, balancer) for every pool behind this name.
+    /// (port, balancer) for every pool of the config in force behind this name.
     pools: Vec<(u16, Arc<Balancer>)>,
+    /// (port, balancer) for retired pools fed from this name while requests still hold them.
+    retired: Vec<(u16, Weak<Balancer>)>,
     adopted: Option<Answer>,
+    /// The task stopped because no pool uses the name any more; it feeds nothing from now on.
+    stopped: bool,
+}
+
+impl Attached {
+    /// Every pool fed from this name, retired ones that nothing holds any more left out.
+    fn fed(&mut self) -> Vec<(u16, Arc<Balancer>)> {
+        self.retired.retain(|(_, w)| w.strong_count() > 0);
+        let retired = self
+            .retired
+            .iter()
+            .filter_map(|(port, w)| w.upgrade().map(|b| (*port, b)));
+        self.pools.iter().cloned().chain(retired).collect()
+    }
 }
 
 async fn feed(port: u16, balancer: &Balancer, answer: &Answer) {
@@ -205,29 +224,54 @@ impl DnsDiscovery {
             host,
             attached: tokio::sync::Mutex::new(Attached {
                 pools,
+                retired: Vec::new(),
                 adopted: None,
+                stopped: false,
             }),
             cfg,
             stats: Arc::default(),
         }
     }
 
-    /// Replaces the pools fed from this name (a config reload). A newly attached pool gets the
-    /// adopted answer at once, without a new stability check: the answer is already trusted.
-    pub async fn set_pools(&self, pools: Vec<(u16, Arc<Balancer>)>) {
+    /// Replaces the pools fed from this name (a config reload): those in force, and retired
+    /// ones still held by requests. A newly attached pool gets the adopted answer at once,
+    /// without a new stability check: the answer is already trusted. Returns `false` if the
+    /// task has stopped (no pool used the name for a while): the caller starts a new one.
+    pub async fn set_pools(
+        &self,
+        pools: Vec<(u16, Arc<Balancer>)>,
+        retired: Vec<(u16, Weak<Balancer>)>,
+    ) -> bool {
         let mut att = self.attached.lock().await;
+        if att.stopped {
+            return false;
+        }
+        let before = att.fed();
+        att.pools = pools;
+        att.retired = retired;
         if let Some(answer) = att.adopted.clone() {
-            for (port, b) in &pools {
-                let known = att
-                    .pools
+            for (port, b) in att.fed() {
+                let known = before
                     .iter()
-                    .any(|(p, old)| p == port && Arc::ptr_eq(old, b));
+                    .any(|(p, old)| *p == port && Arc::ptr_eq(old, &b));
                 if !known {
-                    feed(*port, b, &answer).await;
+                    feed(port, &b, &answer).await;
                 }
             }
         }
-        att.pools = pools;
+        true
+    }
+
+    /// Whether some pool still uses this name: one in force, or a retired one held by a request.
+    pub async fn in_use(&self) -> bool {
+        !self.attached.lock().await.fed().is_empty()
+    }
+
+    /// Marks the task stopped if no pool uses the name any more; `true` if so.
+    async fn stop_if_unused(&self) -> bool {
+        let mut att = self.attached.lock().await;
+        att.stopped = att.stopped || att.fed().is_empty();
+        att.stopped
     }
 
     pub fn host(&self) -> &str {
@@ -236,8 +280,8 @@ impl DnsDiscovery {
 
     async fn apply(&self, answer: &Answer) {
         let mut att = self.attached.lock().await;
-        for (port, balancer) in &att.pools {
-            feed(*port, balancer, answer).await;
+        for (port, balancer) in att.fed() {
+            feed(port, &balancer, answer).await;
         }
         att.adopted = Some(answer.clone());
     }
@@ -336,6 +380,13 @@ impl DnsDiscovery {
         let mut current = None;
         let mut failing = false;
         loop {
+            if self.stop_if_unused().await {
+                log::info!(
+                    "stopped discovery of {}: no pool uses it any more",
+                    self.host
+                );
+                return;
+            }
             let round = tokio::select! {
                 r = self.round(resolver, &mut current, &mut failing) => r,
                 _ = &mut stop => return,
@@ -493,6 +544,35 @@ mod tests {
         )
         .await;
         assert_eq!(seen, vec![vec![1, 2], vec![1, 2], vec![1, 2]]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retired_pool_is_fed_until_nothing_holds_it_then_the_task_stops() {
+        let retired = Arc::new(Balancer::new(&Ledger::new(), "t", 1));
+        let d = DnsDiscovery::new("svc".into(), Vec::new(), cfg());
+        assert!(
+            d.set_pools(Vec::new(), vec![(80, Arc::downgrade(&retired))])
+                .await
+        );
+        let resolver = Scripted {
+            start: Instant::now(),
+            script: vec![(s(0), Some(vec![1])), (s(3000), Some(vec![2]))],
+        };
+        let run = d.run_with(&resolver, std::future::pending());
+        tokio::pin!(run);
+        tokio::select! {
+            _ = &mut run => panic!("stopped while a retired pool still uses the name"),
+            _ = tokio::time::sleep(s(7000)) => {}
+        }
+        assert_eq!(pods(&retired), vec![2], "the retired pool follows DNS");
+        drop(retired);
+        tokio::time::timeout(s(2100), run)
+            .await
+            .expect("stops at its next round");
+        assert!(
+            !d.set_pools(Vec::new(), Vec::new()).await,
+            "a stopped task takes no pools: the caller starts a new one"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -571,3 +571,122 @@ async fn at_start_up_readiness_waits_for_every_pool_of_the_config_in_force() {
     agent.wait_ready(SECS).await;
     assert_eq!(agent.get("/work").await.status, 200);
 }
+
+/// Five requests wait on a route whose host is misspelled (NXDOMAIN: zero pods) when a reload
+/// corrects the host. The retired pool has no pod, so it follows the pool that now serves the
+/// route: the five are served (200), not left to their queue timeout, and each pod's cap holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_queued_on_a_misspelled_host_are_served_once_a_reload_fixes_it() {
+    const TYPO: &str = "codex.ai-media.svc.cluster.local";
+    let pods = start_pods(71, 2).await.unwrap();
+    let dns = DnsServer::start().await;
+    dns.set_ips(NAME, &ips(&pods));
+    let port = pods[0].addr.port();
+    let body = |host: &str| {
+        format!(
+            "reload_interval: 50ms\n\
+             dns: {{nameservers: [\"{}\"], refresh_interval: 100ms, stability_samples: 3, stability_interval: 50ms, unstable_retry: 300ms}}\n\
+             queue: {{timeout: 8s}}\n\
+             routes:\n  - {{uri: /work, limit: 1, host: {host}, http_port: {port}}}\n",
+            dns.addr
+        )
+    };
+    let agent = Agent::start(&body(TYPO)).await;
+    let queued: Vec<_> = (0..5)
+        .map(|_| spawn_get(agent.addr, "/work?ms=100"))
+        .collect();
+    eventually(SECS, "5 queued", || async {
+        agent.queue_depth().await == 5
+    })
+    .await;
+
+    let fixed = Instant::now();
+    agent.update_config(&body(NAME));
+    let mut statuses = Vec::new();
+    for q in queued {
+        statuses.push(q.await.unwrap().map(|r| r.status).unwrap_or(0));
+    }
+    let took = fixed.elapsed();
+    println!("host fixed -> the 5 queued requests served: {took:?} ({statuses:?})");
+    assert_eq!(statuses, vec![200; 5]);
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert!(pods.iter().all(|p| p.stats.max_inflight() == 1));
+    assert_eq!(agent.get("/work").await.status, 200);
+
+    // Once its last request is done the retired pool is gone, and so is the typo's discovery.
+    eventually(SECS, "the typo's discovery stopped", || async {
+        agent
+            .log()
+            .contains(&format!("stopped discovery of {TYPO}"))
+    })
+    .await;
+    let status = agent.status().await;
+    let pools = status["pools"].as_array().unwrap();
+    assert!(pools.iter().all(|p| p["retired"] == false), "{status}");
+    let before = dns.queries_for(TYPO);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(dns.queries_for(TYPO), before, "no more lookups of the typo");
+}
+
+/// A route moves to another Service while a request waits for the old Service's only pod; then
+/// that pod is replaced in DNS. The retired pool still follows DNS: the waiting request goes to
+/// the new pod at once, not to the removed one once it is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_retired_pool_keeps_following_dns_while_requests_wait_on_it() {
+    const OTHER: &str = "render.ai-media.svc.cluster.local";
+    let codec = start_pods(75, 2).await.unwrap();
+    let render = start_pods(78, 1).await.unwrap();
+    let dns = DnsServer::start().await;
+    dns.set_ips(NAME, &ips(&codec[..1]));
+    dns.set_ips(OTHER, &ips(&render));
+    let dns_line = format!(
+        "reload_interval: 50ms\ndns: {{nameservers: [\"{}\"], refresh_interval: 100ms, stability_samples: 3, stability_interval: 50ms, unstable_retry: 300ms}}\n",
+        dns.addr
+    );
+    let agent = Agent::start(&format!(
+        "{dns_line}routes:\n  - {{uri: /work, limit: 1, service_name: codec, namespace: ai-media, http_port: {}}}\n",
+        codec[0].addr.port()
+    ))
+    .await;
+    let blocker = spawn_get(agent.addr, "/work?ms=4000");
+    eventually(SECS, "blocker on the codec pod", || async {
+        codec[0].stats.inflight() == 1
+    })
+    .await;
+    let waiting = spawn_get(agent.addr, "/work?ms=10");
+    eventually(SECS, "one request queued", || async {
+        agent.queue_depth().await == 1
+    })
+    .await;
+
+    agent.update_config(&format!(
+        "{dns_line}routes:\n  - {{uri: /work, limit: 1, service_name: render, namespace: ai-media, http_port: {}}}\n",
+        render[0].addr.port()
+    ));
+    eventually(SECS, "the codec pool retired", || async {
+        agent
+            .log()
+            .contains(&format!("{NAME}:{}: retired", codec[0].addr.port()))
+    })
+    .await;
+    let replaced = Instant::now();
+    dns.set_ips(NAME, &ips(&codec[1..]));
+    assert_eq!(waiting.await.unwrap().unwrap().status, 200);
+    println!(
+        "pod replaced -> queued request served: {:?}",
+        replaced.elapsed()
+    );
+    assert_eq!(
+        codec[1].stats.started(),
+        1,
+        "served by the pod DNS names now"
+    );
+    assert_eq!(
+        codec[0].stats.started(),
+        1,
+        "nothing more for the removed pod"
+    );
+    assert_eq!(blocker.await.unwrap().unwrap().status, 200);
+    assert_eq!(agent.get("/work").await.status, 200);
+    assert_eq!(render[0].stats.started(), 1);
+}

@@ -12,7 +12,6 @@ use pingora::protocols::http::ServerSession;
 use serde::Serialize;
 use std::sync::Arc;
 
-use crate::balance::Balancer;
 use crate::live::Live;
 
 pub struct AdminApp {
@@ -51,6 +50,9 @@ struct RouteStatus {
 #[derive(Serialize)]
 struct Status {
     ready: bool,
+    /// Pools in force with no pod list yet (their requests wait). Readiness waits only for
+    /// those of the config the agent started with; one added by a reload shows here only.
+    unresolved: Vec<String>,
     ledger: LedgerStatus,
     routes: Vec<RouteStatus>,
     pools: Vec<PoolStatus>,
@@ -85,12 +87,12 @@ struct SharedPoolStatus {
 const LEDGER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
 
 impl AdminApp {
-    /// Ready once every pool has learned its pod list at least once (an empty list counts:
-    /// requests then queue until pods appear) or has pods, and until SIGTERM: from then on new
-    /// traffic belongs to other replicas, even while this one still accepts it.
+    /// Ready once every pool of the start-up config has learned its pod list at least once (an
+    /// empty list counts: requests then queue until pods appear) or has pods; from then on a
+    /// reload never takes readiness away (see [`Live::readiness_waits_for`]). Not ready from
+    /// SIGTERM on: new traffic belongs to other replicas, even while this one still accepts it.
     pub fn ready(&self) -> bool {
-        !self.live.shutdown.stopping()
-            && self.live.snapshot().pools.iter().all(|b| pod_list_known(b))
+        !self.live.shutdown.stopping() && self.live.readiness_waits_for().is_empty()
     }
 
     async fn ledger_status(&self) -> LedgerStatus {
@@ -170,6 +172,12 @@ impl AdminApp {
             .collect();
         Status {
             ready: self.ready(),
+            unresolved: self
+                .live
+                .unresolved()
+                .iter()
+                .map(|b| b.name().to_string())
+                .collect(),
             ledger,
             routes: snapshot
                 .route_list
@@ -182,11 +190,6 @@ impl AdminApp {
             pools,
         }
     }
-}
-
-/// A pool counts as ready once its pod list was learned (even empty) or it has pods.
-fn pod_list_known(b: &Balancer) -> bool {
-    b.resolved() || b.has_pods()
 }
 
 fn reply(code: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
@@ -214,13 +217,8 @@ impl ServeHttp for AdminApp {
                         b"not ready: shutting down\n".to_vec(),
                     )
                 } else {
-                    let snapshot = self.live.snapshot();
-                    let waiting: Vec<&str> = snapshot
-                        .pools
-                        .iter()
-                        .filter(|b| !pod_list_known(b))
-                        .map(|b| b.name())
-                        .collect();
+                    let pools = self.live.readiness_waits_for();
+                    let waiting: Vec<&str> = pools.iter().map(|b| b.name()).collect();
                     let body = format!("not ready: no pod list yet for {}\n", waiting.join(", "));
                     reply(
                         StatusCode::SERVICE_UNAVAILABLE,

@@ -6,19 +6,28 @@
 //! current pod list stays and the name is looked at again after `unstable_retry`. An answer
 //! equal to the current list changes nothing.
 //!
-//! DNS errors (timeout, SERVFAIL, unreachable server) keep the last good pod list; they are
-//! logged once per episode. NXDOMAIN or an empty answer is an answer: zero pods, once stable.
+//! DNS errors (timeout, SERVFAIL, REFUSED, unreachable server) keep the last good pod list; they
+//! are logged once per episode. NXDOMAIN or an empty answer is an answer: zero pods, once stable.
+//!
+//! Names are looked up as absolute names (with the root's trailing dot, see [`lookup_name`]):
+//! the search list and `ndots` of `/etc/resolv.conf` never apply. Otherwise an error on the real
+//! name makes the resolver go on to the search-list names (`<name>.<ns>.svc.cluster.local`, …),
+//! whose NXDOMAIN becomes the final answer: a SERVFAIL would read as "no pods".
 //!
 //! One discovery task runs per DNS name; every pool (port) behind that name is fed from it.
 //! The tasks run inside the config background service ([`crate::reload`]), which starts and
-//! stops them as config reloads add and remove names.
+//! stops them as config reloads add and remove names. Pools a reload retired are fed too, for as
+//! long as requests still hold them (see [`crate::live`]): their queued requests must go to the
+//! pods DNS names now, not to a frozen list. A task whose name no pool uses any more, in force or
+//! retired, stops by itself.
 
-use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
+use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig, ResolverOpts};
 use hickory_resolver::TokioResolver;
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::balance::Balancer;
@@ -30,8 +39,12 @@ pub type Answer = BTreeSet<IpAddr>;
 /// Why a DNS name could not be looked up, or discovery could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
-    #[error("cannot read /etc/resolv.conf: {0}")]
-    ResolvConf(#[source] hickory_resolver::net::NetError),
+    #[error("cannot read {path}: {source}")]
+    ResolvConf {
+        path: String,
+        #[source]
+        source: hickory_resolver::net::NetError,
+    },
     #[error("cannot build DNS resolver: {0}")]
     Build(#[source] hickory_resolver::net::NetError),
     /// A failure that says nothing about the pods (timeout, SERVFAIL, network error).
@@ -39,12 +52,57 @@ pub enum DiscoveryError {
     Lookup(#[source] hickory_resolver::net::NetError),
 }
 
+/// Testing only: a resolv.conf to read instead of `/etc/resolv.conf`, so the tests can give the
+/// system resolver a search list and `ndots` without touching the machine's own file.
+pub const RESOLV_CONF_ENV: &str = "LB_AGENT_RESOLV_CONF";
+/// Testing only: the port of the nameservers in that file (resolv.conf cannot say one; the
+/// tests' DNS server listens on an unprivileged port).
+pub const RESOLV_CONF_PORT_ENV: &str = "LB_AGENT_RESOLV_CONF_PORT";
+
+/// The system resolver's settings: `/etc/resolv.conf` (or the file of [`RESOLV_CONF_ENV`]).
+fn system_config() -> Result<(ResolverConfig, ResolverOpts), DiscoveryError> {
+    let path = std::env::var_os(RESOLV_CONF_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/etc/resolv.conf"));
+    let failed = |source| DiscoveryError::ResolvConf {
+        path: path.display().to_string(),
+        source,
+    };
+    let bytes = std::fs::read(&path).map_err(|e| failed(e.into()))?;
+    let (config, opts) = hickory_resolver::system_conf::parse_resolv_conf(bytes).map_err(failed)?;
+    let Some(port) = std::env::var(RESOLV_CONF_PORT_ENV)
+        .ok()
+        .and_then(|p| p.parse::<u16>().ok())
+    else {
+        return Ok((config, opts));
+    };
+    let (domain, search, mut servers) = config.into_parts();
+    for conn in servers.iter_mut().flat_map(|s| s.connections.iter_mut()) {
+        conn.port = port;
+    }
+    Ok((ResolverConfig::from_parts(domain, search, servers), opts))
+}
+
+/// The name actually looked up for `host`: absolute (trailing dot), so the resolver asks for
+/// exactly this name and nothing from the search list. An IP literal stays as it is.
+pub fn lookup_name(host: &str) -> String {
+    if host.ends_with('.') || host.parse::<IpAddr>().is_ok() {
+        host.to_string()
+    } else {
+        format!("{host}.")
+    }
+}
+
 /// Builds a resolver that never answers from a cache: the refresh and the stability check need
 /// to see every change as soon as the DNS server makes it.
 pub fn resolver(cfg: &DnsConfig) -> Result<TokioResolver, DiscoveryError> {
     let mut builder = if cfg.nameservers.is_empty() {
-        // /etc/resolv.conf, with its search domains and ndots, as a pod expects.
-        TokioResolver::builder_tokio().map_err(DiscoveryError::ResolvConf)?
+        // /etc/resolv.conf's nameservers and options, as a pod expects. Its search list stays
+        // configured but never applies: every name is looked up absolute (`lookup_name`).
+        let (config, opts) = system_config()?;
+        let mut b = TokioResolver::builder_with_config(config, Default::default());
+        *b.options_mut() = opts;
+        b
     } else {
         let servers = cfg
             .nameservers
@@ -90,10 +148,10 @@ impl Resolve for TokioResolver {
     }
 }
 
-/// Resolves `host` once. `Ok(empty)` for NXDOMAIN / no records; `Err` for failures that say
-/// nothing about the pods (timeouts, SERVFAIL, network errors).
+/// Resolves `host` once, as an absolute name. `Ok(empty)` for NXDOMAIN / no records; `Err` for
+/// failures that say nothing about the pods (timeouts, SERVFAIL, REFUSED, network errors).
 pub async fn resolve(resolver: &TokioResolver, host: &str) -> Result<Answer, DiscoveryError> {
-    match resolver.lookup_ip(host).await {
+    match resolver.lookup_ip(lookup_name(host)).await {
         Ok(lookup) => Ok(lookup.iter().collect()),
         Err(e) if e.is_no_records_found() => Ok(Answer::new()),
         Err(e) => Err(DiscoveryError::Lookup(e)),
@@ -123,9 +181,25 @@ pub struct DnsDiscovery {
 /// The pools fed from one name, and the answer they were last given. Kept under one lock so a
 /// pool attached by a config reload gets exactly the answer its siblings have.
 struct Attached {
-    /// (port, balancer) for every pool behind this name.
+    /// (port, balancer) for every pool of the config in force behind this name.
     pools: Vec<(u16, Arc<Balancer>)>,
+    /// (port, balancer) for retired pools fed from this name while requests still hold them.
+    retired: Vec<(u16, Weak<Balancer>)>,
     adopted: Option<Answer>,
+    /// The task stopped because no pool uses the name any more; it feeds nothing from now on.
+    stopped: bool,
+}
+
+impl Attached {
+    /// Every pool fed from this name, retired ones that nothing holds any more left out.
+    fn fed(&mut self) -> Vec<(u16, Arc<Balancer>)> {
+        self.retired.retain(|(_, w)| w.strong_count() > 0);
+        let retired = self
+            .retired
+            .iter()
+            .filter_map(|(port, w)| w.upgrade().map(|b| (*port, b)));
+        self.pools.iter().cloned().chain(retired).collect()
+    }
 }
 
 async fn feed(port: u16, balancer: &Balancer, answer: &Answer) {
@@ -150,29 +224,54 @@ impl DnsDiscovery {
             host,
             attached: tokio::sync::Mutex::new(Attached {
                 pools,
+                retired: Vec::new(),
                 adopted: None,
+                stopped: false,
             }),
             cfg,
             stats: Arc::default(),
         }
     }
 
-    /// Replaces the pools fed from this name (a config reload). A newly attached pool gets the
-    /// adopted answer at once, without a new stability check: the answer is already trusted.
-    pub async fn set_pools(&self, pools: Vec<(u16, Arc<Balancer>)>) {
+    /// Replaces the pools fed from this name (a config reload): those in force, and retired
+    /// ones still held by requests. A newly attached pool gets the adopted answer at once,
+    /// without a new stability check: the answer is already trusted. Returns `false` if the
+    /// task has stopped (no pool used the name for a while): the caller starts a new one.
+    pub async fn set_pools(
+        &self,
+        pools: Vec<(u16, Arc<Balancer>)>,
+        retired: Vec<(u16, Weak<Balancer>)>,
+    ) -> bool {
         let mut att = self.attached.lock().await;
+        if att.stopped {
+            return false;
+        }
+        let before = att.fed();
+        att.pools = pools;
+        att.retired = retired;
         if let Some(answer) = att.adopted.clone() {
-            for (port, b) in &pools {
-                let known = att
-                    .pools
+            for (port, b) in att.fed() {
+                let known = before
                     .iter()
-                    .any(|(p, old)| p == port && Arc::ptr_eq(old, b));
+                    .any(|(p, old)| *p == port && Arc::ptr_eq(old, &b));
                 if !known {
-                    feed(*port, b, &answer).await;
+                    feed(port, &b, &answer).await;
                 }
             }
         }
-        att.pools = pools;
+        true
+    }
+
+    /// Whether some pool still uses this name: one in force, or a retired one held by a request.
+    pub async fn in_use(&self) -> bool {
+        !self.attached.lock().await.fed().is_empty()
+    }
+
+    /// Marks the task stopped if no pool uses the name any more; `true` if so.
+    async fn stop_if_unused(&self) -> bool {
+        let mut att = self.attached.lock().await;
+        att.stopped = att.stopped || att.fed().is_empty();
+        att.stopped
     }
 
     pub fn host(&self) -> &str {
@@ -181,8 +280,8 @@ impl DnsDiscovery {
 
     async fn apply(&self, answer: &Answer) {
         let mut att = self.attached.lock().await;
-        for (port, balancer) in &att.pools {
-            feed(*port, balancer, answer).await;
+        for (port, balancer) in att.fed() {
+            feed(port, &balancer, answer).await;
         }
         att.adopted = Some(answer.clone());
     }
@@ -215,11 +314,17 @@ impl DnsDiscovery {
             Ok(a) => a,
             Err(e) => {
                 if !*failing {
-                    log::warn!(
-                        "DNS lookup of {} failed: {e}; keeping the last known pods {:?} until it recovers",
-                        self.host,
-                        current.as_ref().map(|c| c.iter().collect::<Vec<_>>())
-                    );
+                    match current {
+                        Some(c) => log::warn!(
+                            "DNS lookup of {} failed: {e}; keeping the last known pods {:?} until it recovers",
+                            self.host,
+                            c.iter().collect::<Vec<_>>()
+                        ),
+                        None => log::warn!(
+                            "DNS lookup of {} failed: {e}; no pod list yet: requests to its routes wait until it resolves",
+                            self.host
+                        ),
+                    }
                     *failing = true;
                 }
                 return Round::Failed;
@@ -275,6 +380,13 @@ impl DnsDiscovery {
         let mut current = None;
         let mut failing = false;
         loop {
+            if self.stop_if_unused().await {
+                log::info!(
+                    "stopped discovery of {}: no pool uses it any more",
+                    self.host
+                );
+                return;
+            }
             let round = tokio::select! {
                 r = self.round(resolver, &mut current, &mut failing) => r,
                 _ = &mut stop => return,
@@ -377,6 +489,18 @@ mod tests {
         Duration::from_millis(ms)
     }
 
+    #[test]
+    fn names_are_looked_up_absolute_so_no_search_list_applies() {
+        let name = "codec.ai-media.svc.cluster.local";
+        assert_eq!(lookup_name(name), "codec.ai-media.svc.cluster.local.");
+        assert_eq!(
+            lookup_name("codec.ai-media.svc.cluster.local."),
+            lookup_name(name)
+        );
+        assert_eq!(lookup_name("10.1.2.3"), "10.1.2.3");
+        assert_eq!(lookup_name("fd00::1"), "fd00::1");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn the_first_answer_is_taken_at_once() {
         let seen = run(vec![(s(0), Some(vec![1, 2]))], &[1]).await;
@@ -420,6 +544,35 @@ mod tests {
         )
         .await;
         assert_eq!(seen, vec![vec![1, 2], vec![1, 2], vec![1, 2]]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retired_pool_is_fed_until_nothing_holds_it_then_the_task_stops() {
+        let retired = Arc::new(Balancer::new(&Ledger::new(), "t", 1));
+        let d = DnsDiscovery::new("svc".into(), Vec::new(), cfg());
+        assert!(
+            d.set_pools(Vec::new(), vec![(80, Arc::downgrade(&retired))])
+                .await
+        );
+        let resolver = Scripted {
+            start: Instant::now(),
+            script: vec![(s(0), Some(vec![1])), (s(3000), Some(vec![2]))],
+        };
+        let run = d.run_with(&resolver, std::future::pending());
+        tokio::pin!(run);
+        tokio::select! {
+            _ = &mut run => panic!("stopped while a retired pool still uses the name"),
+            _ = tokio::time::sleep(s(7000)) => {}
+        }
+        assert_eq!(pods(&retired), vec![2], "the retired pool follows DNS");
+        drop(retired);
+        tokio::time::timeout(s(2100), run)
+            .await
+            .expect("stops at its next round");
+        assert!(
+            !d.set_pools(Vec::new(), Vec::new()).await,
+            "a stopped task takes no pools: the caller starts a new one"
+        );
     }
 
     #[tokio::test(start_paused = true)]

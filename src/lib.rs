@@ -34,7 +34,6 @@ use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server};
 use pingora::services::background::background_service;
 use pingora::services::listening::Service;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -137,8 +136,13 @@ impl Agent {
 }
 
 /// Builds the Pingora server: the proxy on `listen`, the admin endpoints on `admin_listen`, and
-/// the config background service (DNS discovery, and reloads of `config_path` if given).
-pub fn build_server(config: &Config, config_path: Option<&Path>) -> Result<Agent, StartError> {
+/// the config background service (DNS discovery, and reloads of the `source` file if given, on
+/// SIGHUP too if `hangup` is given).
+pub fn build_server(
+    config: &Config,
+    source: Option<reload::Source>,
+    hangup: Option<reload::Hangup>,
+) -> Result<Agent, StartError> {
     // Pingora sleeps `grace_period_seconds` (whole seconds) after the shutdown delay, then stops
     // its runtimes: give it more than our grace, so the drain thread's exact deadline (or an
     // earlier exit once drained) is what ends the process, never Pingora's rounding.
@@ -165,11 +169,7 @@ pub fn build_server(config: &Config, config_path: Option<&Path>) -> Result<Agent
     metrics::sample_from(&live);
     server.add_service(background_service(
         "config and discovery",
-        reload::ConfigService::new(
-            Arc::clone(&live),
-            config_path.map(Path::to_path_buf),
-            config.reload_interval,
-        ),
+        reload::ConfigService::new(Arc::clone(&live), source, config.reload_interval, hangup),
     ));
 
     let mut app = http_proxy(

@@ -11,9 +11,14 @@
 //! reload removes is *retired*: it keeps serving whatever still holds it, stays visible to
 //! `/status`, `/metrics` and the shutdown drain until nothing does, and comes back with its
 //! counters intact if a later reload names it again (so its pods' caps still hold).
+//!
+//! A retired pool's queued requests must still reach a pod. So it keeps following its DNS name
+//! (the name's discovery runs on while such a pool lives); and a pool retired with no pod at all
+//! (a misspelled name that a reload corrects) follows the pool that now serves its route
+//! instead: its pods, port and limit. Pods are counted per address across pools, so caps hold.
 
 use futures::FutureExt;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
@@ -51,6 +56,13 @@ struct Discovery {
     handle: Option<tokio::task::JoinHandle<()>>,
 }
 
+impl Discovery {
+    /// The task stopped by itself: no pool used its name any more.
+    fn finished(&self) -> bool {
+        self.handle.as_ref().is_some_and(|h| h.is_finished())
+    }
+}
+
 impl Drop for Discovery {
     fn drop(&mut self) {
         if let Some(h) = &self.handle {
@@ -64,7 +76,7 @@ pub struct Live {
     pub ledger: Ledger,
     current: RwLock<Arc<Snapshot>>,
     /// Pools a reload removed; alive while a request still holds them.
-    retired: Mutex<Vec<Weak<Balancer>>>,
+    retired: Mutex<Vec<Retired>>,
     discovery: Mutex<BTreeMap<String, Discovery>>,
     /// The config the process started with: restart-only settings stay as they are here.
     started_with: Config,
@@ -72,6 +84,21 @@ pub struct Live {
     applied: Mutex<Config>,
     /// Whether SIGTERM has come, and the requests a drain waits for.
     pub shutdown: Arc<ShutdownState>,
+    /// The pools readiness waits for (see [`Live::readiness_waits_for`]): those of the config
+    /// in force until the agent is first ready, then none, for good.
+    awaited: Mutex<Vec<Weak<Balancer>>>,
+}
+
+/// A retired pool, and where its pods come from now.
+struct Retired {
+    pool: Weak<Balancer>,
+    /// Its own target, or that of the pool now serving its route (see the module doc).
+    follows: Option<Target>,
+}
+
+/// A pool knows its pods once it has learned its pod list (even an empty one) or has pods.
+pub fn pod_list_known(b: &Balancer) -> bool {
+    b.resolved() || b.has_pods()
 }
 
 fn route_table(config: &Config, pools: &[Arc<Balancer>]) -> Snapshot {
@@ -146,8 +173,10 @@ impl Live {
                 (host, Discovery { task, handle: None })
             })
             .collect();
+        let awaited = pools.iter().map(Arc::downgrade).collect();
         Ok(Arc::new(Live {
             ledger,
+            awaited: Mutex::new(awaited),
             current: RwLock::new(Arc::new(route_table(config, &pools))),
             retired: Mutex::new(Vec::new()),
             discovery: Mutex::new(discovery),
@@ -162,6 +191,40 @@ impl Live {
         Arc::clone(&self.current.read().unwrap_or_else(|e| e.into_inner()))
     }
 
+    /// The pools in force that have no pod list yet and that readiness waits for.
+    ///
+    /// Readiness means "this replica can serve the config it runs": at start-up every pool of
+    /// the config in force must have learned its pod list once (a reload before that point
+    /// counts: its pools are waited for too, a pool it removed no longer is). From the first
+    /// moment no pool is waited for, the agent is ready for good (until SIGTERM): a pool that a
+    /// later reload adds is not waited for, so one broken route in a ConfigMap shared by every
+    /// replica cannot take them all out of the Service. Such a pool shows in `/status`
+    /// (`unresolved`) and in the discovery logs and metrics instead.
+    pub fn readiness_waits_for(&self) -> Vec<Arc<Balancer>> {
+        let awaited = self.awaited.lock().unwrap_or_else(|e| e.into_inner());
+        self.snapshot()
+            .pools
+            .iter()
+            .filter(|b| {
+                awaited
+                    .iter()
+                    .any(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(b)))
+            })
+            .filter(|b| !pod_list_known(b))
+            .cloned()
+            .collect()
+    }
+
+    /// Pools in force that have no pod list yet, whether readiness waits for them or not.
+    pub fn unresolved(&self) -> Vec<Arc<Balancer>> {
+        self.snapshot()
+            .pools
+            .iter()
+            .filter(|b| !pod_list_known(b))
+            .cloned()
+            .collect()
+    }
+
     /// Pools of the current config, then retired pools that requests still hold.
     pub fn all_pools(&self) -> Vec<Arc<Balancer>> {
         let mut pools = self.snapshot().pools.clone();
@@ -172,8 +235,8 @@ impl Live {
     /// Retired pools still held by requests.
     pub fn retired_pools(&self) -> Vec<Arc<Balancer>> {
         let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
-        retired.retain(|w| w.strong_count() > 0);
-        retired.iter().filter_map(Weak::upgrade).collect()
+        retired.retain(|r| r.pool.strong_count() > 0);
+        retired.iter().filter_map(|r| r.pool.upgrade()).collect()
     }
 
     /// Every DNS name being discovered, with its lookup counters (for `/metrics`).
@@ -182,6 +245,7 @@ impl Live {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
+            .filter(|(_, d)| !d.finished())
             .map(|(host, d)| (host.clone(), Arc::clone(&d.task.stats)))
             .collect()
     }
@@ -211,9 +275,13 @@ impl Live {
     /// reported and left as they are. Returns a one-line summary of what changed.
     pub async fn apply(&self, config: &Config) -> String {
         let mut notes = Vec::new();
-        let plan = {
+        let (plan, old_targets) = {
             let applied = self.applied.lock().unwrap_or_else(|e| e.into_inner());
-            crate::plan::plan(&self.started_with, &applied, config)
+            let targets: Vec<Target> = applied.pools.iter().map(|p| p.target.clone()).collect();
+            (
+                crate::plan::plan(&self.started_with, &applied, config),
+                targets,
+            )
         };
         let restart = &plan.restart_only;
         if !restart.is_empty() {
@@ -253,42 +321,82 @@ impl Live {
             pools.push(b);
         }
 
-        // Discovery: keep tasks whose name stays (with the new set of pools), start new names,
-        // stop names no longer used.
-        let wanted = by_host(config, &pools);
-        let (keep, start): (Vec<_>, Vec<_>) = {
-            let mut discovery = self.discovery.lock().unwrap_or_else(|e| e.into_inner());
-            for host in &plan.stop_discovery {
-                if discovery.remove(host).is_some() {
-                    notes.push(format!("stopped discovery of {host}"));
-                }
-            }
-            wanted
-                .into_iter()
-                .partition(|(host, _)| discovery.contains_key(host))
-        };
-        for (host, host_pools) in keep {
-            let task = self
-                .discovery
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(&host)
-                .map(|d| Arc::clone(&d.task));
-            if let Some(task) = task {
-                task.set_pools(host_pools).await;
+        // What the old config had and the new one dropped is retired now, and what was retired
+        // before stays so: `candidates` holds exactly those.
+        let previous: Vec<(Weak<Balancer>, Option<Target>)> = self
+            .retired
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|r| (r.pool.clone(), r.follows.clone()))
+            .collect();
+        let mut retired: Vec<(Arc<Balancer>, Option<Target>)> = Vec::new();
+        for b in candidates {
+            let follows = match old.pools.iter().position(|o| Arc::ptr_eq(o, &b)) {
+                Some(i) => Some(retire(&b, &old, i, &old_targets[i], config, &mut notes).await),
+                None => previous
+                    .iter()
+                    .find(|(w, _)| std::ptr::eq(w.as_ptr(), Arc::as_ptr(&b)))
+                    .and_then(|(_, follows)| follows.clone()),
+            };
+            retired.push((b, follows));
+        }
+
+        // Discovery: one task per name that a pool in force uses or a retired pool follows.
+        let mut in_force = by_host(config, &pools);
+        let in_force_names: BTreeSet<String> = in_force.keys().cloned().collect();
+        let mut followers: BTreeMap<String, Vec<(u16, Weak<Balancer>)>> = BTreeMap::new();
+        for (b, follows) in &retired {
+            if let Some(Target::Dns { host, port }) = follows {
+                followers
+                    .entry(host.clone())
+                    .or_default()
+                    .push((*port, Arc::downgrade(b)));
             }
         }
-        for (host, host_pools) in start {
-            notes.push(format!("started discovery of {host}"));
-            let task = Arc::new(DnsDiscovery::new(
-                host.clone(),
-                host_pools,
-                self.started_with.dns.clone(),
-            ));
-            self.discovery
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(host, Discovery { task, handle: None });
+        let names: BTreeSet<String> = in_force.keys().chain(followers.keys()).cloned().collect();
+        let running: Vec<(String, Arc<DnsDiscovery>)> = {
+            let mut discovery = self.discovery.lock().unwrap_or_else(|e| e.into_inner());
+            // A task that stopped by itself has said so in the log.
+            discovery.retain(|_, d| !d.finished());
+            let unused: Vec<String> = discovery
+                .keys()
+                .filter(|h| !names.contains(*h))
+                .cloned()
+                .collect();
+            for host in unused {
+                discovery.remove(&host);
+                notes.push(format!("stopped discovery of {host}"));
+            }
+            discovery
+                .iter()
+                .map(|(h, d)| (h.clone(), Arc::clone(&d.task)))
+                .collect()
+        };
+        for host in names {
+            let here = in_force.remove(&host).unwrap_or_default();
+            let retired_here = followers.remove(&host).unwrap_or_default();
+            let task = running
+                .iter()
+                .find(|(h, _)| *h == host)
+                .map(|(_, t)| Arc::clone(t));
+            let attached = match task {
+                Some(t) => t.set_pools(here.clone(), retired_here.clone()).await,
+                None => false,
+            };
+            if !attached {
+                notes.push(format!("started discovery of {host}"));
+                let task = Arc::new(DnsDiscovery::new(
+                    host.clone(),
+                    Vec::new(),
+                    self.started_with.dns.clone(),
+                ));
+                task.set_pools(here, retired_here).await;
+                self.discovery
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(host, Discovery { task, handle: None });
+            }
         }
         self.start_discovery();
 
@@ -299,25 +407,91 @@ impl Live {
             }
             *applied = config.clone();
         }
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) =
-            Arc::new(route_table(config, &pools));
-
-        // What the old config had and the new one dropped is retired (and `candidates` holds
-        // exactly those now).
+        // Listed before the swap, so the shutdown drain and /status never miss one.
+        *self.retired.lock().unwrap_or_else(|e| e.into_inner()) = retired
+            .iter()
+            .map(|(b, follows)| Retired {
+                pool: Arc::downgrade(b),
+                follows: follows.clone(),
+            })
+            .collect();
         {
-            let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
-            retired.clear();
-            for b in candidates {
-                if old.pools.iter().any(|o| Arc::ptr_eq(o, &b)) {
-                    notes.push(format!("{}: retired", b.name()));
-                }
-                retired.push(Arc::downgrade(&b));
+            // Decided before the swap, while the pools in force are the ones waited for: if the
+            // agent is ready now, it stays ready whatever this config adds.
+            let ready = self.readiness_waits_for().is_empty();
+            let mut awaited = self.awaited.lock().unwrap_or_else(|e| e.into_inner());
+            *awaited = if ready {
+                Vec::new()
+            } else {
+                pools.iter().map(Arc::downgrade).collect()
+            };
+            *self.current.write().unwrap_or_else(|e| e.into_inner()) =
+                Arc::new(route_table(config, &pools));
+        }
+
+        // A name kept only for retired pools that nothing holds stops being looked up now
+        // (otherwise its task stops by itself once their last request is done).
+        drop(retired);
+        drop(old);
+        let kept_for_retired: Vec<(String, Arc<DnsDiscovery>)> = self
+            .discovery
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(h, _)| !in_force_names.contains(*h))
+            .map(|(h, d)| (h.clone(), Arc::clone(&d.task)))
+            .collect();
+        for (host, task) in kept_for_retired {
+            if !task.in_use().await {
+                self.discovery
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&host);
+                notes.push(format!("stopped discovery of {host}"));
             }
         }
         if notes.is_empty() {
             "no changes".to_string()
         } else {
             notes.join("; ")
+        }
+    }
+}
+
+/// What a pool this config drops (`b`, at index `i` of the `old` snapshot, with target `own`)
+/// follows from now on: its own target; or, if it has no pod at all and its route is now served
+/// by another pool, that pool's target and limit, so its queued requests are served by the pods
+/// that serve their route now.
+async fn retire(
+    b: &Balancer,
+    old: &Snapshot,
+    i: usize,
+    own: &Target,
+    config: &Config,
+    notes: &mut Vec<String>,
+) -> Target {
+    let successor = old
+        .route_list
+        .iter()
+        .filter(|(_, pool)| *pool == i)
+        .find_map(|(uri, _)| config.routes.iter().find(|r| r.uri == *uri))
+        .map(|r| &config.pools[r.pool]);
+    match successor {
+        Some(pc) if !b.has_pods() => {
+            b.set_limit(pc.limit);
+            if let Target::Static(addrs) = &pc.target {
+                b.set_pods(addrs.iter().copied().collect()).await;
+            }
+            notes.push(format!(
+                "{}: retired; its queued requests go to the pods of {}",
+                b.name(),
+                pc.name
+            ));
+            pc.target.clone()
+        }
+        _ => {
+            notes.push(format!("{}: retired", b.name()));
+            own.clone()
         }
     }
 }

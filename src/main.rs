@@ -20,25 +20,27 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // Before anything else: until SIGHUP has a handler, a reload signal kills the process.
+    let hangup = lb_agent::reload::Hangup::catch();
     // A bad command line prints the error and the usage, and exits 2.
     let Args {
         config: config_path,
         check,
     } = Args::parse();
-    let (path, config) = match lb_agent::config::Config::locate(config_path.as_deref())
-        .and_then(|p| lb_agent::config::Config::load(&p).map(|c| (p, c)))
+    let (source, config) = match lb_agent::config::Config::locate(config_path.as_deref())
+        .and_then(|p| lb_agent::reload::Source::load(&p))
     {
-        Ok((path, c)) => {
+        Ok((c, source)) => {
             if check {
                 println!(
                     "{}: ok ({} routes, {} pools)",
-                    path.display(),
+                    source.path.display(),
                     c.routes.len(),
                     c.pools.len()
                 );
                 return ExitCode::SUCCESS;
             }
-            (path, c)
+            (source, c)
         }
         Err(e) => return fail(&format!("config error: {e}")),
     };
@@ -50,7 +52,7 @@ fn main() -> ExitCode {
         config.listen,
         config.routes.len()
     );
-    match lb_agent::build_server(&config, Some(&path)) {
+    match lb_agent::build_server(&config, Some(source), Some(hangup)) {
         Ok(agent) => agent.run(),
         Err(e) => fail(&e.to_string()),
     }

@@ -406,3 +406,287 @@ async fn a_reload_starts_discovery_for_a_new_name_and_stops_it_for_a_removed_one
     );
     assert_eq!(agent.get("/render").await.status, 200);
 }
+
+/// The system resolver (no `dns.nameservers`) with a pod's resolv.conf: a search list and
+/// `ndots:2`. SERVFAIL, REFUSED and no answer at all for the real name keep the pods (an error
+/// stays an error, never "no records"), and only the real name is ever asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn system_resolver_with_a_search_list_keeps_the_pods_through_dns_errors() {
+    let pods = start_pods(51, 2).await.unwrap();
+    let dns = DnsServer::start().await;
+    dns.set_ips(NAME, &ips(&pods));
+    let dir = temp_dir("resolv");
+    let resolv = dir.join("resolv.conf");
+    std::fs::write(
+        &resolv,
+        "search ai-media.svc.cluster.local svc.cluster.local cluster.local\n\
+         nameserver 127.0.0.1\n\
+         options ndots:2\n",
+    )
+    .unwrap();
+    let port = dns.addr.port().to_string();
+    let agent = Agent::spawn_with_env(
+        &format!(
+            "dns: {{refresh_interval: 100ms, stability_samples: 3, stability_interval: 50ms, unstable_retry: 300ms}}\n\
+             routes:\n  - {{uri: /work, limit: 1, service_name: codec, namespace: ai-media, http_port: {}}}\n",
+            pods[0].addr.port()
+        ),
+        &[
+            ("LB_AGENT_RESOLV_CONF", resolv.to_str().unwrap()),
+            ("LB_AGENT_RESOLV_CONF_PORT", &port),
+        ],
+    );
+    agent.wait_ready(SECS).await;
+    assert_eq!(agent.active_pods().await, addrs(&pods));
+
+    for (n, failure) in [Answer::ServFail, Answer::Refused, Answer::Silent]
+        .into_iter()
+        .enumerate()
+    {
+        let before = dns.queries_for(NAME);
+        dns.set(NAME, failure.clone());
+        // Many rounds with SERVFAIL/REFUSED (100 ms apart); a silent server costs the 2 s
+        // timeout per round, so give it a few.
+        let hold = match failure {
+            Answer::Silent => Duration::from_millis(5000),
+            _ => Duration::from_millis(1000),
+        };
+        let started = Instant::now();
+        while started.elapsed() < hold {
+            assert_eq!(
+                agent.active_pods().await,
+                addrs(&pods),
+                "pods lost on {failure:?} after {:?}",
+                started.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(agent.get("/work").await.status, 200);
+        println!(
+            "{failure:?}: {} queries for the name in {hold:?}",
+            dns.queries_for(NAME) - before
+        );
+        dns.set_ips(NAME, &ips(&pods));
+        eventually(SECS, "lookups work again", || async {
+            agent.log().matches("works again").count() == n + 1
+        })
+        .await;
+    }
+    let total = dns.queries.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        total,
+        dns.queries_for(NAME),
+        "only the absolute name is asked for, never a search-list name"
+    );
+    assert_eq!(
+        agent
+            .log()
+            .matches(&format!("DNS lookup of {NAME} failed"))
+            .count(),
+        3,
+        "each failure episode warned once:\n{}",
+        agent.log()
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Replicas share one ConfigMap: a reload that adds a route whose name does not resolve must not
+/// take them all out of the Service. The agent stays ready, the new pool shows as unresolved in
+/// /status, the existing route keeps serving, and the failure is logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reload_adding_a_route_that_does_not_resolve_keeps_the_agent_ready() {
+    const BAD: &str = "bad.test.local";
+    let pods = start_pods(55, 1).await.unwrap();
+    let dns = DnsServer::start().await;
+    dns.set_ips(NAME, &ips(&pods));
+    dns.set(BAD, Answer::ServFail);
+    let port = pods[0].addr.port();
+    let dns_line = format!(
+        "reload_interval: 50ms\ndns: {{nameservers: [\"{}\"], refresh_interval: 100ms, stability_samples: 3, stability_interval: 50ms, unstable_retry: 300ms}}\n",
+        dns.addr
+    );
+    let work = format!(
+        "  - {{uri: /work, limit: 1, service_name: codec, namespace: ai-media, http_port: {port}}}\n"
+    );
+    let bad = format!("  - {{uri: /bad, limit: 1, host: {BAD}, http_port: {port}}}\n");
+    let agent = Agent::start(&format!("{dns_line}routes:\n{work}")).await;
+
+    agent.update_config(&format!("{dns_line}routes:\n{work}{bad}"));
+    eventually(SECS, "the new name looked up and failing", || async {
+        agent.log().contains(&format!("DNS lookup of {BAD} failed"))
+    })
+    .await;
+    for _ in 0..20 {
+        let r = loadgen::get(agent.admin, "/readyz", &[]).await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let status = agent.status().await;
+    assert_eq!(status["ready"], true, "{status}");
+    assert_eq!(
+        status["unresolved"],
+        serde_json::json!([format!("{BAD}:{port}")]),
+        "{status}"
+    );
+    assert_eq!(agent.get("/work").await.status, 200);
+
+    // Once the name resolves, the new route serves and nothing is unresolved.
+    dns.set_ips(BAD, &ips(&pods));
+    eventually(SECS, "the new route served", || async {
+        agent.get("/bad").await.status == 200
+    })
+    .await;
+    assert_eq!(agent.status().await["unresolved"], serde_json::json!([]));
+}
+
+/// At start-up readiness waits for every pool of the config in force: one that does not resolve
+/// keeps the agent unready (a rolling update stops at it), and a reload that removes it, before
+/// the agent was ever ready, lets it become ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn at_start_up_readiness_waits_for_every_pool_of_the_config_in_force() {
+    const BAD: &str = "bad.test.local";
+    let pods = start_pods(57, 1).await.unwrap();
+    let dns = DnsServer::start().await;
+    dns.set_ips(NAME, &ips(&pods));
+    dns.set(BAD, Answer::ServFail);
+    let port = pods[0].addr.port();
+    let dns_line = format!(
+        "reload_interval: 50ms\ndns: {{nameservers: [\"{}\"], refresh_interval: 100ms, stability_samples: 3, stability_interval: 50ms, unstable_retry: 300ms}}\n",
+        dns.addr
+    );
+    let work = format!(
+        "  - {{uri: /work, limit: 1, service_name: codec, namespace: ai-media, http_port: {port}}}\n"
+    );
+    let bad = format!("  - {{uri: /bad, limit: 1, host: {BAD}, http_port: {port}}}\n");
+    let agent = Agent::spawn(&format!("{dns_line}routes:\n{work}{bad}"));
+    eventually(SECS, "the bad name failing", || async {
+        agent.log().contains(&format!("DNS lookup of {BAD} failed"))
+    })
+    .await;
+    let r = loadgen::get(agent.admin, "/readyz", &[]).await.unwrap();
+    assert_eq!(r.status, 503);
+    assert!(r.body.contains(&format!("{BAD}:{port}")), "{}", r.body);
+
+    agent.update_config(&format!("{dns_line}routes:\n{work}"));
+    agent.wait_ready(SECS).await;
+    assert_eq!(agent.get("/work").await.status, 200);
+}
+
+/// Five requests wait on a route whose host is misspelled (NXDOMAIN: zero pods) when a reload
+/// corrects the host. The retired pool has no pod, so it follows the pool that now serves the
+/// route: the five are served (200), not left to their queue timeout, and each pod's cap holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_queued_on_a_misspelled_host_are_served_once_a_reload_fixes_it() {
+    const TYPO: &str = "codex.ai-media.svc.cluster.local";
+    let pods = start_pods(71, 2).await.unwrap();
+    let dns = DnsServer::start().await;
+    dns.set_ips(NAME, &ips(&pods));
+    let port = pods[0].addr.port();
+    let body = |host: &str| {
+        format!(
+            "reload_interval: 50ms\n\
+             dns: {{nameservers: [\"{}\"], refresh_interval: 100ms, stability_samples: 3, stability_interval: 50ms, unstable_retry: 300ms}}\n\
+             queue: {{timeout: 8s}}\n\
+             routes:\n  - {{uri: /work, limit: 1, host: {host}, http_port: {port}}}\n",
+            dns.addr
+        )
+    };
+    let agent = Agent::start(&body(TYPO)).await;
+    let queued: Vec<_> = (0..5)
+        .map(|_| spawn_get(agent.addr, "/work?ms=100"))
+        .collect();
+    eventually(SECS, "5 queued", || async {
+        agent.queue_depth().await == 5
+    })
+    .await;
+
+    let fixed = Instant::now();
+    agent.update_config(&body(NAME));
+    let mut statuses = Vec::new();
+    for q in queued {
+        statuses.push(q.await.unwrap().map(|r| r.status).unwrap_or(0));
+    }
+    let took = fixed.elapsed();
+    println!("host fixed -> the 5 queued requests served: {took:?} ({statuses:?})");
+    assert_eq!(statuses, vec![200; 5]);
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert!(pods.iter().all(|p| p.stats.max_inflight() == 1));
+    assert_eq!(agent.get("/work").await.status, 200);
+
+    // Once its last request is done the retired pool is gone, and so is the typo's discovery.
+    eventually(SECS, "the typo's discovery stopped", || async {
+        agent
+            .log()
+            .contains(&format!("stopped discovery of {TYPO}"))
+    })
+    .await;
+    let status = agent.status().await;
+    let pools = status["pools"].as_array().unwrap();
+    assert!(pools.iter().all(|p| p["retired"] == false), "{status}");
+    let before = dns.queries_for(TYPO);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(dns.queries_for(TYPO), before, "no more lookups of the typo");
+}
+
+/// A route moves to another Service while a request waits for the old Service's only pod; then
+/// that pod is replaced in DNS. The retired pool still follows DNS: the waiting request goes to
+/// the new pod at once, not to the removed one once it is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_retired_pool_keeps_following_dns_while_requests_wait_on_it() {
+    const OTHER: &str = "render.ai-media.svc.cluster.local";
+    let codec = start_pods(75, 2).await.unwrap();
+    let render = start_pods(78, 1).await.unwrap();
+    let dns = DnsServer::start().await;
+    dns.set_ips(NAME, &ips(&codec[..1]));
+    dns.set_ips(OTHER, &ips(&render));
+    let dns_line = format!(
+        "reload_interval: 50ms\ndns: {{nameservers: [\"{}\"], refresh_interval: 100ms, stability_samples: 3, stability_interval: 50ms, unstable_retry: 300ms}}\n",
+        dns.addr
+    );
+    let agent = Agent::start(&format!(
+        "{dns_line}routes:\n  - {{uri: /work, limit: 1, service_name: codec, namespace: ai-media, http_port: {}}}\n",
+        codec[0].addr.port()
+    ))
+    .await;
+    let blocker = spawn_get(agent.addr, "/work?ms=4000");
+    eventually(SECS, "blocker on the codec pod", || async {
+        codec[0].stats.inflight() == 1
+    })
+    .await;
+    let waiting = spawn_get(agent.addr, "/work?ms=10");
+    eventually(SECS, "one request queued", || async {
+        agent.queue_depth().await == 1
+    })
+    .await;
+
+    agent.update_config(&format!(
+        "{dns_line}routes:\n  - {{uri: /work, limit: 1, service_name: render, namespace: ai-media, http_port: {}}}\n",
+        render[0].addr.port()
+    ));
+    eventually(SECS, "the codec pool retired", || async {
+        agent
+            .log()
+            .contains(&format!("{NAME}:{}: retired", codec[0].addr.port()))
+    })
+    .await;
+    let replaced = Instant::now();
+    dns.set_ips(NAME, &ips(&codec[1..]));
+    assert_eq!(waiting.await.unwrap().unwrap().status, 200);
+    println!(
+        "pod replaced -> queued request served: {:?}",
+        replaced.elapsed()
+    );
+    assert_eq!(
+        codec[1].stats.started(),
+        1,
+        "served by the pod DNS names now"
+    );
+    assert_eq!(
+        codec[0].stats.started(),
+        1,
+        "nothing more for the removed pod"
+    );
+    assert_eq!(blocker.await.unwrap().unwrap().status, 200);
+    assert_eq!(agent.get("/work").await.status, 200);
+    assert_eq!(render[0].stats.started(), 1);
+}

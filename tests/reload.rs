@@ -19,6 +19,21 @@ async fn pool_limit(agent: &Agent) -> u64 {
     agent.status().await["pools"][0]["limit"].as_u64().unwrap()
 }
 
+/// The limit of the pool serving `uri`, from /status (`None`: no such route).
+async fn route_limit(agent: &Agent, uri: &str) -> Option<u64> {
+    let status = agent.status().await;
+    let pool = status["routes"]
+        .as_array()?
+        .iter()
+        .find(|r| r["uri"] == uri)?["pool"]
+        .clone();
+    status["pools"]
+        .as_array()?
+        .iter()
+        .find(|p| p["name"] == pool && p["retired"] == false)?["limit"]
+        .as_u64()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn raised_limit_starts_queued_requests_and_lowered_limit_holds_new_ones() {
     let pods = start_pods(1, 2).await.unwrap();
@@ -216,4 +231,199 @@ async fn an_endless_config_file_is_refused_without_reading_it_all() {
     let log = agent.log();
     assert!(log.contains("larger than 1048576 bytes"), "{log}");
     assert_eq!(agent.get("/work").await.status, 200);
+}
+
+/// An editor, `docker cp` or a config-management tool rewrites the file in place: truncate, the
+/// first route, a 400 ms pause, the rest. The fragment (a valid config without `/w`) is never
+/// applied: no probe of `/w` sees a 404, and the complete file is applied once it settles.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_file_rewritten_in_place_is_applied_only_once_complete() {
+    use std::io::Write;
+    let pods = start_pods(61, 2).await.unwrap();
+    let route = |uri: &str, limit: usize, pod: usize| {
+        format!(
+            "  - {{uri: {uri}, limit: {limit}, endpoints: {}}}\n",
+            endpoints(&pods[pod..pod + 1])
+        )
+    };
+    let agent = Agent::start(&format!(
+        "reload_interval: 50ms\nroutes:\n{}{}",
+        route("/a", 1, 0),
+        route("/w", 1, 1)
+    ))
+    .await;
+    let head = format!(
+        "listen: {}\nadmin_listen: {}\nreload_interval: 50ms\nroutes:\n{}",
+        agent.addr,
+        agent.admin,
+        route("/a", 1, 0)
+    );
+    let rest = route("/w", 2, 1);
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let probes = {
+        let (stop, addr) = (std::sync::Arc::clone(&stop), agent.addr);
+        tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let r = loadgen::get(addr, "/w", &[]).await;
+                statuses.push(r.map(|r| r.status).unwrap_or(0));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            statuses
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let path = agent.dir.join("config.yaml");
+    let written = tokio::task::spawn_blocking(move || {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        f.write_all(head.as_bytes()).unwrap();
+        f.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(400));
+        f.write_all(rest.as_bytes()).unwrap();
+        f.flush().unwrap();
+        std::time::Instant::now()
+    })
+    .await
+    .unwrap();
+    eventually(SECS, "the complete file applied", || async {
+        route_limit(&agent, "/w").await == Some(2)
+    })
+    .await;
+    println!("complete file written to applied: {:?}", written.elapsed());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let statuses = probes.await.unwrap();
+    let missing = statuses.iter().filter(|s| **s == 404).count();
+    println!("{} probes, {missing} saw 404", statuses.len());
+    assert!(statuses.len() >= 20, "{statuses:?}");
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    let log = agent.log();
+    assert!(
+        log.contains("is skipped"),
+        "the fragment's skip logged:\n{log}"
+    );
+    assert!(!log.contains("routes updated"), "{log}");
+
+    // A ConfigMap update swaps in a complete file through a symlink: no settling, it applies at
+    // the first read that sees it.
+    let swapped = std::time::Instant::now();
+    agent.update_config(&format!(
+        "reload_interval: 50ms\nroutes:\n{}{}",
+        route("/a", 1, 0),
+        route("/w", 3, 1)
+    ));
+    eventually(SECS, "the swapped-in file applied", || async {
+        route_limit(&agent, "/w").await == Some(3)
+    })
+    .await;
+    let took = swapped.elapsed();
+    println!("symlink swap to applied: {took:?}");
+    assert!(took < Duration::from_millis(900), "{took:?}");
+}
+
+/// Makes `dir/config.yaml` a named pipe: the agent's start-up read of its config blocks until
+/// the test writes it, so the test can act at that exact point of start-up.
+fn config_fifo(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("config.yaml");
+    let ok = std::process::Command::new("mkfifo")
+        .arg(&path)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "mkfifo failed");
+    path
+}
+
+fn fifo_config(port: u16, admin: u16, reload: &str, limit: usize, pods: &[FakePod]) -> String {
+    format!(
+        "listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:{admin}\nreload_interval: {reload}\nroutes:\n  - {{uri: /work, limit: {limit}, endpoints: {}}}\n",
+        endpoints(pods)
+    )
+}
+
+/// An edit that lands while the agent is reading its config at start-up: the running config is
+/// the version it parsed, and later reads are compared with those bytes, so the edit is a
+/// change and is applied (it was lost for good when the file was read a second time as the
+/// baseline).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_edit_right_after_start_up_is_applied() {
+    let pods = start_pods(65, 1).await.unwrap();
+    let (port, admin) = (free_port(), free_port());
+    let dir = temp_dir("startup-edit");
+    let fifo = config_fifo(&dir);
+    let first = fifo_config(port, admin, "50ms", 1, &pods);
+    let edited = fifo_config(port, admin, "50ms", 2, &pods);
+    let agent = Agent::launch(dir.clone(), port, admin, &[]);
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        // Returns once the agent has opened its config to read it.
+        let mut reading = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+        // The edit lands now: a regular file replaces the pipe the agent is reading.
+        std::fs::write(dir.join("edited.yaml"), edited).unwrap();
+        std::fs::rename(dir.join("edited.yaml"), &fifo).unwrap();
+        reading.write_all(first.as_bytes()).unwrap();
+    })
+    .await
+    .unwrap();
+    agent.wait_ready(SECS).await;
+    eventually(SECS, "the edit applied", || async {
+        pool_limit(&agent).await == 2
+    })
+    .await;
+}
+
+/// A SIGHUP while the agent is still starting (here: while it reads its config, before any
+/// port is open) neither kills it nor is lost: the reload runs once the reload service does.
+/// Polling is off, so only that SIGHUP can apply the edit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sighup_during_start_up_reloads_instead_of_killing_the_agent() {
+    let pods = start_pods(67, 1).await.unwrap();
+    let (port, admin) = (free_port(), free_port());
+    let dir = temp_dir("startup-hup");
+    let fifo = config_fifo(&dir);
+    let first = fifo_config(port, admin, "0s", 1, &pods);
+    let edited = fifo_config(port, admin, "0s", 3, &pods);
+    let mut agent = Agent::launch(dir.clone(), port, admin, &[]);
+    let pid = agent.pid().to_string();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut reading = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+        // The agent is inside its start-up config read.
+        let ok = std::process::Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -HUP failed");
+        std::thread::sleep(Duration::from_millis(100));
+        std::fs::write(dir.join("edited.yaml"), edited).unwrap();
+        std::fs::rename(dir.join("edited.yaml"), &fifo).unwrap();
+        // Fails if the SIGHUP has killed the agent (nobody reads the pipe any more).
+        let _ = reading.write_all(first.as_bytes());
+    })
+    .await
+    .unwrap();
+    let deadline = std::time::Instant::now() + SECS;
+    loop {
+        if let Some(status) = agent.wait_exit(Duration::ZERO).await {
+            panic!("the agent died of a SIGHUP at start-up: {status}");
+        }
+        if let Ok(r) = loadgen::get(agent.admin, "/readyz", &[]).await {
+            if r.status == 200 {
+                break;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", agent.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eventually(SECS, "the early SIGHUP reloaded the edit", || async {
+        pool_limit(&agent).await == 3
+    })
+    .await;
+    assert!(agent.log().contains("SIGHUP: reloading"), "{}", agent.log());
 }

@@ -247,15 +247,22 @@ impl Config {
     /// Reads and validates a config file. Reads at most one byte more than
     /// [`MAX_CONFIG_BYTES`], so a huge file (or `/dev/zero`) is refused without being read.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Self::load_with_bytes(path).map(|(config, _)| config)
+    }
+
+    /// [`Config::load`], also giving the bytes that were parsed: the reload service compares
+    /// later reads with exactly these (reading the file a second time could see a newer edit).
+    pub fn load_with_bytes(path: &Path) -> Result<(Config, Vec<u8>), ConfigError> {
         let bytes = read_bounded(path)
             .map_err(|e| ConfigError::new("", format!("cannot read {}: {e}", path.display())))?;
-        let text = String::from_utf8(bytes).map_err(|_| {
+        let text = std::str::from_utf8(&bytes).map_err(|_| {
             ConfigError::new(
                 "",
                 format!("cannot read {}: not UTF-8 text", path.display()),
             )
         })?;
-        Self::parse(&text)
+        let config = Self::parse(text)?;
+        Ok((config, bytes))
     }
 
     /// Finds the config file: the given path, else the first default path that exists.

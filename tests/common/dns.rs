@@ -20,6 +20,9 @@ pub enum Answer {
     Alternating(Vec<Vec<IpAddr>>),
     NxDomain,
     ServFail,
+    Refused,
+    /// No reply at all: the client's query times out.
+    Silent,
 }
 
 #[derive(Default)]
@@ -81,7 +84,9 @@ impl DnsServer {
                     let name = key(&query.name().to_string());
                     *zone.lock().unwrap().asked.entry(name).or_default() += 1;
                 }
-                let reply = answer(&zone, &q);
+                let Some(reply) = answer(&zone, &q) else {
+                    continue;
+                };
                 if let Ok(bytes) = reply.to_vec() {
                     let _ = sock.send_to(&bytes, peer).await;
                 }
@@ -130,14 +135,15 @@ impl DnsServer {
     }
 }
 
-fn answer(zone: &Mutex<Zone>, q: &Message) -> Message {
+/// The reply to `q`; `None` to stay silent.
+fn answer(zone: &Mutex<Zone>, q: &Message) -> Option<Message> {
     let mut r = Message::response(q.metadata.id, q.metadata.op_code);
     r.metadata.recursion_desired = q.metadata.recursion_desired;
     r.metadata.recursion_available = true;
     r.metadata.authoritative = true;
     let Some(query) = q.queries.first() else {
         r.metadata.response_code = ResponseCode::FormErr;
-        return r;
+        return Some(r);
     };
     r.add_query(query.clone());
     let name = query.name().clone();
@@ -160,6 +166,8 @@ fn answer(zone: &Mutex<Zone>, q: &Message) -> Message {
     match mode {
         Answer::NxDomain => r.metadata.response_code = ResponseCode::NXDomain,
         Answer::ServFail => r.metadata.response_code = ResponseCode::ServFail,
+        Answer::Refused => r.metadata.response_code = ResponseCode::Refused,
+        Answer::Silent => return None,
         Answer::Alternating(_) => {}
         Answer::Records(ips) => {
             for ip in ips {
@@ -172,5 +180,5 @@ fn answer(zone: &Mutex<Zone>, q: &Message) -> Message {
             }
         }
     }
-    r
+    Some(r)
 }

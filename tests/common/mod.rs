@@ -62,17 +62,28 @@ impl Agent {
 
     /// Starts lb-agent without waiting for readiness.
     pub fn spawn(body: &str) -> Agent {
+        Self::spawn_with_env(body, &[])
+    }
+
+    /// [`Agent::spawn`] with extra environment variables for the process.
+    pub fn spawn_with_env(body: &str, env: &[(&str, &str)]) -> Agent {
         let port = free_port();
         let admin = free_port();
         let dir = temp_dir("agent");
         let config = format!("listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:{admin}\n{body}");
-        let path = dir.join("config.yaml");
         write_configmap(&dir, &config);
+        Self::launch(dir, port, admin, env)
+    }
+
+    /// Runs lb-agent on `dir/config.yaml`, which the caller has prepared (or is about to: the
+    /// process is started at once) with `listen` on `port` and `admin_listen` on `admin`.
+    pub fn launch(dir: PathBuf, port: u16, admin: u16, env: &[(&str, &str)]) -> Agent {
         let log = std::fs::File::create(dir.join("stderr.log")).unwrap();
         let child = Command::new(bin())
             .arg("-c")
-            .arg(&path)
+            .arg(dir.join("config.yaml"))
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

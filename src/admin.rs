@@ -50,6 +50,8 @@ struct RouteStatus {
 #[derive(Serialize)]
 struct Status {
     ready: bool,
+    /// The config file content in force: path, content hash, when it was loaded.
+    config: Option<crate::live::ConfigInForce>,
     /// Pools in force with no pod list yet (their requests wait). Readiness waits only for
     /// those of the config the agent started with; one added by a reload shows here only.
     unresolved: Vec<String>,
@@ -172,6 +174,7 @@ impl AdminApp {
             .collect();
         Status {
             ready: self.ready(),
+            config: self.live.config_in_force(),
             unresolved: self
                 .live
                 .unresolved()

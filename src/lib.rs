@@ -135,6 +135,25 @@ impl Agent {
     }
 }
 
+/// A config that sets neither `shutdown_delay` nor `shutdown_grace` (the Go agent's) gets the
+/// defaults, which need a `terminationGracePeriodSeconds` of 36 while the Go agent's Deployment
+/// keeps 30; the process cannot read the pod's grace period, so it says so once.
+fn warn_if_grace_unset(config: &Config, bytes: &[u8]) {
+    let keys = serde_yaml::from_slice::<serde_yaml::Mapping>(bytes).unwrap_or_default();
+    if keys.contains_key("shutdown_delay") || keys.contains_key("shutdown_grace") {
+        return;
+    }
+    let need = config.shutdown_delay + config.shutdown_grace + std::time::Duration::from_secs(1);
+    log::warn!(
+        "shutdown: the config sets neither shutdown_delay nor shutdown_grace; the defaults \
+         ({:?} + {:?}) need terminationGracePeriodSeconds >= {} (the Go agent's Deployment has \
+         30; `docker stop` waits 10 s unless given -t). Set it, or set shutdown_grace in the config",
+        config.shutdown_delay,
+        config.shutdown_grace,
+        need.as_secs()
+    );
+}
+
 /// Builds the Pingora server: the proxy on `listen`, the admin endpoints on `admin_listen`, and
 /// the config background service (DNS discovery, and reloads of the `source` file if given, on
 /// SIGHUP too if `hangup` is given).
@@ -143,6 +162,9 @@ pub fn build_server(
     source: Option<reload::Source>,
     hangup: Option<reload::Hangup>,
 ) -> Result<Agent, StartError> {
+    if let Some(source) = &source {
+        warn_if_grace_unset(config, &source.bytes);
+    }
     // Pingora sleeps `grace_period_seconds` (whole seconds) after the shutdown delay, then stops
     // its runtimes: give it more than our grace, so the drain thread's exact deadline (or an
     // earlier exit once drained) is what ends the process, never Pingora's rounding.

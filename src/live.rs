@@ -87,6 +87,36 @@ pub struct Live {
     /// The pools readiness waits for (see [`Live::readiness_waits_for`]): those of the config
     /// in force until the agent is first ready, then none, for good.
     awaited: Mutex<Vec<Weak<Balancer>>>,
+    /// Which config file content is in force, for `/status` (none when started without a
+    /// file, as in tests that build the config in memory).
+    config_in_force: Mutex<Option<ConfigInForce>>,
+}
+
+/// The config file content in force and when it was loaded: with a `subPath` ConfigMap mount
+/// (never updated in place) or replicas that disagree, this is how an operator tells which
+/// config each agent runs.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ConfigInForce {
+    pub path: String,
+    /// FNV-1a 64 of the file's bytes, in hex (compare across replicas; `sha256sum` is not it).
+    pub hash: String,
+    /// RFC 3339, UTC.
+    pub loaded_at: String,
+}
+
+impl ConfigInForce {
+    pub fn new(path: &std::path::Path, bytes: &[u8]) -> Self {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in bytes {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        Self {
+            path: path.display().to_string(),
+            hash: format!("{h:016x}"),
+            loaded_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        }
+    }
 }
 
 /// A retired pool, and where its pods come from now.
@@ -177,6 +207,7 @@ impl Live {
         Ok(Arc::new(Live {
             ledger,
             awaited: Mutex::new(awaited),
+            config_in_force: Mutex::new(None),
             current: RwLock::new(Arc::new(route_table(config, &pools))),
             retired: Mutex::new(Vec::new()),
             discovery: Mutex::new(discovery),
@@ -187,6 +218,21 @@ impl Live {
     }
 
     /// The snapshot requests are routed with right now.
+    /// Records the config file content now in force (start-up and each applied reload).
+    pub fn set_config_in_force(&self, c: ConfigInForce) {
+        *self
+            .config_in_force
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(c);
+    }
+
+    pub fn config_in_force(&self) -> Option<ConfigInForce> {
+        self.config_in_force
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     pub fn snapshot(&self) -> Arc<Snapshot> {
         Arc::clone(&self.current.read().unwrap_or_else(|e| e.into_inner()))
     }

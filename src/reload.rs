@@ -188,10 +188,13 @@ pub async fn reload_once(
     // per poll.
     state.pending = None;
     state.last = bytes.clone();
+    let in_force = crate::live::ConfigInForce::new(path, &bytes);
     let text = String::from_utf8(bytes)
         .map_err(|_| Rejected::Invalid("the file is not UTF-8 text".to_string()))?;
     let config = Config::parse(&text).map_err(|e| Rejected::Invalid(e.to_string()))?;
-    Ok(Some(live.apply(&config).await))
+    let summary = live.apply(&config).await;
+    live.set_config_in_force(in_force);
+    Ok(Some(summary))
 }
 
 fn count(result: &str) {
@@ -219,6 +222,8 @@ impl BackgroundService for ConfigService {
             }
             None => None,
         };
+        self.live
+            .set_config_in_force(crate::live::ConfigInForce::new(path, &source.bytes));
         let mut state = FileState::new(source);
         let mut unreadable = false;
         loop {

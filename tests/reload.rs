@@ -427,3 +427,50 @@ async fn a_sighup_during_start_up_reloads_instead_of_killing_the_agent() {
     .await;
     assert!(agent.log().contains("SIGHUP: reloading"), "{}", agent.log());
 }
+
+/// Issue 26, item 2: `/status` says which config content is in force (its hash and when it was
+/// loaded), so an operator can tell whether an edit reached an agent (a `subPath` mount never
+/// updates in place) and whether replicas run the same file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn status_shows_the_config_in_force() {
+    let pods = start_pods(161, 1).await.unwrap();
+    let agent = Agent::start(&work_route(1, &pods, "")).await;
+    let status = agent.status().await;
+    let first = status["config"]["hash"]
+        .as_str()
+        .expect("a hash")
+        .to_string();
+    assert_eq!(first.len(), 16, "{status}");
+    assert!(status["config"]["loaded_at"].as_str().is_some(), "{status}");
+    agent.update_config(&work_route(2, &pods, ""));
+    eventually(SECS, "reloaded", || async { pool_limit(&agent).await == 2 }).await;
+    let second = agent.status().await["config"]["hash"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(first, second, "the hash follows the content");
+}
+
+/// Issue 26, item 1: as with the Go agent (configor `env:` tags), `PORT` in the environment
+/// wins over the file's port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn port_from_the_environment_wins_over_the_file() {
+    let pods = start_pods(162, 1).await.unwrap();
+    let (file_port, env_port, admin) = (free_port(), free_port(), free_port());
+    let dir = temp_dir("env-port");
+    write_configmap(
+        &dir,
+        &format!(
+            "listen: 127.0.0.1:{file_port}\nadmin_listen: 127.0.0.1:{admin}\nroutes:\n  - {{uri: /work, limit: 1, endpoints: {}}}\n",
+            endpoints(&pods)
+        ),
+    );
+    let env_port_text = env_port.to_string();
+    let agent = Agent::launch(dir, env_port, admin, &[("PORT", &env_port_text)]);
+    agent.wait_ready(SECS).await;
+    assert_eq!(agent.get("/work").await.status, 200);
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", file_port)).is_err(),
+        "the file's port is not used"
+    );
+}

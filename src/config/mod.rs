@@ -290,8 +290,19 @@ impl Config {
     /// before it finds anything wrong, and a reload runs on the same thread as everything else
     /// the reload service does.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        Self::parse_with_env(text, &|name| std::env::var(name).ok())
+    }
+
+    /// [`Config::parse`] with the environment read through `env`. As in the Go agent's loader
+    /// (configor `env:` tags on its config struct), `PORT` and `DEBUG` in the environment win
+    /// over the file: a Deployment that sets `PORT` moves the port.
+    pub fn parse_with_env(
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
         validate::check_shape(text)?;
-        let file: file::FileConfig = serde_yaml::from_str(text).map_err(yaml_error)?;
+        let mut file: file::FileConfig = serde_yaml::from_str(text).map_err(yaml_error)?;
+        validate::env_overrides(&mut file, env)?;
         validate::validate(file)
     }
 

@@ -379,6 +379,50 @@ fn queue_policy(
     })
 }
 
+/// The Go agent's environment overrides: `PORT` replaces `port` (and the port of `listen`, if
+/// the file gives one), `DEBUG` replaces `debug` (Go's `strconv.ParseBool` spellings, and
+/// `yes`/`no`/`on`/`off`). An empty variable counts as unset.
+pub(super) fn env_overrides(
+    f: &mut FileConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(), ConfigError> {
+    let var = |name: &str| env(name).filter(|v| !v.trim().is_empty());
+    if let Some(v) = var("PORT") {
+        let port: u16 = v.trim().parse().map_err(|_| {
+            ConfigError::new(
+                "PORT (environment)",
+                format!("{v:?} is not a port number (1-65535)"),
+            )
+        })?;
+        if port == 0 {
+            return Err(ConfigError::new(
+                "PORT (environment)",
+                "port 0 would listen on a random port; give the port",
+            ));
+        }
+        f.port = Some(port);
+        if let Some(listen) = &f.listen {
+            if let Ok(mut addr) = listen.parse::<SocketAddr>() {
+                addr.set_port(port);
+                f.listen = Some(addr.to_string());
+            }
+        }
+    }
+    if let Some(v) = var("DEBUG") {
+        f.debug = match v.trim().to_ascii_lowercase().as_str() {
+            "1" | "t" | "true" | "y" | "yes" | "on" => true,
+            "0" | "f" | "false" | "n" | "no" | "off" => false,
+            _ => {
+                return Err(ConfigError::new(
+                    "DEBUG (environment)",
+                    format!("{v:?} is not a boolean (true/false, 1/0, yes/no, on/off)"),
+                ))
+            }
+        };
+    }
+    Ok(())
+}
+
 pub(super) fn validate(f: FileConfig) -> Result<Config, ConfigError> {
     let listen = match (&f.listen, f.port) {
         (Some(l), _) => listen_addr("listen", l)?,
@@ -826,6 +870,45 @@ fn dns_host(field: &str, name: &str) -> Result<String, ConfigError> {
     let host = name.trim().trim_end_matches('.').to_ascii_lowercase();
     dns_name(field, &host)?;
     Ok(host)
+}
+
+#[cfg(test)]
+mod env_tests {
+    use super::super::Config;
+
+    const GO_SAMPLE: &str = "port: 8080\ndebug: false\nroutes:\n  - {uri: /a, limit: 1, endpoints: [\"127.0.0.1:1\"]}\n";
+
+    fn with(vars: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |name| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    #[test]
+    fn port_and_debug_from_the_environment_win_over_the_file() {
+        let c = Config::parse_with_env(GO_SAMPLE, &with(&[("PORT", "9000"), ("DEBUG", "true")]))
+            .unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert!(c.debug);
+        let c = Config::parse_with_env(GO_SAMPLE, &with(&[])).unwrap();
+        assert_eq!(c.listen.port(), 8080);
+        assert!(!c.debug);
+        let listen = "listen: 127.0.0.1:7000\nroutes:\n  - {uri: /a, limit: 1, endpoints: [\"127.0.0.1:1\"]}\n";
+        let c = Config::parse_with_env(listen, &with(&[("PORT", "7100")])).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:7100");
+        let c = Config::parse_with_env(GO_SAMPLE, &with(&[("PORT", ""), ("DEBUG", " ")])).unwrap();
+        assert_eq!(c.listen.port(), 8080);
+    }
+
+    #[test]
+    fn bad_environment_values_name_the_variable() {
+        let e = Config::parse_with_env(GO_SAMPLE, &with(&[("PORT", "http")])).unwrap_err();
+        assert!(e.to_string().contains("PORT (environment)"), "{e}");
+        let e = Config::parse_with_env(GO_SAMPLE, &with(&[("DEBUG", "maybe")])).unwrap_err();
+        assert!(e.to_string().contains("DEBUG (environment)"), "{e}");
+    }
 }
 
 #[cfg(test)]

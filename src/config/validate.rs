@@ -1025,7 +1025,10 @@ routes:
             "upstream_timeout: 10m\nroutes:\n  - {uri: /a, limit: 1, endpoints: [\"127.0.0.1:1\"]}\n  - {uri: /b, limit: 1, endpoints: [\"127.0.0.1:1\"], upstream_timeout: 2s}\n",
         )
         .unwrap();
-        assert_eq!(timeouts.routes[0].upstream_timeout, Duration::from_secs(600));
+        assert_eq!(
+            timeouts.routes[0].upstream_timeout,
+            Duration::from_secs(600)
+        );
         assert_eq!(timeouts.routes[1].upstream_timeout, Duration::from_secs(2));
         let never_reuse = Config::parse(
             "upstream_idle_timeout: 0s\nroutes:\n  - {uri: /a, limit: 1, endpoints: [\"127.0.0.1:1\"]}\n",

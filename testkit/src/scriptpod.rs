@@ -17,7 +17,7 @@
 //! reading while it works, so it sees the end of stream lb-agent sends, and counts, from its own
 //! side: connections open (accepted, no end of stream read yet), requests in flight (head read,
 //! answer not fully written), each request's target and arrival time, and when the last byte of
-//! the last complete answer was written.
+//! each complete answer was written.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -41,8 +41,8 @@ pub struct ScriptStats {
     max_inflight: AtomicUsize,
     /// `<method> <target>` of every request and when its head arrived, in arrival order.
     requests: Mutex<Vec<(String, Instant)>>,
-    /// When the last byte of the latest complete answer was written.
-    last_answer: Mutex<Option<Instant>>,
+    /// `<method> <target>` of every complete answer and when its last byte was written.
+    answers: Mutex<Vec<(String, Instant)>>,
 }
 
 impl ScriptStats {
@@ -77,7 +77,15 @@ impl ScriptStats {
     }
     /// When the last byte of the latest complete answer was written.
     pub fn last_answer(&self) -> Option<Instant> {
-        *lock(&self.last_answer)
+        lock(&self.answers).last().map(|(_, t)| *t)
+    }
+    /// When the last byte of the answer to the first request whose `<method> <target>`
+    /// contains `needle` was written.
+    pub fn answered(&self, needle: &str) -> Option<Instant> {
+        lock(&self.answers)
+            .iter()
+            .find(|(r, _)| r.contains(needle))
+            .map(|(_, t)| *t)
     }
 }
 
@@ -234,7 +242,7 @@ async fn serve(
                 return std::future::pending::<()>().await;
             }
             if answer(&mut wr, ip, &ask).await.is_ok() {
-                *lock(&stats.last_answer) = Some(Instant::now());
+                lock(&stats.answers).push((ask.target.clone(), Instant::now()));
             }
             stats.inflight.fetch_sub(1, Ordering::SeqCst);
             if ask.close {
@@ -411,7 +419,7 @@ mod tests {
         assert!(out.ends_with("0\r\n\r\n"), "{out}");
         until("end of stream seen", || pod.stats.connections() == 0).await;
         assert_eq!(pod.stats.inflight(), 0);
-        assert!(pod.stats.last_answer().is_some());
+        assert!(pod.stats.answered("/a?ms=50").unwrap() <= pod.stats.last_answer().unwrap());
         // Still open from the pod's side: nothing more arrives, no end of stream.
         let mut buf = [0u8; 16];
         let r = tokio::time::timeout(Duration::from_millis(300), s.read(&mut buf)).await;

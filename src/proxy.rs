@@ -64,6 +64,8 @@ pub enum Outcome {
     ShuttingDown,
     BadRequest,
     DeadlineExceeded,
+    /// The pod made no progress for the route's `upstream_timeout`.
+    PodTimeout,
 }
 
 impl Outcome {
@@ -78,6 +80,7 @@ impl Outcome {
             Outcome::ShuttingDown => "shutting_down",
             Outcome::BadRequest => "bad_request",
             Outcome::DeadlineExceeded => "deadline_exceeded",
+            Outcome::PodTimeout => "pod_timeout",
         }
     }
 }
@@ -382,6 +385,11 @@ impl ProxyHttp for LbProxy {
         let mut peer = HttpPeer::new(slot.addr(), false, String::new());
         peer.options.connection_timeout = Some(route.connect_timeout);
         peer.options.idle_timeout = Some(route.upstream_idle_timeout);
+        // Each read of the response and each write of the request waits at most this long
+        // (both HTTP/1.1 and HTTP/2 clients apply them per operation): no progress for
+        // `upstream_timeout` fails the request with ReadTimedout/WriteTimedout.
+        peer.options.read_timeout = Some(route.upstream_timeout);
+        peer.options.write_timeout = Some(route.upstream_timeout);
         if route.protocol == UpstreamProtocol::H2c {
             peer.options.set_http_version(2, 2);
             peer.options.max_h2_streams = H2_STREAMS_PER_CONNECTION;
@@ -459,14 +467,32 @@ impl ProxyHttp for LbProxy {
     /// doubles the cost, and the retry would land on the same pod anyway (the slot is kept).
     /// Connect failures, where nothing was sent, are retried by [`Self::fail_to_connect`]; the
     /// reuse race itself is avoided by `upstream_idle_timeout`.
+    ///
+    /// A pod that made no progress for `upstream_timeout` goes last in the choice for a while,
+    /// and its connection is closed at once (Pingora does not reuse it; the duplicate kept for
+    /// `client_abort: finish` is dropped here). Its slot is freed with the request.
     fn error_while_proxy(
         &self,
         peer: &HttpPeer,
         _session: &mut Session,
         e: Box<Error>,
-        _ctx: &mut Ctx,
+        ctx: &mut Ctx,
         _client_reused: bool,
     ) -> Box<Error> {
+        if is_pod_timeout(&e) {
+            ctx.upstream_socket = None;
+            if let Some(slot) = &ctx.slot {
+                slot.timed_out();
+            }
+            log::warn!(
+                "pod {} made no progress for {:?} (upstream_timeout): {}; connection closed, slot freed, pod tried last for a while",
+                PodName(ctx.pod),
+                ctx.route
+                    .as_ref()
+                    .map_or(Duration::ZERO, |r| r.upstream_timeout),
+                e.etype().as_str(),
+            );
+        }
         let mut e = e.more_context(format!("Peer: {peer}"));
         e.set_retry(false);
         e
@@ -498,6 +524,17 @@ impl ProxyHttp for LbProxy {
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
         let (code, body, retry_after) = match ctx.refusal {
             Some(Refusal::ClientGone) => (0, String::new(), false),
+            None if is_pod_timeout(e) => (
+                504,
+                format!(
+                    "lb-agent: pod {} made no progress for {:?} (upstream_timeout)\n",
+                    PodName(ctx.pod),
+                    ctx.route
+                        .as_ref()
+                        .map_or(Duration::ZERO, |r| r.upstream_timeout)
+                ),
+                false,
+            ),
             Some(Refusal::Queue(QueueError::Full)) => (
                 503,
                 format!(
@@ -556,8 +593,9 @@ impl ProxyHttp for LbProxy {
             // Every refusal of a call that can go elsewhere is UNAVAILABLE, which gRPC clients
             // retry; the HTTP status must be 200 for them to read it. A call whose own deadline
             // passed is DEADLINE_EXCEEDED: a retry could not finish in time, and it is what the
-            // client reports itself when its timer fires first.
-            let status = if ctx.refusal == Some(Refusal::Deadline) {
+            // client reports itself when its timer fires first. So is a pod that made no
+            // progress: the call was sent and is never retried elsewhere.
+            let status = if ctx.refusal == Some(Refusal::Deadline) || code == 504 {
                 grpc_status::DEADLINE_EXCEEDED
             } else {
                 grpc_status::UNAVAILABLE
@@ -580,12 +618,15 @@ impl ProxyHttp for LbProxy {
     /// lb-agent's own refusals are the queue doing its job, not faults: they are logged by
     /// [`Self::logging`]'s request line at INFO, with their outcome. So is a client that left
     /// (outcome `client_gone`: a closed connection, a cancelled call): that is the client's
-    /// choice, not an agent fault. Failures to reach any pod (`NoUntriedPod`, connect errors)
-    /// and pod-side errors during proxying keep pingora's ERROR line.
+    /// choice, not an agent fault. A pod that made no progress for `upstream_timeout` has its
+    /// own WARN line (see [`Self::error_while_proxy`]). Failures to reach any pod
+    /// (`NoUntriedPod`, connect errors) and other pod-side errors during proxying keep
+    /// pingora's ERROR line.
     fn suppress_error_log(&self, _session: &Session, ctx: &Ctx, e: &Error) -> bool {
         ctx.refusal
             .is_some_and(|r| r != Refusal::Queue(QueueError::NoUntriedPod))
             || *e.esource() == ErrorSource::Downstream
+            || is_pod_timeout(e)
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
@@ -654,6 +695,16 @@ impl std::fmt::Display for PodName {
     }
 }
 
+/// The pod made no progress for `upstream_timeout`: a read of its response or a write of the
+/// request to it timed out (a connect timeout is not one: nothing was sent).
+fn is_pod_timeout(e: &Error) -> bool {
+    *e.esource() == ErrorSource::Upstream
+        && matches!(
+            e.etype(),
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout
+        )
+}
+
 fn outcome(ctx: &Ctx, e: Option<&Error>, status: u16) -> Outcome {
     match ctx.refusal {
         Some(Refusal::NoRoute) => Outcome::NoRoute,
@@ -664,6 +715,7 @@ fn outcome(ctx: &Ctx, e: Option<&Error>, status: u16) -> Outcome {
         Some(Refusal::Queue(QueueError::ShuttingDown)) => Outcome::ShuttingDown,
         Some(Refusal::BadRequest) => Outcome::BadRequest,
         Some(Refusal::Deadline) => Outcome::DeadlineExceeded,
+        None if e.is_some_and(is_pod_timeout) => Outcome::PodTimeout,
         // The client closed, reset its stream, or stopped reading past `client.timeout`.
         None if e.is_some_and(|e| *e.esource() == ErrorSource::Downstream) => Outcome::ClientGone,
         None if e.is_some() || status >= 500 && ctx.pod.is_none() => Outcome::UpstreamError,

@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::abandoned::{self, UpstreamSocket};
+use crate::abandoned::{self, Abandoned, BodyFraming, ResponseEnd, Seen, UpstreamSocket};
 use crate::balance::{QueueError, Slot};
 use crate::config::{ClientAbort, ClientLimits, UpstreamProtocol};
 use crate::front;
@@ -107,6 +107,10 @@ pub struct Ctx {
     /// The pod connection of this attempt, kept so that a request whose client leaves can be
     /// finished on the pod before its slot is freed (`client_abort: finish`).
     upstream_socket: Option<UpstreamSocket>,
+    /// How the body of the pod's final response head is framed, once Pingora has passed the
+    /// head on (kept only with `upstream_socket`): where the drain of an abandoned request
+    /// resumes.
+    response_framing: Option<BodyFraming>,
     /// Keeps a SIGTERM drain from exiting while this request is being handled.
     _active: ActiveRequest,
 }
@@ -248,6 +252,7 @@ impl ProxyHttp for LbProxy {
             grpc: false,
             grpc_deadline: None,
             upstream_socket: None,
+            response_framing: None,
             _active: self.live.shutdown.request(),
         }
     }
@@ -446,6 +451,7 @@ impl ProxyHttp for LbProxy {
         }
         // An HTTP/2 connection to a pod carries other calls too; only an HTTP/1.1 connection
         // belongs to this request alone and can be finished on its own.
+        ctx.response_framing = None;
         ctx.upstream_socket = match &ctx.route {
             Some(r)
                 if r.client_abort == ClientAbort::Finish
@@ -458,6 +464,28 @@ impl ProxyHttp for LbProxy {
             }
             _ => None,
         };
+        Ok(())
+    }
+
+    /// Notes how the final response's body is framed, for the drain that takes over if the
+    /// client leaves before the body is read (`client_abort: finish`).
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        upstream_response: &mut pingora::http::ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> pingora::Result<()> {
+        let status = upstream_response.status.as_u16();
+        if ctx.upstream_socket.is_some() && (status >= 200 || status == 101) {
+            ctx.response_framing = Some(BodyFraming::of(
+                session.req_header().method == http::Method::HEAD,
+                status,
+                upstream_response
+                    .headers
+                    .iter()
+                    .map(|(name, value)| (name.as_str(), value.as_bytes())),
+            ));
+        }
         Ok(())
     }
 
@@ -635,8 +663,21 @@ impl ProxyHttp for LbProxy {
         if outcome == Outcome::ClientGone {
             // The client left a request the pod was working on: the pod's exchange runs to
             // its end and only then is the slot freed (`client_abort: finish`).
-            if let (Some(socket), Some(slot)) = (ctx.upstream_socket.take(), ctx.slot.take()) {
-                abandoned::finish(socket, slot);
+            if let (Some(socket), Some(slot), Some(route)) =
+                (ctx.upstream_socket.take(), ctx.slot.take(), &ctx.route)
+            {
+                let seen = Seen {
+                    consumed: socket.consumed(),
+                    head: ctx.response_framing,
+                    body_read: session.upstream_body_bytes_received() as u64,
+                    head_request: session.req_header().method == http::Method::HEAD,
+                };
+                abandoned::finish(Abandoned {
+                    socket,
+                    slot,
+                    response: ResponseEnd::resume(&seen),
+                    timeout: route.upstream_timeout,
+                });
             }
         }
         let route = ctx.route.as_ref().map_or("-", |r| r.uri.as_str());

@@ -1,7 +1,12 @@
-//! A pod that stops making progress: `upstream_timeout` (HAProxy's `timeout server`). A pod
-//! that makes no progress for that long gets its connection closed, its slot freed for the
-//! next queued request, and is tried last for a while; the client gets `504` (gRPC:
-//! `DEADLINE_EXCEEDED`). Progress is progress: a slow but steady answer is never cut.
+//! A pod that stops making progress, and the slot of a request whose client left.
+//!
+//! * `upstream_timeout` (HAProxy's `timeout server`): a pod that makes no progress for that long
+//!   gets its connection closed, its slot freed for the next queued request, and is tried last
+//!   for a while; the client gets `504` (gRPC: `DEADLINE_EXCEEDED`). Progress is progress: a
+//!   slow but steady answer is never cut.
+//! * `client_abort: finish`: the slot of a request whose client left comes back when the pod's
+//!   answer is complete (`Content-Length`, chunked terminator, close), even if the pod keeps its
+//!   connection open, and at the latest after `upstream_timeout` without progress.
 //!
 //! The pods are [`testkit::scriptpod`]s (raw sockets: they hang, trickle, or answer and keep
 //! their connection open, ignoring a half-close) and gRPC pods with a method that never
@@ -13,8 +18,11 @@ mod common;
 mod grpc;
 
 use common::*;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use testkit::scriptpod::{start_script_pods, ScriptPod};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 const SECS: Duration = Duration::from_secs(10);
 
@@ -45,6 +53,41 @@ async fn answer(
         .expect("an answer within 20 s")
         .unwrap()
         .expect("request through lb-agent")
+}
+
+/// A client on a raw socket that sends `GET path`, reads until it has `read_until` (if any),
+/// and leaves `patience` after sending: it closes the connection, or resets it if it read part
+/// of the answer. Returns what it read.
+async fn leave_after(
+    addr: SocketAddr,
+    path: String,
+    read_until: Option<&'static str>,
+    patience: Duration,
+) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let sent = Instant::now();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    if let Some(want) = read_until {
+        let mut buf = [0u8; 1024];
+        while !String::from_utf8_lossy(&got).contains(want) {
+            let n = tokio::time::timeout(SECS, s.read(&mut buf))
+                .await
+                .expect("the head in time")
+                .unwrap();
+            assert!(n > 0, "closed before {want:?}");
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+    tokio::time::sleep(patience.saturating_sub(sent.elapsed())).await;
+    if read_until.is_some() {
+        // Gone with part of the answer unread: a reset, as the kernel sends then.
+        s.set_zero_linger().unwrap();
+    }
+    drop(s);
+    String::from_utf8_lossy(&got).into_owned()
 }
 
 fn between(what: &str, d: Duration, lo: u64, hi: u64) {
@@ -129,6 +172,46 @@ async fn a_hung_pod_answers_504_after_upstream_timeout_and_the_next_request_is_s
     );
 }
 
+/// A client that gives up on a hung pod at 1 s, with `client_abort: finish`: the slot is kept
+/// while the pod might still work, and freed when the pod has made no progress for
+/// `upstream_timeout` (2 s after the request was sent), not at some later point and not never.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_left_a_hung_pod_frees_its_slot_at_upstream_timeout() {
+    let pods = start_script_pods(171, 1).await.unwrap();
+    let pod = &pods[0].stats;
+    let agent = Agent::start(&config(
+        "queue: {timeout: 3s}\nupstream_timeout: 2s\n",
+        1,
+        &pods,
+        "",
+    ))
+    .await;
+    let left = tokio::spawn(leave_after(
+        agent.addr,
+        "/work?hang".to_string(),
+        None,
+        Duration::from_secs(1),
+    ));
+    eventually(SECS, "the hung request at the pod", || async {
+        pod.inflight() == 1
+    })
+    .await;
+    left.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let next = get(&agent, "/work?id=next").await;
+    assert_eq!(next.status, 200, "{}", next.body);
+    let gap = pod.arrived("id=next").unwrap() - pod.arrived("hang").unwrap();
+    println!("slot of the abandoned hung request came back {gap:?} after it was sent");
+    between("slot back after", gap, 1900, 2700);
+    assert_eq!(agent.inflight().await, 0);
+    let log = agent.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("/work?hang") && l.contains("outcome=client_gone")),
+        "{log}"
+    );
+}
+
 /// Progress is progress: a pod streaming a byte a second for 6 s is not cut by a 2 s
 /// `upstream_timeout`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -141,6 +224,101 @@ async fn a_slow_but_steady_answer_is_not_cut_by_upstream_timeout() {
     let r = get(&agent, "/work?drip=4&every_ms=1000").await;
     assert_eq!((r.status, r.body.as_str()), (200, "xxxx"));
     assert!(!agent.log().contains("pod_timeout"), "{}", agent.log());
+}
+
+/// Issue #22 (1): the client leaves at 0.3 s, the pod answers completely at 1 s and keeps its
+/// connection open (ignoring the half-close). The slot comes back with the pod's last answer
+/// byte, so the next request is served, not refused with `503 queue timeout`. The default
+/// `upstream_timeout` (5 min) plays no part here.
+async fn an_abandoned_request_frees_its_slot_when_the_answer_is_complete(framing: &str) {
+    let pods = start_script_pods(if framing.is_empty() { 191 } else { 195 }, 1)
+        .await
+        .unwrap();
+    let pod = &pods[0].stats;
+    let agent = Agent::start(&config("queue: {timeout: 3s}\n", 1, &pods, "")).await;
+    let abandoned = format!("/work?ms=1000{framing}");
+    let left = tokio::spawn(leave_after(
+        agent.addr,
+        abandoned.clone(),
+        None,
+        Duration::from_millis(300),
+    ));
+    eventually(SECS, "the request at the pod", || async {
+        pod.inflight() == 1
+    })
+    .await;
+    left.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let next = get(&agent, "/work?id=next").await;
+    assert_eq!(next.status, 200, "{}", next.body);
+    let answered = pod.answered(&abandoned).expect("the pod answered");
+    let freed = pod.arrived("id=next").unwrap() - answered;
+    println!("{abandoned}: the next request reached the pod {freed:?} after the abandoned answer's last byte");
+    assert!(freed < Duration::from_millis(500), "{freed:?}");
+    assert_eq!(pod.max_inflight(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_abandoned_request_frees_its_slot_when_its_content_length_is_read() {
+    an_abandoned_request_frees_its_slot_when_the_answer_is_complete("").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_abandoned_request_frees_its_slot_at_the_chunked_terminator() {
+    an_abandoned_request_frees_its_slot_when_the_answer_is_complete("&chunked").await;
+}
+
+/// The client leaves after lb-agent already passed it the head of a `Content-Length` answer
+/// the pod is still sending: the slot comes back when the rest of the body has arrived.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_left_mid_body_frees_the_slot_at_the_end_of_the_body() {
+    let pods = start_script_pods(201, 1).await.unwrap();
+    let pod = &pods[0].stats;
+    let agent = Agent::start(&config("queue: {timeout: 5s}\n", 1, &pods, "")).await;
+    let path = "/work?drip=4&every_ms=300";
+    let head = leave_after(
+        agent.addr,
+        path.to_string(),
+        Some("\r\n\r\n"),
+        Duration::from_millis(450),
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let next = get(&agent, "/work?id=next").await;
+    assert_eq!(next.status, 200, "{}", next.body);
+    let freed = pod.arrived("id=next").unwrap() - pod.answered(path).expect("answered");
+    println!("mid-body: the next request reached the pod {freed:?} after the last body byte");
+    assert!(freed < Duration::from_millis(500), "{freed:?}");
+}
+
+/// The client leaves in the middle of a chunked answer whose framing state lb-agent cannot
+/// recover (Pingora has consumed an unknown part of it): the slot still comes back, at the
+/// latest `upstream_timeout` after the pod's last byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_left_mid_chunked_body_frees_the_slot_within_upstream_timeout() {
+    let pods = start_script_pods(205, 1).await.unwrap();
+    let pod = &pods[0].stats;
+    let agent = Agent::start(&config(
+        "queue: {timeout: 8s}\nupstream_timeout: 2s\n",
+        1,
+        &pods,
+        "",
+    ))
+    .await;
+    let path = "/work?trickle=3&every_ms=300";
+    let head = leave_after(
+        agent.addr,
+        path.to_string(),
+        Some("\r\n\r\n"),
+        Duration::from_millis(450),
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let next = get(&agent, "/work?id=next").await;
+    assert_eq!(next.status, 200, "{}", next.body);
+    let freed = pod.arrived("id=next").unwrap() - pod.answered(path).expect("answered");
+    println!("mid-chunked-body: the next request reached the pod {freed:?} after the last byte");
+    assert!(freed < Duration::from_millis(2600), "{freed:?}");
 }
 
 /// After a timeout the pod goes last in the choice for a while, as after a refused connection:

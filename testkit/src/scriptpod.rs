@@ -218,17 +218,13 @@ async fn serve(
         let stats = Arc::clone(&stats);
         async move {
             let mut buf = Vec::new();
-            loop {
-                match read_request(&mut rd, &mut buf).await {
-                    Some((method, target, close)) => {
-                        lock(&stats.requests).push((format!("{method} {target}"), Instant::now()));
-                        let now = stats.inflight.fetch_add(1, Ordering::SeqCst) + 1;
-                        stats.max_inflight.fetch_max(now, Ordering::SeqCst);
-                        if tx.send(Ask::parse(&method, &target, close)).is_err() {
-                            break;
-                        }
-                    }
-                    None => break,
+            while let Some((method, target, close)) = read_request(&mut rd, &mut buf).await {
+                let arrived = (format!("{method} {target}"), Instant::now());
+                lock(&stats.requests).push(arrived);
+                let now = stats.inflight.fetch_add(1, Ordering::SeqCst) + 1;
+                stats.max_inflight.fetch_max(now, Ordering::SeqCst);
+                if tx.send(Ask::parse(&method, &target, close)).is_err() {
+                    break;
                 }
             }
             // End of stream (or an unreadable request): the client is done sending. The

@@ -69,6 +69,8 @@ struct LedgerStatus {
     errors: u64,
     unreachable_episodes: u64,
     epoch_changes: u64,
+    /// Leases re-asserted after a Redis restart above their pod's limit (should stay 0).
+    reasserted_over_limit: u64,
 }
 
 #[derive(Serialize)]
@@ -106,6 +108,7 @@ impl AdminApp {
             errors: known.errors,
             unreachable_episodes: known.unreachable_episodes,
             epoch_changes: known.epoch_changes,
+            reasserted_over_limit: known.reasserted_over_limit,
             ..LedgerStatus::default()
         };
         // Retired pools too: their queued requests still wait in the ledger.

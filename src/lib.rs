@@ -9,6 +9,7 @@
 //! [`reload`] swaps when the config file changes.
 
 pub mod abandoned;
+mod abandoned_h2;
 pub mod admin;
 pub mod balance;
 pub mod config;
@@ -21,6 +22,7 @@ pub mod plan;
 pub mod proxy;
 pub mod redis_ledger;
 pub mod reload;
+mod request_rules;
 pub mod respond;
 pub mod route;
 pub mod shutdown;

@@ -158,6 +158,7 @@ struct Sample {
     ledger_errors: IntCounterVec,
     ledger_unreachable: IntCounterVec,
     ledger_epoch_changes: IntCounterVec,
+    ledger_reasserted_over_limit: IntCounterVec,
     ledger_queue_depth: IntGaugeVec,
     ledger_pod_inflight: IntGaugeVec,
     ledger_leases_expired: IntCounterVec,
@@ -245,6 +246,14 @@ impl Sample {
                 ),
                 &[],
             )?,
+            ledger_reasserted_over_limit: IntCounterVec::new(
+                Opts::new(
+                    "lb_ledger_reasserted_over_limit_total",
+                    "Leases this agent re-asserted after a Redis restart that put their pod \
+                     above its limit (a slot was granted before the re-assertion; should stay 0)",
+                ),
+                &[],
+            )?,
             ledger_queue_depth: IntGaugeVec::new(
                 Opts::new(
                     "lb_ledger_queue_depth",
@@ -269,7 +278,7 @@ impl Sample {
         })
     }
 
-    fn parts(&self) -> [&dyn Collector; 16] {
+    fn parts(&self) -> [&dyn Collector; 17] {
         [
             &self.queue_depth,
             &self.pod_inflight,
@@ -284,6 +293,7 @@ impl Sample {
             &self.ledger_errors,
             &self.ledger_unreachable,
             &self.ledger_epoch_changes,
+            &self.ledger_reasserted_over_limit,
             &self.ledger_queue_depth,
             &self.ledger_pod_inflight,
             &self.ledger_leases_expired,
@@ -335,6 +345,9 @@ impl Sample {
             self.ledger_epoch_changes
                 .with_label_values(none)
                 .inc_by(s.epoch_changes);
+            self.ledger_reasserted_over_limit
+                .with_label_values(none)
+                .inc_by(s.reasserted_over_limit);
             for (pool, q) in &s.queues {
                 self.ledger_queue_depth
                     .with_label_values(&[pool])

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::abandoned::{self, Abandoned, BodyFraming, ResponseEnd, Seen, UpstreamSocket};
+use crate::abandoned_h2::{self, ClientLeft};
 use crate::balance::{QueueError, Slot};
 use crate::config::{ClientAbort, ClientLimits, UpstreamProtocol};
 use crate::front;
@@ -31,10 +32,13 @@ use crate::shutdown::ActiveRequest;
 /// It is Pingora's retry-buffer size: a larger body could not be replayed.
 const QUEUED_BODY_LIMIT: usize = 64 * 1024;
 
-/// HTTP/2 streams per upstream connection for `h2c` routes. Each call still takes its own slot,
-/// so the pod's `limit` bounds the streams in use; this only decides when a second connection
-/// to the same pod is opened.
-const H2_STREAMS_PER_CONNECTION: usize = 100;
+/// HTTP/2 streams per upstream connection for `h2c` routes: one. Pingora's connector reads a
+/// new connection's stream limit before the pod's SETTINGS arrive (pingora-core 0.9.1
+/// `connectors/http/v2.rs`), so with more, a burst opens more streams on one connection than a
+/// pod that allows fewer (`max_concurrent_streams`) accepts, and the pod refuses them. One
+/// stream per connection is what every HTTP/2 server accepts; the pod's `limit` (a handful of
+/// compute calls) bounds the connections, which are pooled and reused.
+const H2_STREAMS_PER_CONNECTION: usize = 1;
 
 pub struct LbProxy {
     live: Arc<Live>,
@@ -107,6 +111,12 @@ pub struct Ctx {
     /// The pod connection of this attempt, kept so that a request whose client leaves can be
     /// finished on the pod before its slot is freed (`client_abort: finish`).
     upstream_socket: Option<UpstreamSocket>,
+    /// Set on an `h2c` route with `client_abort: finish` once the call reached its pod: tells
+    /// whether its HTTP/2 client left while the pod's answer was still being read.
+    client_left: Option<ClientLeft>,
+    /// `100 Continue` was sent to the client (`Expect: 100-continue`); the pod is then not
+    /// asked to send its own.
+    continued: bool,
     /// How the body of the pod's final response head is framed, once Pingora has passed the
     /// head on (kept only with `upstream_socket`): where the drain of an abandoned request
     /// resumes.
@@ -216,6 +226,8 @@ fn check_and_normalize(session: &mut Session) -> Result<(), String> {
     {
         return Err("an HTTP/1.1 request needs exactly one Host header".into());
     }
+    crate::request_rules::check(session.req_header_mut())?;
+    let req = session.req_header();
     let path = req.uri.path();
     let normalized = match crate::route::normalize_path(path) {
         Ok(std::borrow::Cow::Borrowed(_)) => return Ok(()),
@@ -252,6 +264,8 @@ impl ProxyHttp for LbProxy {
             grpc: false,
             grpc_deadline: None,
             upstream_socket: None,
+            client_left: None,
+            continued: false,
             response_framing: None,
             _active: self.live.shutdown.request(),
         }
@@ -366,7 +380,18 @@ impl ProxyHttp for LbProxy {
                 other => other,
             };
             match result {
-                Ok(slot) => ctx.slot = Some(slot),
+                Ok(slot) => {
+                    ctx.slot = Some(slot);
+                    // The client waits for this before it sends its body: sent when the
+                    // request has its slot, so a queued upload neither stalls until the
+                    // client's own fallback timer nor is buffered while it waits.
+                    if !ctx.continued && expects_continue(session.req_header()) {
+                        ctx.continued = true;
+                        if let Err(e) = session.downstream_session.write_continue_response().await {
+                            log::debug!("could not send 100 Continue: {e}");
+                        }
+                    }
+                }
                 Err(refusal) => {
                     ctx.refusal = Some(refusal);
                     let reason = match refusal {
@@ -411,12 +436,36 @@ impl ProxyHttp for LbProxy {
         upstream_request: &mut pingora::http::RequestHeader,
         ctx: &mut Ctx,
     ) -> pingora::Result<()> {
-        // The pod is told the time the call has left, not the time it had when it reached
-        // lb-agent: after a queue wait, the unchanged grpc-timeout would let the pod work on
-        // past the moment the client gave up.
-        if let Some(deadline) = ctx.grpc_deadline {
+        if ctx.continued {
+            upstream_request.remove_header(&http::header::EXPECT);
+        }
+        let finish = ctx
+            .route
+            .as_ref()
+            .is_some_and(|r| r.client_abort == ClientAbort::Finish);
+        if finish {
+            // The pod's work is not cut short when its client leaves, and its slot is held
+            // until the pod ends the call's stream: a deadline would make the pod's gRPC server
+            // end the stream at that moment while its handler works on, and the slot would go
+            // to the next call on top of it.
+            upstream_request.remove_header("grpc-timeout");
+        } else if let Some(deadline) = ctx.grpc_deadline {
+            // The pod is told the time the call has left, not the time it had when it reached
+            // lb-agent: after a queue wait, the unchanged grpc-timeout would let the pod work
+            // on past the moment the client gave up.
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             upstream_request.insert_header("grpc-timeout", format_grpc_timeout(left))?;
+        }
+        // Pingora drops `te` (hop-by-hop) when it turns a request into HTTP/2 for the pod, but
+        // `te: trailers` is the one value HTTP/2 allows, and gRPC servers refuse calls without
+        // it. Its presence is what matters, so the constant is sent, never the client's value.
+        if ctx
+            .route
+            .as_ref()
+            .is_some_and(|r| r.protocol == UpstreamProtocol::H2c)
+            && (ctx.grpc || client_accepts_trailers(session.req_header()))
+        {
+            upstream_request.insert_header(http::header::TE, "trailers")?;
         }
         let Some(client) = session
             .client_addr()
@@ -436,9 +485,60 @@ impl ProxyHttp for LbProxy {
         upstream_request.insert_header("x-forwarded-for", value)
     }
 
-    async fn connected_to_upstream(
+    /// An HTTP/2 client often ends its request body with an empty DATA frame carrying
+    /// END_STREAM. Pingora writes that empty piece to an HTTP/1.1 pod as a chunk of size 0 —
+    /// which *is* the chunked terminator — and then the terminator again: the second one stays
+    /// on the kept-alive pod connection and reads as a request line `0` (a response desync for
+    /// the next request on it). An empty last piece is no piece: the end is written once.
+    async fn request_body_filter(
         &self,
         _session: &mut Session,
+        body: &mut Option<bytes::Bytes>,
+        end_of_stream: bool,
+        _ctx: &mut Ctx,
+    ) -> pingora::Result<()> {
+        if end_of_stream && body.as_ref().is_some_and(bytes::Bytes::is_empty) {
+            *body = None;
+        }
+        Ok(())
+    }
+
+    /// Pingora's HTTP/1.1 client does not read a pod's trailers (pingora-core 0.9.1), so the
+    /// `Trailer:` header that announces them is not passed on: the client would wait for (or
+    /// fail on) trailers that never come. Trailers pass on `h2c` routes only.
+    ///
+    /// Also notes how the final response's body is framed, for the drain that takes over if
+    /// the client leaves before the body is read (`client_abort: finish`).
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        upstream_response: &mut pingora::http::ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> pingora::Result<()> {
+        let status = upstream_response.status.as_u16();
+        if ctx.upstream_socket.is_some() && (status >= 200 || status == 101) {
+            ctx.response_framing = Some(BodyFraming::of(
+                session.req_header().method == http::Method::HEAD,
+                status,
+                upstream_response
+                    .headers
+                    .iter()
+                    .map(|(name, value)| (name.as_str(), value.as_bytes())),
+            ));
+        }
+        if ctx
+            .route
+            .as_ref()
+            .is_some_and(|r| r.protocol == UpstreamProtocol::Http1)
+        {
+            upstream_response.remove_header(&http::header::TRAILER);
+        }
+        Ok(())
+    }
+
+    async fn connected_to_upstream(
+        &self,
+        session: &mut Session,
         _reused: bool,
         _peer: &HttpPeer,
         #[cfg(unix)] _fd: std::os::unix::io::RawFd,
@@ -464,27 +564,13 @@ impl ProxyHttp for LbProxy {
             }
             _ => None,
         };
-        Ok(())
-    }
-
-    /// Notes how the final response's body is framed, for the drain that takes over if the
-    /// client leaves before the body is read (`client_abort: finish`).
-    async fn upstream_response_filter(
-        &self,
-        session: &mut Session,
-        upstream_response: &mut pingora::http::ResponseHeader,
-        ctx: &mut Ctx,
-    ) -> pingora::Result<()> {
-        let status = upstream_response.status.as_u16();
-        if ctx.upstream_socket.is_some() && (status >= 200 || status == 101) {
-            ctx.response_framing = Some(BodyFraming::of(
-                session.req_header().method == http::Method::HEAD,
-                status,
-                upstream_response
-                    .headers
-                    .iter()
-                    .map(|(name, value)| (name.as_str(), value.as_bytes())),
-            ));
+        // On HTTP/2 the pod's stream itself is kept: see `abandoned_h2`.
+        if ctx.client_left.is_none()
+            && ctx.route.as_ref().is_some_and(|r| {
+                r.client_abort == ClientAbort::Finish && r.protocol == UpstreamProtocol::H2c
+            })
+        {
+            ctx.client_left = abandoned_h2::stay_for_pod(&mut session.downstream_session);
         }
         Ok(())
     }
@@ -496,13 +582,18 @@ impl ProxyHttp for LbProxy {
     /// Connect failures, where nothing was sent, are retried by [`Self::fail_to_connect`]; the
     /// reuse race itself is avoided by `upstream_idle_timeout`.
     ///
+    /// The one exception is an HTTP/2 stream the pod never processed (RFC 9113 §8.7): refused
+    /// with `REFUSED_STREAM`, or above the last stream id of the pod's `GOAWAY`. The pod did
+    /// not start it, so it is sent again, on the same pod and slot (a new stream or connection),
+    /// as long as nothing of the answer reached the client and the request body can be replayed.
+    ///
     /// A pod that made no progress for `upstream_timeout` goes last in the choice for a while,
     /// and its connection is closed at once (Pingora does not reuse it; the duplicate kept for
     /// `client_abort: finish` is dropped here). Its slot is freed with the request.
     fn error_while_proxy(
         &self,
         peer: &HttpPeer,
-        _session: &mut Session,
+        session: &mut Session,
         e: Box<Error>,
         ctx: &mut Ctx,
         _client_reused: bool,
@@ -522,7 +613,18 @@ impl ProxyHttp for LbProxy {
             );
         }
         let mut e = e.more_context(format!("Peer: {peer}"));
-        e.set_retry(false);
+        let again = not_processed_by_pod(&e)
+            && session.response_written().is_none()
+            && !session.as_ref().retry_buffer_truncated()
+            && ctx.attempts < self.max_attempts;
+        if again {
+            log::info!(
+                "pod {} did not process the call's HTTP/2 stream ({}); sending it again",
+                PodName(ctx.pod),
+                e.etype().as_str()
+            );
+        }
+        e.set_retry(again);
         e
     }
 
@@ -736,6 +838,38 @@ impl std::fmt::Display for PodName {
     }
 }
 
+/// An HTTP/2 stream the pod refused before processing it (RFC 9113 §8.7): `REFUSED_STREAM`,
+/// or a `GOAWAY` whose last stream id is below it (the h2 crate reports only those streams as
+/// ended by the remote `GOAWAY`; streams the pod did take end with a broken pipe instead).
+fn not_processed_by_pod(e: &Error) -> bool {
+    e.root_cause().downcast_ref::<h2::Error>().is_some_and(|h| {
+        h.is_remote() && (h.is_go_away() || h.reason() == Some(h2::Reason::REFUSED_STREAM))
+    })
+}
+
+/// An HTTP/1.1 request with `Expect: 100-continue` (RFC 9110 §10.1.1).
+fn expects_continue(req: &pingora::http::RequestHeader) -> bool {
+    req.version == http::Version::HTTP_11
+        && req
+            .headers
+            .get(http::header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+}
+
+/// Whether a request's `te` header lists `trailers`.
+fn client_accepts_trailers(req: &pingora::http::RequestHeader) -> bool {
+    req.headers
+        .get_all(http::header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| {
+            t.split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
+}
+
 /// The pod made no progress for `upstream_timeout`: a read of its response or a write of the
 /// request to it timed out (a connect timeout is not one: nothing was sent).
 fn is_pod_timeout(e: &Error) -> bool {
@@ -747,6 +881,10 @@ fn is_pod_timeout(e: &Error) -> bool {
 }
 
 fn outcome(ctx: &Ctx, e: Option<&Error>, status: u16) -> Outcome {
+    if ctx.client_left.as_ref().is_some_and(ClientLeft::get) {
+        // The pod's answer was read to its end after the client had left.
+        return Outcome::ClientGone;
+    }
     match ctx.refusal {
         Some(Refusal::NoRoute) => Outcome::NoRoute,
         Some(Refusal::Queue(QueueError::Full)) => Outcome::QueueFull,
@@ -756,6 +894,11 @@ fn outcome(ctx: &Ctx, e: Option<&Error>, status: u16) -> Outcome {
         Some(Refusal::Queue(QueueError::ShuttingDown)) => Outcome::ShuttingDown,
         Some(Refusal::BadRequest) => Outcome::BadRequest,
         Some(Refusal::Deadline) => Outcome::DeadlineExceeded,
+        // A request Pingora refused to build for the pod (nothing was sent): the client's
+        // fault, not the client leaving.
+        None if e.is_some_and(|e| *e.etype() == ErrorType::InvalidHTTPHeader) => {
+            Outcome::BadRequest
+        }
         None if e.is_some_and(is_pod_timeout) => Outcome::PodTimeout,
         // The client closed, reset its stream, or stopped reading past `client.timeout`.
         None if e.is_some_and(|e| *e.esource() == ErrorSource::Downstream) => Outcome::ClientGone,

@@ -36,11 +36,25 @@
 //!   hold a slot by now (one call per pool per agent, not a loop per request).
 //! - **Redis restart or failover.** Every call names the epoch of the ledger that the agent
 //!   knows (`<server run_id>/<nonce>`). A restarted Redis has no epoch, a promoted replica has one
-//!   made on another server: the first agent to notice starts a new epoch, and no slot is granted
-//!   for `recovery_hold` while every agent (told by its epoch mismatch, its dropped pub/sub
-//!   connection and its keep-alive) re-asserts its leases and its waiters with their old
-//!   arrival stamps. Counts are so rebuilt from what the agents know, over the caps if need be
-//!   (those requests *are* running), and queue order is kept.
+//!   made on another server: the first agent to notice starts a new epoch, and every agent (told
+//!   by its epoch mismatch, its dropped pub/sub connection and its keep-alive) re-asserts its
+//!   leases and its waiters with their old arrival stamps. Counts are so rebuilt from what the
+//!   agents know, over the caps if need be (those requests *are* running), and queue order is
+//!   kept. **No slot is granted until every replica that was alive before has re-asserted**, or
+//!   has been silent for its `lease_ttl` (the rule that reaps a vanished agent): each agent keeps
+//!   the list of live registrations from its last keep-alive, the agent that starts the epoch
+//!   writes it into the new ledger as *pending*, and each re-assertion removes its own entry and
+//!   adds any it knew of that are missing. A fixed timer would let a replica that reconnects
+//!   late (a failover where agents come back at different moments) find its pod's slot given
+//!   away. An agent that knew of nobody (just started, or never reached the old ledger) cannot
+//!   tell a fresh Redis from a restarted one: on a Redis up for less than `recovery_hold` it
+//!   holds grants for the rest of that time, until an agent that knew the live registrations
+//!   re-asserts and names them; on an older Redis grants go on at once.
+//! - **Releases racing a re-assertion.** A re-assertion lists the agent's ids as they were when
+//!   it was sent; a request that ends meanwhile sends its release, which may reach the new,
+//!   empty ledger first and find nothing. Such an id is remembered as gone (a tombstone, for at
+//!   least [`TOMBSTONE_MIN`]), and the re-assertion does not bring it back: no slot is taken for
+//!   a request that no longer exists.
 //! - **Redis unreachable.** Requests already holding a lease run on; new ones wait (no fall-back
 //!   to local counting, which would break the caps) and time out at their deadline as usual.
 //!   Releases that could not be sent are retried, and the agent's re-assertion after an epoch
@@ -96,7 +110,12 @@ const ROUND_TRIP_SAMPLES: usize = 8192;
 
 /// Default [`LedgerOptions::recovery_hold`]: several times the time an agent needs to notice a
 /// restarted Redis (its pub/sub connection is re-made every [`PROBE_EVERY`]) and re-assert.
+/// Only an agent that knew of no other replica applies it, and only on a Redis younger than
+/// it.
 pub const DEFAULT_RECOVERY_HOLD: Duration = Duration::from_secs(2);
+
+/// Shortest time an id released while absent from the ledger is remembered as gone.
+const TOMBSTONE_MIN: Duration = Duration::from_secs(10);
 
 /// Default timeout of one Redis call (connect or reply): a Redis that hangs counts as
 /// unreachable, so requests wait for it instead of hanging on one call.
@@ -107,8 +126,10 @@ pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(1);
 pub struct LedgerOptions {
     /// How long the slots and queued requests of an agent that vanished stay counted.
     pub lease_ttl: Duration,
-    /// After Redis restarted or failed over, how long no slot is granted, so every live agent
-    /// re-asserts its leases first (caps hold through the restart).
+    /// When the agent that starts a new epoch knew of no replica before it (it has just
+    /// started): how long after the Redis server started no slot is granted, so replicas that
+    /// nobody knows of can re-assert first. An agent that knew the replicas waits for their
+    /// re-assertions instead, however long or short that takes.
     pub recovery_hold: Duration,
     /// Timeout of one Redis call.
     pub io_timeout: Duration,
@@ -180,6 +201,10 @@ pub struct LedgerStatus {
     /// Times this agent found itself reaped while alive (no keep-alive got through for
     /// `lease_ttl`).
     pub reaped_while_alive: u64,
+    /// Leases this agent re-asserted after an epoch change that put their pod above its limit
+    /// (the request was running, so the count must say so). Grants wait for every replica's
+    /// re-assertion, so this should stay 0; if it ever is not, a pod did run above its cap.
+    pub reasserted_over_limit: u64,
     /// Per queue, as of this agent's last keep-alive.
     pub queues: Vec<(String, QueueStatus)>,
 }
@@ -238,6 +263,7 @@ pub struct RedisLedger {
     unreachable_episodes: AtomicU64,
     epoch_changes: AtomicU64,
     reaped_while_alive: AtomicU64,
+    reasserted_over_limit: AtomicU64,
     round_trips: Mutex<Vec<Duration>>,
 }
 
@@ -251,6 +277,11 @@ struct State {
     unreachable_since: Option<StdInstant>,
     /// Redis's `run_id` when last checked, to notice a failover.
     server: Option<String>,
+    /// Redis's uptime when last checked (`None`: it refuses `INFO`).
+    uptime: Option<Duration>,
+    /// Every registration (`<agent>|<pool>`, lease_ttl in ms) alive in the ledger at this
+    /// agent's last keep-alive or re-assertion: whom a new epoch must wait for.
+    peers: Vec<(String, String)>,
     /// When a kick is already due for the end of a recovery hold.
     hold_kick: Option<Instant>,
 }
@@ -417,6 +448,7 @@ impl RedisLedger {
             unreachable_episodes: AtomicU64::new(0),
             epoch_changes: AtomicU64::new(0),
             reaped_while_alive: AtomicU64::new(0),
+            reasserted_over_limit: AtomicU64::new(0),
             round_trips: Mutex::new(Vec::new()),
         });
         // Learn at once whether Redis is there, so the first requests wait for it if not.
@@ -571,6 +603,7 @@ impl RedisLedger {
             unreachable_episodes: self.unreachable_episodes.load(Ordering::Relaxed),
             epoch_changes: self.epoch_changes.load(Ordering::Relaxed),
             reaped_while_alive: self.reaped_while_alive.load(Ordering::Relaxed),
+            reasserted_over_limit: self.reasserted_over_limit.load(Ordering::Relaxed),
             queues,
         }
     }
@@ -656,10 +689,22 @@ impl RedisLedger {
                     .map(|d| d.as_nanos())
                     .unwrap_or(0)
             );
-            let hold = self.opts.recovery_hold.as_millis().to_string();
-            let v = self
-                .eval(&self.scripts.ensure, queue, &[sid, nonce, hold])
-                .await?;
+            let (young, peers) = {
+                let st = lock(&self.state);
+                // Unknown uptime (INFO refused): as if Redis had just started.
+                let up = st.uptime.unwrap_or_default();
+                (self.opts.recovery_hold.saturating_sub(up), st.peers.clone())
+            };
+            let mut args = vec![
+                sid,
+                nonce,
+                young.as_millis().to_string(),
+                peers.len().to_string(),
+            ];
+            for (reg, ttl) in peers {
+                args.extend([reg, ttl]);
+            }
+            let v = self.eval(&self.scripts.ensure, queue, &args).await?;
             let items = array(v).unwrap_or_default();
             let Some(epoch) = items.first().and_then(string) else {
                 return Err(reply_error("ensure"));
@@ -689,7 +734,11 @@ impl RedisLedger {
                 // Every id below next_id that is not listed is over (ids are taken under this
                 // same lock before their acquire is sent).
                 st.next_id.saturating_sub(1).to_string(),
+                st.peers.len().to_string(),
             ];
+            for (reg, ttl) in &st.peers {
+                args.extend([reg.clone(), ttl.clone()]);
+            }
             let (mut leases, mut waiters) = (0, 0);
             for (n, entry) in st.entries.iter().filter(|(_, e)| e.queue == queue) {
                 match &entry.slot {
@@ -724,8 +773,20 @@ impl RedisLedger {
             _ => return Err(reply_error("reassert")),
         }
         let hold_ms = items.get(1).and_then(int).unwrap_or(0);
+        let over = items.get(3).and_then(int).unwrap_or(0);
+        if over > 0 {
+            self.reasserted_over_limit
+                .fetch_add(over, Ordering::Relaxed);
+            log::error!(
+                "redis ledger: queue {queue}: {over} re-asserted leases put their pod above its \
+                 limit (a slot was granted before this agent re-asserted)"
+            );
+        }
         {
             let mut st = lock(&self.state);
+            if let Some(peers) = items.get(4).and_then(parse_peers) {
+                st.peers = peers;
+            }
             let q = st.queues.entry(queue.to_string()).or_default();
             let changed = q.last_epoch.as_deref().is_some_and(|last| last != epoch);
             q.epoch = Some(epoch.to_string());
@@ -808,8 +869,14 @@ impl RedisLedger {
             leases_expired: items.get(3).and_then(int).unwrap_or(0),
             inflight: items.get(4).map(parse_counts).unwrap_or_default(),
         };
-        if let Some(q) = lock(&self.state).queues.get_mut(queue) {
-            q.status = status;
+        {
+            let mut st = lock(&self.state);
+            if let Some(peers) = items.get(6).and_then(parse_peers) {
+                st.peers = peers;
+            }
+            if let Some(q) = st.queues.get_mut(queue) {
+                q.status = status;
+            }
         }
         if let Some(granted) = items.get(5) {
             self.deliver_pairs(granted);
@@ -821,9 +888,11 @@ impl RedisLedger {
     }
 
     async fn leave(&self, queue: &str, n: u64) -> Result<(), RedisError> {
-        self.eval(&self.scripts.leave, queue, &[self.wire_id(n)])
-            .await
-            .map(drop)
+        // Long enough to outlast any re-assertion in flight that still lists the id (a few
+        // round trips, each bounded by the io timeout).
+        let tombstone = self.opts.lease_ttl.max(TOMBSTONE_MIN);
+        let args = [self.wire_id(n), tombstone.as_millis().to_string()];
+        self.eval(&self.scripts.leave, queue, &args).await.map(drop)
     }
 
     /// Forgets a lease or waiter locally and tells Redis (spawned: called from `Drop`).
@@ -996,19 +1065,22 @@ impl RedisLedger {
             .arg("server")
             .query_async::<String>(&mut conn)
             .await;
-        let sid = match info {
-            Ok(info) => info
-                .lines()
-                .find_map(|l| l.strip_prefix("run_id:"))
-                .map(|s| s.trim().to_string())
-                .filter(|s| !s.is_empty() && !s.contains('/'))
-                .unwrap_or_else(|| "-".into()),
+        let (sid, uptime) = match info {
+            Ok(info) => (
+                info_field(&info, "run_id")
+                    .filter(|s| !s.is_empty() && !s.contains('/'))
+                    .unwrap_or_else(|| "-".into()),
+                info_field(&info, "uptime_in_seconds")
+                    .and_then(|s| s.parse().ok())
+                    .map(Duration::from_secs),
+            ),
             Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => {
                 return Err(e)
             }
-            Err(_) => "-".into(),
+            Err(_) => ("-".into(), None),
         };
         let mut st = lock(&self.state);
+        st.uptime = uptime;
         if st.server.is_none() {
             st.server = Some(sid.clone());
         }
@@ -1207,6 +1279,29 @@ fn parse_reply(v: Value) -> Result<Reply, RedisError> {
         Some("reaped") => Reply::Reaped,
         _ => return Err(reply_error("acquire")),
     })
+}
+
+/// A field of an `INFO` answer (`name:value` lines).
+fn info_field(info: &str, name: &str) -> Option<String> {
+    info.lines().find_map(|l| {
+        l.strip_prefix(name)
+            .and_then(|rest| rest.strip_prefix(':'))
+            .map(|v| v.trim().to_string())
+    })
+}
+
+/// `{reg, ttl_ms, ...}` from a script into pairs.
+fn parse_peers(v: &Value) -> Option<Vec<(String, String)>> {
+    let Value::Array(items) = v else { return None };
+    Some(
+        items
+            .chunks(2)
+            .filter_map(|pair| match pair {
+                [reg, ttl] => Some((string(reg)?, int(ttl)?.to_string())),
+                _ => None,
+            })
+            .collect(),
+    )
 }
 
 fn parse_counts(v: &Value) -> Vec<(SocketAddr, u32)> {

@@ -436,12 +436,16 @@ async fn a_call_whose_deadline_passes_while_queued_never_reaches_a_pod() {
     );
 }
 
-/// The pod is told the time a call has left after its queue wait, not the `grpc-timeout` it
-/// arrived with: otherwise it works on after the client has given up.
+/// With `client_abort: cancel`, the pod is told the time a call has left after its queue
+/// wait, not the `grpc-timeout` it arrived with: otherwise it works on after the client has
+/// given up. (With `finish`, the default, the pod is told no deadline at all: its work runs to
+/// its end and holds the slot until then; see the next test.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_pod_gets_the_time_left_after_the_queue_wait() {
     let pods = start_grpc_pods(121, 1).await;
-    let agent = Agent::start(&grpc_route(&pods, 1, "{timeout: 30s}")).await;
+    let config = grpc_route(&pods, 1, "{timeout: 30s}")
+        .replace("protocol: h2c,", "protocol: h2c, client_abort: cancel,");
+    let agent = Agent::start(&config).await;
     let client = connect(agent.addr).await;
     let ch = client.channel.clone();
     let long = tokio::spawn(async move { unary(ch, RUN, "1000", "long").await });
@@ -470,4 +474,154 @@ async fn the_pod_gets_the_time_left_after_the_queue_wait() {
         direct > Duration::from_millis(4500) && direct <= Duration::from_secs(5),
         "the pod was given {direct:?}"
     );
+}
+
+/// With `client_abort: finish` (the default) on an h2c route, the pod is given no
+/// `grpc-timeout`: a gRPC server ends a call's stream when its deadline passes, whatever its
+/// handler still does, and the slot would be freed under running work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_finish_route_gives_the_pod_no_deadline() {
+    let pods = start_grpc_pods(123, 1).await;
+    let agent = Agent::start(&grpc_route(&pods, 1, "{timeout: 30s}")).await;
+    let reply = raw_call(agent.addr, RUN, "1", "f", "5S").await;
+    assert_eq!(reply.grpc_status.as_deref(), Some("0"), "{reply:?}");
+    assert_eq!(pods[0].stats.started(), 1);
+    assert_eq!(*pods[0].deadlines.lock().unwrap(), vec![]);
+}
+
+/// Issue 24, item 1: `client_abort: finish` (the default) on an h2c route. Call A's work on
+/// the pod takes 2 s and cannot be interrupted; its client gives up at 0.5 s (tonic drops the
+/// call: RST_STREAM; grpcio's deadline passes: RST_STREAM after sending `grpc-timeout`). Call
+/// B waits. The pod must never run both: A's slot is held until the pod has ended A's stream,
+/// and only then does B start. The pod's own count of running calls is the judge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cancelled_call_holds_its_slot_until_the_pod_has_finished() {
+    for client_kind in ["tonic", "grpcio"] {
+        let pods = start_grpc_pods(131, 1).await;
+        let agent = Agent::start(&grpc_route(&pods, 1, "{timeout: 30s}")).await;
+        let client = connect(agent.addr).await;
+        let a = {
+            let (ch, addr) = (client.channel.clone(), agent.addr);
+            tokio::spawn(async move {
+                match client_kind {
+                    "tonic" => {
+                        let call = unary(ch, BUSY, "2000", "a");
+                        match tokio::time::timeout(Duration::from_millis(500), call).await {
+                            Ok(r) => format!("{r:?}"),
+                            Err(_) => "cancelled".to_string(),
+                        }
+                    }
+                    _ => {
+                        let t = Some(Duration::from_millis(500));
+                        grpcio_call(addr, BUSY, "2000", "a", t).await.0
+                    }
+                }
+            })
+        };
+        eventually(SECS, "A on the pod", || async {
+            pods[0].stats.inflight() == 1
+        })
+        .await;
+        let ch = client.channel.clone();
+        let b = tokio::spawn(async move { unary(ch, BUSY, "10", "b").await });
+        let a = a.await.unwrap();
+        assert!(
+            a == "cancelled" || a == "DEADLINE_EXCEEDED",
+            "{client_kind}: A must have been given up by its client: {a}"
+        );
+        // A's client is gone; the pod still works on A.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(pods[0].stats.inflight(), 1, "{client_kind}: A runs on");
+        assert_eq!(agent.inflight().await, 1, "{client_kind}: A's slot is held");
+        assert_eq!(agent.queue_depth().await, 1, "{client_kind}: B waits");
+        let b = tokio::time::timeout(SECS, b).await.unwrap().unwrap();
+        assert!(b.is_ok(), "{client_kind}: B is served: {b:?}");
+        assert_eq!(
+            pods[0].stats.max_inflight(),
+            1,
+            "{client_kind}: the pod ran A and B at once"
+        );
+        eventually(SECS, "slots back", || async { agent.inflight().await == 0 }).await;
+    }
+}
+
+/// Issue 24, item 3: a gRPC call from an HTTP/1.1 client to an h2c route. Pingora drops `te`
+/// on the way to HTTP/2, but gRPC servers such as grpcio reset calls without `te: trailers`.
+/// The pod must receive it, from a raw-socket HTTP/1.1 client and from tonic (HTTP/2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn te_trailers_reaches_an_h2c_pod() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pods = start_grpc_pods(134, 1).await;
+    let agent = Agent::start(&grpc_route(&pods, 1, "{timeout: 30s}")).await;
+    let mut tcp = tokio::net::TcpStream::connect(agent.addr).await.unwrap();
+    let msg = [0u8, 0, 0, 0, 1, b'1'];
+    let head = format!(
+        "POST {RUN} HTTP/1.1\r\nHost: lb-agent\r\ncontent-type: application/grpc\r\nte: trailers\r\nx-req-id: h1\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        msg.len()
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    tcp.write_all(&msg).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(SECS, tcp.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let client = connect(agent.addr).await;
+    unary(client.channel.clone(), RUN, "1", "h2").await.unwrap();
+    let te = pods[0].te.lock().unwrap().clone();
+    assert_eq!(
+        te,
+        vec![
+            ("h1".to_string(), "trailers".to_string()),
+            ("h2".to_string(), "trailers".to_string())
+        ]
+    );
+}
+
+/// Issue 24, item 2: a pod that allows one stream per connection and refuses any other at
+/// once, as gRPC's C-core does (`max_concurrent_streams`), behind `limit: 4`. lb-agent must not
+/// open more streams on a connection than the pod accepts (the refused ones failed): every call
+/// succeeds, and the pod still runs 4 at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pod_allowing_fewer_streams_than_limit_gets_every_call() {
+    let pod = start_strict_pod(136, 1, false, Duration::from_millis(200)).await;
+    let config = format!(
+        "routes:\n  - {{uri: /lbtest.Work/, match: prefix, limit: 4, protocol: h2c, endpoints: [\"{}\"], queue: {{timeout: 30s}}}}\n",
+        pod.addr
+    );
+    let agent = Agent::start(&config).await;
+    let client = connect(agent.addr).await;
+    for burst in 0..3 {
+        // Apart by more than upstream_idle_timeout (1 s): each burst opens new connections,
+        // whose first streams leave before the pod's SETTINGS arrive.
+        tokio::time::sleep(Duration::from_millis(1_300)).await;
+        let calls: Vec<_> = (0..12)
+            .map(|i| {
+                let ch = client.channel.clone();
+                tokio::spawn(async move { unary(ch, RUN, "1", &format!("b{burst}c{i}")).await })
+            })
+            .collect();
+        for c in calls {
+            let r = c.await.unwrap();
+            assert!(r.is_ok(), "burst {burst}: {r:?}");
+        }
+    }
+    assert_eq!(pod.stats.max_inflight(), 4);
+    assert_eq!(pod.stats.started(), 36);
+}
+
+/// Issue 24, item 2: a stream the pod refused (`REFUSED_STREAM`: not processed, RFC 9113
+/// §8.7) is sent again rather than failed, and the pod processes the call exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refused_stream_is_sent_again() {
+    let pod = start_strict_pod(138, 1, true, Duration::ZERO).await;
+    let config = format!(
+        "routes:\n  - {{uri: /lbtest.Work/, match: prefix, limit: 1, protocol: h2c, endpoints: [\"{}\"]}}\n",
+        pod.addr
+    );
+    let agent = Agent::start(&config).await;
+    let client = connect(agent.addr).await;
+    let r = unary(client.channel.clone(), RUN, "1", "r").await;
+    assert_eq!(r.as_deref().ok(), Some("pod=strict"), "{r:?}");
+    assert_eq!(pod.refused.load(Ordering::SeqCst), 1);
+    assert_eq!(pod.stats.started(), 1);
 }

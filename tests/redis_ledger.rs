@@ -806,3 +806,316 @@ async fn a_waiter_is_never_given_a_pod_outside_its_pool() {
     assert_eq!(s.inflight, vec![(pod(1), 1), (pod(2), 1)]);
     assert_eq!(s.waiting, 0);
 }
+
+/// A TCP relay between agents and Redis on loopback: delays every chunk by `delay` (a Redis a
+/// network hop away, which widens the races a restart opens) and can cut its clients off
+/// (existing connections closed, new ones closed at once) while Redis itself stays up.
+struct Relay {
+    port: u16,
+    cut: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(redis: &Redis, delay: Duration) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let target = redis.port;
+        let (cut, cut_rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
+                if *cut_rx.borrow() {
+                    continue; // dropped: closed at once
+                }
+                let mut cut_rx = cut_rx.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    else {
+                        return;
+                    };
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    tokio::select! {
+                        _ = pipe(cr, sw, delay) => {}
+                        _ = pipe(sr, cw, delay) => {}
+                        _ = cut_rx.wait_for(|c| *c) => {}
+                    }
+                });
+            }
+        });
+        Relay { port, cut, task }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    fn set_cut(&self, cut: bool) {
+        self.cut.send_replace(cut);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.set_cut(true);
+        self.task.abort();
+    }
+}
+
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    delay: Duration,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        sleep(delay).await;
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn agent_via(relay: &Relay, name: &str, o: LedgerOptions) -> Arc<RedisLedger> {
+    let _ = env_logger::builder().is_test(true).try_init();
+    RedisLedger::connect_with(&relay.url(), format!("{name}-{}", std::process::id()), o)
+        .await
+        .unwrap()
+}
+
+/// Issue 21, item 1. A request that ends while its agent re-asserts after a Redis restart
+/// sends its release; it can reach the new, empty ledger before the re-assertion that still
+/// lists it, and the re-assertion must not take that slot again (no request would ever
+/// release it: the pod would stay "full" while idle, until the next epoch change). Redis
+/// restarted 20 times under load, agents 2 ms away through relays; after each restart the
+/// traffic pauses until every request has ended, and the ledger must then count nothing on any
+/// pod. No pod ever had more leases at once than its limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarts_under_load_leave_no_ghost_slot_and_hold_the_caps() {
+    let mut redis = Redis::start();
+    let delay = Duration::from_millis(2);
+    let relays = [
+        Relay::start(&redis, delay).await,
+        Relay::start(&redis, delay).await,
+    ];
+    let o = opts(2_000, 200);
+    let agents = [
+        agent_via(&relays[0], "ghost-a", o).await,
+        agent_via(&relays[1], "ghost-b", o).await,
+    ];
+    let limit = 5;
+    let pods: Vec<(SocketAddr, u32)> = (1..=2).map(|i| (pod(i), limit)).collect();
+    let held = Arc::new(Held::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let paused = Arc::new(AtomicBool::new(false));
+    let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut clients = Vec::new();
+    for c in 0..16u64 {
+        let agent = Arc::clone(&agents[c as usize % 2]);
+        let (pods, held) = (pods.clone(), Arc::clone(&held));
+        let (stop, paused, active) = (Arc::clone(&stop), Arc::clone(&paused), Arc::clone(&active));
+        clients.push(tokio::spawn(async move {
+            let mut served = 0u32;
+            // Bounded: at most 100,000 rounds, and it stops when told.
+            for i in 0..100_000u64 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                if paused.load(Ordering::Relaxed) {
+                    sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+                active.fetch_add(1, Ordering::SeqCst);
+                let deadline = Instant::now() + Duration::from_secs(5);
+                if let Ok(lease) = agent.acquire(Q, &pods, &[], 1000, deadline).await {
+                    held.take(lease.addr());
+                    // Long enough that requests span each outage and end around the
+                    // re-assertion that follows it.
+                    sleep(Duration::from_millis(50 + (c * 37 + i * 53) % 350)).await;
+                    held.give(lease.addr());
+                    drop(lease);
+                    served += 1;
+                }
+                active.fetch_sub(1, Ordering::SeqCst);
+            }
+            served
+        }));
+    }
+    let mut ghosts = Vec::new();
+    for round in 0..20 {
+        sleep(Duration::from_millis(300)).await;
+        redis.kill();
+        sleep(Duration::from_millis(150)).await;
+        redis.restart();
+        sleep(Duration::from_millis(400)).await;
+        // Quiet: every request ends, every release lands.
+        paused.store(true, Ordering::SeqCst);
+        eventually("requests ended", Duration::from_secs(10), || async {
+            active.load(Ordering::SeqCst) == 0
+        })
+        .await;
+        sleep(Duration::from_millis(300)).await;
+        let s = agents[0].queue_status(Q).await;
+        if let Ok(s) = s {
+            if !s.inflight.is_empty() || s.waiting > 0 {
+                ghosts.push((round, s.inflight, s.waiting));
+            }
+        }
+        paused.store(false, Ordering::SeqCst);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut served = 0;
+    for c in clients {
+        served += tokio::time::timeout(Duration::from_secs(20), c)
+            .await
+            .expect("clients stop")
+            .unwrap();
+    }
+    assert!(served > 50, "traffic ran through the restarts ({served})");
+    let changes: u64 = agents.iter().map(|a| a.status().epoch_changes).sum();
+    assert!(changes >= 20, "restarts noticed: {changes}");
+    assert_eq!(
+        ghosts,
+        vec![],
+        "(round, slots, waiters) counted in the ledger after every request had ended"
+    );
+    for (a, _) in &pods {
+        assert!(held.max(*a) <= limit, "{a}: {} at once", held.max(*a));
+    }
+    let over: u64 = agents
+        .iter()
+        .map(|a| a.status().reasserted_over_limit)
+        .sum();
+    assert_eq!(over, 0, "a re-assertion found its pod given away");
+}
+
+/// Issue 21, item 2. Agent B holds the only slot of a pod (limit 1, lease_ttl 30 s); Redis
+/// restarts empty while B is cut off from it for 4 s, far less than its lease_ttl. Agent A,
+/// which saw B alive before the restart, must not be given the pod until B has re-asserted its
+/// lease — not after a fixed hold (300 ms here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_reasserts_late_keeps_its_slot() {
+    let mut redis = Redis::start();
+    let relay_b = Relay::start(&redis, Duration::ZERO).await;
+    let o = opts(30_000, 300);
+    let a = agents(&redis, 1, o).await.remove(0);
+    let b = agent_via(&relay_b, "late-b", o).await;
+    let pods = vec![(pod(1), 1)];
+    let held = Arc::new(Held::default());
+    let far = || Instant::now() + Duration::from_secs(30);
+
+    let lease_b = b.acquire(Q, &pods, &[], 10, far()).await.unwrap();
+    held.take(lease_b.addr());
+    // A has seen B's registration in a keep-alive (at most a second apart).
+    let warm = a.acquire(
+        Q,
+        &pods,
+        &[],
+        10,
+        Instant::now() + Duration::from_millis(100),
+    );
+    assert!(warm.await.is_err(), "the pod is B's");
+    sleep(Duration::from_millis(1_200)).await;
+
+    relay_b.set_cut(true);
+    redis.kill();
+    sleep(Duration::from_millis(200)).await;
+    redis.restart();
+    let waiter = {
+        let (a, pods, held) = (Arc::clone(&a), pods.clone(), Arc::clone(&held));
+        tokio::spawn(async move {
+            let lease = a.acquire(Q, &pods, &[], 10, far()).await.unwrap();
+            held.take(lease.addr());
+            lease
+        })
+    };
+    sleep(Duration::from_millis(4_000)).await;
+    assert!(
+        !waiter.is_finished(),
+        "A was given the pod while B's request still runs on it"
+    );
+
+    relay_b.set_cut(false);
+    eventually("B re-asserted", Duration::from_secs(10), || async {
+        a.queue_status(Q)
+            .await
+            .is_ok_and(|s| s.inflight == vec![(pod(1), 1)])
+    })
+    .await;
+    sleep(Duration::from_millis(300)).await;
+    assert!(!waiter.is_finished(), "A got the pod B re-asserted");
+    held.give(lease_b.addr());
+    drop(lease_b);
+    let lease_a = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("A is served once B releases")
+        .unwrap();
+    assert_eq!(lease_a.addr(), pod(1));
+    assert!(held.max(pod(1)) <= 1, "{} at once", held.max(pod(1)));
+}
+
+/// Issue 21 / 18: grants resume when the replicas have re-asserted, not after a timer. The
+/// first request on an empty ledger of a Redis that has been up a while is served at once even
+/// with a long `recovery_hold`; after a restart with every agent connected, a waiter gets the
+/// freed pod long before that hold would end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grants_resume_when_every_replica_reasserted() {
+    let mut redis = Redis::start();
+    // uptime_in_seconds ≥ 2: older than the hold below.
+    sleep(Duration::from_millis(2_100)).await;
+    let o = opts(5_000, 2_000);
+    let agents = agents(&redis, 2, o).await;
+    let pods = vec![(pod(1), 1)];
+    let first = agents[0]
+        .acquire(
+            Q,
+            &pods,
+            &[],
+            10,
+            Instant::now() + Duration::from_millis(500),
+        )
+        .await
+        .expect("a fresh ledger on a running Redis grants at once");
+    sleep(Duration::from_millis(1_200)).await; // a keep-alive: each agent has seen the other
+
+    redis.kill();
+    sleep(Duration::from_millis(200)).await;
+    redis.restart();
+    let waiter = {
+        let (agent, pods) = (Arc::clone(&agents[1]), pods.clone());
+        tokio::spawn(async move {
+            let lease = agent
+                .acquire(Q, &pods, &[], 10, Instant::now() + Duration::from_secs(10))
+                .await
+                .unwrap();
+            (lease, Instant::now())
+        })
+    };
+    eventually("lease re-asserted", Duration::from_secs(5), || async {
+        agents[0]
+            .queue_status(Q)
+            .await
+            .is_ok_and(|s| s.inflight == vec![(pod(1), 1)] && s.waiting == 1)
+    })
+    .await;
+    let restarted = Instant::now();
+    drop(first);
+    let (_lease, at) = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .unwrap()
+        .unwrap();
+    // The 2 s recovery_hold would still run here; only the re-assertions were waited for.
+    assert!(
+        at.duration_since(restarted) < Duration::from_millis(1_000),
+        "the waiter was served {:?} after the release",
+        at.duration_since(restarted)
+    );
+}

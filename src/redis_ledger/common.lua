@@ -3,8 +3,18 @@
 -- two routes, a pool and its replacement after a reload) has one count and one cap, and the
 -- queue is one FIFO across pools, as in the in-process ledger. Every key is that prefix plus a
 -- suffix, so all share one hash slot. ARGV[1] is always the pool the call is about. Keys:
---   meta        HASH  epoch ("<server run_id>/<nonce>"), hold_until (ms), last (last arrival
---                     stamp, µs), seen (last script run, ms), ttl (ms)
+--   meta        HASH  epoch ("<server run_id>/<nonce>"), started (ms, when the epoch began),
+--                     hold_until (ms), last (last arrival stamp, µs), seen (last script run,
+--                     ms), over (leases re-asserted above their pod's limit, this epoch)
+--   pending     ZSET  reg -> deadline (ms): registrations alive in the previous epoch that have
+--                     not re-asserted in this one; no slot is granted while one is left. A reg
+--                     that stays silent until its deadline (epoch start + its lease_ttl) is
+--                     taken as gone, by the rule that reaps a vanished agent
+--   asserted    SET   regs that re-asserted in this epoch (never pending again)
+--   ttls        HASH  reg -> its agent's lease_ttl (ms)
+--   gone        ZSET  id -> expiry (ms): ids released while not in the ledger (a release that
+--                     reached a new, empty ledger before its agent's re-assertion did); a
+--                     re-assertion never brings such an id back
 --   expired     HASH  pool -> leases of that pool returned because their agent vanished
 --   agents      ZSET  reg -> expiry of that registration's leases (ms, Redis clock); a reg is
 --                     "<agent>|<pool>": an agent registers (and is reaped) per pool it uses
@@ -51,8 +61,51 @@ local function parse_view(s)
   return v
 end
 
+-- How long grants still wait after an epoch change: until every registration pending in
+-- `pending` has re-asserted or passed its deadline, and until `hold_until` (a new epoch
+-- started by an agent that knew of no other replica, on a Redis that has just started).
+-- 0: grants go on.
 local function hold_left()
-  return math.max(0, tonumber(redis.call('HGET', P .. 'meta', 'hold_until') or '0') - now_ms)
+  redis.call('ZREMRANGEBYSCORE', P .. 'pending', '-inf', int(now_ms))
+  local left = math.max(0, tonumber(redis.call('HGET', P .. 'meta', 'hold_until') or '0') - now_ms)
+  local first = redis.call('ZRANGE', P .. 'pending', 0, 0, 'WITHSCORES')
+  if #first > 0 then left = math.max(left, tonumber(first[2]) - now_ms) end
+  return left
+end
+-- Marks registrations (flat list reg, ttl_ms, reg, ttl_ms, ... in ARGV from index `from`, `n`
+-- pairs) as pending re-assertion in this epoch, unless they re-asserted already or their
+-- deadline (epoch start + ttl) has passed.
+local function add_pending(from, n)
+  local started = tonumber(redis.call('HGET', P .. 'meta', 'started') or '0')
+  for i = from, from + 2 * n - 1, 2 do
+    local r, deadline = ARGV[i], started + tonumber(ARGV[i + 1])
+    if deadline > now_ms and redis.call('SISMEMBER', P .. 'asserted', r) == 0 then
+      local cur = redis.call('ZSCORE', P .. 'pending', r)
+      if not cur or tonumber(cur) < deadline then
+        redis.call('ZADD', P .. 'pending', int(deadline), r)
+      end
+    end
+  end
+end
+-- Every live registration with its lease_ttl, flat: {reg, ttl_ms, ...}, those still pending
+-- re-assertion included (a second restart before they re-asserted must wait for them too).
+-- Agents keep the last list they read, to say whom a new epoch must wait for.
+local function live_regs()
+  local out, seen = {}, {}
+  for _, r in ipairs(redis.call('ZRANGE', P .. 'agents', 0, -1)) do
+    seen[r] = true
+    out[#out + 1] = r
+    out[#out + 1] = redis.call('HGET', P .. 'ttls', r) or '0'
+  end
+  local started = tonumber(redis.call('HGET', P .. 'meta', 'started') or '0')
+  local flat = redis.call('ZRANGE', P .. 'pending', 0, -1, 'WITHSCORES')
+  for i = 1, #flat, 2 do
+    if not seen[flat[i]] then
+      out[#out + 1] = flat[i]
+      out[#out + 1] = int(tonumber(flat[i + 1]) - started)
+    end
+  end
+  return out
 end
 
 local function pool_waiting(pool)
@@ -130,12 +183,18 @@ end
 -- When no script ran for over half a lease (Redis hung, or no agent could reach it), no agent
 -- could renew: the lost time is added to every registration's expiry instead of reaping them
 -- all at once, which would give their slots away before they re-assert.
+-- The shortest lease_ttl of the live registrations decides (during a rollout that changes
+-- lease_ttl, the agents with the shorter one are the first a stall would wrongly reap).
 local function forgive()
   local seen = tonumber(redis.call('HGET', P .. 'meta', 'seen') or '0')
-  local ttl = tonumber(redis.call('HGET', P .. 'meta', 'ttl') or '0')
+  local ttl
+  for _, v in ipairs(redis.call('HVALS', P .. 'ttls')) do
+    local x = tonumber(v)
+    if ttl == nil or x < ttl then ttl = x end
+  end
   redis.call('HSET', P .. 'meta', 'seen', int(now_ms))
   local gap = now_ms - seen
-  if seen > 0 and gap > ttl / 2 then
+  if ttl and seen > 0 and gap > ttl / 2 then
     local flat = redis.call('ZRANGE', P .. 'agents', 0, -1, 'WITHSCORES')
     for i = 1, #flat, 2 do
       redis.call('ZADD', P .. 'agents', int(tonumber(flat[i + 1]) + gap), flat[i])
@@ -158,6 +217,7 @@ local function reap()
     end
     redis.call('DEL', P .. 'own:' .. r)
     redis.call('HDEL', P .. 'views', r)
+    redis.call('HDEL', P .. 'ttls', r)
     redis.call('ZREM', P .. 'agents', r)
   end
   return freed
@@ -211,7 +271,7 @@ end
 local function renew(reg, ttl_ms, known)
   if known == '1' and not redis.call('ZSCORE', P .. 'agents', reg) then return false end
   redis.call('ZADD', P .. 'agents', int(now_ms + ttl_ms), reg)
-  redis.call('HSET', P .. 'meta', 'ttl', int(ttl_ms))
+  redis.call('HSET', P .. 'ttls', reg, int(ttl_ms))
   return true
 end
 

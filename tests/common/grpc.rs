@@ -8,6 +8,9 @@
 //! * `Run` (unary): the request is a delay in ms as ASCII; the pod sleeps, then answers
 //!   `pod=<ip>`.
 //! * `Fail` (unary): answers `NOT_FOUND` with the message `no such model`.
+//! * `Busy` (unary): like `Run`, but the work cannot be interrupted (a GPU job, a handler
+//!   thread of a synchronous server): it runs to its end and counts as in flight although the
+//!   client cancels or the call's deadline ends the stream first.
 //! * `Stream` (server streaming): the request is `<count>x<ms>`; sends `count` messages, one
 //!   every `ms`.
 //! * `Hang` (unary): never answers (a stuck worker); the call ends only when it is cancelled.
@@ -34,6 +37,7 @@ use tonic::{Code, Status};
 
 pub const RUN: &str = "/lbtest.Work/Run";
 pub const FAIL: &str = "/lbtest.Work/Fail";
+pub const BUSY: &str = "/lbtest.Work/Busy";
 pub const STREAM: &str = "/lbtest.Work/Stream";
 pub const HANG: &str = "/lbtest.Work/Hang";
 
@@ -97,11 +101,15 @@ impl Drop for InFlight {
 /// `(x-req-id, grpc-timeout)` of each call that carried a `grpc-timeout`, in arrival order.
 pub type Deadlines = Arc<Mutex<Vec<(String, String)>>>;
 
+/// `(x-req-id, te)` of every call, in arrival order (`te` empty when absent).
+pub type TeSeen = Arc<Mutex<Vec<(String, String)>>>;
+
 #[derive(Clone)]
 struct WorkService {
     ip: IpAddr,
     stats: Arc<PodStats>,
     deadlines: Deadlines,
+    te: TeSeen,
 }
 
 impl NamedService for WorkService {
@@ -143,6 +151,27 @@ impl UnaryService<Bytes> for Run {
                 .and_then(|w| w.parse().ok())
                 .unwrap_or(0);
             tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok(tonic::Response::new(Bytes::from(format!("pod={}", svc.ip))))
+        })
+    }
+}
+
+struct Busy(WorkService);
+
+impl UnaryService<Bytes> for Busy {
+    type Response = Bytes;
+    type Future = BoxFuture<Result<tonic::Response<Bytes>, Status>>;
+    fn call(&mut self, req: tonic::Request<Bytes>) -> Self::Future {
+        let svc = self.0.clone();
+        let busy = InFlight::enter(&svc.stats, req_id(&req));
+        let ms: u64 = text(req.get_ref()).trim().parse().unwrap_or(0);
+        // Detached: dropping the handler (cancel, deadline) does not stop the work.
+        let work = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            drop(busy);
+        });
+        Box::pin(async move {
+            let _ = work.await;
             Ok(tonic::Response::new(Bytes::from(format!("pod={}", svc.ip))))
         })
     }
@@ -220,10 +249,20 @@ impl tower::Service<http::Request<tonic::body::Body>> for WorkService {
 
     fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
         let svc = self.clone();
+        let header = |name: &str| {
+            req.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string()
+        };
+        let seen = (header("x-req-id"), header("te"));
+        svc.te.lock().unwrap().push(seen);
         Box::pin(async move {
             let mut grpc = tonic::server::Grpc::new(RawCodec);
             let resp = match req.uri().path() {
                 RUN => grpc.unary(Run(svc), req).await,
+                BUSY => grpc.unary(Busy(svc), req).await,
                 FAIL => grpc.unary(Fail(svc), req).await,
                 HANG => grpc.unary(Hang(svc), req).await,
                 STREAM => grpc.server_streaming(Streamer(svc), req).await,
@@ -240,6 +279,8 @@ pub struct GrpcPod {
     pub stats: Arc<PodStats>,
     /// The `grpc-timeout` each `Run` call arrived with.
     pub deadlines: Deadlines,
+    /// The `te` header each call arrived with.
+    pub te: TeSeen,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -251,6 +292,12 @@ impl Drop for GrpcPod {
 
 /// Starts `n` gRPC pods on 127.0.1.`first`, … sharing one port.
 pub async fn start_grpc_pods(first: u8, n: usize) -> Vec<GrpcPod> {
+    start_grpc_pods_with(first, n, None).await
+}
+
+/// [`start_grpc_pods`] whose pods each allow at most `max_streams` concurrent streams per
+/// connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS), refusing any above it.
+pub async fn start_grpc_pods_with(first: u8, n: usize, max_streams: Option<u32>) -> Vec<GrpcPod> {
     let mut pods = Vec::new();
     let mut port = 0;
     for i in 0..n {
@@ -262,14 +309,17 @@ pub async fn start_grpc_pods(first: u8, n: usize) -> Vec<GrpcPod> {
         port = addr.port();
         let stats = Arc::new(PodStats::default());
         let deadlines = Deadlines::default();
+        let te = TeSeen::default();
         let svc = WorkService {
             ip,
             stats: Arc::clone(&stats),
             deadlines: Arc::clone(&deadlines),
+            te: Arc::clone(&te),
         };
         let task = tokio::spawn(async move {
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
             let _ = tonic::transport::Server::builder()
+                .max_concurrent_streams(max_streams)
                 .add_service(svc)
                 .serve_with_incoming(incoming)
                 .await;
@@ -278,6 +328,7 @@ pub async fn start_grpc_pods(first: u8, n: usize) -> Vec<GrpcPod> {
             addr,
             stats,
             deadlines,
+            te,
             task,
         });
     }
@@ -511,5 +562,97 @@ pub async fn raw_call(
         grpc_status,
         grpc_message,
         trailers_only,
+    }
+}
+
+/// A gRPC pod made with the h2 crate that is strict about streams, as gRPC's C-core
+/// (grpcio) is: it advertises `max_streams` concurrent streams per connection and refuses any
+/// stream above that at once (`RST_STREAM(REFUSED_STREAM)`: not processed, RFC 9113 §8.7),
+/// even before the client has seen its SETTINGS. With `refuse_first`, it also refuses the very
+/// first stream it is sent. Every call it takes is answered `OK pod=strict` after `work`.
+/// Counts what it refused, what it served, and the most calls it ran at once.
+pub struct StrictPod {
+    pub addr: SocketAddr,
+    pub refused: Arc<AtomicUsize>,
+    pub stats: Arc<PodStats>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for StrictPod {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub async fn start_strict_pod(
+    last: u8,
+    max_streams: usize,
+    refuse_first: bool,
+    work: Duration,
+) -> StrictPod {
+    let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 1, last], 0)))
+        .await
+        .expect("bind strict pod");
+    let addr = listener.local_addr().unwrap();
+    let refused = Arc::new(AtomicUsize::new(0));
+    let stats = Arc::new(PodStats::default());
+    let first = Arc::new(std::sync::atomic::AtomicBool::new(refuse_first));
+    let (r, st) = (Arc::clone(&refused), Arc::clone(&stats));
+    let task = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (r, st, first) = (Arc::clone(&r), Arc::clone(&st), Arc::clone(&first));
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::Builder::new()
+                    .max_concurrent_streams(max_streams as u32)
+                    .handshake::<_, Bytes>(tcp)
+                    .await
+                else {
+                    return;
+                };
+                let open = Arc::new(AtomicUsize::new(0));
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    if first.swap(false, Ordering::SeqCst)
+                        || open.load(Ordering::SeqCst) >= max_streams
+                    {
+                        r.fetch_add(1, Ordering::SeqCst);
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    }
+                    open.fetch_add(1, Ordering::SeqCst);
+                    let busy = InFlight::enter(&st, None);
+                    let open = Arc::clone(&open);
+                    tokio::spawn(async move {
+                        let mut body = req.into_body();
+                        while let Some(Ok(d)) = body.data().await {
+                            let _ = body.flow_control().release_capacity(d.len());
+                        }
+                        tokio::time::sleep(work).await;
+                        drop(busy);
+                        let head = http::Response::builder()
+                            .status(200)
+                            .header("content-type", "application/grpc")
+                            .body(())
+                            .unwrap();
+                        if let Ok(mut send) = respond.send_response(head, false) {
+                            let msg = b"pod=strict";
+                            let mut frame = vec![0u8];
+                            frame.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+                            frame.extend_from_slice(msg);
+                            let _ = send.send_data(Bytes::from(frame), false);
+                            let mut trailers = http::HeaderMap::new();
+                            trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                            let _ = send.send_trailers(trailers);
+                        }
+                        open.fetch_sub(1, Ordering::SeqCst);
+                    });
+                }
+            });
+        }
+    });
+    StrictPod {
+        addr,
+        refused,
+        stats,
+        task,
     }
 }

@@ -432,3 +432,35 @@ async fn a_grpc_call_to_a_hung_pod_ends_deadline_exceeded() {
         "{m}"
     );
 }
+
+/// gRPC over h2c with `client_abort: finish`: a call cancelled by its client while its pod is
+/// hung keeps its slot (the pod's stream is read on), but only until the pod has made no
+/// progress for `upstream_timeout`; then the next call runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cancelled_grpc_call_on_a_hung_pod_frees_its_slot_at_upstream_timeout() {
+    let pods = grpc::start_grpc_pods(241, 1).await;
+    let agent = Agent::start(&format!(
+        "upstream_timeout: 2s\nqueue: {{timeout: 5s}}\nroutes:\n  - {{uri: /lbtest.Work/, match: prefix, limit: 1, protocol: h2c, endpoints: [\"{}\"]}}\n",
+        pods[0].addr
+    ))
+    .await;
+    let client = grpc::connect(agent.addr).await;
+    let sent = Instant::now();
+    // Dropping the call at 0.5 s cancels it (RST_STREAM), as a client deadline does.
+    let cancelled = tokio::time::timeout(
+        Duration::from_millis(500),
+        grpc::unary(client.channel.clone(), grpc::HANG, "", "hung"),
+    )
+    .await;
+    assert!(cancelled.is_err(), "a hung call cannot end: {cancelled:?}");
+    let ok = grpc::unary(client.channel.clone(), grpc::RUN, "1", "next").await;
+    let served = sent.elapsed();
+    println!("next call served {served:?} after the hung one was sent");
+    assert_eq!(ok.unwrap(), "pod=127.0.1.241");
+    between("next call served after", served, 1900, 3000);
+    eventually(SECS, "the hung call cancelled at the pod", || async {
+        pods[0].stats.inflight() == 0
+    })
+    .await;
+    assert_eq!(pods[0].stats.max_inflight(), 1, "the cap held at the pod");
+}

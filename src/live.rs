@@ -38,6 +38,8 @@ pub struct RouteEntry {
     pub client_abort: ClientAbort,
     /// A pooled connection to a pod idle longer than this is closed, not reused.
     pub upstream_idle_timeout: Duration,
+    /// The longest a pod may make no progress on a request of this route.
+    pub upstream_timeout: Duration,
     /// This route's metric handles, looked up on its first request.
     pub metrics: std::sync::OnceLock<crate::metrics::RouteMetrics>,
 }
@@ -139,6 +141,7 @@ fn route_table(config: &Config, pools: &[Arc<Balancer>]) -> Snapshot {
             queue: r.queue,
             connect_timeout: config.connect_timeout,
             upstream_idle_timeout: config.upstream_idle_timeout,
+            upstream_timeout: r.upstream_timeout,
             protocol: r.protocol,
             client_abort: r.client_abort,
             metrics: Default::default(),

@@ -156,4 +156,18 @@ mod tests {
         assert!(p.routes_changed);
         assert!(p.limits.is_empty() && p.added_pools.is_empty() && p.dropped_pools.is_empty());
     }
+
+    #[test]
+    fn an_upstream_timeout_is_a_live_route_change() {
+        let old = config(DNS_A);
+        for new in [
+            format!("upstream_timeout: 1m\n{DNS_A}"),
+            DNS_A.replace("http_port: 80}", "http_port: 80, upstream_timeout: 1m}"),
+        ] {
+            let p = plan(&old, &old, &config(&new));
+            assert!(p.routes_changed, "{new}");
+            assert!(p.restart_only.is_empty(), "{new}");
+            assert!(p.limits.is_empty() && p.added_pools.is_empty());
+        }
+    }
 }

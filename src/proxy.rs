@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::abandoned::{self, UpstreamSocket};
+use crate::abandoned::{self, Abandoned, BodyFraming, ResponseEnd, Seen, UpstreamSocket};
 use crate::abandoned_h2::{self, ClientLeft};
 use crate::balance::{QueueError, Slot};
 use crate::config::{ClientAbort, ClientLimits, UpstreamProtocol};
@@ -68,6 +68,8 @@ pub enum Outcome {
     ShuttingDown,
     BadRequest,
     DeadlineExceeded,
+    /// The pod made no progress for the route's `upstream_timeout`.
+    PodTimeout,
 }
 
 impl Outcome {
@@ -82,6 +84,7 @@ impl Outcome {
             Outcome::ShuttingDown => "shutting_down",
             Outcome::BadRequest => "bad_request",
             Outcome::DeadlineExceeded => "deadline_exceeded",
+            Outcome::PodTimeout => "pod_timeout",
         }
     }
 }
@@ -114,6 +117,10 @@ pub struct Ctx {
     /// `100 Continue` was sent to the client (`Expect: 100-continue`); the pod is then not
     /// asked to send its own.
     continued: bool,
+    /// How the body of the pod's final response head is framed, once Pingora has passed the
+    /// head on (kept only with `upstream_socket`): where the drain of an abandoned request
+    /// resumes.
+    response_framing: Option<BodyFraming>,
     /// Keeps a SIGTERM drain from exiting while this request is being handled.
     _active: ActiveRequest,
 }
@@ -259,6 +266,7 @@ impl ProxyHttp for LbProxy {
             upstream_socket: None,
             client_left: None,
             continued: false,
+            response_framing: None,
             _active: self.live.shutdown.request(),
         }
     }
@@ -424,6 +432,11 @@ impl ProxyHttp for LbProxy {
         let mut peer = HttpPeer::new(slot.addr(), false, String::new());
         peer.options.connection_timeout = Some(route.connect_timeout);
         peer.options.idle_timeout = Some(route.upstream_idle_timeout);
+        // Each read of the response and each write of the request waits at most this long
+        // (both HTTP/1.1 and HTTP/2 clients apply them per operation): no progress for
+        // `upstream_timeout` fails the request with ReadTimedout/WriteTimedout.
+        peer.options.read_timeout = Some(route.upstream_timeout);
+        peer.options.write_timeout = Some(route.upstream_timeout);
         if route.protocol == UpstreamProtocol::H2c {
             peer.options.set_http_version(2, 2);
             peer.options.max_h2_streams = H2_STREAMS_PER_CONNECTION;
@@ -510,12 +523,26 @@ impl ProxyHttp for LbProxy {
     /// Pingora's HTTP/1.1 client does not read a pod's trailers (pingora-core 0.9.1), so the
     /// `Trailer:` header that announces them is not passed on: the client would wait for (or
     /// fail on) trailers that never come. Trailers pass on `h2c` routes only.
+    ///
+    /// Also notes how the final response's body is framed, for the drain that takes over if
+    /// the client leaves before the body is read (`client_abort: finish`).
     async fn upstream_response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut pingora::http::ResponseHeader,
         ctx: &mut Ctx,
     ) -> pingora::Result<()> {
+        let status = upstream_response.status.as_u16();
+        if ctx.upstream_socket.is_some() && (status >= 200 || status == 101) {
+            ctx.response_framing = Some(BodyFraming::of(
+                session.req_header().method == http::Method::HEAD,
+                status,
+                upstream_response
+                    .headers
+                    .iter()
+                    .map(|(name, value)| (name.as_str(), value.as_bytes())),
+            ));
+        }
         if ctx
             .route
             .as_ref()
@@ -541,6 +568,7 @@ impl ProxyHttp for LbProxy {
         }
         // An HTTP/2 connection to a pod carries other calls too; only an HTTP/1.1 connection
         // belongs to this request alone and can be finished on its own.
+        ctx.response_framing = None;
         ctx.upstream_socket = match &ctx.route {
             Some(r)
                 if r.client_abort == ClientAbort::Finish
@@ -575,6 +603,10 @@ impl ProxyHttp for LbProxy {
     /// with `REFUSED_STREAM`, or above the last stream id of the pod's `GOAWAY`. The pod did
     /// not start it, so it is sent again, on the same pod and slot (a new stream or connection),
     /// as long as nothing of the answer reached the client and the request body can be replayed.
+    ///
+    /// A pod that made no progress for `upstream_timeout` goes last in the choice for a while,
+    /// and its connection is closed at once (Pingora does not reuse it; the duplicate kept for
+    /// `client_abort: finish` is dropped here). Its slot is freed with the request.
     fn error_while_proxy(
         &self,
         peer: &HttpPeer,
@@ -583,6 +615,20 @@ impl ProxyHttp for LbProxy {
         ctx: &mut Ctx,
         _client_reused: bool,
     ) -> Box<Error> {
+        if is_pod_timeout(&e) {
+            ctx.upstream_socket = None;
+            if let Some(slot) = &ctx.slot {
+                slot.timed_out();
+            }
+            log::warn!(
+                "pod {} made no progress for {:?} (upstream_timeout): {}; connection closed, slot freed, pod tried last for a while",
+                PodName(ctx.pod),
+                ctx.route
+                    .as_ref()
+                    .map_or(Duration::ZERO, |r| r.upstream_timeout),
+                e.etype().as_str(),
+            );
+        }
         let mut e = e.more_context(format!("Peer: {peer}"));
         let again = not_processed_by_pod(&e)
             && session.response_written().is_none()
@@ -625,6 +671,17 @@ impl ProxyHttp for LbProxy {
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
         let (code, body, retry_after) = match ctx.refusal {
             Some(Refusal::ClientGone) => (0, String::new(), false),
+            None if is_pod_timeout(e) => (
+                504,
+                format!(
+                    "lb-agent: pod {} made no progress for {:?} (upstream_timeout)\n",
+                    PodName(ctx.pod),
+                    ctx.route
+                        .as_ref()
+                        .map_or(Duration::ZERO, |r| r.upstream_timeout)
+                ),
+                false,
+            ),
             Some(Refusal::Queue(QueueError::Full)) => (
                 503,
                 format!(
@@ -683,8 +740,9 @@ impl ProxyHttp for LbProxy {
             // Every refusal of a call that can go elsewhere is UNAVAILABLE, which gRPC clients
             // retry; the HTTP status must be 200 for them to read it. A call whose own deadline
             // passed is DEADLINE_EXCEEDED: a retry could not finish in time, and it is what the
-            // client reports itself when its timer fires first.
-            let status = if ctx.refusal == Some(Refusal::Deadline) {
+            // client reports itself when its timer fires first. So is a pod that made no
+            // progress: the call was sent and is never retried elsewhere.
+            let status = if ctx.refusal == Some(Refusal::Deadline) || code == 504 {
                 grpc_status::DEADLINE_EXCEEDED
             } else {
                 grpc_status::UNAVAILABLE
@@ -707,12 +765,15 @@ impl ProxyHttp for LbProxy {
     /// lb-agent's own refusals are the queue doing its job, not faults: they are logged by
     /// [`Self::logging`]'s request line at INFO, with their outcome. So is a client that left
     /// (outcome `client_gone`: a closed connection, a cancelled call): that is the client's
-    /// choice, not an agent fault. Failures to reach any pod (`NoUntriedPod`, connect errors)
-    /// and pod-side errors during proxying keep pingora's ERROR line.
+    /// choice, not an agent fault. A pod that made no progress for `upstream_timeout` has its
+    /// own WARN line (see [`Self::error_while_proxy`]). Failures to reach any pod
+    /// (`NoUntriedPod`, connect errors) and other pod-side errors during proxying keep
+    /// pingora's ERROR line.
     fn suppress_error_log(&self, _session: &Session, ctx: &Ctx, e: &Error) -> bool {
         ctx.refusal
             .is_some_and(|r| r != Refusal::Queue(QueueError::NoUntriedPod))
             || *e.esource() == ErrorSource::Downstream
+            || is_pod_timeout(e)
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
@@ -721,8 +782,21 @@ impl ProxyHttp for LbProxy {
         if outcome == Outcome::ClientGone {
             // The client left a request the pod was working on: the pod's exchange runs to
             // its end and only then is the slot freed (`client_abort: finish`).
-            if let (Some(socket), Some(slot)) = (ctx.upstream_socket.take(), ctx.slot.take()) {
-                abandoned::finish(socket, slot);
+            if let (Some(socket), Some(slot), Some(route)) =
+                (ctx.upstream_socket.take(), ctx.slot.take(), &ctx.route)
+            {
+                let seen = Seen {
+                    consumed: socket.consumed(),
+                    head: ctx.response_framing,
+                    body_read: session.upstream_body_bytes_received() as u64,
+                    head_request: session.req_header().method == http::Method::HEAD,
+                };
+                abandoned::finish(Abandoned {
+                    socket,
+                    slot,
+                    response: ResponseEnd::resume(&seen),
+                    timeout: route.upstream_timeout,
+                });
             }
         }
         let route = ctx.route.as_ref().map_or("-", |r| r.uri.as_str());
@@ -813,6 +887,16 @@ fn client_accepts_trailers(req: &pingora::http::RequestHeader) -> bool {
         })
 }
 
+/// The pod made no progress for `upstream_timeout`: a read of its response or a write of the
+/// request to it timed out (a connect timeout is not one: nothing was sent).
+fn is_pod_timeout(e: &Error) -> bool {
+    *e.esource() == ErrorSource::Upstream
+        && matches!(
+            e.etype(),
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout
+        )
+}
+
 fn outcome(ctx: &Ctx, e: Option<&Error>, status: u16) -> Outcome {
     if ctx.client_left.as_ref().is_some_and(ClientLeft::get) {
         // The pod's answer was read to its end after the client had left.
@@ -832,6 +916,7 @@ fn outcome(ctx: &Ctx, e: Option<&Error>, status: u16) -> Outcome {
         None if e.is_some_and(|e| *e.etype() == ErrorType::InvalidHTTPHeader) => {
             Outcome::BadRequest
         }
+        None if e.is_some_and(is_pod_timeout) => Outcome::PodTimeout,
         // The client closed, reset its stream, or stopped reading past `client.timeout`.
         None if e.is_some_and(|e| *e.esource() == ErrorSource::Downstream) => Outcome::ClientGone,
         None if e.is_some() || status >= 500 && ctx.pod.is_none() => Outcome::UpstreamError,

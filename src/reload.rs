@@ -16,7 +16,8 @@
 //! A file that does not parse or validate is rejected with a logged error naming the field, and
 //! the running config stays in force; so does a file that cannot be read (a swap in progress).
 //! A valid file is applied by [`Live::apply`]: limits, routes, queue settings, targets and
-//! `connect_timeout`, `upstream_idle_timeout` change live; the rest is reported as needing a restart.
+//! `connect_timeout`, `upstream_idle_timeout`, `upstream_timeout` change live; the rest is
+//! reported as needing a restart.
 //!
 //! This service also runs the DNS discovery tasks, so starting and stopping them as names come
 //! and go is one job with one owner.

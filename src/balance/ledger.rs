@@ -29,8 +29,9 @@ use tokio::sync::oneshot;
 
 use super::{PodChange, PodView, PoolView, QueueError};
 
-/// How long a pod that refused a connection is placed behind every other pod in the choice.
-/// It is not removed (DNS owns the pod list); it only stops attracting first attempts.
+/// How long a pod that refused a connection, or made no progress on a request for
+/// `upstream_timeout`, is placed behind every other pod in the choice. It is not removed (DNS
+/// owns the pod list); it only stops attracting first attempts.
 pub const CONNECT_FAILURE_PENALTY: Duration = Duration::from_secs(10);
 
 /// LocalSlot hold times remembered per pool for [`PoolView::longest_recent_hold`].
@@ -68,6 +69,9 @@ struct Pod {
     limit: usize,
     listed_by: Vec<PoolId>,
     last_connect_failure: Option<Instant>,
+    /// The last request the pod made no progress on for `upstream_timeout`. Unlike a refused
+    /// connection, an accepted one does not clear it: a hung pod accepts connections.
+    last_timeout: Option<Instant>,
     requests: u64,
     connect_failures: u64,
 }
@@ -79,15 +83,26 @@ impl Pod {
             limit: 0,
             listed_by: Vec::new(),
             last_connect_failure: None,
+            last_timeout: None,
             requests: 0,
             connect_failures: 0,
         }
     }
 
     fn recently_failed(&self, now: Instant) -> bool {
-        self.last_connect_failure
-            .is_some_and(|t| now.duration_since(t) < CONNECT_FAILURE_PENALTY)
+        [self.last_connect_failure, self.last_timeout]
+            .into_iter()
+            .flatten()
+            .any(|t| now.duration_since(t) < CONNECT_FAILURE_PENALTY)
     }
+}
+
+/// What a request learned about its pod, for the choice of later requests.
+#[derive(Debug, Clone, Copy)]
+enum PodEvent {
+    Connected,
+    ConnectFailed,
+    TimedOut,
 }
 
 struct PoolState {
@@ -546,13 +561,15 @@ impl LocalLedger {
         st.pools.get(&id).is_some_and(|p| !p.members.is_empty())
     }
 
-    fn report(&self, addr: SocketAddr, failed: bool) {
+    fn report(&self, addr: SocketAddr, event: PodEvent) {
         if let Some(p) = self.lock().pods.get_mut(&addr) {
-            if failed {
-                p.last_connect_failure = Some(Instant::now());
-                p.connect_failures += 1;
-            } else {
-                p.last_connect_failure = None;
+            match event {
+                PodEvent::Connected => p.last_connect_failure = None,
+                PodEvent::ConnectFailed => {
+                    p.last_connect_failure = Some(Instant::now());
+                    p.connect_failures += 1;
+                }
+                PodEvent::TimedOut => p.last_timeout = Some(Instant::now()),
             }
         }
     }
@@ -609,14 +626,20 @@ impl LocalSlot {
         self.addr
     }
 
-    /// The pod accepted a connection: it no longer goes last in the choice.
+    /// The pod accepted a connection: a refused connection no longer sends it last.
     pub fn connected(&self) {
-        self.ledger.report(self.addr, false);
+        self.ledger.report(self.addr, PodEvent::Connected);
     }
 
     /// The pod refused a connection: for a while it goes last in every pool's choice.
     pub fn connect_failed(&self) {
-        self.ledger.report(self.addr, true);
+        self.ledger.report(self.addr, PodEvent::ConnectFailed);
+    }
+
+    /// The pod made no progress on this request for `upstream_timeout`: for a while it goes
+    /// last in every pool's choice, whether or not it accepts connections.
+    pub fn timed_out(&self) {
+        self.ledger.report(self.addr, PodEvent::TimedOut);
     }
 }
 

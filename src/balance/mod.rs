@@ -174,7 +174,7 @@ impl Slot {
         self.local.addr()
     }
 
-    /// The pod accepted a connection: it no longer goes last in the choice.
+    /// The pod accepted a connection: a refused connection no longer sends it last.
     pub fn connected(&self) {
         self.local.connected();
     }
@@ -182,6 +182,12 @@ impl Slot {
     /// The pod refused a connection: for a while it goes last in every pool's choice.
     pub fn connect_failed(&self) {
         self.local.connect_failed();
+    }
+
+    /// The pod made no progress on this request for `upstream_timeout`: for a while it goes
+    /// last in every pool's choice (of this agent: the shared ledger's choice does not know).
+    pub fn timed_out(&self) {
+        self.local.timed_out();
     }
 }
 

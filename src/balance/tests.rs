@@ -81,6 +81,33 @@ async fn picks_least_loaded_and_rotates_ties() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_pod_that_timed_out_goes_last_even_when_it_accepts_connections() {
+    let b = pool(&Ledger::new(), 1, &[1, 2]).await;
+    let stuck = take(&b).await;
+    let stuck_addr = stuck.addr();
+    stuck.timed_out();
+    drop(stuck);
+    for _ in 0..4 {
+        let s = take(&b).await;
+        assert_ne!(s.addr(), stuck_addr, "the pod that timed out goes last");
+        drop(s);
+    }
+    // Accepting a connection does not clear it (a hung pod accepts connections), and it still
+    // takes requests when nothing else is free.
+    let other = take(&b).await;
+    let last = take(&b).await;
+    assert_eq!(last.addr(), stuck_addr);
+    last.connected();
+    drop((other, last));
+    assert_ne!(take(&b).await.addr(), stuck_addr);
+    let view = b.view();
+    assert!(view
+        .pods
+        .iter()
+        .any(|p| p.addr == stuck_addr && p.recently_failed));
+}
+
+#[tokio::test(start_paused = true)]
 async fn tried_pods_are_skipped() {
     let b = pool(&Ledger::new(), 1, &[1, 2]).await;
     let s = b.acquire(&q(10, LONG), after(LONG), &[addr(1)]).await;

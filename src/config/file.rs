@@ -33,6 +33,7 @@ pub(super) struct FileConfig {
     pub(super) queue: FileQueue,
     pub(super) connect_timeout: Option<String>,
     pub(super) upstream_idle_timeout: Option<String>,
+    pub(super) upstream_timeout: Option<String>,
     pub(super) max_attempts: Option<usize>,
     pub(super) shutdown_grace: Option<String>,
     pub(super) shutdown_delay: Option<String>,
@@ -99,6 +100,7 @@ pub(super) struct FileRoute {
     pub(super) queue: Option<FileQueue>,
     pub(super) protocol: Option<UpstreamProtocol>,
     pub(super) client_abort: Option<ClientAbort>,
+    pub(super) upstream_timeout: Option<String>,
 }
 
 /// The spelling of the enums in the file. Deserialized through a visitor (not `try_from`), so

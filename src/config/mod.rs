@@ -24,7 +24,9 @@ pub const DEFAULT_CONFIG_PATHS: [&str; 2] = [
     "/usr/local/services/ai-media/conf/config.yaml",
 ];
 
-pub use validate::{DEFAULT_UPSTREAM_IDLE_TIMEOUT, MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH};
+pub use validate::{
+    DEFAULT_UPSTREAM_IDLE_TIMEOUT, DEFAULT_UPSTREAM_TIMEOUT, MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH,
+};
 
 /// A config problem, always naming the field (or the file) it is about.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -200,6 +202,10 @@ pub struct RouteConfig {
     pub queue: QueuePolicy,
     pub protocol: UpstreamProtocol,
     pub client_abort: ClientAbort,
+    /// The longest a pod may make no progress on a request (no response byte read, no request
+    /// byte accepted) before lb-agent gives up on it: HAProxy's `timeout server`. Also bounds
+    /// the wait for a pod whose client left (`client_abort: finish`).
+    pub upstream_timeout: Duration,
 }
 
 /// Where a pool's pods come from.
@@ -308,7 +314,7 @@ impl Config {
 
     /// The settings that take effect only at start-up; a reload leaves them as they are.
     /// Everything else (routes, pools, limits, queues, `connect_timeout`,
-    /// `upstream_idle_timeout`) applies live. "Does this reload need a restart" is
+    /// `upstream_idle_timeout`, `upstream_timeout`) applies live. "Does this reload need a restart" is
     /// `a.restart_only() != b.restart_only()`.
     pub fn restart_only(&self) -> RestartOnly {
         // Destructured without `..`: a new field of `Config` does not compile until it is

@@ -30,6 +30,19 @@ pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Longer than any server keep-alive we know of: a larger value would only bring the race back.
 const MAX_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// Default of `upstream_timeout`: how long a pod may make no progress on a request (no response
+/// byte, no request byte accepted) before lb-agent gives up on it. Five minutes, as Knative's
+/// default revision `timeoutSeconds` (300 s), the nearest thing to our workload: compute requests
+/// legitimately run for minutes before their first response byte, so NGINX's 60 s
+/// (`proxy_read_timeout`) or Envoy's 15 s would cut healthy work, while a pod silent for five
+/// minutes is almost always stuck (a deadlocked worker, a GPU call that never returns), and a
+/// stuck pod holds a slot that queued requests wait for. Routes whose requests run longer
+/// without answering raise it (per route or globally).
+pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(300);
+/// Shortest `upstream_timeout`: below a second, an ordinary pause of a healthy pod (a GC, a
+/// busy node) would cut its request and mark the pod as hung.
+const MIN_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Upper bounds of the shutdown settings: far beyond any sane value, and they keep the
 /// deadline arithmetic far from overflowing.
 const MAX_SHUTDOWN_GRACE: Duration = Duration::from_secs(24 * 3600);
@@ -350,6 +363,22 @@ fn dns_label_shape(label: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// `upstream_timeout` (global, or a route's override of `default`): 1s to 24h.
+fn upstream_timeout(
+    field: &str,
+    value: &Option<String>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    let timeout = duration(field, value, default)?;
+    if !(MIN_UPSTREAM_TIMEOUT..=MAX_TIMEOUT).contains(&timeout) {
+        return Err(ConfigError::new(
+            field,
+            format!("must be between 1s and 24h (got {timeout:?})"),
+        ));
+    }
+    Ok(timeout)
+}
+
 fn queue_policy(
     prefix: &str,
     q: &FileQueue,
@@ -533,6 +562,11 @@ pub(super) fn validate(f: FileConfig) -> Result<Config, ConfigError> {
             ),
         ));
     }
+    let upstream_timeout_default = upstream_timeout(
+        "upstream_timeout",
+        &f.upstream_timeout,
+        DEFAULT_UPSTREAM_TIMEOUT,
+    )?;
     let max_attempts = count_in("max_attempts", f.max_attempts.unwrap_or(3), 1, MAX_ATTEMPTS)?;
     let shutdown_grace = duration("shutdown_grace", &f.shutdown_grace, Duration::from_secs(30))?;
     if shutdown_grace > MAX_SHUTDOWN_GRACE {
@@ -602,6 +636,11 @@ pub(super) fn validate(f: FileConfig) -> Result<Config, ConfigError> {
         let limit = count_in(&format!("{p}.limit"), limit, 1, MAX_LIMIT)?;
         let protocol = r.protocol.unwrap_or_default();
         let client_abort = r.client_abort.unwrap_or_default();
+        let upstream_timeout = upstream_timeout(
+            &format!("{p}.upstream_timeout"),
+            &r.upstream_timeout,
+            upstream_timeout_default,
+        )?;
         let target = route_target(&p, r, &cluster_domain)?;
         let queue = match &r.queue {
             Some(q) => queue_policy(&format!("{p}.queue"), q, queue)?,
@@ -660,6 +699,7 @@ pub(super) fn validate(f: FileConfig) -> Result<Config, ConfigError> {
             queue,
             protocol,
             client_abort,
+            upstream_timeout,
         });
     }
 
@@ -1062,6 +1102,17 @@ routes:
         );
         assert_eq!(c.routes[1].match_kind, MatchKind::Prefix);
         assert_eq!(c.upstream_idle_timeout, DEFAULT_UPSTREAM_IDLE_TIMEOUT);
+        assert_eq!(c.routes[0].upstream_timeout, DEFAULT_UPSTREAM_TIMEOUT);
+        // The global value is every route's default; a route may override it.
+        let timeouts = Config::parse(
+            "upstream_timeout: 10m\nroutes:\n  - {uri: /a, limit: 1, endpoints: [\"127.0.0.1:1\"]}\n  - {uri: /b, limit: 1, endpoints: [\"127.0.0.1:1\"], upstream_timeout: 2s}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            timeouts.routes[0].upstream_timeout,
+            Duration::from_secs(600)
+        );
+        assert_eq!(timeouts.routes[1].upstream_timeout, Duration::from_secs(2));
         let never_reuse = Config::parse(
             "upstream_idle_timeout: 0s\nroutes:\n  - {uri: /a, limit: 1, endpoints: [\"127.0.0.1:1\"]}\n",
         )
@@ -1131,6 +1182,18 @@ routes:
                 "connect_timeout: must be at most 10m",
             ),
             (
+                "upstream_timeout: 25h\n",
+                "upstream_timeout: must be between 1s and 24h (got 90000s)",
+            ),
+            (
+                "upstream_timeout: 999ms\n",
+                "upstream_timeout: must be between 1s and 24h (got 999ms)",
+            ),
+            (
+                "upstream_timeout: 5 minutes please\n",
+                "upstream_timeout: bad duration",
+            ),
+            (
                 "cluster_domain: \"a..b\"\n",
                 "cluster_domain: \"a..b\" is not a DNS name: empty label",
             ),
@@ -1191,6 +1254,10 @@ routes:
                 "limit: 1, client_abort: 1, endpoints: [\"127.0.0.1:1\"]",
                 "routes[0].client_abort",
             ),
+            (
+                "limit: 1, upstream_timeout: 0s, endpoints: [\"127.0.0.1:1\"]",
+                "routes[0].upstream_timeout: must be between 1s and 24h (got 0ns)",
+            ),
         ];
         for (route, want) in route_cases {
             let got = err(&format!("routes:\n  - {{uri: /a, {route}}}\n"));
@@ -1211,7 +1278,7 @@ routes:
     #[test]
     fn values_at_their_bounds_are_accepted() {
         let c = Config::parse(
-            "threads: 1024\nmax_attempts: 100\nqueue: {max_waiting: 1000000, timeout: 24h}\nreload_interval: 24h\nconnect_timeout: 10m\ndns: {stability_samples: 100, refresh_interval: 24h}\nroutes:\n  - {uri: /a, limit: 100000, match: prefix, protocol: h2c, client_abort: cancel, host: Codec.Example., http_port: 65535}\n",
+            "threads: 1024\nmax_attempts: 100\nqueue: {max_waiting: 1000000, timeout: 24h}\nreload_interval: 24h\nconnect_timeout: 10m\nupstream_timeout: 24h\ndns: {stability_samples: 100, refresh_interval: 24h}\nroutes:\n  - {uri: /a, limit: 100000, match: prefix, protocol: h2c, client_abort: cancel, host: Codec.Example., http_port: 65535}\n  - {uri: /b, limit: 1, endpoints: [\"127.0.0.1:1\"], upstream_timeout: 1s}\n",
         )
         .unwrap();
         assert_eq!(c.threads, 1024);
@@ -1219,6 +1286,8 @@ routes:
         assert_eq!(c.routes[0].queue.timeout, MAX_TIMEOUT);
         assert_eq!(c.routes[0].protocol, super::super::UpstreamProtocol::H2c);
         assert_eq!(c.routes[0].client_abort, super::super::ClientAbort::Cancel);
+        assert_eq!(c.routes[0].upstream_timeout, MAX_TIMEOUT);
+        assert_eq!(c.routes[1].upstream_timeout, MIN_UPSTREAM_TIMEOUT);
         assert_eq!(
             c.pools[0].target,
             Target::Dns {

@@ -3,6 +3,8 @@
 //!
 //! - [`fakepod`]: fake compute pods that take their time and count their own load (what the
 //!   tests and bench/ read as the truth about how many requests a pod held);
+//! - [`scriptpod`]: a raw-socket pod that hangs, trickles, or answers and then keeps its
+//!   connection open whatever the client does (what hyper will not do);
 //! - [`loadgen`]: a one-request-per-connection HTTP client;
 //! - [`demo`]: the demo of the quick start.
 //!
@@ -11,3 +13,4 @@
 pub mod demo;
 pub mod fakepod;
 pub mod loadgen;
+pub mod scriptpod;

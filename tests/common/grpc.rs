@@ -13,6 +13,7 @@
 //!   client cancels or the call's deadline ends the stream first.
 //! * `Stream` (server streaming): the request is `<count>x<ms>`; sends `count` messages, one
 //!   every `ms`.
+//! * `Hang` (unary): never answers (a stuck worker); the call ends only when it is cancelled.
 //!
 //! Each pod records in-flight calls (a stream counts until it ends), their maximum, and the
 //! `x-req-id` metadata of every call in arrival order (reusing the HTTP fake pod's stats).
@@ -38,6 +39,7 @@ pub const RUN: &str = "/lbtest.Work/Run";
 pub const FAIL: &str = "/lbtest.Work/Fail";
 pub const BUSY: &str = "/lbtest.Work/Busy";
 pub const STREAM: &str = "/lbtest.Work/Stream";
+pub const HANG: &str = "/lbtest.Work/Hang";
 
 /// Passes message bytes through unchanged.
 #[derive(Clone, Copy, Default)]
@@ -189,6 +191,21 @@ impl UnaryService<Bytes> for Fail {
     }
 }
 
+struct Hang(WorkService);
+
+impl UnaryService<Bytes> for Hang {
+    type Response = Bytes;
+    type Future = BoxFuture<Result<tonic::Response<Bytes>, Status>>;
+    fn call(&mut self, req: tonic::Request<Bytes>) -> Self::Future {
+        let svc = self.0.clone();
+        Box::pin(async move {
+            // Counted until the call is cancelled (tonic drops this future on RST_STREAM).
+            let _busy = InFlight::enter(&svc.stats, req_id(&req));
+            std::future::pending().await
+        })
+    }
+}
+
 struct Streamer(WorkService);
 
 impl ServerStreamingService<Bytes> for Streamer {
@@ -247,6 +264,7 @@ impl tower::Service<http::Request<tonic::body::Body>> for WorkService {
                 RUN => grpc.unary(Run(svc), req).await,
                 BUSY => grpc.unary(Busy(svc), req).await,
                 FAIL => grpc.unary(Fail(svc), req).await,
+                HANG => grpc.unary(Hang(svc), req).await,
                 STREAM => grpc.server_streaming(Streamer(svc), req).await,
                 _ => Status::unimplemented("no such method").into_http(),
             };

@@ -1,9 +1,11 @@
-//! The admin endpoints on `admin_listen`: `/healthz`, `/readyz`, `/status`, `/metrics`.
+//! The admin endpoints on `admin_listen`: `/` (a live page), `/healthz`, `/readyz`, `/status`,
+//! `/metrics`.
 //!
 //! Kept off the proxy port so a route can never shadow them and so they can be firewalled
 //! separately.
 //!
-//! Try it: `curl localhost:9090/readyz`, `curl localhost:9090/status`.
+//! Try it: `curl localhost:9090/readyz`, `curl localhost:9090/status`, or open
+//! `http://localhost:9090/` in a browser.
 
 use async_trait::async_trait;
 use http::{Response, StatusCode};
@@ -13,6 +15,9 @@ use serde::Serialize;
 use std::sync::Arc;
 
 use crate::live::Live;
+
+/// The live page (`GET /`): one self-contained HTML file.
+const DASHBOARD: &str = include_str!("dashboard.html");
 
 pub struct AdminApp {
     pub live: Arc<Live>,
@@ -209,6 +214,21 @@ impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let path = session.req_header().uri.path().to_string();
         match path.as_str() {
+            // The page is static; its figures come from /status and /metrics, so ten open
+            // pages cost ten small JSON answers a second, not ten renderings.
+            "/" | "/index.html" => Response::builder()
+                .status(StatusCode::OK)
+                .header("content-type", "text/html; charset=utf-8")
+                .header("cache-control", "no-store")
+                // Everything the page uses is in it or on this port: nothing else may load.
+                .header(
+                    "content-security-policy",
+                    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+                     connect-src 'self'; img-src 'self' data:",
+                )
+                .header("content-length", DASHBOARD.len())
+                .body(DASHBOARD.as_bytes().to_vec())
+                .unwrap_or_else(|_| Response::new(Vec::new())),
             "/healthz" => reply(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
             "/readyz" => {
                 if self.ready() {
@@ -242,7 +262,7 @@ impl ServeHttp for AdminApp {
             _ => reply(
                 StatusCode::NOT_FOUND,
                 "text/plain",
-                b"admin endpoints: /healthz /readyz /status /metrics\n".to_vec(),
+                b"admin endpoints: / (live page) /healthz /readyz /status /metrics\n".to_vec(),
             ),
         }
     }

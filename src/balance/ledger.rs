@@ -307,8 +307,30 @@ impl LocalLedger {
                 change.added.push(*addr);
             }
         }
+        Self::refuse_tried_out(&mut st, id);
         self.dispatch(&mut st);
         change
+    }
+
+    /// Answers [`QueueError::NoUntriedPod`] to the pool's waiters (retries after a failed
+    /// connect) that have now tried every pod the pool has: their untried pods left, and none
+    /// of the pods left may be tried again, so waiting could only end in a timeout.
+    fn refuse_tried_out(st: &mut State, id: PoolId) {
+        let Some(pool) = st.pools.get_mut(&id) else {
+            return;
+        };
+        let tried_out: Vec<u64> = pool
+            .waiters
+            .iter()
+            .filter(|(_, w)| pool.may_wait(&w.tried) == Err(QueueError::NoUntriedPod))
+            .map(|(seq, _)| *seq)
+            .collect();
+        for seq in &tried_out {
+            if let Some(w) = pool.waiters.remove(seq) {
+                let _ = w.tx.send(Err(QueueError::NoUntriedPod));
+            }
+        }
+        st.waiting -= tried_out.len();
     }
 
     /// Changes a pool's limit. Lowering it stops new requests above the new cap while those in

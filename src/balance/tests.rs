@@ -139,6 +139,29 @@ async fn retry_waits_for_an_untried_pod_without_blocking_others() {
     assert_eq!(retry.await.unwrap(), Ok(addr(2)));
 }
 
+/// Issue 18: a retry waiting for its one untried pod gets `NoUntriedPod` at once when that pod
+/// leaves the pool (only pods it tried are left), not a queue timeout much later.
+#[tokio::test(start_paused = true)]
+async fn a_retry_whose_untried_pods_all_left_is_answered_at_once() {
+    let b = pool(&Ledger::new(), 1, &[1, 2]).await;
+    let held = b.acquire(&q(10, LONG), after(LONG), &[addr(1)]).await;
+    assert_eq!(held.as_ref().map(|s| s.addr()), Ok(addr(2)));
+    let b2 = Arc::clone(&b);
+    let started = tokio::time::Instant::now();
+    let retry = tokio::spawn(async move {
+        let s = b2.acquire(&q(10, LONG), after(LONG), &[addr(1)]).await;
+        (s.map(|s| s.addr()), started.elapsed())
+    });
+    settle().await;
+    assert!(!retry.is_finished(), "waits for pod 2");
+    b.set_pods([addr(1)].into_iter().collect()).await;
+    let (result, waited) = retry.await.unwrap();
+    assert_eq!(result, Err(QueueError::NoUntriedPod));
+    assert!(waited < Duration::from_secs(1), "answered after {waited:?}");
+    assert_eq!(b.view().waiting, 0);
+    drop(held);
+}
+
 #[tokio::test(start_paused = true)]
 async fn closing_answers_waiters_and_spares_slots_in_flight() {
     let b = pool(&Ledger::new(), 1, &[1]).await;

@@ -1074,6 +1074,7 @@ async fn grants_resume_when_every_replica_reasserted() {
     let o = opts(5_000, 2_000);
     let agents = agents(&redis, 2, o).await;
     let pods = vec![(pod(1), 1)];
+    let asked = Instant::now();
     let first = agents[0]
         .acquire(
             Q,
@@ -1084,6 +1085,7 @@ async fn grants_resume_when_every_replica_reasserted() {
         )
         .await
         .expect("a fresh ledger on a running Redis grants at once");
+    println!("first grant on a fresh ledger: {:?}", asked.elapsed());
     sleep(Duration::from_millis(1_200)).await; // a keep-alive: each agent has seen the other
 
     redis.kill();
@@ -1113,6 +1115,10 @@ async fn grants_resume_when_every_replica_reasserted() {
         .unwrap()
         .unwrap();
     // The 2 s recovery_hold would still run here; only the re-assertions were waited for.
+    println!(
+        "waiter served {:?} after the release (re-assertions done before)",
+        at.duration_since(restarted)
+    );
     assert!(
         at.duration_since(restarted) < Duration::from_millis(1_000),
         "the waiter was served {:?} after the release",

@@ -526,6 +526,25 @@ impl ProxyHttp for LbProxy {
     ///
     /// Also notes how the final response's body is framed, for the drain that takes over if
     /// the client leaves before the body is read (`client_abort: finish`).
+    /// The pod has delivered its whole answer: its slot is given back now, whatever the
+    /// client's pace. A client that reads slowly (or an HTTP/2 client that grants no window)
+    /// must not keep a pod that has finished "busy" and the queue waiting. Pingora runs this
+    /// filter on what it has read from the pod before it writes to the client, so an answer
+    /// that arrives whole frees the slot at once; a long answer to a slow client still paces
+    /// the pod's reads (no response buffering yet).
+    fn upstream_response_body_filter(
+        &self,
+        _session: &mut Session,
+        _body: &mut Option<bytes::Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> pingora::Result<Option<Duration>> {
+        if end_of_stream {
+            drop(ctx.slot.take());
+        }
+        Ok(None)
+    }
+
     async fn upstream_response_filter(
         &self,
         session: &mut Session,

@@ -205,6 +205,48 @@ async fn an_h2c_client_with_a_zero_window_does_not_pin_slots() {
     drop(held);
 }
 
+/// Issue 18, item 1: with the default `client.timeout` (60 s), a zero-window HTTP/2 client's
+/// two calls must not hold both pods' slots once the pods have answered: the slot measures the
+/// pod's work, so another client is served at once (the queue timeout is 2 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_finished_pods_slot_is_free_whatever_its_client_reads() {
+    let pods = start_pods(33, 2).await.unwrap();
+    let agent = agent_with("queue: {timeout: 2s}\n", 1, &pods, "").await;
+    let tcp = TcpStream::connect(agent.addr).await.unwrap();
+    let (mut client, conn) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut held = Vec::new();
+    for i in 0..2 {
+        let req = http::Request::get(format!("http://x/work?ms=10&i={i}"))
+            .body(())
+            .unwrap();
+        let (resp, _) = client.send_request(req, true).unwrap();
+        held.push(resp);
+    }
+    eventually(SECS, "both pods answered", || async {
+        pods.iter().map(|p| p.stats.finished()).sum::<usize>() == 2
+    })
+    .await;
+    let answered = Instant::now();
+    eventually(SECS, "slots free", || async { agent.inflight().await == 0 }).await;
+    println!(
+        "slots free {:?} after the pods' answers",
+        answered.elapsed()
+    );
+    for i in 0..4 {
+        let r = agent.get(&format!("/work?ms=1&other={i}")).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    assert!(pods.iter().all(|p| p.stats.max_inflight() == 1));
+    drop(held);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_http1_client_that_never_reads_does_not_pin_a_slot() {
     let pods = start_pods(41, 1).await.unwrap();

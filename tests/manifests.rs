@@ -1,4 +1,5 @@
-//! The shipped Dockerfile and k8s/ manifests agree with each other and with the config.
+//! The shipped Dockerfile and k8s/ bundles (rendered by `kubectl kustomize`, validated against
+//! the Kubernetes schemas) agree with each other and with the config.
 
 mod common;
 
@@ -10,25 +11,133 @@ fn load(path: &str) -> Value {
     serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{path} does not parse: {e}"))
 }
 
+/// Where the Go agent read its config, and so where the image and the Deployment put it.
+const CONFIG_PATH: &str = "/usr/local/services/ai-media/conf/config.yaml";
+
+/// The overlays that exist: every directory under k8s/overlays (so a new one is checked too),
+/// which must include the two setups the README documents.
+fn overlays() -> Vec<String> {
+    let mut dirs: Vec<String> = std::fs::read_dir("k8s/overlays")
+        .unwrap()
+        .map(|e| e.unwrap().path().to_str().unwrap().to_string())
+        .collect();
+    dirs.sort();
+    for want in ["k8s/overlays/headless-dns", "k8s/overlays/replicas-redis"] {
+        assert!(
+            dirs.iter().any(|d| d == want),
+            "{want} is missing: {dirs:?}"
+        );
+    }
+    dirs
+}
+
+/// The one object of `kind` named `name` in a rendered bundle.
+fn find<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    let found: Vec<&Value> = objects
+        .iter()
+        .filter(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        .collect();
+    assert_eq!(found.len(), 1, "one {kind} {name}");
+    found[0]
+}
+
+fn of_kind<'a>(objects: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    objects.iter().filter(|o| o["kind"] == kind).collect()
+}
+
+/// Every object of every bundle (the overlays, and k8s/keda) as `kubectl kustomize` renders it
+/// passes the Kubernetes API schemas (strict: an unknown field is an error), for the oldest and
+/// the newest Kubernetes the validator knows. The KEDA ScaledObject is a custom resource the
+/// validator has no schema for (it cannot take a CRD's): it is checked by hand below.
+#[test]
+fn every_bundle_renders_and_passes_the_kubernetes_schemas() {
+    let mut bundles = overlays();
+    bundles.push("k8s/keda".to_string());
+    for dir in bundles {
+        let (yaml, objects) = common::kube::kustomize(&dir);
+        let v = common::kube::validate(&yaml);
+        assert!(
+            v.ok && v.errors.is_empty(),
+            "{dir} does not validate:\n{}",
+            v.errors.join("\n")
+        );
+        for o in &objects {
+            let kind = o["kind"].as_str().unwrap();
+            let name = o["metadata"]["name"].as_str().unwrap();
+            let id = format!("{}/{name}", kind.to_lowercase());
+            if kind == "ScaledObject" {
+                assert_eq!(
+                    v.no_schema.len(),
+                    common::kube::KUBERNETES_VERSIONS.len(),
+                    "{dir}: {:?}",
+                    v.no_schema
+                );
+            } else {
+                assert_eq!(
+                    v.passed.iter().filter(|p| **p == id).count(),
+                    common::kube::KUBERNETES_VERSIONS.len(),
+                    "{dir}: {id} was not validated against every version: {:?} {:?}",
+                    v.passed,
+                    v.no_schema
+                );
+            }
+        }
+    }
+}
+
+/// The validator is not a rubber stamp: a misspelt field in a rendered Deployment fails.
+#[test]
+fn the_validator_rejects_a_misspelt_field() {
+    let (yaml, _) = common::kube::kustomize("k8s/overlays/headless-dns");
+    assert!(yaml.contains("terminationGracePeriodSeconds:"));
+    let typo = yaml.replace(
+        "terminationGracePeriodSeconds:",
+        "terminationGracePeriodSecond:",
+    );
+    let v = common::kube::validate(&typo);
+    assert!(!v.ok, "the typo passed");
+    assert!(
+        v.errors.iter().any(
+            |e| e.contains("deployment/lb-agent") && e.contains("terminationGracePeriodSecond")
+        ),
+        "{:?}",
+        v.errors
+    );
+}
+
 #[test]
 fn manifests_dockerfile_and_config_agree() {
-    // Every manifest parses and lives in the Go agent's namespace.
-    let mut kinds = Vec::new();
-    for entry in std::fs::read_dir("k8s").unwrap() {
-        let path = entry.unwrap().path();
-        let v = load(path.to_str().unwrap());
-        assert_eq!(v["metadata"]["namespace"], "ai-media", "{}", path.display());
-        kinds.push(v["kind"].as_str().unwrap().to_string());
+    for dir in overlays() {
+        overlay_agrees_with_its_config_and_the_dockerfile(&dir);
+    }
+}
+
+fn overlay_agrees_with_its_config_and_the_dockerfile(dir: &str) {
+    let (_, objects) = common::kube::kustomize(dir);
+    // Every object lives in the Go agent's namespace (a generated ConfigMap included).
+    for o in &objects {
+        assert_eq!(o["metadata"]["namespace"], "ai-media", "{dir}: {o:?}");
     }
     for k in ["ConfigMap", "Deployment", "Service"] {
-        assert!(kinds.iter().any(|x| x == k), "k8s/ lacks a {k}");
+        assert!(!of_kind(&objects, k).is_empty(), "{dir} lacks a {k}");
     }
 
     // The ConfigMap's config passes --check.
-    let cm = load("k8s/configmap.yaml");
+    let dep = find(&objects, "Deployment", "lb-agent");
+    let pod = &dep["spec"]["template"]["spec"];
+    let volume = pod["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "config")
+        .expect("a config volume");
+    let cm_name = volume["configMap"]["name"].as_str().unwrap();
+    let cm = find(&objects, "ConfigMap", cm_name);
+    assert_eq!(volume["configMap"]["items"][0]["key"], "config.yaml");
+    assert_eq!(volume["configMap"]["items"][0]["path"], "config.yaml");
     let config_text = cm["data"]["config.yaml"].as_str().unwrap();
-    let dir = common::temp_dir("manifests");
-    let path = dir.join("config.yaml");
+    let tmp = common::temp_dir("manifests");
+    let path = tmp.join("config.yaml");
     std::fs::write(&path, config_text).unwrap();
     let out = Command::new(common::bin())
         .arg("--check")
@@ -38,9 +147,10 @@ fn manifests_dockerfile_and_config_agree() {
         .unwrap();
     assert!(
         out.status.success(),
-        "{}",
+        "{dir}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let _ = std::fs::remove_dir_all(tmp);
     let config: Value = serde_yaml::from_str(config_text).unwrap();
     let port = config["port"].as_u64().unwrap();
     let admin_port: u64 = config["admin_listen"]
@@ -52,9 +162,7 @@ fn manifests_dockerfile_and_config_agree() {
         .parse()
         .unwrap();
 
-    // Deployment: ports, probes, config mount path, grace period.
-    let dep = load("k8s/deployment.yaml");
-    let pod = &dep["spec"]["template"]["spec"];
+    // Deployment: ports, probes on the admin port, config mount path, grace period.
     let c = &pod["containers"][0];
     let ports: Vec<u64> = c["ports"]
         .as_sequence()
@@ -62,10 +170,27 @@ fn manifests_dockerfile_and_config_agree() {
         .iter()
         .map(|p| p["containerPort"].as_u64().unwrap())
         .collect();
-    assert_eq!(ports, vec![port, admin_port]);
+    assert_eq!(ports, vec![port, admin_port], "{dir}");
+    let named_port = |name: &Value| -> u64 {
+        c["ports"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == *name)
+            .unwrap_or_else(|| panic!("{dir}: no container port named {name:?}"))["containerPort"]
+            .as_u64()
+            .unwrap()
+    };
     assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
     assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
-    assert_eq!(c["readinessProbe"]["httpGet"]["port"], "admin");
+    for probe in ["livenessProbe", "readinessProbe"] {
+        assert_eq!(c[probe]["httpGet"]["port"], "admin", "{dir}: {probe}");
+        assert_eq!(
+            named_port(&c[probe]["httpGet"]["port"]),
+            admin_port,
+            "{dir}: {probe} is not on admin_listen's port"
+        );
+    }
     let mount = c["volumeMounts"]
         .as_sequence()
         .unwrap()
@@ -78,11 +203,10 @@ fn manifests_dockerfile_and_config_agree() {
         .iter()
         .map(|a| a.as_str().unwrap())
         .collect();
-    let config_path = "/usr/local/services/ai-media/conf/config.yaml";
-    assert_eq!(args, vec!["-c", config_path]);
+    assert_eq!(args, vec!["-c", CONFIG_PATH]);
     assert_eq!(
         format!("{}/config.yaml", mount["mountPath"].as_str().unwrap()),
-        config_path
+        CONFIG_PATH
     );
     // The kubelet's SIGKILL must not come before lb-agent's own deadline: the delay, then
     // the grace, then a moment to exit.
@@ -91,7 +215,7 @@ fn manifests_dockerfile_and_config_agree() {
     let termination = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
     assert!(
         std::time::Duration::from_secs(termination) >= needed,
-        "terminationGracePeriodSeconds {termination} must cover shutdown_delay + shutdown_grace + 1 s = {needed:?}"
+        "{dir}: terminationGracePeriodSeconds {termination} must cover shutdown_delay + shutdown_grace + 1 s = {needed:?}"
     );
     assert!(
         c.get("lifecycle").is_none(),
@@ -102,8 +226,7 @@ fn manifests_dockerfile_and_config_agree() {
     assert_eq!(annotations["prometheus.io/path"], "/metrics");
 
     // The agent's Service: lb-agent:8080 → the container's proxy port.
-    let svc = load("k8s/service.yaml");
-    assert_eq!(svc["metadata"]["name"], "lb-agent");
+    let svc = find(&objects, "Service", "lb-agent");
     assert_eq!(svc["spec"]["ports"][0]["port"], 8080);
     assert_eq!(
         svc["spec"]["ports"][0]["targetPort"].as_u64().unwrap(),
@@ -114,47 +237,69 @@ fn manifests_dockerfile_and_config_agree() {
         dep["spec"]["selector"]["matchLabels"]
     );
 
-    // Several replicas share one cap: the ConfigMap's ledger is the Redis that k8s/ runs, a
-    // PodDisruptionBudget keeps all but one up, and replicas spread over nodes.
+    // Several replicas share one cap only through the ledger: then the config's ledger is the
+    // Redis that the bundle runs, a PodDisruptionBudget keeps all but one up, and replicas
+    // spread over nodes. One replica needs none of it.
     let replicas = dep["spec"]["replicas"].as_u64().unwrap();
-    assert!(replicas >= 2, "replicas: {replicas}");
-    let ledger_svc = load("k8s/ledger-redis-service.yaml");
-    let ledger_dep = load("k8s/ledger-redis.yaml");
-    assert_eq!(
-        parsed.ledger.redis.as_deref(),
-        Some(
+    match dir.rsplit('/').next().unwrap() {
+        "headless-dns" => assert_eq!(replicas, 1, "{dir}"),
+        "replicas-redis" => assert!(replicas >= 2, "{dir}: replicas: {replicas}"),
+        _ => {}
+    }
+    if replicas >= 2 {
+        let url = parsed.ledger.redis.as_deref().unwrap_or_else(|| {
+            panic!("{dir}: {replicas} replicas without ledger.redis would each count alone")
+        });
+        let ledger_svc = find(&objects, "Service", "lb-ledger");
+        assert_eq!(
+            url,
             format!(
                 "redis://{}.{}.svc.cluster.local:{}/0",
                 ledger_svc["metadata"]["name"].as_str().unwrap(),
                 ledger_svc["metadata"]["namespace"].as_str().unwrap(),
                 ledger_svc["spec"]["ports"][0]["port"].as_u64().unwrap()
-            )
-            .as_str()
-        ),
-        "with several replicas the ConfigMap must point at the ledger Service"
-    );
-    assert_eq!(
-        ledger_svc["spec"]["selector"],
-        ledger_dep["spec"]["selector"]["matchLabels"]
-    );
-    let pdb = load("k8s/pdb.yaml");
-    assert_eq!(pdb["kind"], "PodDisruptionBudget");
-    assert_eq!(
-        pdb["spec"]["selector"]["matchLabels"],
-        dep["spec"]["selector"]["matchLabels"]
-    );
-    assert!(pdb["spec"]["maxUnavailable"].as_u64().unwrap() < replicas);
-    assert_eq!(
-        pod["topologySpreadConstraints"][0]["topologyKey"],
-        "kubernetes.io/hostname"
-    );
+            ),
+            "{dir}: ledger.redis must point at the ledger Service"
+        );
+        let ledger_dep = find(&objects, "Deployment", "lb-ledger");
+        assert_eq!(
+            ledger_svc["spec"]["selector"],
+            ledger_dep["spec"]["selector"]["matchLabels"]
+        );
+        let ledger_c = &ledger_dep["spec"]["template"]["spec"]["containers"][0];
+        let target = &ledger_svc["spec"]["ports"][0]["targetPort"];
+        assert!(
+            ledger_c["ports"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .any(|p| p["containerPort"] == *target || p["name"] == *target),
+            "{dir}: the ledger Service's targetPort {target:?} is not a port of the Redis container"
+        );
+        let pdbs = of_kind(&objects, "PodDisruptionBudget");
+        assert_eq!(pdbs.len(), 1, "{dir}: one PodDisruptionBudget");
+        assert_eq!(
+            pdbs[0]["spec"]["selector"]["matchLabels"],
+            dep["spec"]["selector"]["matchLabels"]
+        );
+        assert!(pdbs[0]["spec"]["maxUnavailable"].as_u64().unwrap() < replicas);
+        assert_eq!(
+            pod["topologySpreadConstraints"][0]["topologyKey"],
+            "kubernetes.io/hostname"
+        );
+    } else {
+        assert_eq!(
+            parsed.ledger.redis, None,
+            "{dir}: one replica needs no ledger"
+        );
+    }
 
     // The backend Service is headless and serves the route's port.
-    let backend = load("k8s/backend-headless-service.yaml");
-    assert_eq!(backend["spec"]["clusterIP"], "None");
     let route = &config["routes"][0];
-    assert_eq!(backend["metadata"]["name"], route["service_name"]);
+    let backend = find(&objects, "Service", route["service_name"].as_str().unwrap());
+    assert_eq!(backend["spec"]["clusterIP"], "None");
     assert_eq!(backend["spec"]["ports"][0]["port"], route["http_port"]);
+    assert_eq!(backend["metadata"]["namespace"], route["namespace"]);
 
     // Dockerfile: exposes both ports, uses the drop-in config path, runs as non-root.
     let docker = std::fs::read_to_string("Dockerfile").unwrap();
@@ -163,11 +308,121 @@ fn manifests_dockerfile_and_config_agree() {
         expose.contains(&port.to_string()) && expose.contains(&admin_port.to_string()),
         "{expose}"
     );
-    assert!(docker.contains(config_path));
+    assert!(docker.contains(CONFIG_PATH));
     assert!(docker.contains("USER 10001"));
     assert_eq!(pod["securityContext"]["runAsUser"], 10001);
     assert!(docker.contains("cmake"), "the build stage installs cmake");
-    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `kubernetes-validate` has no schema for KEDA's ScaledObject and cannot be given a CRD, so
+/// what KEDA's CRD (keda.sh/v1alpha1) requires is checked here: `scaleTargetRef.name` and
+/// `triggers` (each with `type` and string-valued `metadata`), integer counts, and no field the
+/// CRD lacks. And it scales the pool the config balances, with the route's limit as threshold.
+#[test]
+fn keda_scaled_object_has_what_its_crd_requires() {
+    let (_, objects) = common::kube::kustomize("k8s/keda");
+    assert_eq!(objects.len(), 1, "k8s/keda is the ScaledObject alone");
+    let so = &objects[0];
+    assert_eq!(so["apiVersion"], "keda.sh/v1alpha1");
+    assert_eq!(so["kind"], "ScaledObject");
+    assert_eq!(so["metadata"]["namespace"], "ai-media");
+    let spec = so["spec"].as_mapping().expect("spec");
+    let known = [
+        "scaleTargetRef",
+        "pollingInterval",
+        "initialCooldownPeriod",
+        "cooldownPeriod",
+        "idleReplicaCount",
+        "minReplicaCount",
+        "maxReplicaCount",
+        "fallback",
+        "advanced",
+        "triggers",
+    ];
+    for key in spec.keys() {
+        let key = key.as_str().unwrap();
+        assert!(
+            known.contains(&key),
+            "ScaledObject spec.{key} is not in KEDA's CRD"
+        );
+    }
+    let target = &so["spec"]["scaleTargetRef"];
+    for key in target.as_mapping().unwrap().keys() {
+        let key = key.as_str().unwrap();
+        assert!(
+            ["apiVersion", "kind", "name", "envSourceContainerName"].contains(&key),
+            "scaleTargetRef.{key} is not in KEDA's CRD"
+        );
+    }
+    let target_name = target["name"].as_str().expect("scaleTargetRef.name");
+    for key in [
+        "pollingInterval",
+        "cooldownPeriod",
+        "minReplicaCount",
+        "maxReplicaCount",
+    ] {
+        if let Some(v) = spec.get(key) {
+            let n = v
+                .as_u64()
+                .unwrap_or_else(|| panic!("spec.{key} must be an integer: {v:?}"));
+            assert!(n <= i32::MAX as u64, "spec.{key} is an int32");
+        }
+    }
+    assert!(
+        so["spec"]["minReplicaCount"].as_u64() <= so["spec"]["maxReplicaCount"].as_u64(),
+        "minReplicaCount above maxReplicaCount"
+    );
+    let triggers = so["spec"]["triggers"].as_sequence().expect("spec.triggers");
+    assert!(!triggers.is_empty());
+    for t in triggers {
+        for key in t.as_mapping().unwrap().keys() {
+            let key = key.as_str().unwrap();
+            assert!(
+                [
+                    "type",
+                    "name",
+                    "metadata",
+                    "authenticationRef",
+                    "metricType",
+                    "useCachedMetrics"
+                ]
+                .contains(&key),
+                "triggers[].{key} is not in KEDA's CRD"
+            );
+        }
+        assert!(t["type"].as_str().is_some(), "a trigger needs a type");
+        let metadata = t["metadata"]
+            .as_mapping()
+            .expect("a trigger needs metadata");
+        for (k, v) in metadata {
+            assert!(
+                v.is_string(),
+                "trigger metadata {k:?} must be a string: {v:?}"
+            );
+        }
+    }
+
+    // It scales the compute service of the shipped config, on that route's pool and limit.
+    let config = load("k8s/overlays/headless-dns/config.yaml");
+    let route = &config["routes"][0];
+    assert_eq!(target_name, route["service_name"].as_str().unwrap());
+    let pool = format!(
+        "{}.{}.svc.cluster.local:{}",
+        route["service_name"].as_str().unwrap(),
+        route["namespace"].as_str().unwrap(),
+        route["http_port"].as_u64().unwrap()
+    );
+    let prometheus = triggers
+        .iter()
+        .find(|t| t["type"] == "prometheus")
+        .expect("a prometheus trigger");
+    let query = prometheus["metadata"]["query"].as_str().unwrap();
+    assert!(query.contains(&format!("pool=\"{pool}\"")), "{query}");
+    assert_eq!(
+        prometheus["metadata"]["threshold"].as_str().unwrap(),
+        route["limit"].as_u64().unwrap().to_string()
+    );
+    assert!(prometheus["metadata"]["serverAddress"].as_str().is_some());
 }
 
 /// The Dockerfile split into stages: (the `FROM` line, the instructions after it, with
@@ -257,7 +512,8 @@ fn image_is_stripped_small_in_context_and_writable_where_it_logs() {
     );
     assert!(!docker.contains("ai-media/log "), "no unused log directory");
     // Kubernetes mounts its emptyDir for logs at the same place.
-    let dep = load("k8s/deployment.yaml");
+    let (_, objects) = common::kube::kustomize("k8s/overlays/headless-dns");
+    let dep = find(&objects, "Deployment", "lb-agent");
     let mounts = dep["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
         .as_sequence()
         .unwrap()

@@ -281,6 +281,7 @@ where
 }
 
 pub mod dns;
+pub mod kube;
 pub mod redis;
 
 /// One prior-knowledge HTTP/2 (h2c) client connection to `addr` (hyper), driven in a task.

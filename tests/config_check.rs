@@ -57,6 +57,32 @@ fn every_bad_config_fails_and_names_its_field() {
     assert!(n >= 10, "expected the bad fixtures, found {n}");
 }
 
+/// The Go agent read its file with a YAML 1.1 parser, where `yes`, `on`, `y` (any case) are
+/// booleans: its ConfigMaps may say `debug: yes`, and must load here too.
+#[test]
+fn go_config_loads_with_every_yaml_1_1_boolean_form() {
+    let go = std::fs::read_to_string("tests/fixtures/go-configmap.yaml").unwrap();
+    assert!(go.contains("\ndebug: false\n"));
+    for form in [
+        "yes", "Yes", "YES", "no", "No", "NO", "on", "On", "ON", "off", "Off", "OFF", "y", "Y",
+        "n", "N", "true", "True", "TRUE", "false", "False", "FALSE", "yEs", "\"yes\"",
+    ] {
+        let text = go.replace("\ndebug: false\n", &format!("\ndebug: {form}\n"));
+        let (ok, out) = check_text("yaml11-bool", &text);
+        assert!(ok, "debug: {form} should pass --check: {out}");
+    }
+    // Anything else is still refused, naming the field.
+    for bad in ["maybe", "1", "yess", "[]"] {
+        let text = go.replace("\ndebug: false\n", &format!("\ndebug: {bad}\n"));
+        let (ok, out) = check_text("yaml11-bool", &text);
+        assert!(!ok, "debug: {bad} should fail --check");
+        assert!(
+            out.contains("lb-agent: config error: debug: ") && out.contains("yes/no"),
+            "debug: {bad}: {out}"
+        );
+    }
+}
+
 #[test]
 fn missing_config_file_is_a_clear_error() {
     let (ok, out) = check(Path::new("/nonexistent/lb-agent.yaml"));

@@ -12,7 +12,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::file::{FileClient, FileConfig, FileLedger, FileQueue, FileRoute};
+use super::file::{FileClient, FileConfig, FileLedger, FileQueue, FileRoute, Yaml11Bool};
 use super::{
     ClientLimits, Config, ConfigError, DnsConfig, LedgerConfig, MatchKind, PoolConfig, QueuePolicy,
     RouteConfig, Target,
@@ -438,16 +438,17 @@ pub(super) fn env_overrides(
         }
     }
     if let Some(v) = var("DEBUG") {
-        f.debug = match v.trim().to_ascii_lowercase().as_str() {
-            "1" | "t" | "true" | "y" | "yes" | "on" => true,
-            "0" | "f" | "false" | "n" | "no" | "off" => false,
-            _ => {
-                return Err(ConfigError::new(
-                    "DEBUG (environment)",
-                    format!("{v:?} is not a boolean (true/false, 1/0, yes/no, on/off)"),
-                ))
-            }
+        let debug = match v.trim() {
+            "1" | "t" | "T" => Some(true),
+            "0" | "f" | "F" => Some(false),
+            other => Yaml11Bool::parse(other),
         };
+        f.debug = Yaml11Bool(debug.ok_or_else(|| {
+            ConfigError::new(
+                "DEBUG (environment)",
+                format!("{v:?} is not a boolean (true/false, 1/0, yes/no, on/off)"),
+            )
+        })?);
     }
     Ok(())
 }
@@ -704,7 +705,7 @@ pub(super) fn validate(f: FileConfig) -> Result<Config, ConfigError> {
     }
 
     Ok(Config {
-        debug: f.debug,
+        debug: f.debug.0,
         listen,
         admin_listen,
         threads,
@@ -988,6 +989,25 @@ routes:
         assert_eq!(c.log_file, Some(PathBuf::from("./logs/agent.log")));
         assert_eq!(c.shutdown_grace, Duration::from_secs(30));
         assert_eq!(c.shutdown_delay, Duration::from_secs(5));
+    }
+
+    /// The Go agent read YAML 1.1, where `yes`, `on`, `y` (any case) are booleans too.
+    #[test]
+    fn go_config_takes_yaml_1_1_booleans() {
+        for (form, want) in [
+            ("yes", true),
+            ("On", true),
+            ("Y", true),
+            ("TRUE", true),
+            ("no", false),
+            ("OFF", false),
+            ("n", false),
+            ("False", false),
+        ] {
+            let text = GO_CONFIG.replace("debug: false", &format!("debug: {form}"));
+            assert_eq!(Config::parse(&text).unwrap().debug, want, "debug: {form}");
+        }
+        assert!(err(&GO_CONFIG.replace("debug: false", "debug: maybe")).starts_with("debug: "));
     }
 
     #[test]

@@ -1010,6 +1010,37 @@ routes:
         assert!(err(&GO_CONFIG.replace("debug: false", "debug: maybe")).starts_with("debug: "));
     }
 
+    /// Every unknown key, then the first value of the wrong type, still at its path (the text
+    /// is parsed again without the unknown keys).
+    #[test]
+    fn every_unknown_key_then_the_first_bad_value() {
+        let e = Config::parse(
+            "bogus: 1\nroutes:\n  - {uri: /a, limt: 1, limit: two, endpoints: [\"127.0.0.1:1\"]}\n",
+        )
+        .unwrap_err();
+        let problems: Vec<String> = e.problems().iter().map(|p| p.to_string()).collect();
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(
+            problems[0].starts_with("bogus: unknown field `bogus`"),
+            "{problems:?}"
+        );
+        assert_eq!(
+            problems[1],
+            "routes[0].limt: unknown field `limt`; did you mean `limit`?"
+        );
+        assert_eq!(
+            problems[2],
+            "routes[0].limit: invalid type: string \"two\", expected usize"
+        );
+        // On one line for a reload's log.
+        assert_eq!(e.to_string(), problems.join("; "));
+        // Without unknown keys, the error says where it is.
+        assert!(
+            err("routes:\n  - {uri: /a, limit: two, endpoints: [\"127.0.0.1:1\"]}\n")
+                .ends_with("expected usize at line 2 column 22"),
+        );
+    }
+
     #[test]
     fn shutdown_settings_are_bounded() {
         let route = "routes: [{uri: /a, limit: 1, endpoints: [\"127.0.0.1:1\"]}]\n";

@@ -1,8 +1,10 @@
 //! The validated configuration the rest of the crate uses, and how it is read.
 //!
-//! Three parts, kept apart on purpose:
+//! Four parts, kept apart on purpose:
 //! - `file.rs`: the file format. It has to accept the Go agent's field names (`K8s_port`,
 //!   `http_port`, …) and leaves everything optional;
+//! - `keys.rs`: every unknown key of a file at once (serde stops at the first), each with its
+//!   path and the key probably meant;
 //! - `validate.rs`: file → [`Config`]: defaults applied, durations parsed, every number bounded
 //!   so that nothing in a config can make the process panic or overflow, a pool per target.
 //!   Every error names the field it is about (`routes[1].limit: must be at least 1`);

@@ -42,7 +42,13 @@ fn main() -> ExitCode {
             }
             (source, c)
         }
-        Err(e) => return fail(&format!("config error: {e}")),
+        // Every problem on its own line: one run of `--check` lists all there is to fix.
+        Err(e) => {
+            for problem in e.problems() {
+                eprintln!("lb-agent: config error: {problem}");
+            }
+            return ExitCode::FAILURE;
+        }
     };
     if let Err(e) = lb_agent::logging::init(config.debug, config.log_file.as_deref()) {
         return fail(&e.to_string());

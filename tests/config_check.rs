@@ -57,6 +57,54 @@ fn every_bad_config_fails_and_names_its_field() {
     assert!(n >= 10, "expected the bad fixtures, found {n}");
 }
 
+/// The Go agent read its file with a YAML 1.1 parser, where `yes`, `on`, `y` (any case) are
+/// booleans: its ConfigMaps may say `debug: yes`, and must load here too.
+#[test]
+fn go_config_loads_with_every_yaml_1_1_boolean_form() {
+    let go = std::fs::read_to_string("tests/fixtures/go-configmap.yaml").unwrap();
+    assert!(go.contains("\ndebug: false\n"));
+    for form in [
+        "yes", "Yes", "YES", "no", "No", "NO", "on", "On", "ON", "off", "Off", "OFF", "y", "Y",
+        "n", "N", "true", "True", "TRUE", "false", "False", "FALSE", "yEs", "\"yes\"",
+    ] {
+        let text = go.replace("\ndebug: false\n", &format!("\ndebug: {form}\n"));
+        let (ok, out) = check_text("yaml11-bool", &text);
+        assert!(ok, "debug: {form} should pass --check: {out}");
+    }
+    // Anything else is still refused, naming the field.
+    for bad in ["maybe", "1", "yess", "[]"] {
+        let text = go.replace("\ndebug: false\n", &format!("\ndebug: {bad}\n"));
+        let (ok, out) = check_text("yaml11-bool", &text);
+        assert!(!ok, "debug: {bad} should fail --check");
+        assert!(
+            out.contains("lb-agent: config error: debug: ") && out.contains("yes/no"),
+            "debug: {bad}: {out}"
+        );
+    }
+}
+
+/// Unknown keys stay errors, but one run names every one of them (with its path and the key
+/// that was probably meant) and every invalid value, so an old ConfigMap is fixed in one pass.
+#[test]
+fn every_unknown_key_and_bad_value_is_reported_in_one_run() {
+    let want = [
+        "lb-agent: config error: log_fle: unknown field `log_fle`; did you mean `log_file`?",
+        "lb-agent: config error: queue.max_waitng: unknown field `max_waitng`; did you mean `max_waiting`?",
+        "lb-agent: config error: routes[1].htp_port: unknown field `htp_port`; did you mean `http_port`?",
+        "lb-agent: config error: routes[1].limit: must be at least 1",
+    ];
+    // `--check`, and a start with the same file, say the same.
+    for args in [
+        &["--check", "-c", "tests/fixtures/typos.yaml"][..],
+        &["-c", "tests/fixtures/typos.yaml"][..],
+    ] {
+        let (status, stderr) = run_bounded(args);
+        assert!(!status.success(), "{args:?}: {status:?}");
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(lines, want, "{args:?}");
+    }
+}
+
 #[test]
 fn missing_config_file_is_a_clear_error() {
     let (ok, out) = check(Path::new("/nonexistent/lb-agent.yaml"));

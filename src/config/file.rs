@@ -4,7 +4,11 @@
 //! so a Go config loads unchanged; `deny_unknown_fields` makes a typo an error rather than a
 //! silent default. Nothing here is checked beyond its YAML type: `validate.rs` turns this into
 //! the [`Config`](super::Config) the rest of the crate uses. The only values typed here are the
-//! three enums (`match`, `protocol`, `client_abort`), whose spelling belongs to the file format.
+//! three enums (`match`, `protocol`, `client_abort`) and the booleans ([`Yaml11Bool`]), whose
+//! spelling belongs to the file format.
+//!
+//! serde stops at the first unknown key; `keys.rs` finds all of them first, reading the keys
+//! from these structs (their field names and aliases), so nothing here is listed twice.
 
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
@@ -17,7 +21,7 @@ use super::{ClientAbort, MatchKind, UpstreamProtocol};
 pub(super) struct FileConfig {
     /// Go agent: raises the log level to debug.
     #[serde(default)]
-    pub(super) debug: bool,
+    pub(super) debug: Yaml11Bool,
     pub(super) port: Option<u16>,
     pub(super) log_file: Option<String>,
     /// Go agent: path of a kubeconfig. Accepted and ignored: discovery uses DNS.
@@ -103,6 +107,55 @@ pub(super) struct FileRoute {
     pub(super) upstream_timeout: Option<String>,
 }
 
+/// A boolean as the Go agent read it. Its YAML 1.1 parser took `yes/no`, `on/off` and `y/n`
+/// (any case) as booleans besides `true/false`, and serde_yaml (YAML 1.2) only the last, so a Go
+/// ConfigMap saying `debug: yes` would not load. Every boolean of the format has this type (a
+/// test checks), and anything else is refused at the field's path. An empty value (`debug:`)
+/// is false, as it was for the Go agent.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Yaml11Bool(pub(super) bool);
+
+impl Yaml11Bool {
+    /// The YAML 1.1 spellings of a boolean, in any case.
+    pub(super) fn parse(s: &str) -> Option<bool> {
+        match s.to_ascii_lowercase().as_str() {
+            "true" | "yes" | "y" | "on" => Some(true),
+            "false" | "no" | "n" | "off" => Some(false),
+            _ => None,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Yaml11Bool {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(Yaml11BoolVisitor)
+    }
+}
+
+struct Yaml11BoolVisitor;
+
+impl Visitor<'_> for Yaml11BoolVisitor {
+    type Value = Yaml11Bool;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a boolean (true/false, yes/no, on/off or y/n)")
+    }
+
+    fn visit_bool<E: de::Error>(self, value: bool) -> Result<Yaml11Bool, E> {
+        Ok(Yaml11Bool(value))
+    }
+
+    fn visit_str<E: de::Error>(self, value: &str) -> Result<Yaml11Bool, E> {
+        Yaml11Bool::parse(value)
+            .map(Yaml11Bool)
+            .ok_or_else(|| E::invalid_value(de::Unexpected::Str(value), &self))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Yaml11Bool, E> {
+        Ok(Yaml11Bool(false))
+    }
+}
+
 /// The spelling of the enums in the file. Deserialized through a visitor (not `try_from`), so
 /// that serde_yaml reports an unknown value at its own path with the allowed values:
 /// `routes[0].protocol: "grpc" is not one of: http1, h2c`.
@@ -155,5 +208,43 @@ impl<'de> Deserialize<'de> for ClientAbort {
             ("finish", ClientAbort::Finish),
             ("cancel", ClientAbort::Cancel),
         ]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn booleans_take_the_yaml_1_1_forms_and_nothing_else() {
+        let debug = |v: &str| {
+            serde_yaml::from_str::<FileConfig>(&format!("debug: {v}\n")).map(|f| f.debug.0)
+        };
+        for v in [
+            "true", "True", "TRUE", "yes", "Yes", "YES", "y", "Y", "on", "On", "ON", "yEs",
+        ] {
+            assert!(debug(v).unwrap(), "{v}");
+        }
+        for v in [
+            "false", "False", "no", "NO", "n", "N", "off", "Off", "OFF", "~", "",
+        ] {
+            assert!(!debug(v).unwrap(), "{v}");
+        }
+        for v in ["maybe", "1", "0", "yess", "t", "[]", "{}"] {
+            let e = debug(v).unwrap_err().to_string();
+            assert!(e.starts_with("debug: ") && e.contains("yes/no"), "{v}: {e}");
+        }
+    }
+
+    /// A plain `bool` field would take only `true`/`false` again.
+    #[test]
+    fn every_boolean_of_the_format_is_a_yaml_1_1_bool() {
+        let fields = include_str!("file.rs")
+            .lines()
+            .map(str::trim)
+            .filter(|l| l.starts_with("pub(super) ") && l.ends_with(','));
+        for line in fields {
+            assert!(!line.contains("bool"), "use Yaml11Bool: {line}");
+        }
     }
 }

@@ -1,8 +1,10 @@
 //! The validated configuration the rest of the crate uses, and how it is read.
 //!
-//! Three parts, kept apart on purpose:
+//! Four parts, kept apart on purpose:
 //! - `file.rs`: the file format. It has to accept the Go agent's field names (`K8s_port`,
 //!   `http_port`, …) and leaves everything optional;
+//! - `keys.rs`: every unknown key of a file at once (serde stops at the first), each with its
+//!   path and the key probably meant;
 //! - `validate.rs`: file → [`Config`]: defaults applied, durations parsed, every number bounded
 //!   so that nothing in a config can make the process panic or overflow, a pool per target.
 //!   Every error names the field it is about (`routes[1].limit: must be at least 1`);
@@ -10,6 +12,7 @@
 //!   [`Config::load`]/[`Config::parse`], which bound the text before any YAML parser sees it.
 
 mod file;
+mod keys;
 mod validate;
 
 use std::fmt;
@@ -28,9 +31,19 @@ pub use validate::{
     DEFAULT_UPSTREAM_IDLE_TIMEOUT, DEFAULT_UPSTREAM_TIMEOUT, MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH,
 };
 
-/// A config problem, always naming the field (or the file) it is about.
+/// What is wrong with a config: every unknown key, and the invalid values found, each naming
+/// its field (or the file). `--check` and start-up print one line per [`Problem`]; a reload
+/// logs them on one line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
+    /// Never empty, in file order as far as the checks allow.
+    problems: Vec<Problem>,
+}
+
+/// One thing wrong with a config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Its path (`routes[1].limit`), or empty for the file as a whole.
     pub field: String,
     pub message: String,
 }
@@ -38,19 +51,48 @@ pub struct ConfigError {
 impl ConfigError {
     pub(crate) fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
-            field: field.into(),
-            message: message.into(),
+            problems: vec![Problem {
+                field: field.into(),
+                message: message.into(),
+            }],
+        }
+    }
+
+    /// Every problem, at least one.
+    pub fn problems(&self) -> &[Problem] {
+        &self.problems
+    }
+
+    /// `errors` as one error, if there are any.
+    fn all(errors: Vec<ConfigError>) -> Result<(), ConfigError> {
+        let problems: Vec<Problem> = errors.into_iter().flat_map(|e| e.problems).collect();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError { problems })
         }
     }
 }
 
-impl fmt::Display for ConfigError {
+impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.field.is_empty() {
             write!(f, "{}", self.message)
         } else {
             write!(f, "{}: {}", self.field, self.message)
         }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
     }
 }
 
@@ -307,9 +349,21 @@ impl Config {
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
         validate::check_shape(text)?;
-        let mut file: file::FileConfig = serde_yaml::from_str(text).map_err(yaml_error)?;
-        validate::env_overrides(&mut file, env)?;
-        validate::validate(file)
+        let (file, mut errors) = read_file(text);
+        let config = file.and_then(|mut file| {
+            if let Err(e) = validate::env_overrides(&mut file, env) {
+                errors.push(e);
+            }
+            validate::validate(file)
+        });
+        match (config, ConfigError::all(errors)) {
+            (Ok(config), Ok(())) => Ok(config),
+            (Err(e), Ok(())) | (Ok(_), Err(e)) => Err(e),
+            (Err(last), Err(mut first)) => {
+                first.problems.extend(last.problems);
+                Err(first)
+            }
+        }
     }
 
     /// The settings that take effect only at start-up; a reload leaves them as they are.
@@ -413,12 +467,39 @@ impl RestartOnly {
     }
 }
 
-/// serde_yaml reports unknown fields as "routes[0]: unknown field `limt`, expected …"
-/// which already carries the path; keep it, and say where in the file it is.
+/// The text as the file format, and every unknown key in it. Unknown keys are found (all of
+/// them, see `keys.rs`) and left out before the typed parse, which then reports the first value
+/// of the wrong type as well.
+fn read_file(text: &str) -> (Result<file::FileConfig, ConfigError>, Vec<ConfigError>) {
+    // Text that is not YAML at all gets the parser's own message, with its line.
+    let Ok(mut doc) = serde_yaml::from_str::<serde_yaml::Value>(text) else {
+        return (serde_yaml::from_str(text).map_err(yaml_error), Vec::new());
+    };
+    let unknown = keys::remove_unknown(&mut doc);
+    if unknown.is_empty() {
+        return (serde_yaml::from_str(text).map_err(yaml_error), unknown);
+    }
+    // Parsed as text again (not from the tree), so that an error keeps its path
+    // (`routes[1].limit: invalid type`); its line would be one of the rewritten text, so none
+    // is given.
+    let file = serde_yaml::to_string(&doc)
+        .and_then(|text| serde_yaml::from_str(&text))
+        .map_err(|e| {
+            let mut message = e.to_string();
+            if let Some(at) = message.rfind(" at line ") {
+                message.truncate(at);
+            }
+            ConfigError::new("", message)
+        });
+    (file, unknown)
+}
+
+/// serde_yaml reports a value's error with its path (`routes[0].limit: invalid type: …`) and
+/// where in the file it is; keep both.
 fn yaml_error(e: serde_yaml::Error) -> ConfigError {
-    let location = e
-        .location()
-        .map(|l| format!(" (line {}, column {})", l.line(), l.column()))
-        .unwrap_or_default();
-    ConfigError::new("", format!("{e}{location}"))
+    let mut message = e.to_string();
+    if let (Some(l), false) = (e.location(), message.contains(" at line ")) {
+        message.push_str(&format!(" (line {}, column {})", l.line(), l.column()));
+    }
+    ConfigError::new("", message)
 }

@@ -12,7 +12,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::file::{FileClient, FileConfig, FileLedger, FileQueue, FileRoute};
+use super::file::{FileClient, FileConfig, FileLedger, FileQueue, FileRoute, Yaml11Bool};
 use super::{
     ClientLimits, Config, ConfigError, DnsConfig, LedgerConfig, MatchKind, PoolConfig, QueuePolicy,
     RouteConfig, Target,
@@ -438,44 +438,179 @@ pub(super) fn env_overrides(
         }
     }
     if let Some(v) = var("DEBUG") {
-        f.debug = match v.trim().to_ascii_lowercase().as_str() {
-            "1" | "t" | "true" | "y" | "yes" | "on" => true,
-            "0" | "f" | "false" | "n" | "no" | "off" => false,
-            _ => {
-                return Err(ConfigError::new(
-                    "DEBUG (environment)",
-                    format!("{v:?} is not a boolean (true/false, 1/0, yes/no, on/off)"),
-                ))
-            }
+        let debug = match v.trim() {
+            "1" | "t" | "T" => Some(true),
+            "0" | "f" | "F" => Some(false),
+            other => Yaml11Bool::parse(other),
         };
+        f.debug = Yaml11Bool(debug.ok_or_else(|| {
+            ConfigError::new(
+                "DEBUG (environment)",
+                format!("{v:?} is not a boolean (true/false, 1/0, yes/no, on/off)"),
+            )
+        })?);
     }
     Ok(())
 }
 
+/// Collects the errors of independent checks, so that one run reports each of them: a setting
+/// that fails yields `None` and is left out (or replaced by its default where later checks need
+/// a value), and the config is refused at the end.
+#[derive(Default)]
+struct Problems(Vec<ConfigError>);
+
+impl Problems {
+    fn check<T>(&mut self, result: Result<T, ConfigError>) -> Option<T> {
+        result.map_err(|e| self.0.push(e)).ok()
+    }
+
+    /// The errors collected, as one; only called when a check failed.
+    fn into_error(self) -> ConfigError {
+        ConfigError::all(self.0)
+            .err()
+            .unwrap_or_else(|| ConfigError::new("", "invalid config"))
+    }
+}
+
 pub(super) fn validate(f: FileConfig) -> Result<Config, ConfigError> {
-    let listen = match (&f.listen, f.port) {
+    let mut problems = Problems::default();
+    let listen = problems.check(listen(&f));
+    let admin_listen = problems.check(admin_listen(&f, listen));
+    let threads = problems.check(count_in("threads", f.threads.unwrap_or(1), 1, MAX_THREADS));
+    let cluster_domain = problems.check(cluster_domain(&f));
+    let dns = problems.check(dns(&f));
+    let queue = problems.check(queue_policy("queue", &f.queue, QueuePolicy::default()));
+    let connect_timeout = problems.check(connect_timeout(&f));
+    let upstream_idle_timeout = problems.check(upstream_idle_timeout(&f));
+    let upstream_timeout_default = problems.check(upstream_timeout(
+        "upstream_timeout",
+        &f.upstream_timeout,
+        DEFAULT_UPSTREAM_TIMEOUT,
+    ));
+    let max_attempts = problems.check(count_in(
+        "max_attempts",
+        f.max_attempts.unwrap_or(3),
+        1,
+        MAX_ATTEMPTS,
+    ));
+    let shutdown_grace = problems.check(
+        duration("shutdown_grace", &f.shutdown_grace, Duration::from_secs(30)).and_then(|d| {
+            if d > MAX_SHUTDOWN_GRACE {
+                return Err(ConfigError::new("shutdown_grace", "must be at most 24h"));
+            }
+            Ok(d)
+        }),
+    );
+    // Kubernetes takes a few seconds to stop sending new connections to a terminating pod.
+    let shutdown_delay = problems.check(
+        duration("shutdown_delay", &f.shutdown_delay, Duration::from_secs(5)).and_then(|d| {
+            if d > MAX_SHUTDOWN_DELAY {
+                return Err(ConfigError::new("shutdown_delay", "must be at most 10m"));
+            }
+            Ok(d)
+        }),
+    );
+    let reload_interval = problems.check(
+        duration(
+            "reload_interval",
+            &f.reload_interval,
+            Duration::from_secs(2),
+        )
+        .and_then(|d| at_most("reload_interval", d, MAX_TIMEOUT)),
+    );
+    let client = problems.check(client_limits(&f.client));
+    let ledger = problems.check(ledger(&f.ledger));
+
+    // The routes are checked even when a global setting they inherit is wrong (with its
+    // default in its place), so that their own errors are reported in the same run.
+    let (routes, pools) = routes(
+        &f.routes,
+        &cluster_domain.unwrap_or_else(|| "cluster.local".to_string()),
+        queue.unwrap_or_default(),
+        upstream_timeout_default.unwrap_or(DEFAULT_UPSTREAM_TIMEOUT),
+        &mut problems,
+    );
+
+    match (
+        listen,
+        admin_listen,
+        threads,
+        dns,
+        connect_timeout,
+        upstream_idle_timeout,
+        max_attempts,
+        shutdown_grace,
+        shutdown_delay,
+        reload_interval,
+        client,
+        ledger,
+    ) {
+        (
+            Some(listen),
+            Some(admin_listen),
+            Some(threads),
+            Some(dns),
+            Some(connect_timeout),
+            Some(upstream_idle_timeout),
+            Some(max_attempts),
+            Some(shutdown_grace),
+            Some(shutdown_delay),
+            Some(reload_interval),
+            Some(client),
+            Some(ledger),
+        ) if problems.0.is_empty() => Ok(Config {
+            debug: f.debug.0,
+            listen,
+            admin_listen,
+            threads,
+            log_file: f
+                .log_file
+                .filter(|s| !s.trim().is_empty())
+                .map(PathBuf::from),
+            dns,
+            connect_timeout,
+            upstream_idle_timeout,
+            max_attempts,
+            shutdown_grace,
+            shutdown_delay,
+            reload_interval,
+            client,
+            ledger,
+            routes,
+            pools,
+        }),
+        _ => Err(problems.into_error()),
+    }
+}
+
+fn listen(f: &FileConfig) -> Result<SocketAddr, ConfigError> {
+    Ok(match (&f.listen, f.port) {
         (Some(l), _) => listen_addr("listen", l)?,
         (None, Some(0)) | (None, None) => SocketAddr::from(([0, 0, 0, 0], 8080)),
         (None, Some(p)) => SocketAddr::from(([0, 0, 0, 0], p)),
+    })
+}
+
+/// `listen`: the proxy's address if it is valid, to compare with.
+fn admin_listen(
+    f: &FileConfig,
+    listen: Option<SocketAddr>,
+) -> Result<Option<SocketAddr>, ConfigError> {
+    let Some(a) = &f.admin_listen else {
+        return Ok(None);
     };
-    let admin_listen = match &f.admin_listen {
-        Some(a) => {
-            let addr = listen_addr("admin_listen", a)?;
-            if addr == listen {
-                return Err(ConfigError::new(
-                    "admin_listen",
-                    "must differ from the proxy's listen address",
-                ));
-            }
-            Some(addr)
-        }
-        None => None,
-    };
-    let threads = count_in("threads", f.threads.unwrap_or(1), 1, MAX_THREADS)?;
-    let cluster_domain = f
-        .cluster_domain
-        .clone()
-        .unwrap_or_else(|| "cluster.local".to_string());
+    let addr = listen_addr("admin_listen", a)?;
+    if Some(addr) == listen {
+        return Err(ConfigError::new(
+            "admin_listen",
+            "must differ from the proxy's listen address",
+        ));
+    }
+    Ok(Some(addr))
+}
+
+fn cluster_domain(f: &FileConfig) -> Result<String, ConfigError> {
+    let cluster_domain = f.cluster_domain.as_deref().unwrap_or("cluster.local");
     if cluster_domain.trim().is_empty() {
         return Err(ConfigError::new("cluster_domain", "must not be empty"));
     }
@@ -484,7 +619,10 @@ pub(super) fn validate(f: FileConfig) -> Result<Config, ConfigError> {
         .trim_end_matches('.')
         .to_ascii_lowercase();
     dns_name("cluster_domain", &cluster_domain)?;
+    Ok(cluster_domain)
+}
 
+fn dns(f: &FileConfig) -> Result<DnsConfig, ConfigError> {
     let d = DnsConfig::default();
     let mut nameservers = Vec::new();
     for (i, ns) in f.dns.nameservers.iter().flatten().enumerate() {
@@ -530,8 +668,10 @@ pub(super) fn validate(f: FileConfig) -> Result<Config, ConfigError> {
             "must be greater than 0",
         ));
     }
+    Ok(dns)
+}
 
-    let queue = queue_policy("queue", &f.queue, QueuePolicy::default())?;
+fn connect_timeout(f: &FileConfig) -> Result<Duration, ConfigError> {
     let connect_timeout = duration(
         "connect_timeout",
         &f.connect_timeout,
@@ -543,11 +683,14 @@ pub(super) fn validate(f: FileConfig) -> Result<Config, ConfigError> {
             "must be greater than 0",
         ));
     }
-    at_most("connect_timeout", connect_timeout, MAX_CONNECT_TIMEOUT)?;
-    // Below the shortest common server keep-alive timeouts (gunicorn 2s; Node.js and uvicorn
-    // 5s), so lb-agent drops an idle connection before the pod does: a request written on a
-    // connection the pod is closing at that moment fails, and is never re-sent (it may have
-    // started). A new connection costs one round trip, nothing beside a compute request.
+    at_most("connect_timeout", connect_timeout, MAX_CONNECT_TIMEOUT)
+}
+
+/// Below the shortest common server keep-alive timeouts (gunicorn 2s; Node.js and uvicorn 5s),
+/// so lb-agent drops an idle connection before the pod does: a request written on a connection
+/// the pod is closing at that moment fails, and is never re-sent (it may have started). A new
+/// connection costs one round trip, nothing beside a compute request.
+fn upstream_idle_timeout(f: &FileConfig) -> Result<Duration, ConfigError> {
     let upstream_idle_timeout = duration(
         "upstream_idle_timeout",
         &f.upstream_idle_timeout,
@@ -562,45 +705,60 @@ pub(super) fn validate(f: FileConfig) -> Result<Config, ConfigError> {
             ),
         ));
     }
-    let upstream_timeout_default = upstream_timeout(
-        "upstream_timeout",
-        &f.upstream_timeout,
-        DEFAULT_UPSTREAM_TIMEOUT,
-    )?;
-    let max_attempts = count_in("max_attempts", f.max_attempts.unwrap_or(3), 1, MAX_ATTEMPTS)?;
-    let shutdown_grace = duration("shutdown_grace", &f.shutdown_grace, Duration::from_secs(30))?;
-    if shutdown_grace > MAX_SHUTDOWN_GRACE {
-        return Err(ConfigError::new("shutdown_grace", "must be at most 24h"));
+    Ok(upstream_idle_timeout)
+}
+
+/// The routes and their pools; each route's first error is collected and the next route is
+/// checked all the same.
+fn routes(
+    file_routes: &[FileRoute],
+    cluster_domain: &str,
+    queue: QueuePolicy,
+    upstream_timeout_default: Duration,
+    problems: &mut Problems,
+) -> (Vec<RouteConfig>, Vec<PoolConfig>) {
+    let mut routes = Routes {
+        routes: Vec::new(),
+        pools: Vec::new(),
+        pool_owner: BTreeMap::new(),
+        seen_uris: HashSet::new(),
+    };
+    if file_routes.is_empty() {
+        problems.check::<()>(Err(ConfigError::new(
+            "routes",
+            "at least one route is required",
+        )));
     }
-    // Kubernetes takes a few seconds to stop sending new connections to a terminating pod.
-    let shutdown_delay = duration("shutdown_delay", &f.shutdown_delay, Duration::from_secs(5))?;
-    if shutdown_delay > MAX_SHUTDOWN_DELAY {
-        return Err(ConfigError::new("shutdown_delay", "must be at most 10m"));
+    for (i, r) in file_routes.iter().enumerate() {
+        problems.check(routes.add(i, r, cluster_domain, queue, upstream_timeout_default));
     }
-    let reload_interval = at_most(
-        "reload_interval",
-        duration(
-            "reload_interval",
-            &f.reload_interval,
-            Duration::from_secs(2),
-        )?,
-        MAX_TIMEOUT,
-    )?;
+    (routes.routes, routes.pools)
+}
 
-    let client = client_limits(&f.client)?;
-    let ledger = ledger(&f.ledger)?;
+/// The routes checked so far, and the pools they made.
+struct Routes {
+    routes: Vec<RouteConfig>,
+    pools: Vec<PoolConfig>,
+    /// Which route first set each pool's limit, to name both in a conflict.
+    pool_owner: BTreeMap<usize, usize>,
+    seen_uris: HashSet<(String, bool)>,
+}
 
-    if f.routes.is_empty() {
-        return Err(ConfigError::new("routes", "at least one route is required"));
-    }
-
-    let mut routes = Vec::new();
-    let mut pools: Vec<PoolConfig> = Vec::new();
-    // Which route first set each pool's limit, to name both in a conflict.
-    let mut pool_owner: BTreeMap<usize, usize> = BTreeMap::new();
-    let mut seen_uris: HashSet<(String, bool)> = HashSet::new();
-
-    for (i, r) in f.routes.iter().enumerate() {
+impl Routes {
+    fn add(
+        &mut self,
+        i: usize,
+        r: &FileRoute,
+        cluster_domain: &str,
+        queue: QueuePolicy,
+        upstream_timeout_default: Duration,
+    ) -> Result<(), ConfigError> {
+        let Routes {
+            routes,
+            pools,
+            pool_owner,
+            seen_uris,
+        } = self;
         let p = format!("routes[{i}]");
         let uri = r
             .uri
@@ -641,7 +799,7 @@ pub(super) fn validate(f: FileConfig) -> Result<Config, ConfigError> {
             &r.upstream_timeout,
             upstream_timeout_default,
         )?;
-        let target = route_target(&p, r, &cluster_domain)?;
+        let target = route_target(&p, r, cluster_domain)?;
         let queue = match &r.queue {
             Some(q) => queue_policy(&format!("{p}.queue"), q, queue)?,
             None => queue,
@@ -701,29 +859,8 @@ pub(super) fn validate(f: FileConfig) -> Result<Config, ConfigError> {
             client_abort,
             upstream_timeout,
         });
+        Ok(())
     }
-
-    Ok(Config {
-        debug: f.debug,
-        listen,
-        admin_listen,
-        threads,
-        log_file: f
-            .log_file
-            .filter(|s| !s.trim().is_empty())
-            .map(PathBuf::from),
-        dns,
-        connect_timeout,
-        upstream_idle_timeout,
-        max_attempts,
-        shutdown_grace,
-        shutdown_delay,
-        reload_interval,
-        client,
-        ledger,
-        routes,
-        pools,
-    })
 }
 
 /// Shortest and longest `ledger.lease_ttl`: below a second a busy Redis or a GC pause would
@@ -988,6 +1125,96 @@ routes:
         assert_eq!(c.log_file, Some(PathBuf::from("./logs/agent.log")));
         assert_eq!(c.shutdown_grace, Duration::from_secs(30));
         assert_eq!(c.shutdown_delay, Duration::from_secs(5));
+    }
+
+    /// The Go agent read YAML 1.1, where `yes`, `on`, `y` (any case) are booleans too.
+    #[test]
+    fn go_config_takes_yaml_1_1_booleans() {
+        for (form, want) in [
+            ("yes", true),
+            ("On", true),
+            ("Y", true),
+            ("TRUE", true),
+            ("no", false),
+            ("OFF", false),
+            ("n", false),
+            ("False", false),
+        ] {
+            let text = GO_CONFIG.replace("debug: false", &format!("debug: {form}"));
+            assert_eq!(Config::parse(&text).unwrap().debug, want, "debug: {form}");
+        }
+        assert!(err(&GO_CONFIG.replace("debug: false", "debug: maybe")).starts_with("debug: "));
+    }
+
+    /// Every unknown key, then the first value of the wrong type, still at its path (the text
+    /// is parsed again without the unknown keys).
+    #[test]
+    fn every_unknown_key_then_the_first_bad_value() {
+        let e = Config::parse(
+            "bogus: 1\nroutes:\n  - {uri: /a, limt: 1, limit: two, endpoints: [\"127.0.0.1:1\"]}\n",
+        )
+        .unwrap_err();
+        let problems: Vec<String> = e.problems().iter().map(|p| p.to_string()).collect();
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(
+            problems[0].starts_with("bogus: unknown field `bogus`"),
+            "{problems:?}"
+        );
+        assert_eq!(
+            problems[1],
+            "routes[0].limt: unknown field `limt`; did you mean `limit`?"
+        );
+        assert_eq!(
+            problems[2],
+            "routes[0].limit: invalid type: string \"two\", expected usize"
+        );
+        // On one line for a reload's log.
+        assert_eq!(e.to_string(), problems.join("; "));
+        // Without unknown keys, the error says where it is.
+        assert!(
+            err("routes:\n  - {uri: /a, limit: two, endpoints: [\"127.0.0.1:1\"]}\n")
+                .ends_with("expected usize at line 2 column 22"),
+        );
+    }
+
+    /// Independent settings and routes are each checked, so one run names every bad value
+    /// (a route's first one); a route is checked even when a global it inherits is wrong.
+    #[test]
+    fn every_bad_setting_and_route_is_reported_in_one_run() {
+        let e = Config::parse(
+            "threads: 0\nqueue: {timeout: 0s}\ncluster_domain: a_b\nledger: {lease_ttl: 1ms}\nroutes:\n  - {uri: /a, limit: 0, endpoints: [\"127.0.0.1:1\"]}\n  - {uri: b, limit: 1, endpoints: [\"127.0.0.1:1\"]}\n  - {uri: /c, limit: 1, endpoints: [\"127.0.0.1:1\"]}\n  - {uri: /d, limit: 1, service_name: s, namespace: n, http_port: 1, queue: {max_waiting: 2000000}}\n",
+        )
+        .unwrap_err();
+        let fields: Vec<&str> = e.problems().iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "threads",
+                "cluster_domain",
+                "queue.timeout",
+                "ledger.lease_ttl",
+                "routes[0].limit",
+                "routes[1].uri",
+                "routes[3].queue.max_waiting",
+            ],
+            "{e}"
+        );
+        // A route is checked against the routes before it: their uris, and the pools of the
+        // valid ones.
+        let e = Config::parse(
+            "routes:\n  - {uri: /a, limit: 0, endpoints: [\"127.0.0.1:1\"]}\n  - {uri: /a, limit: 1, endpoints: [\"127.0.0.2:1\"]}\n  - {uri: /b, limit: 1, endpoints: [\"127.0.0.1:1\"]}\n  - {uri: /c, limit: 2, endpoints: [\"127.0.0.1:1\"]}\n",
+        )
+        .unwrap_err();
+        let problems: Vec<String> = e.problems().iter().map(|p| p.to_string()).collect();
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(
+            problems[1].starts_with("routes[1].uri: duplicate uri \"/a\""),
+            "{problems:?}"
+        );
+        assert!(
+            problems[2].starts_with("routes[3].limit: 2 conflicts with routes[2].limit = 1"),
+            "{problems:?}"
+        );
     }
 
     #[test]

@@ -40,6 +40,11 @@ const QUEUED_BODY_LIMIT: usize = 64 * 1024;
 /// compute calls) bounds the connections, which are pooled and reused.
 const H2_STREAMS_PER_CONNECTION: usize = 1;
 
+/// How long a pod that made no progress for `upstream_timeout` keeps its slot after its
+/// connection was closed (or its stream reset): time for the pod to see the cancellation
+/// before the next request reaches it.
+const CANCEL_SETTLE: Duration = Duration::from_millis(100);
+
 pub struct LbProxy {
     live: Arc<Live>,
     max_attempts: usize,
@@ -798,6 +803,18 @@ impl ProxyHttp for LbProxy {
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let outcome = outcome(ctx, e, status);
+        if e.is_some_and(is_pod_timeout) {
+            // The pod's connection was just closed (or its stream reset). The next request may
+            // reach the pod on another connection before the pod has read that cancellation, and
+            // for that moment the pod would count both: the slot is kept a little longer so the
+            // cancellation arrives first. (A pod that never reads it is hung anyway.)
+            if let Some(slot) = ctx.slot.take() {
+                tokio::spawn(async move {
+                    tokio::time::sleep(CANCEL_SETTLE).await;
+                    drop(slot);
+                });
+            }
+        }
         if outcome == Outcome::ClientGone {
             // The client left a request the pod was working on: the pod's exchange runs to
             // its end and only then is the slot freed (`client_abort: finish`).

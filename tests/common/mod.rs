@@ -25,12 +25,25 @@ impl Drop for Agent {
     }
 }
 
+/// A port for a process the test starts (an agent's proxy or admin port, a Redis), free now.
+///
+/// Taken below Linux's ephemeral range (32768-60999), from a slice of its own per test
+/// process, each port once: a port that `bind(0)` handed out and the test released could be
+/// taken meanwhile by an outgoing connection's local port or by another test's `bind(0)` before
+/// the agent binds it (seen as an agent whose proxy port refused connections).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    const FIRST: u32 = 12_000;
+    const SLICE: u32 = 1_250;
+    let base = FIRST + (std::process::id() % 16) * SLICE;
+    for _ in 0..SLICE {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst) % SLICE;
+        let port = u16::try_from(base + n).expect("below 32768");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 127.0.0.1:{base}..{}", base + SLICE);
 }
 
 pub fn temp_dir(tag: &str) -> PathBuf {

@@ -40,6 +40,8 @@ struct PoolStatus {
     limit: usize,
     resolved: bool,
     queue_depth: usize,
+    /// How long the oldest queued request (of this agent, in-process ledger) has waited.
+    oldest_wait_ms: Option<u64>,
     inflight: usize,
     /// Removed by a config reload, still finishing requests that started on it.
     retired: bool,
@@ -159,6 +161,9 @@ impl AdminApp {
                     limit: v.limit,
                     resolved: b.resolved(),
                     queue_depth: v.waiting,
+                    oldest_wait_ms: v
+                        .oldest_wait
+                        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
                     inflight: v.inflight,
                     retired: i >= in_force,
                     pods: v

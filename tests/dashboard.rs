@@ -105,6 +105,14 @@ async fn the_live_page_shows_what_the_pods_count() {
         "queue {queued} not shown:\n{dom}"
     );
     assert!(dom.contains(">ready<"), "readiness shown");
+    assert!(
+        dom.contains("class=\"pool-oldest\""),
+        "the oldest waiter's age shown:\n{dom}"
+    );
+    let oldest = agent.status().await["pools"][0]["oldest_wait_ms"]
+        .as_u64()
+        .expect("oldest_wait_ms in /status");
+    assert!(oldest > 0, "{oldest}");
 
     let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
     let _ = std::fs::remove_file(&shot);

@@ -141,6 +141,9 @@ impl PoolState {
 struct Waiter {
     tried: Vec<SocketAddr>,
     tx: oneshot::Sender<Result<LocalSlot, QueueError>>,
+    /// When it joined the queue (for the oldest waiter's age in the views). Tokio's clock, as
+    /// the queue deadlines use.
+    since: tokio::time::Instant,
 }
 
 /// What [`LocalLedger::enqueue`] gave.
@@ -528,6 +531,7 @@ impl LocalLedger {
         let waiter = Waiter {
             tried: tried.to_vec(),
             tx,
+            since: tokio::time::Instant::now(),
         };
         if let Some(pool) = st.pools.get_mut(&id) {
             pool.waiters.insert(seq, waiter);
@@ -624,6 +628,8 @@ impl LocalLedger {
             name: pool.name.clone(),
             limit: pool.limit,
             waiting: pool.waiters.len(),
+            // Arrival order is key order: the first waiter is the oldest.
+            oldest_wait: pool.waiters.values().next().map(|w| w.since.elapsed()),
             inflight: pool.held.values().sum(),
             longest_recent_hold: pool.recent_holds.iter().copied().max().unwrap_or_default(),
             pods,

@@ -100,6 +100,9 @@ pub struct PoolView {
     pub limit: usize,
     /// Requests of this pool waiting for a slot.
     pub waiting: usize,
+    /// How long the oldest of this agent's waiters in process has waited (`None` with none,
+    /// and with the shared ledger, whose queue is in Redis).
+    pub oldest_wait: Option<Duration>,
     /// Slots taken through this pool and not yet given back.
     pub inflight: usize,
     /// The longest of the last few slot hold times of this pool (zero before the first): what a

@@ -162,6 +162,33 @@ async fn a_retry_whose_untried_pods_all_left_is_answered_at_once() {
     drop(held);
 }
 
+/// The view says how long the oldest waiter has waited (for `/status` and the live page).
+#[tokio::test(start_paused = true)]
+async fn the_view_reports_the_oldest_waiters_age() {
+    let b = pool(&Ledger::new(), 1, &[1]).await;
+    let held = take(&b).await;
+    assert_eq!(b.view().oldest_wait, None);
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let first = spawn_waiter(&b, 0, LONG, &tx);
+    settle().await;
+    tokio::time::advance(Duration::from_millis(700)).await;
+    let second = spawn_waiter(&b, 1, LONG, &tx);
+    settle().await;
+    tokio::time::advance(Duration::from_millis(300)).await;
+    let age = b.view().oldest_wait.expect("two wait");
+    assert!(age >= Duration::from_millis(1000), "{age:?}");
+    drop(held);
+    settle().await;
+    assert_eq!(b.view().waiting, 1, "the first got the slot");
+    let age = b.view().oldest_wait.expect("one waits");
+    assert!(
+        age >= Duration::from_millis(300) && age < Duration::from_millis(1000),
+        "the second's age: {age:?}"
+    );
+    first.abort();
+    second.abort();
+}
+
 #[tokio::test(start_paused = true)]
 async fn closing_answers_waiters_and_spares_slots_in_flight() {
     let b = pool(&Ledger::new(), 1, &[1]).await;

@@ -162,6 +162,29 @@ async fn client_abort_cancel_frees_the_slot_at_once() {
     );
 }
 
+/// `n` calls of `/work?ms=<ms>` from an HTTP/2 client that grants no flow-control window: their
+/// response bodies can never be sent. The client's connection lives as long as the returned
+/// responses are held.
+async fn zero_window_calls(addr: SocketAddr, n: usize, ms: u64) -> Vec<h2::client::ResponseFuture> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut client, conn) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    (0..n)
+        .map(|i| {
+            let req = http::Request::get(format!("http://x/work?ms={ms}&i={i}"))
+                .body(())
+                .unwrap();
+            client.send_request(req, true).unwrap().0
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_h2c_client_with_a_zero_window_does_not_pin_slots() {
     let pods = start_pods(31, 2).await.unwrap();
@@ -172,25 +195,9 @@ async fn an_h2c_client_with_a_zero_window_does_not_pin_slots() {
         "",
     )
     .await;
-    let tcp = TcpStream::connect(agent.addr).await.unwrap();
-    let (mut client, conn) = h2::client::Builder::new()
-        .initial_window_size(0)
-        .handshake::<_, Bytes>(tcp)
-        .await
-        .unwrap();
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
     // Two calls whose responses can never be sent: both pods answer, lb-agent cannot pass
     // the bodies on.
-    let mut held = Vec::new();
-    for i in 0..2 {
-        let req = http::Request::get(format!("http://x/work?ms=1&i={i}"))
-            .body(())
-            .unwrap();
-        let (resp, _) = client.send_request(req, true).unwrap();
-        held.push(resp);
-    }
+    let held = zero_window_calls(agent.addr, 2, 1).await;
     eventually(SECS, "both pods answered", || async {
         pods.iter().map(|p| p.stats.finished()).sum::<usize>() == 2
     })
@@ -212,23 +219,7 @@ async fn an_h2c_client_with_a_zero_window_does_not_pin_slots() {
 async fn a_finished_pods_slot_is_free_whatever_its_client_reads() {
     let pods = start_pods(33, 2).await.unwrap();
     let agent = agent_with("queue: {timeout: 2s}\n", 1, &pods, "").await;
-    let tcp = TcpStream::connect(agent.addr).await.unwrap();
-    let (mut client, conn) = h2::client::Builder::new()
-        .initial_window_size(0)
-        .handshake::<_, Bytes>(tcp)
-        .await
-        .unwrap();
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let mut held = Vec::new();
-    for i in 0..2 {
-        let req = http::Request::get(format!("http://x/work?ms=10&i={i}"))
-            .body(())
-            .unwrap();
-        let (resp, _) = client.send_request(req, true).unwrap();
-        held.push(resp);
-    }
+    let held = zero_window_calls(agent.addr, 2, 10).await;
     eventually(SECS, "both pods answered", || async {
         pods.iter().map(|p| p.stats.finished()).sum::<usize>() == 2
     })

@@ -409,58 +409,11 @@ pub async fn stream(channel: Channel, body: &str, id: &str) -> Result<Vec<String
 const GRPCIO: &str = "grpcio==1.85.1";
 
 /// Python with grpcio (the gRPC C-core, via PyPI), in a virtualenv made once under the test
-/// target dir and reused by later runs. Made in a scratch dir and renamed into place, so an
-/// interrupted install is never mistaken for a finished one.
+/// target dir (see [`super::venv_python`]).
 pub fn grpcio_python() -> PathBuf {
     static PYTHON: OnceLock<PathBuf> = OnceLock::new();
     PYTHON
-        .get_or_init(|| {
-            let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("grpcio-venv");
-            let python = venv.join("bin").join("python");
-            let works = |python: &Path| {
-                std::process::Command::new(python)
-                    .args(["-c", "import grpc"])
-                    .output()
-                    .is_ok_and(|o| o.status.success())
-            };
-            if works(&python) {
-                return python;
-            }
-            let scratch = venv.with_extension(format!("tmp{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&scratch);
-            let run = |cmd: &mut std::process::Command, what: &str| {
-                let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
-                assert!(
-                    out.status.success(),
-                    "{what} failed:\n{}{}",
-                    String::from_utf8_lossy(&out.stdout),
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            };
-            run(
-                std::process::Command::new("python3")
-                    .args(["-m", "venv"])
-                    .arg(&scratch),
-                "python3 -m venv (Debian: apt-get install python3-venv)",
-            );
-            run(
-                std::process::Command::new(scratch.join("bin").join("python")).args([
-                    "-m",
-                    "pip",
-                    "install",
-                    "--quiet",
-                    "--disable-pip-version-check",
-                    GRPCIO,
-                ]),
-                &format!("pip install {GRPCIO}"),
-            );
-            if std::fs::rename(&scratch, &venv).is_err() {
-                // Another test process finished first: use its venv.
-                let _ = std::fs::remove_dir_all(&scratch);
-            }
-            assert!(works(&python), "no grpcio in {}", venv.display());
-            python
-        })
+        .get_or_init(|| super::venv_python("grpcio-venv", GRPCIO, "grpc"))
         .clone()
 }
 

@@ -41,58 +41,17 @@ pub fn kustomize(dir: &str) -> (String, Vec<Value>) {
     (text, objects)
 }
 
-/// The virtualenv's python with `kubernetes_validate` importable.
+/// The virtualenv's python with `kubernetes_validate` importable (see
+/// [`super::venv_python`]).
 pub fn kubernetes_validate_python() -> PathBuf {
     static PYTHON: OnceLock<PathBuf> = OnceLock::new();
     PYTHON
         .get_or_init(|| {
-            let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kubernetes-validate-venv");
-            let python = venv.join("bin").join("python");
-            let works = |python: &Path| {
-                Command::new(python)
-                    .args(["-c", "import kubernetes_validate"])
-                    .output()
-                    .is_ok_and(|o| o.status.success())
-            };
-            if works(&python) {
-                return python;
-            }
-            let scratch = venv.with_extension(format!("tmp{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&scratch);
-            let run = |cmd: &mut Command, what: &str| {
-                let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
-                assert!(
-                    out.status.success(),
-                    "{what} failed:\n{}{}",
-                    String::from_utf8_lossy(&out.stdout),
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            };
-            run(
-                Command::new("python3").args(["-m", "venv"]).arg(&scratch),
-                "python3 -m venv (Debian: apt-get install python3-venv)",
-            );
-            run(
-                Command::new(scratch.join("bin").join("python")).args([
-                    "-m",
-                    "pip",
-                    "install",
-                    "--quiet",
-                    "--disable-pip-version-check",
-                    KUBERNETES_VALIDATE,
-                ]),
-                &format!("pip install {KUBERNETES_VALIDATE}"),
-            );
-            if std::fs::rename(&scratch, &venv).is_err() {
-                // Another test process finished first: use its venv.
-                let _ = std::fs::remove_dir_all(&scratch);
-            }
-            assert!(
-                works(&python),
-                "no kubernetes_validate in {}",
-                venv.display()
-            );
-            python
+            super::venv_python(
+                "kubernetes-validate-venv",
+                KUBERNETES_VALIDATE,
+                "kubernetes_validate",
+            )
         })
         .clone()
 }

@@ -46,6 +46,56 @@ pub fn free_port() -> u16 {
     panic!("no free port in 127.0.0.1:{base}..{}", base + SLICE);
 }
 
+/// Python in a virtualenv under the test target dir with `requirement` (a pinned PyPI
+/// package) installed so that `import` works, made once and reused by later runs. Made in a
+/// scratch dir and renamed into place, so an interrupted install is never mistaken for a
+/// finished one. Callers keep the result in a `OnceLock`.
+pub fn venv_python(name: &str, requirement: &str, import: &str) -> PathBuf {
+    let venv = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let python = venv.join("bin").join("python");
+    let works = |python: &std::path::Path| {
+        Command::new(python)
+            .args(["-c", &format!("import {import}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if works(&python) {
+        return python;
+    }
+    let scratch = venv.with_extension(format!("tmp{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    let run = |cmd: &mut Command, what: &str| {
+        let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert!(
+            out.status.success(),
+            "{what} failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(
+        Command::new("python3").args(["-m", "venv"]).arg(&scratch),
+        "python3 -m venv (Debian: apt-get install python3-venv)",
+    );
+    run(
+        Command::new(scratch.join("bin").join("python")).args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            requirement,
+        ]),
+        &format!("pip install {requirement}"),
+    );
+    if std::fs::rename(&scratch, &venv).is_err() {
+        // Another test process finished first: use its venv.
+        let _ = std::fs::remove_dir_all(&scratch);
+    }
+    assert!(works(&python), "no {import} in {}", venv.display());
+    python
+}
+
 pub fn temp_dir(tag: &str) -> PathBuf {
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);

@@ -391,7 +391,7 @@ impl ProxyHttp for LbProxy {
                     if !self
                         .live
                         .shutdown
-                        .may_start(route.balancer.view().longest_recent_hold) =>
+                        .may_start(|| route.balancer.view().longest_recent_hold) =>
                 {
                     drop(slot);
                     ctx.refusal = Some(Refusal::Queue(QueueError::ShuttingDown));

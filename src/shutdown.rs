@@ -83,17 +83,16 @@ impl ShutdownState {
         *self.deadline.lock().unwrap_or_else(|p| p.into_inner()) = Some(deadline);
     }
 
-    /// Whether a request whose pool's recent requests took up to `hold` may still be started
-    /// on a pod: always, unless the drain has begun and the time left would not cover `hold`
+    /// Whether a request whose pool's recent requests took up to `hold()` may still be started
+    /// on a pod: always, unless the drain has begun and the time left would not cover that
     /// plus the margin to answer. Decided when the request is handed its slot, not by a poll.
-    pub fn may_start(&self, hold: Duration) -> bool {
+    /// `hold` is only asked during the drain: the pool's view costs more than the check.
+    pub fn may_start(&self, hold: impl FnOnce() -> Duration) -> bool {
         if !self.stopping() {
             return true;
         }
         let deadline = *self.deadline.lock().unwrap_or_else(|p| p.into_inner());
-        deadline.is_none_or(|d| {
-            d.saturating_duration_since(Instant::now()) >= hold + QUEUE_CLOSE_MARGIN
-        })
+        deadline.is_none_or(|d| can_finish(d.saturating_duration_since(Instant::now()), hold()))
     }
 
     /// Counts a request as being handled until the guard is dropped. Slots and queue places
@@ -128,6 +127,12 @@ pub struct DrainOnTerm {
     pub grace: Duration,
 }
 
+/// The drain's one rule: a request that takes `hold` can be started with `left` to go, and
+/// still be answered, when `left` covers `hold` plus [`QUEUE_CLOSE_MARGIN`].
+fn can_finish(left: Duration, hold: Duration) -> bool {
+    left >= hold + QUEUE_CLOSE_MARGIN
+}
+
 fn drained(live: &Live, pools: &[Arc<Balancer>]) -> bool {
     live.shutdown.active() == 0
         && pools
@@ -158,8 +163,7 @@ fn drain(live: Arc<Live>, grace: Duration, start: Instant) {
         let left = deadline - now;
         for b in &pools {
             let v = b.view();
-            let needed = QUEUE_CLOSE_MARGIN + v.longest_recent_hold;
-            if left >= needed {
+            if can_finish(left, v.longest_recent_hold) {
                 continue;
             }
             if closed.insert(v.name.clone()) {
@@ -263,17 +267,20 @@ mod tests {
     fn a_request_starts_during_the_drain_only_if_it_can_finish_with_a_margin() {
         let state = ShutdownState::default();
         let hold = Duration::from_millis(800);
-        assert!(state.may_start(hold), "no shutdown");
+        assert!(state.may_start(|| hold), "no shutdown");
         state.begin();
-        assert!(state.may_start(hold), "the delay: no deadline yet");
+        assert!(state.may_start(|| hold), "the delay: no deadline yet");
         state.drain_until(Instant::now() + Duration::from_millis(1_250));
-        assert!(!state.may_start(hold), "1.25 s left < 0.8 s + 0.5 s margin");
         assert!(
-            state.may_start(Duration::from_millis(500)),
+            !state.may_start(|| hold),
+            "1.25 s left < 0.8 s + 0.5 s margin"
+        );
+        assert!(
+            state.may_start(|| Duration::from_millis(500)),
             "1.25 s left >= 0.5 s + 0.5 s"
         );
         state.drain_until(Instant::now() - Duration::from_millis(1));
-        assert!(!state.may_start(Duration::ZERO), "past the deadline");
+        assert!(!state.may_start(|| Duration::ZERO), "past the deadline");
     }
 
     #[test]

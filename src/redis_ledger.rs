@@ -51,10 +51,12 @@
 //!   holds grants for the rest of that time, until an agent that knew the live registrations
 //!   re-asserts and names them; on an older Redis grants go on at once.
 //! - **Releases racing a re-assertion.** A re-assertion lists the agent's ids as they were when
-//!   it was sent; a request that ends meanwhile sends its release, which may reach the new,
-//!   empty ledger first and find nothing. Such an id is remembered as gone (a tombstone, for at
-//!   least [`TOMBSTONE_MIN`]), and the re-assertion does not bring it back: no slot is taken for
-//!   a request that no longer exists.
+//!   it was sent; a request that ends meanwhile sends its release, which may reach the new
+//!   epoch first (finding nothing in an empty ledger, or the old lease in one that kept its
+//!   data). Every released id is remembered as gone (a tombstone, for at least
+//!   [`TOMBSTONE_MIN`] or `lease_ttl`), and the re-assertion does not bring it back: no slot is
+//!   taken for a request that no longer exists. The price: one small ZSET entry per release
+//!   for that long.
 //! - **Redis unreachable.** Requests already holding a lease run on; new ones wait (no fall-back
 //!   to local counting, which would break the caps) and time out at their deadline as usual.
 //!   Releases that could not be sent are retried, and the agent's re-assertion after an epoch

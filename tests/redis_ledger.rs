@@ -1125,3 +1125,87 @@ async fn grants_resume_when_every_replica_reasserted() {
         at.duration_since(restarted)
     );
 }
+
+/// Review finding (issue 21's tombstones, one case further): an epoch change on a Redis that
+/// kept its data (a failover to a replica, a restart that reloads a snapshot). A request ends
+/// while its agent re-asserts: its release reaches Redis first and *finds* the old lease there,
+/// so it must still leave a tombstone, or the re-assertion that lists the lease takes the slot
+/// again for a request that no longer exists (limit 1: the pod is lost). The scripts are run
+/// here as the agent runs them (common.lua + each script), in the racing order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_racing_reassertion_on_a_kept_ledger_is_not_undone() {
+    const COMMON: &str = include_str!("../src/redis_ledger/common.lua");
+    let script = |part: &str| redis::Script::new(&format!("{COMMON}{part}"));
+    let ensure = script(include_str!("../src/redis_ledger/ensure.lua"));
+    let acquire = script(include_str!("../src/redis_ledger/acquire.lua"));
+    let leave = script(include_str!("../src/redis_ledger/leave.lua"));
+    let reassert = script(include_str!("../src/redis_ledger/reassert.lua"));
+    let peek = script(include_str!("../src/redis_ledger/peek.lua"));
+    let redis = Redis::start();
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let prefix = "lb:{ledger}:";
+    let view = "127.0.0.1:9=1";
+    async fn run(
+        s: &redis::Script,
+        conn: &mut redis::aio::MultiplexedConnection,
+        prefix: &str,
+        args: &[&str],
+    ) -> redis::Value {
+        let mut call = s.prepare_invoke();
+        call.key(prefix);
+        for a in args {
+            call.arg(*a);
+        }
+        call.invoke_async(conn).await.unwrap()
+    }
+    let first_epoch = |v: redis::Value| match v {
+        redis::Value::Array(items) => match &items[0] {
+            redis::Value::BulkString(b) => String::from_utf8(b.clone()).unwrap(),
+            other => panic!("{other:?}"),
+        },
+        other => panic!("{other:?}"),
+    };
+    let e1 = first_epoch(run(&ensure, &mut conn, prefix, &[Q, "S1", "n1", "0", "0"]).await);
+    let granted = run(
+        &acquire,
+        &mut conn,
+        prefix,
+        &[Q, &e1, "a", "30000", "0", "a#1", view, "", "10"],
+    )
+    .await;
+    assert!(format!("{granted:?}").contains("granted"), "{granted:?}");
+    // Another server id with the data kept: a new epoch over the old leases.
+    let e2 = first_epoch(run(&ensure, &mut conn, prefix, &[Q, "S2", "n2", "0", "0"]).await);
+    assert_ne!(e1, e2);
+    // The release wins the race against the re-assertion that still lists a#1.
+    run(&leave, &mut conn, prefix, &[Q, "a#1", "10000"]).await;
+    run(
+        &reassert,
+        &mut conn,
+        prefix,
+        &[
+            Q,
+            &e2,
+            "a",
+            "30000",
+            view,
+            "1",
+            "0",
+            "L",
+            "a#1",
+            "127.0.0.1:9",
+            "",
+        ],
+    )
+    .await;
+    let status = run(&peek, &mut conn, prefix, &[Q]).await;
+    let redis::Value::Array(items) = status else {
+        panic!("{status:?}")
+    };
+    assert_eq!(
+        items[3],
+        redis::Value::Array(vec![]),
+        "a slot is counted for a request that ended"
+    );
+}

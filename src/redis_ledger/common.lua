@@ -12,9 +12,9 @@
 --                     taken as gone, by the rule that reaps a vanished agent
 --   asserted    SET   regs that re-asserted in this epoch (never pending again)
 --   ttls        HASH  reg -> its agent's lease_ttl (ms)
---   gone        ZSET  id -> expiry (ms): ids released while not in the ledger (a release that
---                     reached a new, empty ledger before its agent's re-assertion did); a
---                     re-assertion never brings such an id back
+--   gone        ZSET  id -> expiry (ms): ids released lately (a release can reach a new epoch
+--                     before its agent's re-assertion does); a re-assertion never brings such
+--                     an id back
 --   expired     HASH  pool -> leases of that pool returned because their agent vanished
 --   agents      ZSET  reg -> expiry of that registration's leases (ms, Redis clock); a reg is
 --                     "<agent>|<pool>": an agent registers (and is reaped) per pool it uses

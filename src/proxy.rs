@@ -654,7 +654,10 @@ impl ProxyHttp for LbProxy {
             );
         }
         let mut e = e.more_context(format!("Peer: {peer}"));
-        let again = not_processed_by_pod(&e)
+        // Only while the slot is still held: once the pod's end of stream freed it, a reset
+        // that follows (a pod breaking RFC 9113) must not send the request again.
+        let again = ctx.slot.is_some()
+            && not_processed_by_pod(&e)
             && session.response_written().is_none()
             && !session.as_ref().retry_buffer_truncated()
             && ctx.attempts < self.max_attempts;

@@ -65,6 +65,21 @@ struct Status {
     ledger: LedgerStatus,
     routes: Vec<RouteStatus>,
     pools: Vec<PoolStatus>,
+    /// Every discovery source: a DNS name, or `k8s:<namespace>/<service>` (Kubernetes API).
+    discovery: Vec<DiscoveryStatus>,
+}
+
+#[derive(Serialize)]
+struct DiscoveryStatus {
+    source: String,
+    /// `dns` or `kubernetes`.
+    kind: &'static str,
+    errors: u64,
+    /// Unix seconds of the last good answer (0: none yet).
+    last_success_unix: u64,
+    /// The DNS name of a Service answered one address: probably an ordinary Service's
+    /// cluster IP, seen as a single pod (see the log's warning).
+    single_address: bool,
 }
 
 /// Which ledger is in force and, for a shared one, what all agents together hold.
@@ -182,7 +197,26 @@ impl AdminApp {
                 }
             })
             .collect();
+        let discovery = self
+            .live
+            .discovery_stats()
+            .into_iter()
+            .map(|(source, st)| DiscoveryStatus {
+                kind: if source.starts_with("k8s:") {
+                    "kubernetes"
+                } else {
+                    "dns"
+                },
+                source,
+                errors: st.errors.load(std::sync::atomic::Ordering::Relaxed),
+                last_success_unix: st
+                    .last_success_unix
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                single_address: st.single_address.load(std::sync::atomic::Ordering::Relaxed),
+            })
+            .collect();
         Status {
+            discovery,
             ready: self.ready(),
             config: self.live.config_in_force(),
             unresolved: self

@@ -23,8 +23,8 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use crate::balance::{Balancer, Ledger, QueuePolicy};
-use crate::config::{ClientAbort, Config, Target, UpstreamProtocol};
-use crate::discovery::{DiscoveryStats, DnsDiscovery};
+use crate::config::{ClientAbort, Config, PodPort, Target, UpstreamProtocol};
+use crate::discovery::{DiscoveryStats, Source, Task};
 use crate::route::RouteTable;
 use crate::shutdown::ShutdownState;
 
@@ -53,7 +53,7 @@ pub struct Snapshot {
 }
 
 struct Discovery {
-    task: Arc<DnsDiscovery>,
+    task: Task,
     /// `None` until the config background service starts it.
     handle: Option<tokio::task::JoinHandle<()>>,
 }
@@ -79,7 +79,7 @@ pub struct Live {
     current: RwLock<Arc<Snapshot>>,
     /// Pools a reload removed; alive while a request still holds them.
     retired: Mutex<Vec<Retired>>,
-    discovery: Mutex<BTreeMap<String, Discovery>>,
+    discovery: Mutex<BTreeMap<Source, Discovery>>,
     /// The config the process started with: restart-only settings stay as they are here.
     started_with: Config,
     /// The last config applied (for reporting what a reload changed).
@@ -158,21 +158,21 @@ fn route_table(config: &Config, pools: &[Arc<Balancer>]) -> Snapshot {
     }
 }
 
-/// The DNS pools of a config, grouped by name.
-fn by_host(
+/// The discovered pools of a config (DNS or API), grouped by source.
+fn by_source(
     config: &Config,
     pools: &[Arc<Balancer>],
-) -> BTreeMap<String, Vec<(u16, Arc<Balancer>)>> {
-    let mut hosts: BTreeMap<String, Vec<(u16, Arc<Balancer>)>> = BTreeMap::new();
+) -> BTreeMap<Source, Vec<(PodPort, Arc<Balancer>)>> {
+    let mut sources: BTreeMap<Source, Vec<(PodPort, Arc<Balancer>)>> = BTreeMap::new();
     for (pc, b) in config.pools.iter().zip(pools) {
-        if let Target::Dns { host, port } = &pc.target {
-            hosts
-                .entry(host.clone())
+        if let Some((source, port)) = Source::of(&pc.target) {
+            sources
+                .entry(source)
                 .or_default()
-                .push((*port, Arc::clone(b)));
+                .push((port, Arc::clone(b)));
         }
     }
-    hosts
+    sources
 }
 
 /// Why the first snapshot could not be built.
@@ -199,11 +199,11 @@ impl Live {
                     .ok_or_else(|| LiveError::StaticPods(pc.name.clone()))?;
             }
         }
-        let discovery = by_host(config, &pools)
+        let discovery = by_source(config, &pools)
             .into_iter()
-            .map(|(host, pools)| {
-                let task = Arc::new(DnsDiscovery::new(host.clone(), pools, config.dns.clone()));
-                (host, Discovery { task, handle: None })
+            .map(|(source, pools)| {
+                let task = Task::new(&source, pools, config);
+                (source, Discovery { task, handle: None })
             })
             .collect();
         let awaited = pools.iter().map(Arc::downgrade).collect();
@@ -288,14 +288,15 @@ impl Live {
         retired.iter().filter_map(|r| r.pool.upgrade()).collect()
     }
 
-    /// Every DNS name being discovered, with its lookup counters (for `/metrics`).
+    /// Every source being discovered (a DNS name, or `k8s:<namespace>/<service>`), with its
+    /// counters (for `/metrics` and `/status`).
     pub fn discovery_stats(&self) -> Vec<(String, Arc<DiscoveryStats>)> {
         self.discovery
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
             .filter(|(_, d)| !d.finished())
-            .map(|(host, d)| (host.clone(), Arc::clone(&d.task.stats)))
+            .map(|(source, d)| (source.to_string(), Arc::clone(d.task.stats())))
             .collect()
     }
 
@@ -304,7 +305,7 @@ impl Live {
         let mut discovery = self.discovery.lock().unwrap_or_else(|e| e.into_inner());
         for d in discovery.values_mut() {
             if d.handle.is_none() {
-                let task = Arc::clone(&d.task);
+                let task = d.task.clone();
                 d.handle = Some(tokio::spawn(async move {
                     task.run(std::future::pending()).await
                 }));
@@ -391,24 +392,24 @@ impl Live {
             retired.push((b, follows));
         }
 
-        // Discovery: one task per name that a pool in force uses or a retired pool follows.
-        let mut in_force = by_host(config, &pools);
-        let in_force_names: BTreeSet<String> = in_force.keys().cloned().collect();
-        let mut followers: BTreeMap<String, Vec<(u16, Weak<Balancer>)>> = BTreeMap::new();
+        // Discovery: one task per source that a pool in force uses or a retired pool follows.
+        let mut in_force = by_source(config, &pools);
+        let in_force_names: BTreeSet<Source> = in_force.keys().cloned().collect();
+        let mut followers: BTreeMap<Source, Vec<(PodPort, Weak<Balancer>)>> = BTreeMap::new();
         for (b, follows) in &retired {
-            if let Some(Target::Dns { host, port }) = follows {
+            if let Some((source, port)) = follows.as_ref().and_then(Source::of) {
                 followers
-                    .entry(host.clone())
+                    .entry(source)
                     .or_default()
-                    .push((*port, Arc::downgrade(b)));
+                    .push((port, Arc::downgrade(b)));
             }
         }
-        let names: BTreeSet<String> = in_force.keys().chain(followers.keys()).cloned().collect();
-        let running: Vec<(String, Arc<DnsDiscovery>)> = {
+        let names: BTreeSet<Source> = in_force.keys().chain(followers.keys()).cloned().collect();
+        let running: Vec<(Source, Task)> = {
             let mut discovery = self.discovery.lock().unwrap_or_else(|e| e.into_inner());
             // A task that stopped by itself has said so in the log.
             discovery.retain(|_, d| !d.finished());
-            let unused: Vec<String> = discovery
+            let unused: Vec<Source> = discovery
                 .keys()
                 .filter(|h| !names.contains(*h))
                 .cloned()
@@ -419,7 +420,7 @@ impl Live {
             }
             discovery
                 .iter()
-                .map(|(h, d)| (h.clone(), Arc::clone(&d.task)))
+                .map(|(h, d)| (h.clone(), d.task.clone()))
                 .collect()
         };
         for host in names {
@@ -428,18 +429,14 @@ impl Live {
             let task = running
                 .iter()
                 .find(|(h, _)| *h == host)
-                .map(|(_, t)| Arc::clone(t));
+                .map(|(_, t)| t.clone());
             let attached = match task {
                 Some(t) => t.set_pools(here.clone(), retired_here.clone()).await,
                 None => false,
             };
             if !attached {
                 notes.push(format!("started discovery of {host}"));
-                let task = Arc::new(DnsDiscovery::new(
-                    host.clone(),
-                    Vec::new(),
-                    self.started_with.dns.clone(),
-                ));
+                let task = Task::new(&host, Vec::new(), &self.started_with);
                 task.set_pools(here, retired_here).await;
                 self.discovery
                     .lock()
@@ -482,13 +479,13 @@ impl Live {
         // (otherwise its task stops by itself once their last request is done).
         drop(retired);
         drop(old);
-        let kept_for_retired: Vec<(String, Arc<DnsDiscovery>)> = self
+        let kept_for_retired: Vec<(Source, Task)> = self
             .discovery
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
             .filter(|(h, _)| !in_force_names.contains(*h))
-            .map(|(h, d)| (h.clone(), Arc::clone(&d.task)))
+            .map(|(h, d)| (h.clone(), d.task.clone()))
             .collect();
         for (host, task) in kept_for_retired {
             if !task.in_use().await {

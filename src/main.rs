@@ -38,6 +38,9 @@ fn main() -> ExitCode {
                     c.routes.len(),
                     c.pools.len()
                 );
+                for line in c.discovery_summary() {
+                    println!("  {line}");
+                }
                 return ExitCode::SUCCESS;
             }
             (source, c)
@@ -58,6 +61,9 @@ fn main() -> ExitCode {
         config.listen,
         config.routes.len()
     );
+    for line in config.discovery_summary() {
+        log::info!("{line}");
+    }
     match lb_agent::build_server(&config, Some(source), Some(hangup)) {
         Ok(agent) => agent.run(),
         Err(e) => fail(&e.to_string()),

@@ -6,7 +6,8 @@
 
 use std::collections::BTreeSet;
 
-use crate::config::{Config, Target};
+use crate::config::Config;
+use crate::discovery::Source;
 
 /// The changes of one reload, each list sorted by name.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -19,9 +20,9 @@ pub struct Plan {
     pub added_pools: Vec<String>,
     /// Pools the new config no longer has: retired (their requests finish under them).
     pub dropped_pools: Vec<String>,
-    /// DNS names to start looking up.
+    /// Discovery sources (DNS names, Services) to start.
     pub start_discovery: Vec<String>,
-    /// DNS names no longer used by any pool: their lookups stop.
+    /// Discovery sources no longer used by any pool: they stop.
     pub stop_discovery: Vec<String>,
     /// Routes (or what a route resolves to at request time) changed.
     pub routes_changed: bool,
@@ -34,13 +35,11 @@ impl Plan {
     }
 }
 
+/// The discovery sources of a config: DNS names and `k8s:<namespace>/<service>`.
 fn dns_names(c: &Config) -> BTreeSet<String> {
     c.pools
         .iter()
-        .filter_map(|p| match &p.target {
-            Target::Dns { host, .. } => Some(host.clone()),
-            Target::Static(_) => None,
-        })
+        .filter_map(|p| Source::of(&p.target).map(|(s, _)| s.to_string()))
         .collect()
 }
 

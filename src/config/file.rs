@@ -4,7 +4,7 @@
 //! so a Go config loads unchanged; `deny_unknown_fields` makes a typo an error rather than a
 //! silent default. Nothing here is checked beyond its YAML type: `validate.rs` turns this into
 //! the [`Config`](super::Config) the rest of the crate uses. The only values typed here are the
-//! three enums (`match`, `protocol`, `client_abort`) and the booleans ([`Yaml11Bool`]), whose
+//! enums (`match`, `protocol`, `client_abort`, `discovery`), `http_port` and the booleans ([`Yaml11Bool`]), whose
 //! spelling belongs to the file format.
 //!
 //! serde stops at the first unknown key; `keys.rs` finds all of them first, reading the keys
@@ -14,7 +14,7 @@ use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 use std::fmt;
 
-use super::{ClientAbort, MatchKind, UpstreamProtocol};
+use super::{ClientAbort, DiscoveryKind, MatchKind, UpstreamProtocol};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -24,9 +24,11 @@ pub(super) struct FileConfig {
     pub(super) debug: Yaml11Bool,
     pub(super) port: Option<u16>,
     pub(super) log_file: Option<String>,
-    /// Go agent: path of a kubeconfig. Accepted and ignored: discovery uses DNS.
-    #[allow(dead_code)]
+    /// Go agent: path of a kubeconfig. When the file exists, `service_name` routes find their
+    /// pods through the Kubernetes API with it (see `discovery`).
     pub(super) kube_config_file: Option<String>,
+    /// How `service_name` routes find their pods, unless a route says otherwise.
+    pub(super) discovery: Option<DiscoveryKind>,
     pub(super) listen: Option<String>,
     pub(super) threads: Option<usize>,
     pub(super) admin_listen: Option<String>,
@@ -93,7 +95,9 @@ pub(super) struct FileRoute {
     pub(super) limit: Option<usize>,
     pub(super) service_name: Option<String>,
     pub(super) namespace: Option<String>,
-    pub(super) http_port: Option<u16>,
+    /// A number, or (Kubernetes API discovery) the name of the EndpointSlice port.
+    pub(super) http_port: Option<FilePort>,
+    pub(super) discovery: Option<DiscoveryKind>,
     /// Older Go route form: a full DNS name …
     pub(super) k8s_host: Option<String>,
     /// … and its port, spelled with a capital K in those configs.
@@ -105,6 +109,49 @@ pub(super) struct FileRoute {
     pub(super) protocol: Option<UpstreamProtocol>,
     pub(super) client_abort: Option<ClientAbort>,
     pub(super) upstream_timeout: Option<String>,
+}
+
+/// `http_port`: the Go agent's number, or a port's name as the Service's EndpointSlices name it
+/// (`http`), which only the Kubernetes API can resolve. A quoted number is a number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum FilePort {
+    Number(u16),
+    Name(String),
+}
+
+impl<'de> Deserialize<'de> for FilePort {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(FilePortVisitor)
+    }
+}
+
+struct FilePortVisitor;
+
+impl Visitor<'_> for FilePortVisitor {
+    type Value = FilePort;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a port number (1-65535) or a port name")
+    }
+
+    fn visit_u64<E: de::Error>(self, value: u64) -> Result<FilePort, E> {
+        u16::try_from(value)
+            .map(FilePort::Number)
+            .map_err(|_| E::custom(format!("{value} is not a port number (1-65535)")))
+    }
+
+    fn visit_i64<E: de::Error>(self, value: i64) -> Result<FilePort, E> {
+        u64::try_from(value)
+            .map_err(|_| E::custom(format!("{value} is not a port number (1-65535)")))
+            .and_then(|v| self.visit_u64(v))
+    }
+
+    fn visit_str<E: de::Error>(self, value: &str) -> Result<FilePort, E> {
+        match value.trim().parse::<u64>() {
+            Ok(n) => self.visit_u64(n),
+            Err(_) => Ok(FilePort::Name(value.trim().to_string())),
+        }
+    }
 }
 
 /// A boolean as the Go agent read it. Its YAML 1.1 parser took `yes/no`, `on/off` and `y/n`
@@ -198,6 +245,15 @@ impl<'de> Deserialize<'de> for UpstreamProtocol {
         d.deserialize_str(OneOf(&[
             ("http1", UpstreamProtocol::Http1),
             ("h2c", UpstreamProtocol::H2c),
+        ]))
+    }
+}
+
+impl<'de> Deserialize<'de> for DiscoveryKind {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_str(OneOf(&[
+            ("dns", DiscoveryKind::Dns),
+            ("kubernetes", DiscoveryKind::Kubernetes),
         ]))
     }
 }

@@ -112,6 +112,10 @@ pub struct Config {
     pub threads: usize,
     pub log_file: Option<PathBuf>,
     pub dns: DnsConfig,
+    /// `kube_config_file` as given. Kubernetes API discovery reads it when its task starts
+    /// (validation made sure it exists if any route uses the API); `None`: the in-cluster
+    /// service account.
+    pub kube_config_file: Option<PathBuf>,
     pub connect_timeout: Duration,
     /// A kept-alive connection to a pod idle longer than this is closed rather than reused
     /// (zero: never reused), so that a request is not sent on a connection the pod is closing.
@@ -250,11 +254,44 @@ pub struct RouteConfig {
     pub upstream_timeout: Duration,
 }
 
+/// How a `service_name` route finds its pods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiscoveryKind {
+    /// The Service's DNS name: one record per pod only if the Service is headless.
+    Dns,
+    /// The Service's EndpointSlices, watched through the Kubernetes API: any Service.
+    Kubernetes,
+}
+
+/// The port lb-agent connects to on each pod of a Kubernetes-discovered Service.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PodPort {
+    /// This port on every pod, whatever the Service's ports say (the Go agent's `http_port`).
+    Number(u16),
+    /// The port the EndpointSlices give under this name (`ports[].name`).
+    Named(String),
+}
+
+impl fmt::Display for PodPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PodPort::Number(p) => write!(f, "{p}"),
+            PodPort::Named(n) => f.write_str(n),
+        }
+    }
+}
+
 /// Where a pool's pods come from.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Target {
     /// A DNS name whose A/AAAA records are the pods (a headless Service).
     Dns { host: String, port: u16 },
+    /// A Service's ready endpoints, as the Kubernetes API's EndpointSlices list them.
+    Kube {
+        namespace: String,
+        service: String,
+        port: PodPort,
+    },
     /// A fixed list of pods.
     Static(Vec<SocketAddr>),
 }
@@ -263,6 +300,11 @@ impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Target::Dns { host, port } => write!(f, "{host}:{port}"),
+            Target::Kube {
+                namespace,
+                service,
+                port,
+            } => write!(f, "k8s:{namespace}/{service}:{port}"),
             Target::Static(addrs) => {
                 let list: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
                 write!(f, "static[{}]", list.join(","))
@@ -277,6 +319,52 @@ pub struct PoolConfig {
     pub name: String,
     pub target: Target,
     pub limit: usize,
+}
+
+impl Config {
+    /// One line per route saying where its pods come from, for `--check` and the start-up log:
+    /// the choice between DNS and the Kubernetes API is made by rules (see `discovery`), and a
+    /// user swapping in lb-agent for the Go agent must be able to see which one applied.
+    pub fn discovery_summary(&self) -> Vec<String> {
+        self.routes
+            .iter()
+            .map(|r| {
+                let how = match &self.pools[r.pool].target {
+                    Target::Kube {
+                        namespace,
+                        service,
+                        port,
+                    } => format!(
+                        "Kubernetes API: EndpointSlices of Service {namespace}/{service}, pod port {port}, credentials {}",
+                        match &self.kube_config_file {
+                            Some(p) => format!("from kube_config_file {}", p.display()),
+                            None => "of the in-cluster service account".to_string(),
+                        }
+                    ),
+                    Target::Dns { host, port } if host.contains(".svc.") => format!(
+                        "DNS {host}, pod port {port}: the Service must be headless (an ordinary one answers its one cluster IP){}",
+                        match &self.kube_config_file {
+                            Some(p) if !p.is_file() => format!(
+                                "; kube_config_file {} was not found, so the API is not used",
+                                p.display()
+                            ),
+                            _ => String::new(),
+                        }
+                    ),
+                    Target::Dns { host, port } => format!("DNS {host}, port {port}"),
+                    Target::Static(addrs) => format!(
+                        "static pods {}",
+                        addrs
+                            .iter()
+                            .map(|a| a.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                };
+                format!("route {}: {how}", r.uri)
+            })
+            .collect()
+    }
 }
 
 /// Reads a config file's bytes, at most one more than [`MAX_CONFIG_BYTES`]: enough for
@@ -380,6 +468,7 @@ impl Config {
             threads,
             log_file,
             dns,
+            kube_config_file,
             connect_timeout: _,
             upstream_idle_timeout: _,
             max_attempts,
@@ -398,6 +487,7 @@ impl Config {
             threads,
             log_file,
             dns,
+            kube_config_file,
             max_attempts,
             shutdown_grace,
             shutdown_delay,
@@ -418,6 +508,7 @@ pub struct RestartOnly {
     pub threads: usize,
     pub log_file: Option<PathBuf>,
     pub dns: DnsConfig,
+    pub kube_config_file: Option<PathBuf>,
     pub max_attempts: usize,
     pub shutdown_grace: Duration,
     pub shutdown_delay: Duration,
@@ -438,6 +529,7 @@ impl RestartOnly {
             threads,
             log_file,
             dns,
+            kube_config_file,
             max_attempts,
             shutdown_grace,
             shutdown_delay,
@@ -457,6 +549,10 @@ impl RestartOnly {
         note(*log_file != other.log_file, "log_file");
         note(*debug != other.debug, "debug");
         note(*dns != other.dns, "dns");
+        note(
+            *kube_config_file != other.kube_config_file,
+            "kube_config_file",
+        );
         note(*max_attempts != other.max_attempts, "max_attempts");
         note(*client != other.client, "client");
         note(*shutdown_grace != other.shutdown_grace, "shutdown_grace");

@@ -9,13 +9,13 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::file::{FileClient, FileConfig, FileLedger, FileQueue, FileRoute, Yaml11Bool};
+use super::file::{FileClient, FileConfig, FileLedger, FilePort, FileQueue, FileRoute, Yaml11Bool};
 use super::{
-    ClientLimits, Config, ConfigError, DnsConfig, LedgerConfig, MatchKind, PoolConfig, QueuePolicy,
-    RouteConfig, Target,
+    ClientLimits, Config, ConfigError, DiscoveryKind, DnsConfig, LedgerConfig, MatchKind, PodPort,
+    PoolConfig, QueuePolicy, RouteConfig, Target,
 };
 
 /// Largest config file: Kubernetes caps a ConfigMap at 1 MiB, and ours are a few hundred bytes.
@@ -520,12 +520,23 @@ pub(super) fn validate(f: FileConfig) -> Result<Config, ConfigError> {
     );
     let client = problems.check(client_limits(&f.client));
     let ledger = problems.check(ledger(&f.ledger));
+    let kube_config_file = f
+        .kube_config_file
+        .as_deref()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(PathBuf::from);
+    let discovery = DiscoveryRule {
+        cluster_domain: cluster_domain.unwrap_or_else(|| "cluster.local".to_string()),
+        default: f.discovery,
+        kubeconfig_found: kube_config_file.as_deref().is_some_and(Path::is_file),
+    };
 
     // The routes are checked even when a global setting they inherit is wrong (with its
     // default in its place), so that their own errors are reported in the same run.
     let (routes, pools) = routes(
         &f.routes,
-        &cluster_domain.unwrap_or_else(|| "cluster.local".to_string()),
+        &discovery,
         queue.unwrap_or_default(),
         upstream_timeout_default.unwrap_or(DEFAULT_UPSTREAM_TIMEOUT),
         &mut problems,
@@ -545,6 +556,9 @@ pub(super) fn validate(f: FileConfig) -> Result<Config, ConfigError> {
         client,
         ledger,
     ) {
+        _ if kube_config_missing(&kube_config_file, &pools, &mut problems) => {
+            Err(problems.into_error())
+        }
         (
             Some(listen),
             Some(admin_listen),
@@ -568,6 +582,7 @@ pub(super) fn validate(f: FileConfig) -> Result<Config, ConfigError> {
                 .filter(|s| !s.trim().is_empty())
                 .map(PathBuf::from),
             dns,
+            kube_config_file,
             connect_timeout,
             upstream_idle_timeout,
             max_attempts,
@@ -712,7 +727,7 @@ fn upstream_idle_timeout(f: &FileConfig) -> Result<Duration, ConfigError> {
 /// checked all the same.
 fn routes(
     file_routes: &[FileRoute],
-    cluster_domain: &str,
+    discovery: &DiscoveryRule,
     queue: QueuePolicy,
     upstream_timeout_default: Duration,
     problems: &mut Problems,
@@ -730,7 +745,7 @@ fn routes(
         )));
     }
     for (i, r) in file_routes.iter().enumerate() {
-        problems.check(routes.add(i, r, cluster_domain, queue, upstream_timeout_default));
+        problems.check(routes.add(i, r, discovery, queue, upstream_timeout_default));
     }
     (routes.routes, routes.pools)
 }
@@ -749,7 +764,7 @@ impl Routes {
         &mut self,
         i: usize,
         r: &FileRoute,
-        cluster_domain: &str,
+        discovery: &DiscoveryRule,
         queue: QueuePolicy,
         upstream_timeout_default: Duration,
     ) -> Result<(), ConfigError> {
@@ -799,7 +814,7 @@ impl Routes {
             &r.upstream_timeout,
             upstream_timeout_default,
         )?;
-        let target = route_target(&p, r, cluster_domain)?;
+        let target = route_target(&p, r, discovery)?;
         let queue = match &r.queue {
             Some(q) => queue_policy(&format!("{p}.queue"), q, queue)?,
             None => queue,
@@ -950,9 +965,67 @@ fn client_limits(f: &FileClient) -> Result<ClientLimits, ConfigError> {
     Ok(limits)
 }
 
+/// How a `service_name` route's discovery is chosen: its own `discovery`, else the top-level
+/// one, else the Kubernetes API when `kube_config_file` names a file that exists (the Go agent's
+/// setup, whose configs then work unchanged with their ordinary Services), else DNS.
+struct DiscoveryRule {
+    cluster_domain: String,
+    default: Option<DiscoveryKind>,
+    kubeconfig_found: bool,
+}
+
+impl DiscoveryRule {
+    fn kind(&self, route: Option<DiscoveryKind>) -> DiscoveryKind {
+        route.or(self.default).unwrap_or(if self.kubeconfig_found {
+            DiscoveryKind::Kubernetes
+        } else {
+            DiscoveryKind::Dns
+        })
+    }
+}
+
+/// A route asked for the API (`discovery: kubernetes`) with a `kube_config_file` that is not
+/// there: an error at `kube_config_file` (pushed to `problems`) rather than a silent fall back
+/// to the in-cluster account or to DNS. `true` if so.
+fn kube_config_missing(
+    file: &Option<PathBuf>,
+    pools: &[PoolConfig],
+    problems: &mut Problems,
+) -> bool {
+    let uses_api = pools
+        .iter()
+        .any(|p| matches!(p.target, Target::Kube { .. }));
+    match file {
+        Some(path) if uses_api && !path.is_file() => {
+            problems.0.push(ConfigError::new(
+                "kube_config_file",
+                format!(
+                    "{}: no such file (discovery: kubernetes reads it; leave kube_config_file out to use the in-cluster service account)",
+                    path.display()
+                ),
+            ));
+            true
+        }
+        _ => false,
+    }
+}
+
+/// `http_port` of a DNS or static-style target: a number, not a port name.
+fn port_number(p: &str, port: &FilePort) -> Result<u16, ConfigError> {
+    match port {
+        FilePort::Number(n) => Ok(*n),
+        FilePort::Name(name) => Err(ConfigError::new(
+            format!("{p}.http_port"),
+            format!(
+                "{name:?} is a port name, which only Kubernetes API discovery can resolve (service_name + namespace with discovery: kubernetes); give the number"
+            ),
+        )),
+    }
+}
+
 /// Works out where a route's pods come from. Exactly one of: `endpoints`, `host`,
 /// `service_name` + `namespace`, or the older `k8s_host`.
-fn route_target(p: &str, r: &FileRoute, cluster_domain: &str) -> Result<Target, ConfigError> {
+fn route_target(p: &str, r: &FileRoute, discovery: &DiscoveryRule) -> Result<Target, ConfigError> {
     let forms = [
         r.endpoints.is_some(),
         r.host.is_some(),
@@ -970,6 +1043,12 @@ fn route_target(p: &str, r: &FileRoute, cluster_domain: &str) -> Result<Target, 
         return Err(ConfigError::new(
             p,
             "give only one target: service_name/namespace, host, k8s_host or endpoints",
+        ));
+    }
+    if r.discovery == Some(DiscoveryKind::Kubernetes) && !forms[2] {
+        return Err(ConfigError::new(
+            format!("{p}.discovery"),
+            "kubernetes needs the route's service_name + namespace (host, k8s_host and endpoints are not Services)",
         ));
     }
     if let Some(eps) = &r.endpoints {
@@ -995,18 +1074,23 @@ fn route_target(p: &str, r: &FileRoute, cluster_domain: &str) -> Result<Target, 
         return Ok(Target::Static(addrs));
     }
     let (host, port) = if let Some(h) = &r.k8s_host {
-        let port = r.k8s_port.or(r.http_port).ok_or_else(|| {
-            ConfigError::new(
-                format!("{p}.K8s_port"),
-                "missing (the port that goes with k8s_host)",
-            )
-        })?;
+        let port = match (r.k8s_port, &r.http_port) {
+            (Some(n), _) => n,
+            (None, Some(port)) => port_number(p, port)?,
+            (None, None) => {
+                return Err(ConfigError::new(
+                    format!("{p}.K8s_port"),
+                    "missing (the port that goes with k8s_host)",
+                ))
+            }
+        };
         (dns_host(&format!("{p}.k8s_host"), h)?, port)
     } else if let Some(h) = &r.host {
         let port = r
             .http_port
+            .as_ref()
             .ok_or_else(|| ConfigError::new(format!("{p}.http_port"), "missing"))?;
-        (dns_host(&format!("{p}.host"), h)?, port)
+        (dns_host(&format!("{p}.host"), h)?, port_number(p, port)?)
     } else {
         let svc = r
             .service_name
@@ -1018,6 +1102,7 @@ fn route_target(p: &str, r: &FileRoute, cluster_domain: &str) -> Result<Target, 
             .ok_or_else(|| ConfigError::new(format!("{p}.namespace"), "missing"))?;
         let port = r
             .http_port
+            .as_ref()
             .ok_or_else(|| ConfigError::new(format!("{p}.http_port"), "missing"))?;
         let svc = svc.trim().to_ascii_lowercase();
         let ns = ns.trim().to_ascii_lowercase();
@@ -1029,9 +1114,29 @@ fn route_target(p: &str, r: &FileRoute, cluster_domain: &str) -> Result<Target, 
         }
         dns_label(&format!("{p}.service_name"), &svc)?;
         dns_label(&format!("{p}.namespace"), &ns)?;
-        let host = format!("{svc}.{ns}.svc.{cluster_domain}");
+        if discovery.kind(r.discovery) == DiscoveryKind::Kubernetes {
+            let port = match port {
+                FilePort::Number(0) => {
+                    return Err(ConfigError::new(
+                        format!("{p}.http_port"),
+                        "must be between 1 and 65535",
+                    ))
+                }
+                FilePort::Number(n) => PodPort::Number(*n),
+                FilePort::Name(name) => {
+                    dns_label(&format!("{p}.http_port"), name)?;
+                    PodPort::Named(name.clone())
+                }
+            };
+            return Ok(Target::Kube {
+                namespace: ns,
+                service: svc,
+                port,
+            });
+        }
+        let host = format!("{svc}.{ns}.svc.{}", discovery.cluster_domain);
         dns_name(&format!("{p}.service_name"), &host)?;
-        (host, port)
+        (host, port_number(p, port)?)
     };
     if port == 0 {
         return Err(ConfigError::new(
@@ -1125,6 +1230,110 @@ routes:
         assert_eq!(c.log_file, Some(PathBuf::from("./logs/agent.log")));
         assert_eq!(c.shutdown_grace, Duration::from_secs(30));
         assert_eq!(c.shutdown_delay, Duration::from_secs(5));
+    }
+
+    fn kube(ns: &str, svc: &str, port: PodPort) -> Target {
+        Target::Kube {
+            namespace: ns.into(),
+            service: svc.into(),
+            port,
+        }
+    }
+
+    /// The Go agent's own setup: its kubeconfig is there, so its ordinary Service is found
+    /// through the API, unchanged. Without the file (the test above) it is DNS, as before.
+    #[test]
+    fn go_agent_config_with_its_kubeconfig_present_uses_the_api() {
+        let dir = std::env::temp_dir().join(format!("lb-agent-kc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let kc = dir.join("config");
+        std::fs::write(&kc, "apiVersion: v1\nkind: Config\n").unwrap();
+        let text = GO_CONFIG.replace("/root/kube/config", kc.to_str().unwrap());
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(
+            c.pools[0].target,
+            kube("ai-media", "yt-server-video-codec", PodPort::Number(20109))
+        );
+        assert_eq!(c.kube_config_file.as_deref(), Some(kc.as_path()));
+        assert!(
+            c.discovery_summary()[0].contains("Kubernetes API"),
+            "{:?}",
+            c.discovery_summary()
+        );
+        // A route may still ask for DNS.
+        let c = Config::parse(
+            &text.replace("http_port: 20109", "http_port: 20109\n    discovery: dns"),
+        )
+        .unwrap();
+        assert!(matches!(c.pools[0].target, Target::Dns { .. }));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn discovery_kubernetes_uses_the_in_cluster_account_and_a_route_may_say_dns() {
+        let c = Config::parse(
+            "discovery: kubernetes\nroutes:\n  - {uri: /a, limit: 2, service_name: s, namespace: n, http_port: http}\n  - {uri: /b, limit: 1, service_name: t, namespace: n, http_port: \"81\", discovery: dns}\n  - {uri: /c, limit: 1, host: x.example, http_port: 82}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.pools[0].target,
+            kube("n", "s", PodPort::Named("http".into()))
+        );
+        assert_eq!(
+            c.pools[1].target,
+            Target::Dns {
+                host: "t.n.svc.cluster.local".into(),
+                port: 81
+            }
+        );
+        assert!(
+            matches!(c.pools[2].target, Target::Dns { .. }),
+            "host routes stay DNS"
+        );
+        assert_eq!(c.kube_config_file, None);
+        assert!(c.discovery_summary()[0].contains("in-cluster service account"));
+        assert!(c.discovery_summary()[1].contains("must be headless"));
+    }
+
+    #[test]
+    fn discovery_mistakes_name_their_field() {
+        for (text, want) in [
+            (
+                "discovery: kubernetes\nkube_config_file: /nonexistent/kubeconfig\nroutes:\n  - {uri: /a, limit: 1, service_name: s, namespace: n, http_port: 1}\n",
+                "kube_config_file: /nonexistent/kubeconfig: no such file",
+            ),
+            (
+                "routes:\n  - {uri: /a, limit: 1, service_name: s, namespace: n, http_port: 1, discovery: kubernetes}\nkube_config_file: /nonexistent/kubeconfig\n",
+                "kube_config_file: /nonexistent/kubeconfig: no such file",
+            ),
+            (
+                "routes:\n  - {uri: /a, limit: 1, service_name: s, namespace: n, http_port: http}\n",
+                "routes[0].http_port: \"http\" is a port name, which only Kubernetes API discovery can resolve",
+            ),
+            (
+                "routes:\n  - {uri: /a, limit: 1, host: x.example, http_port: 1, discovery: kubernetes}\n",
+                "routes[0].discovery: kubernetes needs the route's service_name + namespace",
+            ),
+            (
+                "discovery: k8s\nroutes:\n  - {uri: /a, limit: 1, host: x.example, http_port: 1}\n",
+                "discovery: \"k8s\" is not one of: dns, kubernetes",
+            ),
+            (
+                "discovery: kubernetes\nroutes:\n  - {uri: /a, limit: 1, service_name: s, namespace: n, http_port: 0}\n",
+                "routes[0].http_port: must be between 1 and 65535",
+            ),
+            (
+                "discovery: kubernetes\nroutes:\n  - {uri: /a, limit: 1, service_name: s, namespace: n, http_port: \"Web_Port\"}\n",
+                "routes[0].http_port:",
+            ),
+            (
+                "routes:\n  - {uri: /a, limit: 1, service_name: s, namespace: n, http_port: 70000}\n",
+                "70000 is not a port number",
+            ),
+        ] {
+            let e = err(text);
+            assert!(e.contains(want), "{text:?}\n  got: {e}\n  want: {want}");
+        }
     }
 
     /// The Go agent read YAML 1.1, where `yes`, `on`, `y` (any case) are booleans too.

@@ -1,5 +1,10 @@
 //! Headless-Service DNS discovery with the stability check.
 //!
+//! Only a headless Service's name answers one record per pod: an ordinary Service's answers its
+//! one cluster IP, which this module warns about (see
+//! [`DnsDiscovery::warn_if_single_address`]); Kubernetes API discovery ([`super::kube`]) works
+//! with either.
+//!
 //! A headless Service (`clusterIP: None`) answers its DNS name with one A/AAAA record per ready
 //! pod. While pods restart those answers flicker, so a *changed* answer is trusted only after it
 //! came back identical `stability_samples` times, `stability_interval` apart; otherwise the
@@ -13,23 +18,17 @@
 //! the search list and `ndots` of `/etc/resolv.conf` never apply. Otherwise an error on the real
 //! name makes the resolver go on to the search-list names (`<name>.<ns>.svc.cluster.local`, …),
 //! whose NXDOMAIN becomes the final answer: a SERVFAIL would read as "no pods".
-//!
-//! One discovery task runs per DNS name; every pool (port) behind that name is fed from it.
-//! The tasks run inside the config background service ([`crate::reload`]), which starts and
-//! stops them as config reloads add and remove names. Pools a reload retired are fed too, for as
-//! long as requests still hold them (see [`crate::live`]): their queued requests must go to the
-//! pods DNS names now, not to a frozen list. A task whose name no pool uses any more, in force or
-//! retired, stops by itself.
 
 use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig, ResolverOpts};
 use hickory_resolver::TokioResolver;
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use super::{Attached, DiscoveryStats};
 use crate::balance::Balancer;
 use crate::config::DnsConfig;
 
@@ -158,48 +157,12 @@ pub async fn resolve(resolver: &TokioResolver, host: &str) -> Result<Answer, Dis
     }
 }
 
-/// Lookup outcomes of one DNS name, read by `/metrics` at scrape time
-/// (`lb_discovery_*{service}`): they live with the task, so a name that a reload drops takes its
-/// series with it.
-#[derive(Default, Debug)]
-pub struct DiscoveryStats {
-    /// Lookups that failed (timeout, SERVFAIL, unreachable server), not NXDOMAIN or empty.
-    pub errors: AtomicU64,
-    pub unstable_ignored: AtomicU64,
-    /// Unix seconds of the last successful resolution (0: never).
-    pub last_success_unix: AtomicU64,
-}
-
 /// Discovery for one DNS name.
 pub struct DnsDiscovery {
     host: String,
-    attached: tokio::sync::Mutex<Attached>,
+    attached: tokio::sync::Mutex<Attached<u16, Answer>>,
     cfg: DnsConfig,
     pub stats: Arc<DiscoveryStats>,
-}
-
-/// The pools fed from one name, and the answer they were last given. Kept under one lock so a
-/// pool attached by a config reload gets exactly the answer its siblings have.
-struct Attached {
-    /// (port, balancer) for every pool of the config in force behind this name.
-    pools: Vec<(u16, Arc<Balancer>)>,
-    /// (port, balancer) for retired pools fed from this name while requests still hold them.
-    retired: Vec<(u16, Weak<Balancer>)>,
-    adopted: Option<Answer>,
-    /// The task stopped because no pool uses the name any more; it feeds nothing from now on.
-    stopped: bool,
-}
-
-impl Attached {
-    /// Every pool fed from this name, retired ones that nothing holds any more left out.
-    fn fed(&mut self) -> Vec<(u16, Arc<Balancer>)> {
-        self.retired.retain(|(_, w)| w.strong_count() > 0);
-        let retired = self
-            .retired
-            .iter()
-            .filter_map(|(port, w)| w.upgrade().map(|b| (*port, b)));
-        self.pools.iter().cloned().chain(retired).collect()
-    }
 }
 
 async fn feed(port: u16, balancer: &Balancer, answer: &Answer) {
@@ -222,12 +185,7 @@ impl DnsDiscovery {
     pub fn new(host: String, pools: Vec<(u16, Arc<Balancer>)>, cfg: DnsConfig) -> Self {
         Self {
             host,
-            attached: tokio::sync::Mutex::new(Attached {
-                pools,
-                retired: Vec::new(),
-                adopted: None,
-                stopped: false,
-            }),
+            attached: tokio::sync::Mutex::new(Attached::new(pools)),
             cfg,
             stats: Arc::default(),
         }
@@ -362,9 +320,28 @@ impl DnsDiscovery {
             current.as_ref().map(|c| c.iter().collect::<Vec<_>>()),
             answer.iter().collect::<Vec<_>>()
         );
+        self.warn_if_single_address(&answer);
         self.apply(&answer).await;
         *current = Some(answer);
         Round::Settled
+    }
+
+    /// The silent trap of a Service that is not headless: its name answers one address, the
+    /// cluster IP, and lb-agent would see the whole service as one pod (at most `limit` requests
+    /// in all, spread at random by kube-proxy). One address can also be a service that has one
+    /// pod, so this warns (at start and on each change to one address) and shows in `/status`
+    /// rather than refusing. Only names of the Service form (`<svc>.<ns>.svc.<domain>`).
+    fn warn_if_single_address(&self, answer: &Answer) {
+        let single = answer.len() == 1 && self.host.contains(".svc.");
+        let was = self.stats.single_address.swap(single, Ordering::Relaxed);
+        if single && !was {
+            let ip = answer.iter().next().copied();
+            log::warn!(
+                "DNS {} answers one address ({}): if that is an ordinary ClusterIP Service's virtual IP, lb-agent sees the whole service as ONE pod and lets at most its limit of requests run in all; use `discovery: kubernetes` (pods from the Kubernetes API, any Service) or make the Service headless (clusterIP: None)",
+                self.host,
+                ip.map_or_else(String::new, |ip| ip.to_string())
+            );
+        }
     }
 
     /// Runs rounds until `stop` completes.

@@ -690,3 +690,38 @@ async fn a_retired_pool_keeps_following_dns_while_requests_wait_on_it() {
     assert_eq!(agent.get("/work").await.status, 200);
     assert_eq!(render[0].stats.started(), 1);
 }
+
+/// The silent trap (issue 16): an ordinary ClusterIP Service's DNS name answers its one cluster
+/// IP, which lb-agent would take for a single pod. A Service name answering one address is
+/// warned about in the log and flagged in `/status`; the flag clears when the name lists pods.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_name_answering_one_address_is_warned_about() {
+    let pods = start_pods(1, 2).await.unwrap();
+    let dns = DnsServer::start().await;
+    dns.set_ips(NAME, &ips(&pods[..1]));
+    let agent = Agent::start(&config(&dns, pods[0].addr.port(), 2, "{timeout: 5s}")).await;
+    let flagged = |s: &serde_json::Value| {
+        s["discovery"]
+            .as_array()
+            .and_then(|d| d.iter().find(|x| x["source"] == NAME))
+            .map(|x| x["single_address"].as_bool().unwrap_or(false))
+    };
+    assert_eq!(flagged(&agent.status().await), Some(true));
+    let log = agent.log();
+    assert!(
+        log.contains(&format!("DNS {NAME} answers one address ({})", pods[0].addr.ip()))
+            && log.contains("discovery: kubernetes"),
+        "{log}"
+    );
+    dns.set_ips(NAME, &ips(&pods));
+    eventually(SECS, "the flag clears once the name lists two pods", || async {
+        flagged(&agent.status().await) == Some(false)
+    })
+    .await;
+    // The route and --check say how the route finds its pods.
+    assert!(
+        log.contains("route /work: DNS codec.ai-media.svc.cluster.local, pod port")
+            && log.contains("the Service must be headless"),
+        "{log}"
+    );
+}

@@ -709,14 +709,18 @@ async fn a_service_name_answering_one_address_is_warned_about() {
     assert_eq!(flagged(&agent.status().await), Some(true));
     let log = agent.log();
     assert!(
-        log.contains(&format!("DNS {NAME} answers one address ({})", pods[0].addr.ip()))
-            && log.contains("discovery: kubernetes"),
+        log.contains(&format!(
+            "DNS {NAME} answers one address ({})",
+            pods[0].addr.ip()
+        )) && log.contains("discovery: kubernetes"),
         "{log}"
     );
     dns.set_ips(NAME, &ips(&pods));
-    eventually(SECS, "the flag clears once the name lists two pods", || async {
-        flagged(&agent.status().await) == Some(false)
-    })
+    eventually(
+        SECS,
+        "the flag clears once the name lists two pods",
+        || async { flagged(&agent.status().await) == Some(false) },
+    )
     .await;
     // The route and --check say how the route finds its pods.
     assert!(

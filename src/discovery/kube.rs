@@ -242,6 +242,13 @@ impl KubeDiscovery {
                         log::info!("stopped discovery of {name}: no pool uses it any more");
                         return;
                     }
+                    // A quiet watch is a healthy one: "last success" must not age while the
+                    // Service simply does not change (alerts use `time() - last success`).
+                    if listed && failing.is_none() {
+                        self.stats
+                            .last_success_unix
+                            .store(now_unix(), Ordering::Relaxed);
+                    }
                     continue;
                 }
                 e = events.next() => e,

@@ -69,7 +69,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
     let m = Metrics {
         requests: register_int_counter_vec!(
             "lb_requests_total",
-            "Requests by route and outcome (ok, upstream_error, pod_timeout, queue_timeout, queue_full, client_gone, no_route, shutting_down, bad_request, deadline_exceeded)",
+            "Requests by route and outcome (ok, pod_error, upstream_error, pod_timeout, queue_timeout, queue_full, client_gone, no_route, shutting_down, bad_request, deadline_exceeded)",
             &["route", "outcome"]
         )?,
         request_duration: register_histogram_vec!(

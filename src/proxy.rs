@@ -75,6 +75,10 @@ pub enum Outcome {
     DeadlineExceeded,
     /// The pod made no progress for the route's `upstream_timeout`.
     PodTimeout,
+    /// The pod answered, with an error of its own: an HTTP status of 500 or more, or a gRPC
+    /// status other than `OK` (in the response head or its trailers). The request was served
+    /// as the pod wanted, but a dashboard that counted it `ok` would hide a failing pod.
+    PodError,
 }
 
 impl Outcome {
@@ -90,6 +94,7 @@ impl Outcome {
             Outcome::BadRequest => "bad_request",
             Outcome::DeadlineExceeded => "deadline_exceeded",
             Outcome::PodTimeout => "pod_timeout",
+            Outcome::PodError => "pod_error",
         }
     }
 }
@@ -126,6 +131,8 @@ pub struct Ctx {
     /// head on (kept only with `upstream_socket`): where the drain of an abandoned request
     /// resumes.
     response_framing: Option<BodyFraming>,
+    /// The pod's answer was an error of its own (see [`Outcome::PodError`]).
+    pod_error: bool,
     /// Keeps a SIGTERM drain from exiting while this request is being handled.
     _active: ActiveRequest,
 }
@@ -272,6 +279,7 @@ impl ProxyHttp for LbProxy {
             client_left: None,
             continued: false,
             response_framing: None,
+            pod_error: false,
             _active: self.live.shutdown.request(),
         }
     }
@@ -525,12 +533,6 @@ impl ProxyHttp for LbProxy {
         Ok(())
     }
 
-    /// Pingora's HTTP/1.1 client does not read a pod's trailers (pingora-core 0.9.1), so the
-    /// `Trailer:` header that announces them is not passed on: the client would wait for (or
-    /// fail on) trailers that never come. Trailers pass on `h2c` routes only.
-    ///
-    /// Also notes how the final response's body is framed, for the drain that takes over if
-    /// the client leaves before the body is read (`client_abort: finish`).
     /// The pod has delivered its whole answer: its slot is given back now, whatever the
     /// client's pace. A client that reads slowly (or an HTTP/2 client that grants no window)
     /// must not keep a pod that has finished "busy" and the queue waiting. Pingora runs this
@@ -550,6 +552,25 @@ impl ProxyHttp for LbProxy {
         Ok(None)
     }
 
+    /// A gRPC pod's status arrives in its trailers (or, for an error without a message body,
+    /// in the response head: "trailers-only").
+    fn upstream_response_trailer_filter(
+        &self,
+        _session: &mut Session,
+        upstream_trailers: &mut http::HeaderMap,
+        ctx: &mut Ctx,
+    ) -> pingora::Result<()> {
+        ctx.pod_error |= grpc_status_is_error(upstream_trailers);
+        Ok(())
+    }
+
+    /// Pingora's HTTP/1.1 client does not read a pod's trailers (pingora-core 0.9.1), so the
+    /// `Trailer:` header that announces them is not passed on: the client would wait for (or
+    /// fail on) trailers that never come. Trailers pass on `h2c` routes only.
+    ///
+    /// Also notes how the final response's body is framed, for the drain that takes over if
+    /// the client leaves before the body is read (`client_abort: finish`), and whether the
+    /// pod answered with an error of its own.
     async fn upstream_response_filter(
         &self,
         session: &mut Session,
@@ -557,6 +578,9 @@ impl ProxyHttp for LbProxy {
         ctx: &mut Ctx,
     ) -> pingora::Result<()> {
         let status = upstream_response.status.as_u16();
+        if status >= 200 {
+            ctx.pod_error = status >= 500 || grpc_status_is_error(&upstream_response.headers);
+        }
         if ctx.upstream_socket.is_some() && (status >= 200 || status == 101) {
             ctx.response_framing = Some(BodyFraming::of(
                 session.req_header().method == http::Method::HEAD,
@@ -903,6 +927,13 @@ fn not_processed_by_pod(e: &Error) -> bool {
     })
 }
 
+/// A `grpc-status` other than `0` (OK) in these headers or trailers.
+fn grpc_status_is_error(headers: &http::HeaderMap) -> bool {
+    headers
+        .get("grpc-status")
+        .is_some_and(|v| v.as_bytes().trim_ascii() != b"0")
+}
+
 /// An HTTP/1.1 request with `Expect: 100-continue` (RFC 9110 §10.1.1).
 fn expects_continue(req: &pingora::http::RequestHeader) -> bool {
     req.version == http::Version::HTTP_11
@@ -959,6 +990,7 @@ fn outcome(ctx: &Ctx, e: Option<&Error>, status: u16) -> Outcome {
         // The client closed, reset its stream, or stopped reading past `client.timeout`.
         None if e.is_some_and(|e| *e.esource() == ErrorSource::Downstream) => Outcome::ClientGone,
         None if e.is_some() || status >= 500 && ctx.pod.is_none() => Outcome::UpstreamError,
+        None if ctx.pod_error => Outcome::PodError,
         None => Outcome::Ok,
     }
 }

@@ -625,3 +625,112 @@ async fn a_refused_stream_is_sent_again() {
     assert_eq!(pod.refused.load(Ordering::SeqCst), 1);
     assert_eq!(pod.stats.started(), 1);
 }
+
+/// Issue 24 item 4: `lb_requests_total` must agree with what the clients saw, also while the
+/// admin port is being scraped hard: every call counted once, and a pod's own gRPC error
+/// (`NOT_FOUND` from `Fail`, an HTTP 200 whose grpc-status is not 0) is not `ok`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn request_metrics_agree_with_the_clients_under_concurrent_scrapes() {
+    const CALLS: usize = 400;
+    const SCRAPERS: usize = 200;
+    // A second, strict client too: grpcio reads statuses from trailers its own way.
+    const GRPCIO_CALLS: usize = 6;
+    tokio::task::spawn_blocking(grpcio_python).await.unwrap();
+    let pods = start_grpc_pods(71, 2).await;
+    let agent = Agent::start(&grpc_route(&pods, 4, "{timeout: 30s}")).await;
+    let client = connect(agent.addr).await;
+    let addr = agent.addr;
+    let grpcio_calls: Vec<_> = (0..GRPCIO_CALLS)
+        .map(|i| {
+            tokio::spawn(async move {
+                let path = if i % 2 == 0 { FAIL } else { RUN };
+                grpcio_call(addr, path, "5", &format!("py{i}"), None).await
+            })
+        })
+        .collect();
+
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let scrapers: Vec<_> = (0..SCRAPERS)
+        .map(|_| {
+            let (admin, done) = (agent.admin, std::sync::Arc::clone(&done));
+            tokio::spawn(async move {
+                let mut n = 0;
+                // Bounded: at most 2,000 scrapes each, and only while the calls run.
+                while !done.load(Ordering::SeqCst) && n < 2000 {
+                    let _ = loadgen::get(admin, "/metrics", &[]).await;
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let calls: Vec<_> = (0..CALLS)
+        .map(|i| {
+            let ch = client.channel.clone();
+            tokio::spawn(async move {
+                let path = if i % 5 == 0 { FAIL } else { RUN };
+                unary(ch, path, &format!("{}", i % 7), &format!("c{i}")).await
+            })
+        })
+        .collect();
+    let (mut ok, mut not_found, mut other) = (0u64, 0u64, Vec::new());
+    for c in calls {
+        match c.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(s) if s.code() == Code::NotFound => not_found += 1,
+            Err(s) => other.push(s),
+        }
+    }
+    for c in grpcio_calls {
+        match c.await.unwrap() {
+            (code, _) if code == "OK" => ok += 1,
+            (code, _) if code == "NOT_FOUND" => not_found += 1,
+            (code, message) => panic!("grpcio call failed: {code} {message}"),
+        }
+    }
+    done.store(true, Ordering::SeqCst);
+    let mut scrapes = 0;
+    for s in scrapers {
+        scrapes += s.await.unwrap();
+    }
+    assert!(other.is_empty(), "unexpected call failures: {other:?}");
+    assert_eq!((ok, not_found), (323, 83));
+
+    let count = |m: &str, outcome: &str| {
+        let key = format!("lb_requests_total{{outcome=\"{outcome}\",route=\"/lbtest.Work/\"}} ");
+        m.lines()
+            .find_map(|l| l.strip_prefix(key.as_str()))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let mut last = String::new();
+    let deadline = std::time::Instant::now() + SECS;
+    loop {
+        last = loadgen::get(agent.admin, "/metrics", &[])
+            .await
+            .unwrap()
+            .body;
+        let total: u64 = last
+            .lines()
+            .filter(|l| {
+                l.starts_with("lb_requests_total{") && l.contains("route=\"/lbtest.Work/\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum();
+        let calls = (CALLS + GRPCIO_CALLS) as u64;
+        if total >= calls || std::time::Instant::now() > deadline {
+            assert_eq!(
+                total, calls,
+                "every call counted once ({scrapes} scrapes):\n{last}"
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(count(&last, "ok"), ok, "ok as the clients saw it:\n{last}");
+    assert_eq!(
+        count(&last, "pod_error"),
+        not_found,
+        "the pod's own gRPC errors:\n{last}"
+    );
+}

@@ -19,6 +19,7 @@ pub mod live;
 pub mod logging;
 pub mod metrics;
 pub mod plan;
+mod pooled;
 pub mod proxy;
 pub mod redis_ledger;
 pub mod reload;
@@ -178,8 +179,10 @@ pub fn build_server(
         work_stealing: false,
         grace_period_seconds: Some(shutdown::pingora_grace_secs(config.shutdown_grace)),
         graceful_shutdown_timeout_seconds: Some(shutdown::PINGORA_RUNTIME_SHUTDOWN_SECS),
-        // Total attempts per request; our fail_to_connect decides which are retried.
-        max_retries: config.max_attempts,
+        // Total attempts per request (our fail_to_connect and error_while_proxy decide which
+        // are retried): connection attempts, plus pooled connections found closed by their
+        // pod, which are not connection attempts (nothing was sent).
+        max_retries: config.max_attempts + proxy::STALE_CONNECTION_RETRIES,
         ..ServerConf::default()
     }
     .validate()

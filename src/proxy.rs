@@ -40,6 +40,12 @@ const QUEUED_BODY_LIMIT: usize = 64 * 1024;
 /// compute calls) bounds the connections, which are pooled and reused.
 const H2_STREAMS_PER_CONNECTION: usize = 1;
 
+/// How many times one request may find its pooled pod connection already closed by the pod
+/// and go on to another connection. Not connection attempts (`max_attempts` counts those):
+/// nothing was sent, and a pod that closed several idle connections at once (it is shutting
+/// down) can leave that many in the pool.
+pub const STALE_CONNECTION_RETRIES: usize = 8;
+
 /// How long a pod that made no progress for `upstream_timeout` keeps its slot after its
 /// connection was closed (or its stream reset): time for the pod to see the cancellation
 /// before the next request reaches it.
@@ -133,6 +139,10 @@ pub struct Ctx {
     response_framing: Option<BodyFraming>,
     /// The pod's answer was an error of its own (see [`Outcome::PodError`]).
     pod_error: bool,
+    /// This attempt's pooled connection had been closed by the pod before the request was
+    /// written (see [`crate::pooled`]); how many times that happened to this request.
+    stale_connection: bool,
+    stale_connections: usize,
     /// Keeps a SIGTERM drain from exiting while this request is being handled.
     _active: ActiveRequest,
 }
@@ -280,6 +290,8 @@ impl ProxyHttp for LbProxy {
             continued: false,
             response_framing: None,
             pod_error: false,
+            stale_connection: false,
+            stale_connections: 0,
             _active: self.live.shutdown.request(),
         }
     }
@@ -601,16 +613,34 @@ impl ProxyHttp for LbProxy {
         Ok(())
     }
 
+    /// A pooled connection the pod has already closed is not used: nothing has been written
+    /// yet, so the request fails here and [`Self::error_while_proxy`] sends it on another
+    /// connection (see [`crate::pooled`]).
     async fn connected_to_upstream(
         &self,
         session: &mut Session,
-        _reused: bool,
+        reused: bool,
         _peer: &HttpPeer,
         #[cfg(unix)] _fd: std::os::unix::io::RawFd,
         #[cfg(windows)] _sock: std::os::windows::io::RawSocket,
         _digest: Option<&pingora::protocols::Digest>,
         ctx: &mut Ctx,
     ) -> pingora::Result<()> {
+        ctx.stale_connection = false;
+        #[cfg(unix)]
+        if reused {
+            let http2 = ctx
+                .route
+                .as_ref()
+                .is_some_and(|r| r.protocol == UpstreamProtocol::H2c);
+            if crate::pooled::closed_by_pod(_fd, http2) {
+                ctx.stale_connection = true;
+                return Error::e_explain(
+                    ErrorType::ConnectionClosed,
+                    "the pod had closed this pooled connection before the request was written",
+                );
+            }
+        }
         if let Some(slot) = &ctx.slot {
             slot.connected();
         }
@@ -678,6 +708,25 @@ impl ProxyHttp for LbProxy {
             );
         }
         let mut e = e.more_context(format!("Peer: {peer}"));
+        if std::mem::take(&mut ctx.stale_connection) {
+            // Nothing was written: the same pod and slot, on another connection (a new one is
+            // refused if the pod stopped listening, and then the next pod is tried). Not a
+            // connection attempt of `max_attempts`.
+            ctx.attempts -= 1;
+            ctx.stale_connections += 1;
+            let again = ctx.slot.is_some() && ctx.stale_connections <= STALE_CONNECTION_RETRIES;
+            log::debug!(
+                "pod {} had closed its pooled connection; {}",
+                PodName(ctx.pod),
+                if again {
+                    "trying another connection"
+                } else {
+                    "giving up"
+                }
+            );
+            e.set_retry(again);
+            return e;
+        }
         // Only while the slot is still held: once the pod's end of stream freed it, a reset
         // that follows (a pod breaking RFC 9113) must not send the request again.
         let again = ctx.slot.is_some()

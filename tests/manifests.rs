@@ -3,6 +3,7 @@
 
 mod common;
 
+use lb_agent::config::Target;
 use serde_yaml::Value;
 use std::process::Command;
 
@@ -15,14 +16,18 @@ fn load(path: &str) -> Value {
 const CONFIG_PATH: &str = "/usr/local/services/ai-media/conf/config.yaml";
 
 /// The overlays that exist: every directory under k8s/overlays (so a new one is checked too),
-/// which must include the two setups the README documents.
+/// which must include the three setups the README documents.
 fn overlays() -> Vec<String> {
     let mut dirs: Vec<String> = std::fs::read_dir("k8s/overlays")
         .unwrap()
         .map(|e| e.unwrap().path().to_str().unwrap().to_string())
         .collect();
     dirs.sort();
-    for want in ["k8s/overlays/headless-dns", "k8s/overlays/replicas-redis"] {
+    for want in [
+        "k8s/overlays/headless-dns",
+        "k8s/overlays/kube-api",
+        "k8s/overlays/replicas-redis",
+    ] {
         assert!(
             dirs.iter().any(|d| d == want),
             "{want} is missing: {dirs:?}"
@@ -242,7 +247,7 @@ fn overlay_agrees_with_its_config_and_the_dockerfile(dir: &str) {
     // spread over nodes. One replica needs none of it.
     let replicas = dep["spec"]["replicas"].as_u64().unwrap();
     match dir.rsplit('/').next().unwrap() {
-        "headless-dns" => assert_eq!(replicas, 1, "{dir}"),
+        "headless-dns" | "kube-api" => assert_eq!(replicas, 1, "{dir}"),
         "replicas-redis" => assert!(replicas >= 2, "{dir}: replicas: {replicas}"),
         _ => {}
     }
@@ -294,12 +299,133 @@ fn overlay_agrees_with_its_config_and_the_dockerfile(dir: &str) {
         );
     }
 
-    // The backend Service is headless and serves the route's port.
-    let route = &config["routes"][0];
-    let backend = find(&objects, "Service", route["service_name"].as_str().unwrap());
-    assert_eq!(backend["spec"]["clusterIP"], "None");
-    assert_eq!(backend["spec"]["ports"][0]["port"], route["http_port"]);
-    assert_eq!(backend["metadata"]["namespace"], route["namespace"]);
+    // How each route finds its pods in the agent's pod: the route's `discovery`, else the
+    // top-level one, else DNS (a `kube_config_file` that exists, the rule's third case, cannot
+    // apply: no bundle mounts one). DNS: the bundle ships the route's Service, headless (an
+    // ordinary one answers its one cluster IP), serving the route's port. The Kubernetes API:
+    // lb-agent agrees, and the Service is the user's own, unchanged, so the bundle ships none.
+    let routes = config["routes"].as_sequence().unwrap();
+    assert_eq!(routes.len(), parsed.routes.len(), "{dir}");
+    let mut api_namespaces: Vec<&str> = Vec::new();
+    for (route, r) in routes.iter().zip(&parsed.routes) {
+        let service = route["service_name"].as_str().unwrap();
+        let namespace = route["namespace"].as_str().unwrap();
+        let discovery = route["discovery"]
+            .as_str()
+            .or(config["discovery"].as_str())
+            .unwrap_or("dns");
+        match discovery {
+            "dns" => {
+                let backend = find(&objects, "Service", service);
+                assert_eq!(
+                    backend["spec"]["clusterIP"], "None",
+                    "{dir}: {service} must be headless for DNS discovery"
+                );
+                assert_eq!(backend["spec"]["ports"][0]["port"], route["http_port"]);
+                assert_eq!(backend["metadata"]["namespace"], namespace);
+            }
+            "kubernetes" => {
+                match &parsed.pools[r.pool].target {
+                    Target::Kube {
+                        namespace: n,
+                        service: s,
+                        ..
+                    } => assert_eq!((n.as_str(), s.as_str()), (namespace, service), "{dir}"),
+                    other => panic!("{dir}: {service} is not found through the API: {other}"),
+                }
+                assert!(
+                    of_kind(&objects, "Service")
+                        .iter()
+                        .all(|s| s["metadata"]["name"] != service),
+                    "{dir}: ships a Service {service}: API discovery takes the existing one as it is"
+                );
+                api_namespaces.push(namespace);
+            }
+            other => panic!("{dir}: discovery {other:?}"),
+        }
+    }
+    match dir.rsplit('/').next().unwrap() {
+        "headless-dns" | "replicas-redis" => {
+            assert!(api_namespaces.is_empty(), "{dir}: every route by DNS")
+        }
+        "kube-api" => {
+            assert_eq!(config["discovery"], "kubernetes", "{dir}");
+            assert_eq!(
+                api_namespaces.len(),
+                routes.len(),
+                "{dir}: every route by the API"
+            );
+        }
+        _ => {}
+    }
+
+    // Through the API, as lb-agent does without kube_config_file: the pods run as a
+    // ServiceAccount of the bundle with its token mounted, and a RoleBinding in each route's
+    // namespace gives that account a Role there with get, list and watch on endpointslices.
+    if !api_namespaces.is_empty() {
+        assert_eq!(
+            parsed.kube_config_file, None,
+            "{dir}: lb-agent would read kube_config_file instead of the service account"
+        );
+        let account = pod["serviceAccountName"].as_str().unwrap_or_else(|| {
+            panic!("{dir}: no serviceAccountName: the pods would run as the namespace's default")
+        });
+        let sa = find(&objects, "ServiceAccount", account);
+        let sa_namespace = sa["metadata"]["namespace"].as_str().unwrap();
+        assert_eq!(dep["metadata"]["namespace"], sa_namespace, "{dir}");
+        // The pod's setting wins over the account's; unset in both, the token is mounted.
+        let mounted = pod["automountServiceAccountToken"]
+            .as_bool()
+            .or(sa["automountServiceAccountToken"].as_bool())
+            .unwrap_or(true);
+        assert!(
+            mounted,
+            "{dir}: automountServiceAccountToken is false: lb-agent would have no credentials"
+        );
+        for namespace in api_namespaces {
+            let roles: Vec<&Value> = of_kind(&objects, "RoleBinding")
+                .into_iter()
+                .filter(|b| b["metadata"]["namespace"] == namespace)
+                .filter(|b| {
+                    b["subjects"].as_sequence().is_some_and(|subjects| {
+                        subjects.iter().any(|s| {
+                            s["kind"] == "ServiceAccount"
+                                && s["name"] == account
+                                && s["namespace"] == sa_namespace
+                        })
+                    })
+                })
+                .filter(|b| {
+                    b["roleRef"]["kind"] == "Role"
+                        && b["roleRef"]["apiGroup"] == "rbac.authorization.k8s.io"
+                })
+                .map(|b| {
+                    let name = &b["roleRef"]["name"];
+                    let found: Vec<&Value> = of_kind(&objects, "Role")
+                        .into_iter()
+                        .filter(|r| r["metadata"]["namespace"] == namespace)
+                        .filter(|r| r["metadata"]["name"] == *name)
+                        .collect();
+                    assert_eq!(
+                        found.len(),
+                        1,
+                        "{dir}: RoleBinding's roleRef {name:?} in {namespace}"
+                    );
+                    found[0]
+                })
+                .collect();
+            assert!(
+                !roles.is_empty(),
+                "{dir}: no RoleBinding in {namespace} binds a Role to ServiceAccount {sa_namespace}/{account}"
+            );
+            for verb in ["get", "list", "watch"] {
+                assert!(
+                    roles.iter().any(|r| grants_endpointslices(r, verb)),
+                    "{dir}: ServiceAccount {account} may not {verb} endpointslices (discovery.k8s.io) in {namespace}"
+                );
+            }
+        }
+    }
 
     // Dockerfile: exposes both ports, uses the drop-in config path, runs as non-root.
     let docker = std::fs::read_to_string("Dockerfile").unwrap();
@@ -312,6 +438,26 @@ fn overlay_agrees_with_its_config_and_the_dockerfile(dir: &str) {
     assert!(docker.contains("USER 10001"));
     assert_eq!(pod["securityContext"]["runAsUser"], 10001);
     assert!(docker.contains("cmake"), "the build stage installs cmake");
+}
+
+/// A Role's rule lets `verb` on every `endpointslices` of group `discovery.k8s.io` (no
+/// `resourceNames`, which would leave out the list and watch of the whole collection).
+fn grants_endpointslices(role: &Value, verb: &str) -> bool {
+    role["rules"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .any(|rule| {
+            let has = |key: &str, want: &str| {
+                rule[key]
+                    .as_sequence()
+                    .is_some_and(|l| l.iter().any(|v| v == want || v == "*"))
+            };
+            has("apiGroups", "discovery.k8s.io")
+                && has("resources", "endpointslices")
+                && has("verbs", verb)
+                && rule.get("resourceNames").is_none()
+        })
 }
 
 /// `kubernetes-validate` has no schema for KEDA's ScaledObject and cannot be given a CRD, so

@@ -75,6 +75,8 @@ struct DiscoveryStatus {
     /// `dns` or `kubernetes`.
     kind: &'static str,
     errors: u64,
+    /// DNS: changed answers not trusted because they did not repeat (the stability check).
+    unstable_ignored: u64,
     /// Unix seconds of the last good answer (0: none yet).
     last_success_unix: u64,
     /// The DNS name of a Service answered one address: probably an ordinary Service's
@@ -209,6 +211,9 @@ impl AdminApp {
                 },
                 source,
                 errors: st.errors.load(std::sync::atomic::Ordering::Relaxed),
+                unstable_ignored: st
+                    .unstable_ignored
+                    .load(std::sync::atomic::Ordering::Relaxed),
                 last_success_unix: st
                     .last_success_unix
                     .load(std::sync::atomic::Ordering::Relaxed),

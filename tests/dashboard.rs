@@ -5,6 +5,7 @@
 
 mod common;
 
+use common::dns::DnsServer;
 use common::*;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -147,4 +148,41 @@ async fn the_live_page_is_self_contained() {
     }
     let csp = page.header("content-security-policy").unwrap_or_default();
     assert!(csp.contains("default-src 'none'"), "{csp}");
+}
+
+/// The page's discovery table: each source, how it finds pods, its last good answer, and the
+/// single-address trap (a Service name answering one address: an ordinary Service's cluster
+/// IP) as a warning a person sees, next to what `/status` says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_live_page_shows_discovery_and_the_single_address_warning() {
+    let pods = start_pods(175, 1).await.unwrap();
+    let dns = DnsServer::start().await;
+    let name = "codec.ai-media.svc.cluster.local";
+    dns.set_ips(name, &[pods[0].addr.ip()]);
+    let agent = Agent::start(&format!(
+        "dns: {{nameservers: [\"{}\"], refresh_interval: 100ms, stability_samples: 2, stability_interval: 50ms}}\n\
+         routes:\n  - {{uri: /work, limit: 1, service_name: codec, namespace: ai-media, http_port: {}}}\n",
+        dns.addr,
+        pods[0].addr.port()
+    ))
+    .await;
+    eventually(SECS, "single address flagged in /status", || async {
+        agent.status().await["discovery"][0]["single_address"] == true
+    })
+    .await;
+    let status = agent.status().await;
+    assert_eq!(status["discovery"][0]["source"], name, "{status}");
+
+    let dom = headless(&format!("http://{}/", agent.admin), &["--dump-dom"]);
+    let row_start = dom
+        .find(&format!("data-source=\"{name}\""))
+        .unwrap_or_else(|| panic!("no discovery row for {name}:\n{dom}"));
+    let row = &dom[row_start..row_start + dom[row_start..].find("</tr>").unwrap()];
+    assert!(row.contains("data-kind=\"dns\""), "{row}");
+    assert!(row.contains(">DNS<"), "{row}");
+    assert!(row.contains(" s ago<"), "a last good answer shown: {row}");
+    assert!(
+        row.contains("one address: an ordinary Service's cluster IP"),
+        "the trap is shown: {row}"
+    );
 }

@@ -703,10 +703,9 @@ async fn request_metrics_agree_with_the_clients_under_concurrent_scrapes() {
             .and_then(|v| v.trim().parse::<u64>().ok())
             .unwrap_or(0)
     };
-    let mut last = String::new();
     let deadline = std::time::Instant::now() + SECS;
-    loop {
-        last = loadgen::get(agent.admin, "/metrics", &[])
+    let last = loop {
+        let last = loadgen::get(agent.admin, "/metrics", &[])
             .await
             .unwrap()
             .body;
@@ -723,10 +722,10 @@ async fn request_metrics_agree_with_the_clients_under_concurrent_scrapes() {
                 total, calls,
                 "every call counted once ({scrapes} scrapes):\n{last}"
             );
-            break;
+            break last;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    };
     assert_eq!(count(&last, "ok"), ok, "ok as the clients saw it:\n{last}");
     assert_eq!(
         count(&last, "pod_error"),

@@ -93,8 +93,10 @@ async fn serve(
 /// connections). Pingora checks a pooled connection through tokio's readiness, which a busy
 /// worker has not updated yet when the FIN has just arrived: before lb-agent asked the kernel
 /// itself, some runs had a request written on a connection the pod had closed, answered
-/// `502` though the pod never saw it (2 to 3 runs in 60 here, so this test failed about two
-/// times in three; `src/pooled.rs` tests the check itself on real sockets). Now every request
+/// `502` though the pod never saw it (here: 2 of 20 runs in one of three executions of a
+/// 20-run version, 2 to 4 of 40 in three of four executions of a 40-run version with shorter
+/// work; so this test catches the old behaviour in about half its executions, and
+/// `src/pooled.rs` tests the check itself on real sockets). Now every request
 /// is answered by a pod, once. Answers come in rounds (all six start together), and the stop
 /// falls halfway between two rounds: a FIN that crosses a request on the wire is a race no
 /// proxy can see coming (the pod never read that request either), and it is kept out.

@@ -99,13 +99,15 @@ async fn serve(
 /// `src/pooled.rs` tests the check itself on real sockets). Now every request
 /// is answered by a pod, once. Answers come in rounds (all six start together), and the stop
 /// falls halfway between two rounds: a FIN that crosses a request on the wire is a race no
-/// proxy can see coming (the pod never read that request either), and it is kept out.
+/// proxy can see coming (the pod never read that request either), and it is kept out; when
+/// scheduling still makes one happen, it is told apart by its reset and not failed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_request_is_never_written_on_a_connection_the_pod_closed() {
     const RUNS: usize = 30;
     const CLIENTS: usize = 6;
     const EACH: usize = 10;
     let mut failed_runs = Vec::new();
+    let mut crossed_total = 0;
     for run in 0..RUNS {
         let port = free_port();
         let work = Duration::from_millis(10 + (run as u64 % 3) * 10);
@@ -161,23 +163,32 @@ async fn a_request_is_never_written_on_a_connection_the_pod_closed() {
             max.iter().all(|m| *m <= 3),
             "run {run}: the cap held: {max:?}"
         );
-        if !failed.is_empty() {
+        // A request written on a connection whose FIN lb-agent already had reads that FIN
+        // first: `ConnectionClosed`, the failure this test is about. A FIN that crossed the
+        // request on the wire is answered by the pod's kernel with a reset (`ReadError`): the
+        // undetectable race, counted and shown but not failed (at most the stopping pod's 3 per run,
+        // never resent).
+        let (crossed, stale): (Vec<String>, Vec<String>) =
+            failed.into_iter().partition(|f| f.contains("ReadError"));
+        assert!(crossed.len() <= 3, "run {run}: {crossed:?}");
+        crossed_total += crossed.len();
+        if !stale.is_empty() {
             failed_runs.push(format!(
                 "run {run} (pods saw {seen:?}): {}",
-                failed.join("; ")
+                stale.join("; ")
             ));
-        } else {
-            assert_eq!(
-                seen.iter().sum::<usize>(),
-                CLIENTS * EACH,
-                "run {run}: every request reached a pod exactly once: {seen:?}"
-            );
         }
+        assert_eq!(
+            seen.iter().sum::<usize>() + crossed.len() + stale.len(),
+            CLIENTS * EACH,
+            "run {run}: every answered request reached a pod exactly once: {seen:?}"
+        );
         eventually(Duration::from_secs(10), "slots returned", || async {
             agent.inflight().await == 0
         })
         .await;
     }
+    println!("requests reset by a FIN that crossed them on the wire: {crossed_total}");
     assert!(
         failed_runs.is_empty(),
         "{} of {RUNS} runs had a failed request:\n{}",

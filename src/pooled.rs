@@ -9,6 +9,8 @@
 //! `MSG_PEEK` asks the kernel itself.
 
 #[cfg(unix)]
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+#[cfg(unix)]
 use std::os::unix::io::RawFd;
 
 /// The pod has closed (or reset) this connection, or, on an HTTP/1.1 connection that is idle
@@ -38,10 +40,58 @@ pub fn closed_by_pod(fd: RawFd, http2: bool) -> bool {
     }
 }
 
+/// A reused HTTP/1.1 pod connection as it stood right before this request was written on it:
+/// how many bytes the pod's kernel had acknowledged.
+///
+/// [`closed_by_pod`] cannot close one race: the pod's FIN can leave after that check and cross
+/// the request on the wire (a keep-alive timeout firing just then, a pod shutting down). Pingora
+/// then reads the end of the connection before any answer (`ConnectionClosed`), exactly as
+/// when a pod read the request and died without answering; resending is safe only in the first
+/// case. The kernel tells them apart: every segment a pod sends, its FIN included,
+/// acknowledges all it had received. If the FIN acknowledged no byte of this request, the pod
+/// had not received the request when it closed, so its application never read it. (A reset
+/// proves no such thing: a pod may read a request and then abort the connection, and a reset's
+/// acknowledgement is not taken in. Those are not resent.)
+#[cfg(unix)]
+#[derive(Debug)]
+pub struct Reused {
+    /// A duplicate: Pingora drops its connection before the error reaches the proxy, and the
+    /// number of a closed descriptor may already belong to another socket.
+    fd: OwnedFd,
+    acked_before: u64,
+}
+
+#[cfg(unix)]
+impl Reused {
+    /// `None` if the descriptor cannot be duplicated or the kernel would not say (then such a
+    /// request is never resent).
+    pub fn before_write(fd: RawFd) -> Option<Reused> {
+        // SAFETY: Pingora hands us the fd of a socket it owns and keeps open for the whole call.
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) }
+            .try_clone_to_owned()
+            .ok()?;
+        let acked_before = acked(fd.as_raw_fd())?;
+        Some(Reused { fd, acked_before })
+    }
+
+    /// The pod ended the connection without having acknowledged a single byte of this request:
+    /// call it only after reading the connection's end (a FIN) before any answer.
+    pub fn pod_closed_before_receiving(&self) -> bool {
+        acked(self.fd.as_raw_fd()) == Some(self.acked_before)
+    }
+}
+
+#[cfg(unix)]
+fn acked(fd: RawFd) -> Option<u64> {
+    pingora::protocols::l4::ext::get_tcp_info(fd)
+        .ok()
+        .map(|info| info.tcpi_bytes_acked)
+}
+
 #[cfg(all(test, unix))]
 mod tests {
-    use super::closed_by_pod;
-    use std::io::Write;
+    use super::{closed_by_pod, Reused};
+    use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
     use std::os::unix::io::AsRawFd;
 
@@ -85,5 +135,47 @@ mod tests {
         assert!(!closed_by_pod(ours.as_raw_fd(), true));
         // Peeking consumed nothing: the bytes are still there.
         assert!(closed_by_pod(ours.as_raw_fd(), false));
+    }
+
+    /// Waits until the kernel has received the FIN of `pod`'s close on `ours`.
+    fn wait_for_fin(ours: &TcpStream) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !closed_by_pod(ours.as_raw_fd(), false) {
+            assert!(std::time::Instant::now() < deadline, "FIN never seen");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    const REQUEST: &[u8] = b"GET /work HTTP/1.1\r\nhost: pod\r\n\r\n";
+
+    #[test]
+    fn a_fin_that_acknowledged_nothing_of_the_request_proves_the_pod_never_got_it() {
+        let (mut ours, pod) = pair();
+        let reused = Reused::before_write(ours.as_raw_fd()).unwrap();
+        // The pod closes; the request is written after its FIN left (the crossing, as seen
+        // from the pod's side: its socket is gone when the request arrives).
+        drop(pod);
+        wait_for_fin(&ours);
+        ours.write_all(REQUEST).unwrap();
+        let mut answer = Vec::new();
+        let _ = ours.read_to_end(&mut answer);
+        assert!(answer.is_empty());
+        assert!(reused.pod_closed_before_receiving());
+    }
+
+    #[test]
+    fn a_pod_that_read_the_request_and_closed_is_not_taken_for_one_that_never_got_it() {
+        let (mut ours, mut pod) = pair();
+        // An earlier exchange on the connection: its bytes were acknowledged before.
+        ours.write_all(REQUEST).unwrap();
+        let mut buf = vec![0u8; REQUEST.len()];
+        pod.read_exact(&mut buf).unwrap();
+        let reused = Reused::before_write(ours.as_raw_fd()).unwrap();
+        ours.write_all(REQUEST).unwrap();
+        pod.read_exact(&mut buf).unwrap();
+        // Read, then gone without an answer (a crash): the FIN acknowledges the request.
+        drop(pod);
+        wait_for_fin(&ours);
+        assert!(!reused.pod_closed_before_receiving());
     }
 }

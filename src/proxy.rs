@@ -143,6 +143,10 @@ pub struct Ctx {
     /// written (see [`crate::pooled`]); how many times that happened to this request.
     stale_connection: bool,
     stale_connections: usize,
+    /// This attempt's HTTP/1.1 connection was reused: what the pod had acknowledged before the
+    /// request was written, until the pod's answer begins (see [`crate::pooled::Reused`]).
+    #[cfg(unix)]
+    reused: Option<crate::pooled::Reused>,
     /// Keeps a SIGTERM drain from exiting while this request is being handled.
     _active: ActiveRequest,
 }
@@ -292,6 +296,8 @@ impl ProxyHttp for LbProxy {
             pod_error: false,
             stale_connection: false,
             stale_connections: 0,
+            #[cfg(unix)]
+            reused: None,
             _active: self.live.shutdown.request(),
         }
     }
@@ -589,6 +595,11 @@ impl ProxyHttp for LbProxy {
         upstream_response: &mut pingora::http::ResponseHeader,
         ctx: &mut Ctx,
     ) -> pingora::Result<()> {
+        // The pod answered: whatever fails from here on, it had the request.
+        #[cfg(unix)]
+        {
+            ctx.reused = None;
+        }
         let status = upstream_response.status.as_u16();
         if status >= 200 {
             ctx.pod_error = status >= 500 || grpc_status_is_error(&upstream_response.headers);
@@ -628,6 +639,10 @@ impl ProxyHttp for LbProxy {
     ) -> pingora::Result<()> {
         ctx.stale_connection = false;
         #[cfg(unix)]
+        {
+            ctx.reused = None;
+        }
+        #[cfg(unix)]
         if reused {
             let http2 = ctx
                 .route
@@ -639,6 +654,9 @@ impl ProxyHttp for LbProxy {
                     ErrorType::ConnectionClosed,
                     "the pod had closed this pooled connection before the request was written",
                 );
+            }
+            if !http2 {
+                ctx.reused = crate::pooled::Reused::before_write(_fd);
             }
         }
         if let Some(slot) = &ctx.slot {
@@ -675,7 +693,10 @@ impl ProxyHttp for LbProxy {
     /// but the pod may also have read it and started the work: for compute pods a duplicate
     /// doubles the cost, and the retry would land on the same pod anyway (the slot is kept).
     /// Connect failures, where nothing was sent, are retried by [`Self::fail_to_connect`]; the
-    /// reuse race itself is avoided by `upstream_idle_timeout`.
+    /// reuse race itself is avoided by `upstream_idle_timeout`, by asking the kernel before
+    /// writing ([`crate::pooled::closed_by_pod`]), and, when the pod's FIN still crossed the
+    /// request, by the proof that the pod never received it ([`crate::pooled::Reused`]): only
+    /// then is an HTTP/1.1 request sent again.
     ///
     /// The one exception is an HTTP/2 stream the pod never processed (RFC 9113 §8.7): refused
     /// with `REFUSED_STREAM`, or above the last stream id of the pod's `GOAWAY`. The pod did
@@ -708,10 +729,26 @@ impl ProxyHttp for LbProxy {
             );
         }
         let mut e = e.more_context(format!("Peer: {peer}"));
-        if std::mem::take(&mut ctx.stale_connection) {
-            // Nothing was written: the same pod and slot, on another connection (a new one is
-            // refused if the pod stopped listening, and then the next pod is tried). Not a
-            // connection attempt of `max_attempts`.
+        #[cfg(unix)]
+        let crossed = ctx.reused.take().is_some_and(|reused| {
+            e.etype() == &ErrorType::ConnectionClosed
+                && session.response_written().is_none()
+                && !session.as_ref().retry_buffer_truncated()
+                && reused.pod_closed_before_receiving()
+        });
+        #[cfg(not(unix))]
+        let crossed = false;
+        if crossed {
+            log::info!(
+                "pod {} closed its pooled connection as the request was written, before receiving any of it; sending it on another connection",
+                PodName(ctx.pod)
+            );
+        }
+        if std::mem::take(&mut ctx.stale_connection) || crossed {
+            // The pod never had the request (nothing was written, or its FIN acknowledged none
+            // of it): the same pod and slot, on another connection (a new one is refused if the
+            // pod stopped listening, and then the next pod is tried). Not a connection attempt
+            // of `max_attempts`.
             ctx.attempts -= 1;
             ctx.stale_connections += 1;
             let again = ctx.slot.is_some() && ctx.stale_connections <= STALE_CONNECTION_RETRIES;

@@ -67,6 +67,17 @@ struct Status {
     pools: Vec<PoolStatus>,
     /// Every discovery source: a DNS name, or `k8s:<namespace>/<service>` (Kubernetes API).
     discovery: Vec<DiscoveryStatus>,
+    /// Asynchronous jobs holding their pod's slot (this agent's), oldest first per pod.
+    jobs: Vec<crate::jobs::HeldView>,
+    /// Jobs whose hold ended, by pool and how.
+    jobs_ended: Vec<JobsEnded>,
+}
+
+#[derive(Serialize)]
+struct JobsEnded {
+    pool: String,
+    how: &'static str,
+    count: u64,
 }
 
 #[derive(Serialize)]
@@ -221,6 +232,18 @@ impl AdminApp {
             })
             .collect();
         Status {
+            jobs: self.live.jobs.view(),
+            jobs_ended: self
+                .live
+                .jobs
+                .ended()
+                .into_iter()
+                .map(|(pool, how, count)| JobsEnded {
+                    pool,
+                    how: how.as_str(),
+                    count,
+                })
+                .collect(),
             discovery,
             ready: self.ready(),
             config: self.live.config_in_force(),

@@ -15,6 +15,7 @@ pub mod balance;
 pub mod config;
 pub mod discovery;
 pub mod front;
+pub mod jobs;
 pub mod live;
 pub mod logging;
 pub mod metrics;

@@ -40,6 +40,8 @@ pub struct RouteEntry {
     pub upstream_idle_timeout: Duration,
     /// The longest a pod may make no progress on a request of this route.
     pub upstream_timeout: Duration,
+    /// Asynchronous jobs: a `202` with a `Location` keeps its slot (see [`crate::jobs`]).
+    pub async_jobs: Option<crate::config::AsyncJobs>,
     /// This route's metric handles, looked up on its first request.
     pub metrics: std::sync::OnceLock<crate::metrics::RouteMetrics>,
 }
@@ -86,6 +88,8 @@ pub struct Live {
     applied: Mutex<Config>,
     /// Whether SIGTERM has come, and the requests a drain waits for.
     pub shutdown: Arc<ShutdownState>,
+    /// Asynchronous jobs holding their pods' slots, and the key of their handles.
+    pub jobs: Arc<crate::jobs::Jobs>,
     /// The pools readiness waits for (see [`Live::readiness_waits_for`]): those of the config
     /// in force until the agent is first ready, then none, for good.
     awaited: Mutex<Vec<Weak<Balancer>>>,
@@ -144,6 +148,7 @@ fn route_table(config: &Config, pools: &[Arc<Balancer>]) -> Snapshot {
             upstream_timeout: r.upstream_timeout,
             protocol: r.protocol,
             client_abort: r.client_abort,
+            async_jobs: r.async_jobs.clone(),
             metrics: Default::default(),
         })
     });
@@ -181,6 +186,8 @@ pub enum LiveError {
     /// Setting a static pod list never waits; if it did, the pool would start without pods.
     #[error("static pod list of {0} did not apply synchronously")]
     StaticPods(String),
+    #[error("{0}")]
+    JobKey(String),
 }
 
 impl Live {
@@ -207,8 +214,15 @@ impl Live {
             })
             .collect();
         let awaited = pools.iter().map(Arc::downgrade).collect();
+        let keys = crate::jobs::Keys::from_env().map_err(LiveError::JobKey)?;
+        if !keys.shared && config.routes.iter().any(|r| r.async_jobs.is_some()) {
+            log::warn!(
+                "LB_AGENT_JOB_KEY is not set: the job handles this agent gives out reach their jobs only through this process (not other replicas, not after a restart)"
+            );
+        }
         Ok(Arc::new(Live {
             ledger,
+            jobs: crate::jobs::Jobs::new(keys),
             awaited: Mutex::new(awaited),
             config_in_force: Mutex::new(None),
             current: RwLock::new(Arc::new(route_table(config, &pools))),

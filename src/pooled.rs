@@ -8,10 +8,12 @@
 //! socket it has closed: it never sees it, and the client got a `502`. A non-blocking
 //! `MSG_PEEK` asks the kernel itself.
 
-#[cfg(unix)]
+#[cfg(target_os = "linux")]
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 #[cfg(unix)]
 use std::os::unix::io::RawFd;
+#[cfg(target_os = "linux")]
+use std::time::Duration;
 
 /// The pod has closed (or reset) this connection, or, on an HTTP/1.1 connection that is idle
 /// between requests, sent bytes nobody asked for (a `408` before its close, say: read as the
@@ -49,10 +51,13 @@ pub fn closed_by_pod(fd: RawFd, http2: bool) -> bool {
 /// when a pod read the request and died without answering; resending is safe only in the first
 /// case. The kernel tells them apart: every segment a pod sends, its FIN included,
 /// acknowledges all it had received. If the FIN acknowledged no byte of this request, the pod
-/// had not received the request when it closed, so its application never read it. (A reset
-/// proves no such thing: a pod may read a request and then abort the connection, and a reset's
-/// acknowledgement is not taken in. Those are not resent.)
-#[cfg(unix)]
+/// had not received the request when it closed. One more proof is asked for, since a pod that
+/// only half-closed (`shutdown(SHUT_WR)`) could still read the request: the pod's reset that
+/// follows, which a fully closed socket answers the request's bytes with
+/// ([`Reused::reset_after_fin`]). (A reset that comes without a FIN first proves nothing: a pod
+/// may read a request and then abort the connection. Those are not resent.) Linux only: other
+/// kernels' TCP_INFO does not say what was acknowledged.
+#[cfg(target_os = "linux")]
 #[derive(Debug)]
 pub struct Reused {
     /// A duplicate: Pingora drops its connection before the error reaches the proxy, and the
@@ -61,7 +66,7 @@ pub struct Reused {
     acked_before: u64,
 }
 
-#[cfg(unix)]
+#[cfg(target_os = "linux")]
 impl Reused {
     /// `None` if the descriptor cannot be duplicated or the kernel would not say (then such a
     /// request is never resent).
@@ -71,7 +76,9 @@ impl Reused {
             .try_clone_to_owned()
             .ok()?;
         let acked_before = acked(fd.as_raw_fd())?;
-        Some(Reused { fd, acked_before })
+        // A connection that carried a request has had bytes acknowledged: zero means the kernel
+        // does not count them.
+        (acked_before > 0).then_some(Reused { fd, acked_before })
     }
 
     /// The pod ended the connection without having acknowledged a single byte of this request:
@@ -79,16 +86,50 @@ impl Reused {
     pub fn pod_closed_before_receiving(&self) -> bool {
         acked(self.fd.as_raw_fd()) == Some(self.acked_before)
     }
+
+    /// Waits (a few round trips, at most [`RESET_WAIT_MAX`]) for the pod's reset that proves its
+    /// socket was fully closed when the request arrived, with still nothing of the request
+    /// acknowledged. Call it after [`Reused::pod_closed_before_receiving`] held.
+    pub async fn reset_after_fin(&self) -> bool {
+        let fd = self.fd.as_raw_fd();
+        let Ok(info) = pingora::protocols::l4::ext::get_tcp_info(fd) else {
+            return false;
+        };
+        let wait = (Duration::from_micros(u64::from(info.tcpi_rtt)) * 4)
+            .clamp(RESET_WAIT_MIN, RESET_WAIT_MAX);
+        let until = tokio::time::Instant::now() + wait;
+        loop {
+            match pingora::protocols::l4::ext::get_tcp_info(fd) {
+                Ok(i) if i.tcpi_bytes_acked != self.acked_before => return false,
+                Ok(i) if i.tcpi_state == TCP_CLOSE => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+            if tokio::time::Instant::now() >= until {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
 }
 
-#[cfg(unix)]
+/// How long [`Reused::reset_after_fin`] waits for the reset: four round trips, within these.
+#[cfg(target_os = "linux")]
+const RESET_WAIT_MIN: Duration = Duration::from_millis(5);
+#[cfg(target_os = "linux")]
+pub const RESET_WAIT_MAX: Duration = Duration::from_millis(50);
+/// `TCP_CLOSE` of Linux's `enum tcp_state` (a reset ends a connection in it).
+#[cfg(target_os = "linux")]
+const TCP_CLOSE: u8 = 7;
+
+#[cfg(target_os = "linux")]
 fn acked(fd: RawFd) -> Option<u64> {
     pingora::protocols::l4::ext::get_tcp_info(fd)
         .ok()
         .map(|info| info.tcpi_bytes_acked)
 }
 
-#[cfg(all(test, unix))]
+#[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::{closed_by_pod, Reused};
     use std::io::{Read, Write};
@@ -148,19 +189,42 @@ mod tests {
 
     const REQUEST: &[u8] = b"GET /work HTTP/1.1\r\nhost: pod\r\n\r\n";
 
-    #[test]
-    fn a_fin_that_acknowledged_nothing_of_the_request_proves_the_pod_never_got_it() {
-        let (mut ours, pod) = pair();
+    /// A connection that carried one request and its answer, as a pooled one has.
+    fn reused_pair() -> (TcpStream, TcpStream) {
+        let (mut ours, mut pod) = pair();
+        ours.write_all(REQUEST).unwrap();
+        let mut buf = vec![0u8; REQUEST.len()];
+        pod.read_exact(&mut buf).unwrap();
+        pod.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+            .unwrap();
+        let mut answer = [0u8; 38];
+        ours.read_exact(&mut answer).unwrap();
+        (ours, pod)
+    }
+
+    #[tokio::test]
+    async fn a_fin_that_acknowledged_nothing_of_the_request_proves_the_pod_never_got_it() {
+        let (mut ours, pod) = reused_pair();
         let reused = Reused::before_write(ours.as_raw_fd()).unwrap();
         // The pod closes; the request is written after its FIN left (the crossing, as seen
         // from the pod's side: its socket is gone when the request arrives).
         drop(pod);
         wait_for_fin(&ours);
         ours.write_all(REQUEST).unwrap();
-        let mut answer = Vec::new();
-        let _ = ours.read_to_end(&mut answer);
-        assert!(answer.is_empty());
         assert!(reused.pod_closed_before_receiving());
+        assert!(reused.reset_after_fin().await);
+    }
+
+    #[tokio::test]
+    async fn a_pod_that_only_half_closed_may_still_read_the_request() {
+        let (mut ours, pod) = reused_pair();
+        let reused = Reused::before_write(ours.as_raw_fd()).unwrap();
+        pod.shutdown(std::net::Shutdown::Write).unwrap();
+        wait_for_fin(&ours);
+        ours.write_all(REQUEST).unwrap();
+        // No reset comes (the pod's socket is open), whatever its kernel acknowledged yet.
+        assert!(!(reused.pod_closed_before_receiving() && reused.reset_after_fin().await));
+        drop(pod);
     }
 
     #[test]

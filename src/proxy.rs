@@ -20,6 +20,7 @@ use crate::abandoned_h2::{self, ClientLeft};
 use crate::balance::{QueueError, Slot};
 use crate::config::{ClientAbort, ClientLimits, UpstreamProtocol};
 use crate::front;
+use crate::jobs;
 use crate::live::{Live, RouteEntry};
 use crate::metrics;
 use crate::respond::{
@@ -50,6 +51,9 @@ pub const STALE_CONNECTION_RETRIES: usize = 8;
 /// connection was closed (or its stream reset): time for the pod to see the cancellation
 /// before the next request reaches it.
 const CANCEL_SETTLE: Duration = Duration::from_millis(100);
+
+mod job_requests;
+use job_requests::JOB_STATUS_BODY_LIMIT;
 
 pub struct LbProxy {
     live: Arc<Live>,
@@ -145,10 +149,28 @@ pub struct Ctx {
     stale_connections: usize,
     /// This attempt's HTTP/1.1 connection was reused: what the pod had acknowledged before the
     /// request was written, until the pod's answer begins (see [`crate::pooled::Reused`]).
-    #[cfg(unix)]
+    #[cfg(target_os = "linux")]
     reused: Option<crate::pooled::Reused>,
+    /// The previous attempt's connection ended with the pod's FIN before any of the request
+    /// was acknowledged: the retry waits for the reset that proves the pod never read it.
+    #[cfg(target_os = "linux")]
+    crossed: Option<crate::pooled::Reused>,
+    /// A client's request on a job handle (`/_lb/jobs/…`): it goes to the job's pod and path,
+    /// without a slot (see [`crate::jobs`]).
+    job_poll: Option<JobPoll>,
+    /// On an `async` route: the id the job will have if the pod accepts one (its completion
+    /// callback names it).
+    job_id: Option<u128>,
+    /// A job status answer being read to judge its JSON state.
+    job_body: Option<Vec<u8>>,
     /// Keeps a SIGTERM drain from exiting while this request is being handled.
     _active: ActiveRequest,
+}
+
+struct JobPoll {
+    handle: jobs::Handle,
+    /// What follows the token in the client's path (`/result`).
+    suffix: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -296,8 +318,13 @@ impl ProxyHttp for LbProxy {
             pod_error: false,
             stale_connection: false,
             stale_connections: 0,
-            #[cfg(unix)]
+            #[cfg(target_os = "linux")]
             reused: None,
+            #[cfg(target_os = "linux")]
+            crossed: None,
+            job_poll: None,
+            job_id: None,
+            job_body: None,
             _active: self.live.shutdown.request(),
         }
     }
@@ -337,6 +364,15 @@ impl ProxyHttp for LbProxy {
             // next request opens a new one, which the updated Service sends to another replica.
             session.set_keepalive(None);
         }
+        let path = session.req_header().uri.path();
+        if let Some(token) = path.strip_prefix(jobs::CALLBACK_PREFIX) {
+            let token = token.to_string();
+            return self.job_callback(session, ctx, &token).await;
+        }
+        if let Some(rest) = path.strip_prefix(jobs::PREFIX) {
+            let rest = rest.to_string();
+            return self.job_request(session, ctx, &rest).await;
+        }
         // The route found here stays with the request, whatever a config reload does meanwhile.
         let route = self
             .live
@@ -373,6 +409,27 @@ impl ProxyHttp for LbProxy {
         let Some(route) = ctx.route.clone() else {
             return Error::e_explain(ErrorType::InternalError, "no route in context");
         };
+        #[cfg(target_os = "linux")]
+        if let Some(crossed) = ctx.crossed.take() {
+            if !crossed.reset_after_fin().await {
+                log::warn!(
+                    "pod {} closed its connection as the request was written, but no reset confirmed that it never read it: not sent again",
+                    PodName(ctx.pod)
+                );
+                let mut e = Error::explain(
+                    ErrorType::ConnectionClosed,
+                    "the pod closed the connection before answering",
+                );
+                e.set_retry(false);
+                return Err(e);
+            }
+        }
+        if let Some(poll) = &ctx.job_poll {
+            // The job holds the pod's slot; asking about it takes none and never waits.
+            ctx.pod = Some(poll.handle.pod);
+            ctx.attempts += 1;
+            return Ok(Box::new(pod_peer(poll.handle.pod, &route)));
+        }
         if ctx.slot.is_none() {
             let queue_deadline = *ctx
                 .deadline
@@ -460,19 +517,7 @@ impl ProxyHttp for LbProxy {
         };
         ctx.pod = Some(slot.addr());
         ctx.attempts += 1;
-        let mut peer = HttpPeer::new(slot.addr(), false, String::new());
-        peer.options.connection_timeout = Some(route.connect_timeout);
-        peer.options.idle_timeout = Some(route.upstream_idle_timeout);
-        // Each read of the response and each write of the request waits at most this long
-        // (both HTTP/1.1 and HTTP/2 clients apply them per operation): no progress for
-        // `upstream_timeout` fails the request with ReadTimedout/WriteTimedout.
-        peer.options.read_timeout = Some(route.upstream_timeout);
-        peer.options.write_timeout = Some(route.upstream_timeout);
-        if route.protocol == UpstreamProtocol::H2c {
-            peer.options.set_http_version(2, 2);
-            peer.options.max_h2_streams = H2_STREAMS_PER_CONNECTION;
-        }
-        Ok(Box::new(peer))
+        Ok(Box::new(pod_peer(slot.addr(), &route)))
     }
 
     /// Adds the client's address to `X-Forwarded-For`, as the Go agent's reverse proxy did: the
@@ -486,6 +531,27 @@ impl ProxyHttp for LbProxy {
     ) -> pingora::Result<()> {
         if ctx.continued {
             upstream_request.remove_header(&http::header::EXPECT);
+        }
+        // Only lb-agent names a job's callback: a client's own would be a forgery.
+        upstream_request.remove_header(jobs::CALLBACK_HEADER);
+        if let Some(poll) = &ctx.job_poll {
+            let uri = jobs::pod_uri(&poll.handle, &poll.suffix, session.req_header().uri.query());
+            upstream_request.set_uri(
+                uri.parse()
+                    .map_err(|_| Error::explain(ErrorType::InternalError, "bad job path"))?,
+            );
+        } else if ctx.route.as_ref().is_some_and(|r| r.async_jobs.is_some()) {
+            let job = *ctx
+                .job_id
+                .get_or_insert_with(|| self.live.jobs.keys.new_job());
+            if let Some(here) = session.server_addr().and_then(|a| a.as_inet()) {
+                let url = format!(
+                    "http://{here}{}{}",
+                    jobs::CALLBACK_PREFIX,
+                    self.live.jobs.keys.mint_callback(job)
+                );
+                upstream_request.insert_header(jobs::CALLBACK_HEADER, url)?;
+            }
         }
         let finish = ctx
             .route
@@ -564,6 +630,22 @@ impl ProxyHttp for LbProxy {
         end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> pingora::Result<Option<Duration>> {
+        if let Some(read) = ctx.job_body.as_mut() {
+            if let Some(b) = _body {
+                if read.len() + b.len() <= JOB_STATUS_BODY_LIMIT {
+                    read.extend_from_slice(b);
+                }
+            }
+            if end_of_stream {
+                let read = ctx.job_body.take().unwrap_or_default();
+                self.judge_job_answer(
+                    ctx,
+                    _session.response_written().map_or(0, |r| r.status.as_u16()),
+                    None,
+                    Some(&read),
+                );
+            }
+        }
         if end_of_stream {
             drop(ctx.slot.take());
         }
@@ -596,10 +678,11 @@ impl ProxyHttp for LbProxy {
         ctx: &mut Ctx,
     ) -> pingora::Result<()> {
         // The pod answered: whatever fails from here on, it had the request.
-        #[cfg(unix)]
+        #[cfg(target_os = "linux")]
         {
             ctx.reused = None;
         }
+        self.follow_job(session, upstream_response, ctx);
         let status = upstream_response.status.as_u16();
         if status >= 200 {
             ctx.pod_error = status >= 500 || grpc_status_is_error(&upstream_response.headers);
@@ -638,7 +721,7 @@ impl ProxyHttp for LbProxy {
         ctx: &mut Ctx,
     ) -> pingora::Result<()> {
         ctx.stale_connection = false;
-        #[cfg(unix)]
+        #[cfg(target_os = "linux")]
         {
             ctx.reused = None;
         }
@@ -650,11 +733,21 @@ impl ProxyHttp for LbProxy {
                 .is_some_and(|r| r.protocol == UpstreamProtocol::H2c);
             if crate::pooled::closed_by_pod(_fd, http2) {
                 ctx.stale_connection = true;
+                if http2 {
+                    // Pingora puts an HTTP/2 connection back in its pool after this error and
+                    // sees it closed only once its driver task has read the end: shut it now,
+                    // and let the driver run, or the retry takes the same connection again.
+                    // SAFETY: `_fd` is the connection's open socket; shutting it down is what
+                    // the pod already did.
+                    unsafe { libc::shutdown(_fd, libc::SHUT_RDWR) };
+                    tokio::task::yield_now().await;
+                }
                 return Error::e_explain(
                     ErrorType::ConnectionClosed,
                     "the pod had closed this pooled connection before the request was written",
                 );
             }
+            #[cfg(target_os = "linux")]
             if !http2 {
                 ctx.reused = crate::pooled::Reused::before_write(_fd);
             }
@@ -729,21 +822,28 @@ impl ProxyHttp for LbProxy {
             );
         }
         let mut e = e.more_context(format!("Peer: {peer}"));
-        #[cfg(unix)]
-        let crossed = ctx.reused.take().is_some_and(|reused| {
-            e.etype() == &ErrorType::ConnectionClosed
-                && session.response_written().is_none()
-                && !session.as_ref().retry_buffer_truncated()
-                && reused.pod_closed_before_receiving()
-        });
-        #[cfg(not(unix))]
+        // The pod's end of the connection read as the answer's first bytes (not the client's:
+        // a client that leaves must never make a request go out again).
+        #[cfg(target_os = "linux")]
+        let crossed = match ctx.reused.take() {
+            Some(reused)
+                if e.etype() == &ErrorType::ConnectionClosed
+                    && e.esource() == &ErrorSource::Upstream
+                    && session.response_written().is_none()
+                    && !session.as_ref().retry_buffer_truncated()
+                    && reused.pod_closed_before_receiving() =>
+            {
+                ctx.crossed = Some(reused);
+                log::info!(
+                    "pod {} closed its pooled connection as the request was written, before acknowledging any of it; sending it on another connection once its reset confirms the close",
+                    PodName(ctx.pod)
+                );
+                true
+            }
+            _ => false,
+        };
+        #[cfg(not(target_os = "linux"))]
         let crossed = false;
-        if crossed {
-            log::info!(
-                "pod {} closed its pooled connection as the request was written, before receiving any of it; sending it on another connection",
-                PodName(ctx.pod)
-            );
-        }
         if std::mem::take(&mut ctx.stale_connection) || crossed {
             // The pod never had the request (nothing was written, or its FIN acknowledged none
             // of it): the same pod and slot, on another connection (a new one is refused if the
@@ -789,6 +889,11 @@ impl ProxyHttp for LbProxy {
         ctx: &mut Ctx,
         mut e: Box<Error>,
     ) -> Box<Error> {
+        if ctx.job_poll.is_some() {
+            // A job lives on its pod alone.
+            e.set_retry(false);
+            return e;
+        }
         // Nothing was sent: give the slot back now and let the retry pick another pod.
         if let Some(slot) = ctx.slot.take() {
             let addr = slot.addr();
@@ -1007,10 +1112,30 @@ impl std::fmt::Display for PodName {
 /// An HTTP/2 stream the pod refused before processing it (RFC 9113 §8.7): `REFUSED_STREAM`,
 /// or a `GOAWAY` whose last stream id is below it (the h2 crate reports only those streams as
 /// ended by the remote `GOAWAY`; streams the pod did take end with a broken pipe instead).
+/// The peer for `pod` on `route`: its timeouts, and HTTP/2 for an `h2c` route.
+fn pod_peer(pod: SocketAddr, route: &RouteEntry) -> HttpPeer {
+    let mut peer = HttpPeer::new(pod, false, String::new());
+    peer.options.connection_timeout = Some(route.connect_timeout);
+    peer.options.idle_timeout = Some(route.upstream_idle_timeout);
+    // Each read of the response and each write of the request waits at most this long
+    // (both HTTP/1.1 and HTTP/2 clients apply them per operation): no progress for
+    // `upstream_timeout` fails the request with ReadTimedout/WriteTimedout.
+    peer.options.read_timeout = Some(route.upstream_timeout);
+    peer.options.write_timeout = Some(route.upstream_timeout);
+    if route.protocol == UpstreamProtocol::H2c {
+        peer.options.set_http_version(2, 2);
+        peer.options.max_h2_streams = H2_STREAMS_PER_CONNECTION;
+    }
+    peer
+}
+
+/// The pod's side refused the stream: a client's own `REFUSED_STREAM` (or `GOAWAY`) on its
+/// side of lb-agent says nothing about the pod, and must never make a request go out again.
 fn not_processed_by_pod(e: &Error) -> bool {
-    e.root_cause().downcast_ref::<h2::Error>().is_some_and(|h| {
-        h.is_remote() && (h.is_go_away() || h.reason() == Some(h2::Reason::REFUSED_STREAM))
-    })
+    e.esource() == &ErrorSource::Upstream
+        && e.root_cause().downcast_ref::<h2::Error>().is_some_and(|h| {
+            h.is_remote() && (h.is_go_away() || h.reason() == Some(h2::Reason::REFUSED_STREAM))
+        })
 }
 
 /// A `grpc-status` other than `0` (OK) in these headers or trailers.

@@ -109,6 +109,32 @@ pub(super) struct FileRoute {
     pub(super) protocol: Option<UpstreamProtocol>,
     pub(super) client_abort: Option<ClientAbort>,
     pub(super) upstream_timeout: Option<String>,
+    /// Asynchronous jobs: a `202` with a `Location` keeps its pod's slot until the job is done.
+    #[serde(rename = "async")]
+    pub(super) async_jobs: Option<FileAsync>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileAsync {
+    pub(super) check_interval: Option<String>,
+    pub(super) max_duration: Option<String>,
+    pub(super) done_when: Option<FileDoneWhen>,
+}
+
+/// `done_when`: a convention's name, or where a JSON status answer says its state.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(super) enum FileDoneWhen {
+    Convention(String),
+    Json(FileJsonState),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileJsonState {
+    pub(super) json: String,
+    pub(super) done: Vec<String>,
 }
 
 /// `http_port`: the Go agent's number, or a port's name as the Service's EndpointSlices name it

@@ -16,7 +16,7 @@ use serde::de::{self, Deserialize, Deserializer, Visitor};
 use serde_yaml::{Mapping, Value};
 use std::fmt;
 
-use super::file::{FileClient, FileConfig, FileDns, FileLedger, FileQueue, FileRoute};
+use super::file::{FileAsync, FileClient, FileConfig, FileDns, FileLedger, FileQueue, FileRoute};
 use super::ConfigError;
 
 /// The tables of the file format.
@@ -28,6 +28,7 @@ pub(super) enum Table {
     Client,
     Ledger,
     Route,
+    Async,
 }
 
 /// What a key of a table holds, for the walk.
@@ -51,6 +52,7 @@ impl Table {
             Table::Client => fields_of::<FileClient>(),
             Table::Ledger => fields_of::<FileLedger>(),
             Table::Route => fields_of::<FileRoute>(),
+            Table::Async => fields_of::<FileAsync>(),
         }
     }
 
@@ -64,6 +66,7 @@ impl Table {
             (Table::Top, "client") => Holds::Table(Table::Client),
             (Table::Top, "ledger") => Holds::Table(Table::Ledger),
             (Table::Top, "routes") => Holds::List(Table::Route),
+            (Table::Route, "async") => Holds::Table(Table::Async),
             _ => Holds::Value,
         }
     }
@@ -237,13 +240,14 @@ impl<'de> Deserializer<'de> for &mut FieldsProbe {
 mod tests {
     use super::*;
 
-    const TABLES: [Table; 6] = [
+    const TABLES: [Table; 7] = [
         Table::Top,
         Table::Dns,
         Table::Queue,
         Table::Client,
         Table::Ledger,
         Table::Route,
+        Table::Async,
     ];
 
     /// Deserializes `{key: value}` into `table`'s struct.
@@ -256,6 +260,7 @@ mod tests {
             Table::Client => serde_yaml::from_str::<FileClient>(&doc).is_ok(),
             Table::Ledger => serde_yaml::from_str::<FileLedger>(&doc).is_ok(),
             Table::Route => serde_yaml::from_str::<FileRoute>(&doc).is_ok(),
+            Table::Async => serde_yaml::from_str::<FileAsync>(&doc).is_ok(),
         }
     }
 

@@ -252,6 +252,31 @@ pub struct RouteConfig {
     /// byte accepted) before lb-agent gives up on it: HAProxy's `timeout server`. Also bounds
     /// the wait for a pod whose client left (`client_abort: finish`).
     pub upstream_timeout: Duration,
+    /// Asynchronous jobs (`async:`): see [`crate::jobs`].
+    pub async_jobs: Option<AsyncJobs>,
+}
+
+/// A route's asynchronous jobs: a `202 Accepted` with a `Location` is a job, and it keeps its
+/// pod's slot until it is done.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AsyncJobs {
+    /// How often lb-agent asks the pod about a job it holds (a pod's `Retry-After` wins).
+    pub check_interval: Duration,
+    /// The longest a job holds its slot.
+    pub max_duration: Duration,
+    pub done_when: DoneWhen,
+}
+
+/// How a pod's status answer says that its job is over.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DoneWhen {
+    /// `200`/`202`: running; `303`/`302`/`301`/`307`/`308` (to the result): done (Azure's
+    /// async request-reply pattern, Two Sigma's Waiter).
+    Redirect,
+    /// `202`: running; any other answer: done (OData and others).
+    NotAccepted,
+    /// A JSON body whose value at `pointer` (RFC 6901) is one of `done` (BentoML, Cog).
+    Json { pointer: String, done: Vec<String> },
 }
 
 /// How a `service_name` route finds its pods.

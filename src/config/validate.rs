@@ -12,10 +12,13 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::file::{FileClient, FileConfig, FileLedger, FilePort, FileQueue, FileRoute, Yaml11Bool};
+use super::file::{
+    FileAsync, FileClient, FileConfig, FileDoneWhen, FileLedger, FilePort, FileQueue, FileRoute,
+    Yaml11Bool,
+};
 use super::{
-    ClientLimits, Config, ConfigError, DiscoveryKind, DnsConfig, LedgerConfig, MatchKind, PodPort,
-    PoolConfig, QueuePolicy, RouteConfig, Target,
+    AsyncJobs, ClientLimits, Config, ConfigError, DiscoveryKind, DnsConfig, DoneWhen, LedgerConfig,
+    MatchKind, PodPort, PoolConfig, QueuePolicy, RouteConfig, Target, UpstreamProtocol,
 };
 
 /// Largest config file: Kubernetes caps a ConfigMap at 1 MiB, and ours are a few hundred bytes.
@@ -814,6 +817,10 @@ impl Routes {
             &r.upstream_timeout,
             upstream_timeout_default,
         )?;
+        let async_jobs = match &r.async_jobs {
+            Some(a) => Some(async_jobs(&format!("{p}.async"), a, protocol)?),
+            None => None,
+        };
         let target = route_target(&p, r, discovery)?;
         let queue = match &r.queue {
             Some(q) => queue_policy(&format!("{p}.queue"), q, queue)?,
@@ -873,9 +880,88 @@ impl Routes {
             protocol,
             client_abort,
             upstream_timeout,
+            async_jobs,
         });
         Ok(())
     }
+}
+
+/// Bounds of `async.check_interval` (a pod asked more often than every 10 ms is loaded by the
+/// asking) and `async.max_duration` (a week: longer is a lost job, not a long one).
+const MIN_CHECK_INTERVAL: Duration = Duration::from_millis(10);
+const MAX_CHECK_INTERVAL: Duration = Duration::from_secs(3600);
+const MAX_JOB_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+fn async_jobs(
+    p: &str,
+    a: &FileAsync,
+    protocol: UpstreamProtocol,
+) -> Result<AsyncJobs, ConfigError> {
+    if protocol != UpstreamProtocol::Http1 {
+        return Err(ConfigError::new(
+            p,
+            "asynchronous jobs need protocol: http1 (a job is a 202 with a Location, not a gRPC call)",
+        ));
+    }
+    let field = format!("{p}.check_interval");
+    let check_interval = duration(&field, &a.check_interval, Duration::from_secs(2))?;
+    if !(MIN_CHECK_INTERVAL..=MAX_CHECK_INTERVAL).contains(&check_interval) {
+        return Err(ConfigError::new(
+            field,
+            format!("must be between 10ms and 1h (got {check_interval:?})"),
+        ));
+    }
+    let field = format!("{p}.max_duration");
+    let max_duration = at_most(
+        &field,
+        duration(&field, &a.max_duration, Duration::from_secs(2 * 3600))?,
+        MAX_JOB_DURATION,
+    )?;
+    if max_duration < check_interval {
+        return Err(ConfigError::new(
+            field,
+            format!("{max_duration:?} is shorter than check_interval ({check_interval:?})"),
+        ));
+    }
+    let field = format!("{p}.done_when");
+    let done_when = match &a.done_when {
+        None => DoneWhen::Redirect,
+        Some(FileDoneWhen::Convention(c)) => match c.as_str() {
+            "redirect" => DoneWhen::Redirect,
+            "not_accepted" => DoneWhen::NotAccepted,
+            other => {
+                return Err(ConfigError::new(
+                    field,
+                    format!(
+                        "unknown convention {other:?}: write redirect, not_accepted or {{json: /status, done: [succeeded, failed]}}"
+                    ),
+                ))
+            }
+        },
+        Some(FileDoneWhen::Json(j)) => {
+            if !(j.json.is_empty() || j.json.starts_with('/')) {
+                return Err(ConfigError::new(
+                    format!("{field}.json"),
+                    format!("{:?} is not a JSON pointer: write it like /status", j.json),
+                ));
+            }
+            if j.done.is_empty() {
+                return Err(ConfigError::new(
+                    format!("{field}.done"),
+                    "empty: name the states that end a job (e.g. [succeeded, failed])",
+                ));
+            }
+            DoneWhen::Json {
+                pointer: j.json.clone(),
+                done: j.done.clone(),
+            }
+        }
+    };
+    Ok(AsyncJobs {
+        check_interval,
+        max_duration,
+        done_when,
+    })
 }
 
 /// Shortest and longest `ledger.lease_ttl`: below a second a busy Redis or a GC pause would

@@ -1,0 +1,434 @@
+//! Asynchronous jobs (a route's `async:`): a pod that answers a request with `202 Accepted` and
+//! a `Location` has taken on a job that goes on after the answer. The job keeps the pod's slot,
+//! so the cap, the queue and the balancing go on meaning what they say, until the job is done.
+//!
+//! * **The hold.** The request's [`Slot`] moves from the request into a [`Held`] job here when
+//!   the `202` passes; dropping the `Held` gives the slot back (once, as for a request).
+//! * **The handle.** The `Location` the client gets points at lb-agent (`/_lb/jobs/<token>`,
+//!   see [`token`]): signed, it says which pod and path it stands for, so polls reach the job's
+//!   pod from any replica sharing `LB_AGENT_JOB_KEY` and after a restart. Polls take no slot
+//!   and never queue: the pod's work is the job, not the poll.
+//! * **The end**, the first of: an answer about the job that the route's `done_when` calls
+//!   final (lb-agent's own check every `check_interval`, a pod's `Retry-After` winning, or a
+//!   client's poll passing through); `404`/`410` from the pod; a `DELETE` the pod accepted;
+//!   the pod's completion callback (a `POST` to the URL lb-agent gave it in
+//!   `lb-agent-job-callback` on the submission); the pod leaving discovery; `max_duration`.
+//!
+//! Not yet: with a shared ledger (`ledger.redis`) the hold is this agent's lease, so it ends if
+//! the agent dies (its lease expires) instead of being taken over by another replica; and a
+//! restarted agent has forgotten its holds (polls still reach the pod).
+
+pub mod token;
+pub mod verdict;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Limited};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use crate::balance::Slot;
+use crate::config::AsyncJobs;
+use crate::live::RouteEntry;
+pub use token::{BadHandle, Handle, Keys};
+pub use verdict::{needs_body, verdict, Verdict};
+
+/// Where the client's job handles live on lb-agent's port.
+pub const PREFIX: &str = "/_lb/jobs/";
+/// Where a pod reports a job done (`POST`).
+pub const CALLBACK_PREFIX: &str = "/_lb/job-done/";
+/// The request header that tells the pod where to report its job done.
+pub const CALLBACK_HEADER: &str = "lb-agent-job-callback";
+/// The largest status answer read to judge a JSON state.
+const MAX_STATUS_BODY: usize = 1024 * 1024;
+/// A callback that arrives before its `202` was passed on (a job shorter than the way back) is
+/// remembered this long.
+const EARLY_CALLBACK_MEMORY: Duration = Duration::from_secs(600);
+
+/// How a job's hold ended (the `how` label of `lb_agent_jobs_ended_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Ended {
+    /// An answer about the job that `done_when` calls final.
+    Done,
+    /// The pod's completion callback.
+    Callback,
+    /// A `DELETE` the pod accepted.
+    Cancelled,
+    /// The pod answered `404`/`410`: it does not know the job (any more).
+    Unknown,
+    /// The pod left discovery.
+    PodGone,
+    /// `max_duration` passed.
+    Timeout,
+}
+
+impl Ended {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ended::Done => "done",
+            Ended::Callback => "callback",
+            Ended::Cancelled => "cancelled",
+            Ended::Unknown => "unknown_to_pod",
+            Ended::PodGone => "pod_gone",
+            Ended::Timeout => "timeout",
+        }
+    }
+}
+
+/// A job holding its pod's slot.
+struct Held {
+    pod: SocketAddr,
+    pool: String,
+    route: String,
+    since: Instant,
+    /// Held for its `Drop`, which gives the slot back.
+    _slot: Slot,
+    checker: Option<tokio::task::AbortHandle>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some(c) = &self.checker {
+            c.abort();
+        }
+    }
+}
+
+/// A held job, for `/status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HeldView {
+    pub pool: String,
+    pub route: String,
+    pub pod: String,
+    pub age_ms: u64,
+}
+
+pub struct Jobs {
+    pub keys: Keys,
+    held: Mutex<HashMap<u128, Held>>,
+    early_callbacks: Mutex<HashMap<u128, Instant>>,
+    ended: Mutex<HashMap<(String, Ended), u64>>,
+}
+
+impl Jobs {
+    pub fn new(keys: Keys) -> Arc<Jobs> {
+        Arc::new(Jobs {
+            keys,
+            held: Mutex::new(HashMap::new()),
+            early_callbacks: Mutex::new(HashMap::new()),
+            ended: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The `202` of job `job` on `route` is passing to its client: `slot` now belongs to the
+    /// job, and lb-agent starts asking the pod about it at `path`.
+    pub fn hold(
+        self: &Arc<Self>,
+        route: &Arc<RouteEntry>,
+        jobs: &AsyncJobs,
+        slot: Slot,
+        job: u128,
+        path: String,
+    ) {
+        let pod = slot.addr();
+        let pool = route.balancer.name().to_string();
+        if self.lock_early().remove(&job).is_some() {
+            self.count(&pool, Ended::Callback);
+            log::info!("job on pod {pod} reported done before its 202 passed; slot freed");
+            return;
+        }
+        let since = Instant::now();
+        let checker = tokio::spawn(check(
+            Arc::downgrade(self),
+            Arc::clone(route),
+            jobs.clone(),
+            job,
+            pod,
+            path,
+            since,
+        ));
+        log::debug!("job accepted by pod {pod} ({pool}) holds its slot");
+        self.lock_held().insert(
+            job,
+            Held {
+                pod,
+                pool,
+                route: route.uri.clone(),
+                since,
+                _slot: slot,
+                checker: Some(checker.abort_handle()),
+            },
+        );
+    }
+
+    /// Ends job `job`'s hold (its slot goes to the next waiter). `false` if it held nothing
+    /// here (already ended, or held by another agent).
+    pub fn release(&self, job: u128, how: Ended) -> bool {
+        let held = self.lock_held().remove(&job);
+        match held {
+            Some(h) => {
+                log::info!(
+                    "job on pod {} ({}) ended after {:?}: {}; slot freed",
+                    h.pod,
+                    h.pool,
+                    h.since.elapsed(),
+                    how.as_str()
+                );
+                self.count(&h.pool, how);
+                drop(h);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The pod's completion callback for `job`. One that comes before the `202` was passed on
+    /// is kept for the hold that follows.
+    pub fn callback(&self, job: u128) {
+        if !self.release(job, Ended::Callback) {
+            let mut early = self.lock_early();
+            early.retain(|_, at| at.elapsed() < EARLY_CALLBACK_MEMORY);
+            early.insert(job, Instant::now());
+        }
+    }
+
+    pub fn view(&self) -> Vec<HeldView> {
+        let mut v: Vec<HeldView> = self
+            .lock_held()
+            .values()
+            .map(|h| HeldView {
+                pool: h.pool.clone(),
+                route: h.route.clone(),
+                pod: h.pod.to_string(),
+                age_ms: u64::try_from(h.since.elapsed().as_millis()).unwrap_or(u64::MAX),
+            })
+            .collect();
+        v.sort_by(|a, b| (&a.pool, &a.pod, b.age_ms).cmp(&(&b.pool, &b.pod, a.age_ms)));
+        v
+    }
+
+    /// Jobs ended, by pool and how.
+    pub fn ended(&self) -> Vec<(String, Ended, u64)> {
+        let mut v: Vec<_> = self
+            .ended
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|((p, h), n)| (p.clone(), *h, *n))
+            .collect();
+        v.sort_by(|a, b| (&a.0, a.1.as_str()).cmp(&(&b.0, b.1.as_str())));
+        v
+    }
+
+    fn count(&self, pool: &str, how: Ended) {
+        *self
+            .ended
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((pool.to_string(), how))
+            .or_default() += 1;
+    }
+
+    fn lock_held(&self) -> std::sync::MutexGuard<'_, HashMap<u128, Held>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_early(&self) -> std::sync::MutexGuard<'_, HashMap<u128, Instant>> {
+        self.early_callbacks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Asks the pod about the job every `check_interval` (or its `Retry-After`) until the job
+/// ends, the pod leaves discovery, or `max_duration` passes.
+async fn check(
+    jobs: Weak<Jobs>,
+    route: Arc<RouteEntry>,
+    cfg: AsyncJobs,
+    job: u128,
+    pod: SocketAddr,
+    path: String,
+    since: Instant,
+) {
+    let mut wait = cfg.check_interval;
+    loop {
+        let left = cfg.max_duration.saturating_sub(since.elapsed());
+        tokio::time::sleep(wait.min(left)).await;
+        let Some(jobs) = jobs.upgrade() else { return };
+        if since.elapsed() >= cfg.max_duration {
+            jobs.release(job, Ended::Timeout);
+            return;
+        }
+        if !route.balancer.trusted_pods().contains(&pod) {
+            jobs.release(job, Ended::PodGone);
+            return;
+        }
+        wait = cfg.check_interval;
+        match ask(pod, &path, &cfg, route.upstream_timeout).await {
+            Ok(Verdict::Done) => {
+                jobs.release(job, Ended::Done);
+                return;
+            }
+            Ok(Verdict::Unknown) => {
+                jobs.release(job, Ended::Unknown);
+                return;
+            }
+            Ok(Verdict::Running { retry_after }) => {
+                if let Some(r) = retry_after {
+                    wait = r.clamp(Duration::from_millis(10), Duration::from_secs(3600));
+                }
+            }
+            Err(e) => log::debug!("asking pod {pod} about a job at {path}: {e}"),
+        }
+    }
+}
+
+/// One status request to the pod, on a connection of its own (a check every few seconds does
+/// not need the pool, and must not take a pooled connection from the requests).
+async fn ask(
+    pod: SocketAddr,
+    path: &str,
+    cfg: &AsyncJobs,
+    timeout: Duration,
+) -> Result<Verdict, String> {
+    let asked = async {
+        let stream = tokio::net::TcpStream::connect(pod)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let req = http::Request::get(path)
+            .header(http::header::HOST, pod.to_string())
+            .header(http::header::USER_AGENT, "lb-agent job check")
+            .header(http::header::CONNECTION, "close")
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        let status = resp.status().as_u16();
+        let retry_after = resp
+            .headers()
+            .get(http::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let body = if needs_body(&cfg.done_when) {
+            let collected = Limited::new(resp.into_body(), MAX_STATUS_BODY)
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?;
+            Some(collected.to_bytes())
+        } else {
+            None
+        };
+        Ok(verdict(
+            &cfg.done_when,
+            status,
+            retry_after.as_deref(),
+            body.as_deref(),
+        ))
+    };
+    tokio::time::timeout(timeout, asked)
+        .await
+        .map_err(|_| format!("no answer within {timeout:?}"))?
+}
+
+/// The path (and query) on `pod` that a pod's `Location` names: an absolute path, a path
+/// relative to the request's (`request_path`), or an `http` URL whose authority is the pod's
+/// address. `None` for anything else: lb-agent cannot reach it for the client.
+pub fn pod_path(location: &str, pod: SocketAddr, request_path: &str) -> Option<String> {
+    if location.starts_with('/') && !location.starts_with("//") {
+        return Some(location.to_string());
+    }
+    if let Ok(uri) = location.parse::<http::Uri>() {
+        if let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) {
+            let port = authority.port_u16().unwrap_or(80);
+            let host = authority
+                .host()
+                .trim_start_matches('[')
+                .trim_end_matches(']');
+            let same = scheme.eq_ignore_ascii_case("http")
+                && port == pod.port()
+                && host.parse::<std::net::IpAddr>().ok() == Some(pod.ip());
+            return same.then(|| {
+                uri.path_and_query()
+                    .map_or("/".to_string(), |p| p.as_str().to_string())
+            });
+        }
+    }
+    if location.is_empty() || location.contains("://") || location.starts_with("//") {
+        return None;
+    }
+    let dir = &request_path[..request_path.rfind('/').map_or(0, |i| i + 1)];
+    Some(format!(
+        "{}{location}",
+        if dir.is_empty() { "/" } else { dir }
+    ))
+}
+
+/// What a client's `/_lb/jobs/<token><suffix>?<query>` asks of the pod: the handle's path with
+/// `suffix` appended (`/result` next to a job's status), and the client's query if it gave one.
+pub fn pod_uri(handle: &Handle, suffix: &str, query: Option<&str>) -> String {
+    let (path, own_query) = match handle.path.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (handle.path.as_str(), None),
+    };
+    let mut uri = if suffix.is_empty() {
+        path.to_string()
+    } else {
+        format!("{}{suffix}", path.trim_end_matches('/'))
+    };
+    match query.or(if suffix.is_empty() { own_query } else { None }) {
+        Some(q) if !q.is_empty() => {
+            uri.push('?');
+            uri.push_str(q);
+        }
+        _ => {}
+    }
+    uri
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_location_is_followed_only_to_the_pod() {
+        let pod: SocketAddr = "10.0.0.7:20109".parse().unwrap();
+        assert_eq!(
+            pod_path("/tasks/1", pod, "/submit").as_deref(),
+            Some("/tasks/1")
+        );
+        assert_eq!(
+            pod_path("http://10.0.0.7:20109/tasks/1?x=1", pod, "/submit").as_deref(),
+            Some("/tasks/1?x=1")
+        );
+        assert_eq!(pod_path("http://10.0.0.8:20109/tasks/1", pod, "/s"), None);
+        assert_eq!(pod_path("https://10.0.0.7:20109/tasks/1", pod, "/s"), None);
+        assert_eq!(pod_path("//evil.example/x", pod, "/s"), None);
+        assert_eq!(
+            pod_path("tasks/1", pod, "/api/submit").as_deref(),
+            Some("/api/tasks/1")
+        );
+    }
+
+    #[test]
+    fn a_poll_asks_the_pod_for_the_handles_path() {
+        let h = Handle {
+            job: 1,
+            pod: "10.0.0.7:1".parse().unwrap(),
+            route: "/submit".into(),
+            path: "/tasks/1?v=2".into(),
+        };
+        assert_eq!(pod_uri(&h, "", None), "/tasks/1?v=2");
+        assert_eq!(pod_uri(&h, "", Some("a=b")), "/tasks/1?a=b");
+        assert_eq!(pod_uri(&h, "/result", None), "/tasks/1/result");
+        assert_eq!(
+            pod_uri(&h, "/result", Some("f=mp4")),
+            "/tasks/1/result?f=mp4"
+        );
+    }
+}

@@ -1,0 +1,245 @@
+//! The proxy's side of asynchronous jobs ([`crate::jobs`]): a job handle's requests, the pod's
+//! completion callback, and what the pod's answers say about a job.
+
+use pingora::proxy::Session;
+use std::sync::Arc;
+
+use super::{Ctx, JobPoll, LbProxy, Refusal};
+use crate::jobs::{self, Ended, Handle, Verdict};
+use crate::respond::write_text;
+
+/// The largest job status answer read to judge a JSON state (larger: the check judges it).
+pub(super) const JOB_STATUS_BODY_LIMIT: usize = 64 * 1024;
+
+impl LbProxy {
+    /// `GET`/`HEAD`/`DELETE` on `/_lb/jobs/<token>[/<more>]`: to the job's pod, untouched
+    /// otherwise. A handle that does not verify is refused with `404` and goes nowhere.
+    pub(super) async fn job_request(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        rest: &str,
+    ) -> pingora::Result<bool> {
+        let (token, suffix) = match rest.find('/') {
+            Some(i) => rest.split_at(i),
+            None => (rest, ""),
+        };
+        let handle = match self.live.jobs.keys.verify(token) {
+            Ok(h) => h,
+            Err(why) => {
+                log::info!("refused a job handle ({why:?})");
+                ctx.refusal = Some(Refusal::NoRoute);
+                write_text(session, 404, "lb-agent: no such job\n".into(), false).await?;
+                return Ok(true);
+            }
+        };
+        let method = &session.req_header().method;
+        if !matches!(
+            *method,
+            http::Method::GET | http::Method::HEAD | http::Method::DELETE
+        ) {
+            ctx.refusal = Some(Refusal::BadRequest);
+            write_text(
+                session,
+                405,
+                "lb-agent: a job is asked about with GET or HEAD, and cancelled with DELETE\n"
+                    .into(),
+                false,
+            )
+            .await?;
+            return Ok(true);
+        }
+        let route = self
+            .live
+            .snapshot()
+            .routes
+            .lookup(&handle.route)
+            .filter(|r| r.async_jobs.is_some())
+            .map(Arc::clone);
+        let Some(route) = route else {
+            ctx.refusal = Some(Refusal::NoRoute);
+            let msg = format!(
+                "lb-agent: no asynchronous route {} any more for this job\n",
+                handle.route
+            );
+            write_text(session, 404, msg, false).await?;
+            return Ok(true);
+        };
+        if !route.balancer.trusted_pods().contains(&handle.pod) {
+            self.live.jobs.release(handle.job, Ended::PodGone);
+            ctx.refusal = Some(Refusal::NoRoute);
+            let msg = format!(
+                "lb-agent: the job's pod {} is gone (no longer in {})\n",
+                handle.pod,
+                route.balancer.name()
+            );
+            write_text(session, 410, msg, false).await?;
+            return Ok(true);
+        }
+        ctx.route = Some(route);
+        ctx.job_poll = Some(JobPoll {
+            handle,
+            suffix: suffix.to_string(),
+        });
+        Ok(false)
+    }
+
+    /// The pod's `POST` to the callback URL it was given with the job: the job's slot is freed
+    /// at once. Only that URL's token names that job.
+    pub(super) async fn job_callback(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        token: &str,
+    ) -> pingora::Result<bool> {
+        ctx.refusal = Some(Refusal::NoRoute);
+        let Ok(job) = self.live.jobs.keys.verify_callback(token) else {
+            write_text(session, 404, "lb-agent: no such job\n".into(), false).await?;
+            return Ok(true);
+        };
+        if !matches!(
+            session.req_header().method,
+            http::Method::POST | http::Method::PUT
+        ) {
+            write_text(
+                session,
+                405,
+                "lb-agent: report a job done with POST\n".into(),
+                false,
+            )
+            .await?;
+            return Ok(true);
+        }
+        self.live.jobs.callback(job);
+        write_text(session, 204, String::new(), false).await?;
+        Ok(true)
+    }
+
+    /// Reads the pod's answer for what it says about a job: a `202` with a `Location` on an
+    /// `async` route starts one (the slot moves to it, the client gets a handle); an answer to
+    /// a handle's request may end one. Every `Location` naming the pod becomes a handle.
+    pub(super) fn follow_job(
+        &self,
+        session: &Session,
+        response: &mut pingora::http::ResponseHeader,
+        ctx: &mut Ctx,
+    ) {
+        let status = response.status.as_u16();
+        let location = response
+            .headers
+            .get(http::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        if let Some(poll) = &ctx.job_poll {
+            let (job, pod, route) = (poll.handle.job, poll.handle.pod, poll.handle.route.clone());
+            let method = session.req_header().method.clone();
+            if method == http::Method::DELETE && matches!(status, 200 | 202 | 204) {
+                self.live.jobs.release(job, Ended::Cancelled);
+            } else if method == http::Method::GET || method == http::Method::HEAD {
+                let needs_body = ctx
+                    .route
+                    .as_ref()
+                    .and_then(|r| r.async_jobs.as_ref())
+                    .is_some_and(|a| jobs::needs_body(&a.done_when));
+                if needs_body && method == http::Method::GET && status < 300 {
+                    ctx.job_body = Some(Vec::new());
+                } else {
+                    self.judge_job_answer(ctx, status, None, None);
+                }
+            }
+            if let Some(l) = location {
+                self.rewrite_location(response, &l, job, pod, &route, session);
+            }
+            return;
+        }
+        let Some(route) = ctx.route.clone() else {
+            return;
+        };
+        let Some(cfg) = route.async_jobs.as_ref() else {
+            return;
+        };
+        let (Some(location), 202) = (location, status) else {
+            return;
+        };
+        let Some(slot) = ctx.slot.as_ref() else {
+            return;
+        };
+        let pod = slot.addr();
+        let Some(path) = jobs::pod_path(&location, pod, session.req_header().uri.path()) else {
+            log::warn!(
+                "pod {pod} accepted a job with a Location lb-agent cannot reach ({location}); its slot is not held"
+            );
+            return;
+        };
+        let job = ctx
+            .job_id
+            .take()
+            .unwrap_or_else(|| self.live.jobs.keys.new_job());
+        let handle = Handle {
+            job,
+            pod,
+            route: route.uri.clone(),
+            path: path.clone(),
+        };
+        if let Some(slot) = ctx.slot.take() {
+            self.live.jobs.hold(&route, cfg, slot, job, path);
+        }
+        let _ = response.insert_header(
+            http::header::LOCATION,
+            format!("{}{}", jobs::PREFIX, self.live.jobs.keys.mint(&handle)),
+        );
+    }
+
+    /// What an answer about a polled job says; a final one ends the job's hold.
+    pub(super) fn judge_job_answer(
+        &self,
+        ctx: &Ctx,
+        status: u16,
+        retry_after: Option<&str>,
+        body: Option<&[u8]>,
+    ) {
+        let (Some(poll), Some(cfg)) = (
+            &ctx.job_poll,
+            ctx.route.as_ref().and_then(|r| r.async_jobs.as_ref()),
+        ) else {
+            return;
+        };
+        // Only the job's own status path speaks for the job (a result next to it does not).
+        if !poll.suffix.is_empty() {
+            return;
+        }
+        match jobs::verdict(&cfg.done_when, status, retry_after, body) {
+            Verdict::Done => {
+                self.live.jobs.release(poll.handle.job, Ended::Done);
+            }
+            Verdict::Unknown => {
+                self.live.jobs.release(poll.handle.job, Ended::Unknown);
+            }
+            Verdict::Running { .. } => {}
+        }
+    }
+
+    fn rewrite_location(
+        &self,
+        response: &mut pingora::http::ResponseHeader,
+        location: &str,
+        job: u128,
+        pod: std::net::SocketAddr,
+        route: &str,
+        session: &Session,
+    ) {
+        let Some(path) = jobs::pod_path(location, pod, session.req_header().uri.path()) else {
+            return;
+        };
+        let handle = Handle {
+            job,
+            pod,
+            route: route.to_string(),
+            path,
+        };
+        let _ = response.insert_header(
+            http::header::LOCATION,
+            format!("{}{}", jobs::PREFIX, self.live.jobs.keys.mint(&handle)),
+        );
+    }
+}

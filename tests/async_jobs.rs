@@ -1,0 +1,266 @@
+//! Asynchronous jobs (a route's `async:`), judged from the pods' side: a fake asynchronous pod
+//! counts its own running jobs and the status requests that reached it for a job it never
+//! accepted.
+
+mod common;
+
+use common::*;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use testkit::asyncpod::{AsyncPod, Convention};
+
+async fn pods(first: u8, n: u8, convention: Convention, callback: bool) -> Vec<AsyncPod> {
+    let port = free_port();
+    let mut v = Vec::new();
+    for i in 0..n {
+        let addr = SocketAddr::from(([127, 0, 1, first + i], port));
+        v.push(AsyncPod::start(addr, convention, callback).await.unwrap());
+    }
+    v
+}
+
+fn route(pods: &[AsyncPod], limit: usize, async_block: &str) -> String {
+    let list: Vec<String> = pods.iter().map(|p| format!("\"{}\"", p.addr)).collect();
+    format!(
+        "routes:\n  - {{uri: /submit, limit: {limit}, endpoints: [{}], queue: {{timeout: 30s}}, async: {async_block}}}\n",
+        list.join(", ")
+    )
+}
+
+/// Submits one job and follows its handle until the result: what a client of an asynchronous
+/// service does. Returns the result's body.
+async fn run_job(agent: SocketAddr, ms: u64) -> Result<String, String> {
+    let r = loadgen::request(agent, "POST", &format!("/submit?ms={ms}"), &[], b"{}")
+        .await
+        .map_err(|e| format!("submit: {e}"))?;
+    if r.status != 202 {
+        return Err(format!("submit: {} {}", r.status, r.body));
+    }
+    let mut at = r.header("location").ok_or("no location")?.to_string();
+    if !at.starts_with("/_lb/jobs/") {
+        return Err(format!("location not a job handle: {at}"));
+    }
+    let until = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < until {
+        let r = loadgen::get(agent, &at, &[])
+            .await
+            .map_err(|e| format!("poll: {e}"))?;
+        match r.status {
+            202 => tokio::time::sleep(Duration::from_millis(100)).await,
+            303 => {
+                at = r
+                    .header("location")
+                    .ok_or("303 without location")?
+                    .to_string()
+            }
+            200 => return Ok(r.body),
+            other => return Err(format!("poll {at}: {other} {}", r.body)),
+        }
+    }
+    Err("job never finished".into())
+}
+
+/// The target: 2 pods, `limit: 1`, 12 jobs of 1 s submitted at once. Before jobs held
+/// their slots, every `202` freed the slot at once and each pod ran 6 jobs together; now each
+/// pod runs one job at a time, every poll reaches the pod that owns its job, and all 12 finish
+/// after about six rounds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_holds_its_pods_slot_until_it_is_done_and_polls_reach_its_pod() {
+    let pods = pods(101, 2, Convention::Redirect, false).await;
+    let agent = Agent::start(&route(
+        &pods,
+        1,
+        "{check_interval: 50ms, done_when: redirect}",
+    ))
+    .await;
+    let started = Instant::now();
+    let jobs: Vec<_> = (0..12)
+        .map(|_| tokio::spawn(run_job(agent.addr, 1000)))
+        .collect();
+    let mut results = Vec::new();
+    for j in jobs {
+        results.push(j.await.unwrap());
+    }
+    let took = started.elapsed();
+    for r in &results {
+        let body = r.as_ref().expect("job finished");
+        assert!(body.starts_with("result of job "), "{body}");
+    }
+    for p in &pods {
+        let s = &p.stats;
+        assert_eq!(s.max_running.load(Ordering::SeqCst), 1, "pod {}", p.addr);
+        assert_eq!(s.unknown_polls.load(Ordering::SeqCst), 0, "pod {}", p.addr);
+        assert_eq!(s.running.load(Ordering::SeqCst), 0);
+    }
+    let submitted: usize = pods
+        .iter()
+        .map(|p| p.stats.submitted.load(Ordering::SeqCst))
+        .sum();
+    assert_eq!(submitted, 12, "each job reached a pod once");
+    // Six rounds of one second on each of two pods.
+    assert!(took >= Duration::from_millis(5900), "took {took:?}");
+    eventually(Duration::from_secs(5), "holds ended", || async {
+        agent.inflight().await == 0
+            && agent.status().await["jobs"]
+                .as_array()
+                .is_some_and(|j| j.is_empty())
+    })
+    .await;
+}
+
+/// A handle that does not verify is refused and never proxied: altered by one character, or
+/// made up.
+#[tokio::test]
+async fn a_forged_or_altered_handle_is_refused_and_reaches_no_pod() {
+    let pods = pods(111, 1, Convention::Redirect, false).await;
+    let agent = Agent::start(&route(&pods, 1, "{check_interval: 50ms}")).await;
+    let r = loadgen::request(agent.addr, "POST", "/submit?ms=200", &[], b"")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 202);
+    let handle = r.header("location").unwrap().to_string();
+    let mut altered = handle.clone().into_bytes();
+    let i = "/_lb/jobs/".len() + 5;
+    altered[i] = if altered[i] == b'A' { b'B' } else { b'A' };
+    let altered = String::from_utf8(altered).unwrap();
+    for bad in [
+        altered.as_str(),
+        "/_lb/jobs/bm90IGEgam9i.AAAA",
+        "/_lb/jobs/",
+    ] {
+        let r = agent.get(bad).await;
+        assert_eq!(r.status, 404, "{bad}: {}", r.body);
+    }
+    // The real handle still works, and the pod never saw a request for a job it does not
+    // have (nothing reached it but the real job's polls and lb-agent's checks of it).
+    let r = agent.get(&handle).await;
+    assert!(matches!(r.status, 202 | 303), "{}", r.status);
+    assert_eq!(pods[0].stats.unknown_polls.load(Ordering::SeqCst), 0);
+    assert_eq!(pods[0].stats.submitted.load(Ordering::SeqCst), 1);
+}
+
+/// The pod's completion callback frees the slot: with lb-agent's own checks an hour apart,
+/// only the callback can start the next queued job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pods_callback_frees_the_slot_and_the_next_job_starts() {
+    let pods = pods(121, 1, Convention::Redirect, true).await;
+    let agent = Agent::start(&route(&pods, 1, "{check_interval: 1h}")).await;
+    let jobs: Vec<_> = (0..4)
+        .map(|_| {
+            let addr = agent.addr;
+            tokio::spawn(async move {
+                loadgen::request(addr, "POST", "/submit?ms=200", &[], b"")
+                    .await
+                    .map(|r| r.status)
+            })
+        })
+        .collect();
+    for j in jobs {
+        assert_eq!(j.await.unwrap().unwrap(), 202);
+    }
+    eventually(Duration::from_secs(10), "all four ran", || async {
+        pods[0].stats.finished.load(Ordering::SeqCst) == 4
+    })
+    .await;
+    assert_eq!(pods[0].stats.max_running.load(Ordering::SeqCst), 1);
+    assert_eq!(pods[0].stats.callbacks_sent.load(Ordering::SeqCst), 4);
+    eventually(Duration::from_secs(5), "the last hold ended", || async {
+        agent.inflight().await == 0
+    })
+    .await;
+}
+
+/// A client's `DELETE` on the handle, accepted by the pod, frees the slot: the next job starts
+/// at once instead of waiting out a minute-long job.
+#[tokio::test]
+async fn a_cancelled_job_frees_its_slot() {
+    let pods = pods(131, 1, Convention::Redirect, false).await;
+    let agent = Agent::start(&route(&pods, 1, "{check_interval: 100ms}")).await;
+    let r = loadgen::request(agent.addr, "POST", "/submit?ms=60000", &[], b"")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 202);
+    let handle = r.header("location").unwrap().to_string();
+    assert_eq!(agent.inflight().await, 1, "the job holds the slot");
+    let r = loadgen::request(agent.addr, "DELETE", &handle, &[], b"")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 204);
+    assert_eq!(pods[0].stats.running.load(Ordering::SeqCst), 0);
+    let r = loadgen::request(agent.addr, "POST", "/submit?ms=100", &[], b"")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 202);
+    assert!(r.elapsed < Duration::from_secs(2), "{:?}", r.elapsed);
+    assert_eq!(pods[0].stats.max_running.load(Ordering::SeqCst), 1);
+}
+
+/// `max_duration` ends a hold whatever the pod says; `done_when: not_accepted` and a JSON state
+/// end it when the pod says so.
+#[tokio::test]
+async fn max_duration_and_the_other_conventions_end_a_hold() {
+    let pods = pods(141, 1, Convention::Redirect, false).await;
+    let agent = Agent::start(&route(
+        &pods,
+        1,
+        "{check_interval: 50ms, max_duration: 300ms}",
+    ))
+    .await;
+    let r = loadgen::request(agent.addr, "POST", "/submit?ms=60000", &[], b"")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 202);
+    eventually(Duration::from_secs(5), "the hold timed out", || async {
+        agent.inflight().await == 0
+    })
+    .await;
+    drop(agent);
+
+    for (convention, done_when) in [
+        (Convention::NotAccepted, "not_accepted"),
+        (
+            Convention::Json,
+            "{json: /state, done: [succeeded, canceled]}",
+        ),
+    ] {
+        let pods = pods_for(convention).await;
+        let agent = Agent::start(&route(
+            &pods,
+            1,
+            &format!("{{check_interval: 50ms, done_when: {done_when}}}"),
+        ))
+        .await;
+        let jobs: Vec<_> = (0..3)
+            .map(|_| {
+                let addr = agent.addr;
+                tokio::spawn(async move {
+                    loadgen::request(addr, "POST", "/submit?ms=300", &[], b"")
+                        .await
+                        .map(|r| r.status)
+                })
+            })
+            .collect();
+        for j in jobs {
+            assert_eq!(j.await.unwrap().unwrap(), 202, "{done_when}");
+        }
+        eventually(Duration::from_secs(10), "the holds ended", || async {
+            agent.inflight().await == 0
+        })
+        .await;
+        assert_eq!(pods[0].stats.finished.load(Ordering::SeqCst), 3);
+        assert_eq!(
+            pods[0].stats.max_running.load(Ordering::SeqCst),
+            1,
+            "{done_when}"
+        );
+    }
+}
+
+async fn pods_for(convention: Convention) -> Vec<AsyncPod> {
+    let first = match convention {
+        Convention::NotAccepted => 151,
+        _ => 161,
+    };
+    pods(first, 1, convention, false).await
+}

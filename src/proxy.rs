@@ -171,6 +171,8 @@ struct JobPoll {
     handle: jobs::Handle,
     /// What follows the token in the client's path (`/result`).
     suffix: String,
+    /// The client asked with a query of its own: the answer is not the job's status.
+    query_differs: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -851,7 +853,8 @@ impl ProxyHttp for LbProxy {
             // of `max_attempts`.
             ctx.attempts -= 1;
             ctx.stale_connections += 1;
-            let again = ctx.slot.is_some() && ctx.stale_connections <= STALE_CONNECTION_RETRIES;
+            let again = (ctx.slot.is_some() || ctx.job_poll.is_some())
+                && ctx.stale_connections <= STALE_CONNECTION_RETRIES;
             log::debug!(
                 "pod {} had closed its pooled connection; {}",
                 PodName(ctx.pod),

@@ -1777,6 +1777,30 @@ routes:
                 "routes[0].client_abort",
             ),
             (
+                "limit: 1, endpoints: [\"127.0.0.1:1\"], async: {done_when: redirected}",
+                "routes[0].async.done_when: unknown convention \"redirected\"",
+            ),
+            (
+                "limit: 1, endpoints: [\"127.0.0.1:1\"], async: {check_interval: 1ms}",
+                "routes[0].async.check_interval: must be between 10ms and 1h",
+            ),
+            (
+                "limit: 1, endpoints: [\"127.0.0.1:1\"], async: {check_interval: 10s, max_duration: 1s}",
+                "routes[0].async.max_duration: 1s is shorter than check_interval",
+            ),
+            (
+                "limit: 1, endpoints: [\"127.0.0.1:1\"], async: {done_when: {json: status, done: [ok]}}",
+                "routes[0].async.done_when.json: \"status\" is not a JSON pointer",
+            ),
+            (
+                "limit: 1, endpoints: [\"127.0.0.1:1\"], protocol: h2c, async: {}",
+                "routes[0].async: asynchronous jobs need protocol: http1",
+            ),
+            (
+                "limit: 1, endpoints: [\"127.0.0.1:1\"], async: {check_intervall: 1s}",
+                "routes[0].async.check_intervall: unknown field",
+            ),
+            (
                 "limit: 1, upstream_timeout: 0s, endpoints: [\"127.0.0.1:1\"]",
                 "routes[0].upstream_timeout: must be between 1s and 24h (got 0ns)",
             ),

@@ -45,6 +45,8 @@ const MAX_STATUS_BODY: usize = 1024 * 1024;
 /// A callback that arrives before its `202` was passed on (a job shorter than the way back) is
 /// remembered this long.
 const EARLY_CALLBACK_MEMORY: Duration = Duration::from_secs(600);
+/// At most this many such callbacks are remembered.
+const MAX_EARLY_CALLBACKS: usize = 10_000;
 
 /// How a job's hold ended (the `how` label of `lb_agent_jobs_ended_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -133,12 +135,35 @@ impl Jobs {
     ) {
         let pod = slot.addr();
         let pool = route.balancer.name().to_string();
-        if self.lock_early().remove(&job).is_some() {
-            self.count(&pool, Ended::Callback);
-            log::info!("job on pod {pod} reported done before its 202 passed; slot freed");
-            return;
-        }
         let since = Instant::now();
+        {
+            // Under the lock a callback also takes: one that came first is seen here, one that
+            // comes later finds the hold.
+            let mut held = self.lock_held();
+            if self.lock_early().remove(&job).is_some() {
+                drop(held);
+                self.count(&pool, Ended::Callback);
+                log::info!("job on pod {pod} reported done before its 202 passed; slot freed");
+                return;
+            }
+            if held.contains_key(&job) {
+                // Ids are 128 random bits: never happens, and if it did, the older job keeps
+                // its slot and this one holds none.
+                log::error!("job id drawn twice; the job on pod {pod} does not hold its slot");
+                return;
+            }
+            held.insert(
+                job,
+                Held {
+                    pod,
+                    pool: pool.clone(),
+                    route: route.uri.clone(),
+                    since,
+                    _slot: slot,
+                    checker: None,
+                },
+            );
+        }
         let checker = tokio::spawn(check(
             Arc::downgrade(self),
             Arc::clone(route),
@@ -148,18 +173,11 @@ impl Jobs {
             path,
             since,
         ));
+        match self.lock_held().get_mut(&job) {
+            Some(h) => h.checker = Some(checker.abort_handle()),
+            None => checker.abort(),
+        }
         log::debug!("job accepted by pod {pod} ({pool}) holds its slot");
-        self.lock_held().insert(
-            job,
-            Held {
-                pod,
-                pool,
-                route: route.uri.clone(),
-                since,
-                _slot: slot,
-                checker: Some(checker.abort_handle()),
-            },
-        );
     }
 
     /// Ends job `job`'s hold (its slot goes to the next waiter). `false` if it held nothing
@@ -186,11 +204,22 @@ impl Jobs {
     /// The pod's completion callback for `job`. One that comes before the `202` was passed on
     /// is kept for the hold that follows.
     pub fn callback(&self, job: u128) {
-        if !self.release(job, Ended::Callback) {
-            let mut early = self.lock_early();
-            early.retain(|_, at| at.elapsed() < EARLY_CALLBACK_MEMORY);
-            early.insert(job, Instant::now());
+        let held = self.lock_held();
+        if held.contains_key(&job) {
+            drop(held);
+            self.release(job, Ended::Callback);
+            return;
         }
+        let mut early = self.lock_early();
+        early.retain(|_, at| at.elapsed() < EARLY_CALLBACK_MEMORY);
+        // A late callback (the hold had already ended) is remembered too, so the memory is
+        // bounded: the oldest is forgotten first.
+        if early.len() >= MAX_EARLY_CALLBACKS {
+            if let Some(oldest) = early.iter().min_by_key(|(_, at)| **at).map(|(j, _)| *j) {
+                early.remove(&oldest);
+            }
+        }
+        early.insert(job, Instant::now());
     }
 
     pub fn view(&self) -> Vec<HeldView> {
@@ -261,12 +290,13 @@ async fn check(
             jobs.release(job, Ended::Timeout);
             return;
         }
-        if !route.balancer.trusted_pods().contains(&pod) {
+        if route.balancer.resolved() && !route.balancer.trusted_pods().contains(&pod) {
             jobs.release(job, Ended::PodGone);
             return;
         }
         wait = cfg.check_interval;
-        match ask(pod, &path, &cfg, route.upstream_timeout).await {
+        let left = cfg.max_duration.saturating_sub(since.elapsed());
+        match ask(pod, &path, &cfg, route.upstream_timeout.min(left)).await {
             Ok(Verdict::Done) => {
                 jobs.release(job, Ended::Done);
                 return;
@@ -340,6 +370,13 @@ async fn ask(
 /// relative to the request's (`request_path`), or an `http` URL whose authority is the pod's
 /// address. `None` for anything else: lb-agent cannot reach it for the client.
 pub fn pod_path(location: &str, pod: SocketAddr, request_path: &str) -> Option<String> {
+    let path = resolve(location, pod, request_path)?;
+    // What cannot be written as a request target cannot be asked about.
+    path.parse::<http::uri::PathAndQuery>().ok()?;
+    Some(path)
+}
+
+fn resolve(location: &str, pod: SocketAddr, request_path: &str) -> Option<String> {
     if location.starts_with('/') && !location.starts_with("//") {
         return Some(location.to_string());
     }
@@ -409,6 +446,7 @@ mod tests {
         assert_eq!(pod_path("http://10.0.0.8:20109/tasks/1", pod, "/s"), None);
         assert_eq!(pod_path("https://10.0.0.7:20109/tasks/1", pod, "/s"), None);
         assert_eq!(pod_path("//evil.example/x", pod, "/s"), None);
+        assert_eq!(pod_path("/tasks/my job", pod, "/s"), None);
         assert_eq!(
             pod_path("tasks/1", pod, "/api/submit").as_deref(),
             Some("/api/tasks/1")

@@ -30,7 +30,9 @@ pub fn verdict(
     if status == 404 || status == 410 {
         return Verdict::Unknown;
     }
-    if status >= 500 {
+    // An interim answer says nothing yet; a 5xx is the pod's trouble answering and another 4xx
+    // the asker's (credentials, a bad query): neither is the job's end.
+    if !(200..400).contains(&status) {
         return running;
     }
     match done_when {
@@ -87,6 +89,13 @@ mod tests {
             Verdict::Running { .. }
         ));
         assert_eq!(verdict(&n, 200, None, None), Verdict::Done);
+        assert_eq!(verdict(&n, 303, None, None), Verdict::Done);
+        for not_final in [100, 103, 400, 401, 403] {
+            assert!(
+                matches!(verdict(&n, not_final, None, None), Verdict::Running { .. }),
+                "{not_final}"
+            );
+        }
         let j = DoneWhen::Json {
             pointer: "/task/status".into(),
             done: vec!["succeeded".into(), "failed".into()],

@@ -65,8 +65,9 @@ impl LbProxy {
             write_text(session, 404, msg, false).await?;
             return Ok(true);
         };
-        if !route.balancer.trusted_pods().contains(&handle.pod) {
-            self.live.jobs.release(handle.job, Ended::PodGone);
+        // The hold itself ends by its own check, against the pool that accepted the job (a
+        // reload may have moved the route since).
+        if route.balancer.resolved() && !route.balancer.trusted_pods().contains(&handle.pod) {
             ctx.refusal = Some(Refusal::NoRoute);
             let msg = format!(
                 "lb-agent: the job's pod {} is gone (no longer in {})\n",
@@ -76,10 +77,17 @@ impl LbProxy {
             write_text(session, 410, msg, false).await?;
             return Ok(true);
         }
+        let own_query = handle.path.split_once('?').map(|(_, q)| q);
+        let query_differs = session
+            .req_header()
+            .uri
+            .query()
+            .is_some_and(|q| Some(q) != own_query);
         ctx.route = Some(route);
         ctx.job_poll = Some(JobPoll {
             handle,
             suffix: suffix.to_string(),
+            query_differs,
         });
         Ok(false)
     }
@@ -135,6 +143,8 @@ impl LbProxy {
             let method = session.req_header().method.clone();
             if method == http::Method::DELETE && matches!(status, 200 | 202 | 204) {
                 self.live.jobs.release(job, Ended::Cancelled);
+            } else if method == http::Method::DELETE && matches!(status, 404 | 410) {
+                self.live.jobs.release(job, Ended::Unknown);
             } else if method == http::Method::GET || method == http::Method::HEAD {
                 let needs_body = ctx
                     .route
@@ -148,7 +158,11 @@ impl LbProxy {
                 }
             }
             if let Some(l) = location {
-                self.rewrite_location(response, &l, job, pod, &route, session);
+                // A relative Location is relative to the pod's path, not the handle's.
+                let asked =
+                    jobs::pod_uri(&poll.handle, &poll.suffix, session.req_header().uri.query());
+                let asked = asked.split('?').next().unwrap_or("/").to_string();
+                self.rewrite_location(response, &l, job, pod, &route, &asked);
             }
             return;
         }
@@ -204,8 +218,9 @@ impl LbProxy {
         ) else {
             return;
         };
-        // Only the job's own status path speaks for the job (a result next to it does not).
-        if !poll.suffix.is_empty() {
+        // Only the job's own status path speaks for the job (a result next to it, or the
+        // status asked with another query, does not).
+        if !poll.suffix.is_empty() || poll.query_differs {
             return;
         }
         match jobs::verdict(&cfg.done_when, status, retry_after, body) {
@@ -226,9 +241,9 @@ impl LbProxy {
         job: u128,
         pod: std::net::SocketAddr,
         route: &str,
-        session: &Session,
+        asked_path: &str,
     ) {
-        let Some(path) = jobs::pod_path(location, pod, session.req_header().uri.path()) else {
+        let Some(path) = jobs::pod_path(location, pod, asked_path) else {
             return;
         };
         let handle = Handle {

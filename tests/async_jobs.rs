@@ -159,12 +159,17 @@ async fn the_pods_callback_frees_the_slot_and_the_next_job_starts() {
     for j in jobs {
         assert_eq!(j.await.unwrap().unwrap(), 202);
     }
-    eventually(Duration::from_secs(10), "all four ran", || async {
-        pods[0].stats.finished.load(Ordering::SeqCst) == 4
-    })
+    // A job counts as finished before its callback is answered: wait for both.
+    eventually(
+        Duration::from_secs(10),
+        "all four ran and called back",
+        || async {
+            pods[0].stats.finished.load(Ordering::SeqCst) == 4
+                && pods[0].stats.callbacks_sent.load(Ordering::SeqCst) == 4
+        },
+    )
     .await;
     assert_eq!(pods[0].stats.max_running.load(Ordering::SeqCst), 1);
-    assert_eq!(pods[0].stats.callbacks_sent.load(Ordering::SeqCst), 4);
     eventually(Duration::from_secs(5), "the last hold ended", || async {
         agent.inflight().await == 0
     })

@@ -133,12 +133,15 @@ fn can_finish(left: Duration, hold: Duration) -> bool {
     left >= hold + QUEUE_CLOSE_MARGIN
 }
 
+/// Nothing is waiting and nothing is in flight but asynchronous jobs: those run on their
+/// pods, not in this agent, so the drain does not wait for them (with a shared ledger their
+/// leases expire after the agent exits; in-process, their holds end with it).
 fn drained(live: &Live, pools: &[Arc<Balancer>]) -> bool {
     live.shutdown.active() == 0
-        && pools
-            .iter()
-            .map(|b| b.view())
-            .all(|v| v.inflight == 0 && v.waiting == 0)
+        && pools.iter().all(|b| {
+            let v = b.view();
+            v.waiting == 0 && v.inflight <= live.jobs.held_in(b.name())
+        })
 }
 
 fn drain(live: Arc<Live>, grace: Duration, start: Instant) {

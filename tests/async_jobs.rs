@@ -269,3 +269,66 @@ async fn pods_for(convention: Convention) -> Vec<AsyncPod> {
     };
     pods(first, 1, convention, false).await
 }
+
+/// A client that leaves before the pod's `202` has come back: the pod has accepted the job all
+/// the same, so its slot stays held (the drain reads the `202` and hands the slot to the job)
+/// and the next submission waits for the job's end. Before, the slot was freed when the drained
+/// answer ended, and the pod ran two jobs with `limit: 1`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_before_the_202_does_not_free_the_jobs_slot() {
+    let pods = pods(171, 1, Convention::Redirect, false).await;
+    let agent = Agent::start(&route(&pods, 1, "{check_interval: 50ms}")).await;
+    let left = tokio::time::timeout(
+        Duration::from_millis(150),
+        loadgen::request(
+            agent.addr,
+            "POST",
+            "/submit?ms=1500&accept_ms=400",
+            &[],
+            b"",
+        ),
+    )
+    .await;
+    assert!(left.is_err(), "the client left before the answer");
+    assert_eq!(pods[0].stats.running.load(Ordering::SeqCst), 1);
+    let second = loadgen::request(agent.addr, "POST", "/submit?ms=100", &[], b"")
+        .await
+        .unwrap();
+    assert_eq!(second.status, 202, "{}", agent.log());
+    assert_eq!(pods[0].stats.max_running.load(Ordering::SeqCst), 1);
+    assert!(
+        second.elapsed >= Duration::from_millis(1000),
+        "the second job waited for the first: {:?}",
+        second.elapsed
+    );
+    eventually(Duration::from_secs(5), "both ended", || async {
+        agent.inflight().await == 0
+    })
+    .await;
+    assert_eq!(pods[0].stats.finished.load(Ordering::SeqCst), 2);
+}
+
+/// A SIGTERM drain does not wait for held jobs: they run on their pods, not in the agent. With a
+/// job of a minute held, the agent exits as soon as its requests are done, not at the end of
+/// `shutdown_grace`.
+#[tokio::test]
+async fn the_shutdown_drain_does_not_wait_for_held_jobs() {
+    let pods = pods(181, 1, Convention::Redirect, false).await;
+    let mut agent = Agent::start(&format!(
+        "shutdown_delay: 0s\nshutdown_grace: 30s\n{}",
+        route(&pods, 1, "{check_interval: 100ms}")
+    ))
+    .await;
+    let r = loadgen::request(agent.addr, "POST", "/submit?ms=60000", &[], b"")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 202);
+    assert_eq!(agent.inflight().await, 1);
+    agent.terminate();
+    let exited = agent.wait_exit(Duration::from_secs(10)).await;
+    assert!(
+        exited.is_some_and(|s| s.success()),
+        "exited: {exited:?}\n{}",
+        agent.log()
+    );
+}

@@ -92,6 +92,8 @@ pub struct Seen {
 pub struct ResponseEnd {
     state: State,
     head_request: bool,
+    /// The final response head's status and `Location`, once the drain has read it.
+    final_head: Option<(u16, Option<String>)>,
 }
 
 #[derive(Clone, PartialEq, Eq)]
@@ -135,6 +137,7 @@ impl ResponseEnd {
         ResponseEnd {
             state: State::Head(Vec::new()),
             head_request,
+            final_head: None,
         }
     }
 
@@ -151,6 +154,7 @@ impl ResponseEnd {
         ResponseEnd {
             state,
             head_request: false,
+            final_head: None,
         }
     }
 
@@ -164,6 +168,14 @@ impl ResponseEnd {
             // Part of a head was read, or a head that was never passed on.
             _ => ResponseEnd::in_body(BodyFraming::UntilClose, 0),
         }
+    }
+
+    /// The final response head's status and `Location`, if the drain read that head (not when
+    /// Pingora had read part or all of it before the drain took over).
+    pub fn final_head(&self) -> Option<(u16, Option<&str>)> {
+        self.final_head
+            .as_ref()
+            .map(|(status, location)| (*status, location.as_deref()))
     }
 
     /// The response is complete.
@@ -231,7 +243,7 @@ impl ResponseEnd {
         let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
         let mut response = httparse::Response::new(&mut fields);
         let parsed = response.parse(buf);
-        let (len, status, framing) = match parsed {
+        let (len, status, framing, location) = match parsed {
             Ok(httparse::Status::Complete(len)) => {
                 let status = response.code.unwrap_or(0);
                 let framing = BodyFraming::of(
@@ -239,7 +251,13 @@ impl ResponseEnd {
                     status,
                     response.headers.iter().map(|h| (h.name, h.value)),
                 );
-                (len, status, framing)
+                let location = response
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("location"))
+                    .and_then(|h| std::str::from_utf8(h.value).ok())
+                    .map(|v| v.trim().to_string());
+                (len, status, framing, location)
             }
             Ok(httparse::Status::Partial) if buf.len() <= MAX_HEAD => return None,
             _ => {
@@ -252,6 +270,7 @@ impl ResponseEnd {
             // An interim response: the final one follows.
             State::Head(Vec::new())
         } else {
+            self.final_head = Some((status, location));
             match framing {
                 BodyFraming::Empty | BodyFraming::Length(0) => State::Done,
                 BodyFraming::Length(n) => State::Length(n),

@@ -107,7 +107,6 @@ fn idle_for(fd: RawFd) -> Duration {
 }
 
 /// A request whose client left while its pod was working on it.
-#[derive(Debug)]
 pub struct Abandoned {
     pub socket: UpstreamSocket,
     pub slot: Slot,
@@ -115,7 +114,14 @@ pub struct Abandoned {
     pub response: ResponseEnd,
     /// The route's `upstream_timeout`.
     pub timeout: Duration,
+    /// Who takes the slot once the pod's answer is complete, instead of its being freed: an
+    /// asynchronous route's job, if the answer was a `202` (see [`crate::jobs`]). Given the
+    /// final head's status and `Location`, or `None` if the drain could not read that head.
+    pub then: Option<AfterDrain>,
 }
+
+/// See [`Abandoned::then`].
+pub type AfterDrain = Box<dyn FnOnce(Slot, Option<(u16, Option<&str>)>) + Send>;
 
 /// How the drain of an abandoned request ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -134,13 +140,16 @@ pub fn finish(abandoned: Abandoned) {
     let Abandoned {
         socket,
         slot,
-        response,
+        mut response,
         timeout,
+        then,
     } = abandoned;
     let pod = slot.addr();
     tokio::spawn(async move {
         let started = Instant::now();
-        match drain(socket, response, timeout).await {
+        let drained = drain(socket, &mut response, timeout).await;
+        let answered = matches!(drained, Ok(Ended::Complete(_) | Ended::Closed(_)));
+        match drained {
             Ok(Ended::Complete(bytes)) => log::debug!(
                 "pod {pod} completed the answer to an abandoned request after {:?} ({bytes} bytes dropped); slot freed",
                 started.elapsed()
@@ -157,13 +166,16 @@ pub fn finish(abandoned: Abandoned) {
             }
             Err(e) => log::debug!("pod {pod}: abandoned request ended with {e}; slot freed"),
         }
-        drop(slot);
+        match then {
+            Some(then) if answered => then(slot, response.final_head()),
+            _ => drop(slot),
+        }
     });
 }
 
 async fn drain(
     socket: UpstreamSocket,
-    mut response: ResponseEnd,
+    response: &mut ResponseEnd,
     timeout: Duration,
 ) -> std::io::Result<Ended> {
     // The time without progress before the client left counts too.

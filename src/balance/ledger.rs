@@ -427,7 +427,7 @@ impl LocalLedger {
             ledger: Arc::clone(self),
             pool: id,
             addr,
-            taken: Instant::now(),
+            taken: Some(Instant::now()),
             armed: true,
         }
     }
@@ -457,9 +457,9 @@ impl LocalLedger {
         }
     }
 
-    fn release(self: &Arc<Self>, id: PoolId, addr: SocketAddr, held: Duration) {
+    fn release(self: &Arc<Self>, id: PoolId, addr: SocketAddr, held: Option<Duration>) {
         let mut st = self.lock();
-        if let Some(pool) = st.pools.get_mut(&id) {
+        if let (Some(pool), Some(held)) = (st.pools.get_mut(&id), held) {
             if pool.recent_holds.len() == RECENT_HOLDS {
                 pool.recent_holds.pop_front();
             }
@@ -644,7 +644,9 @@ pub(super) struct LocalSlot {
     ledger: Arc<LocalLedger>,
     pool: PoolId,
     addr: SocketAddr,
-    taken: Instant,
+    /// When the request took it; `None` once an asynchronous job holds it (a job's hold is
+    /// not a request's duration, which the shutdown drain estimates from these).
+    taken: Option<Instant>,
     /// False only for a take undone under the lock (its waiter was gone).
     armed: bool,
 }
@@ -669,13 +671,18 @@ impl LocalSlot {
     pub fn timed_out(&self) {
         self.ledger.report(self.addr, PodEvent::TimedOut);
     }
+
+    /// An asynchronous job holds the slot from now on: its hold is not counted as a request's.
+    pub fn held_by_job(&mut self) {
+        self.taken = None;
+    }
 }
 
 impl Drop for LocalSlot {
     fn drop(&mut self) {
         if self.armed {
             self.ledger
-                .release(self.pool, self.addr, self.taken.elapsed());
+                .release(self.pool, self.addr, self.taken.map(|t| t.elapsed()));
         }
     }
 }

@@ -192,6 +192,12 @@ impl Slot {
     pub fn timed_out(&self) {
         self.local.timed_out();
     }
+
+    /// An asynchronous job holds the slot from now on (see [`crate::jobs`]): the shutdown
+    /// drain does not take its hold for a request's duration.
+    pub fn held_by_job(&mut self) {
+        self.local.held_by_job();
+    }
 }
 
 impl From<LocalSlot> for Slot {

@@ -17,8 +17,9 @@ use super::file::{
     Yaml11Bool,
 };
 use super::{
-    AsyncJobs, ClientLimits, Config, ConfigError, DiscoveryKind, DnsConfig, DoneWhen, LedgerConfig,
-    MatchKind, PodPort, PoolConfig, QueuePolicy, RouteConfig, Target, UpstreamProtocol,
+    AsyncJobs, ClientAbort, ClientLimits, Config, ConfigError, DiscoveryKind, DnsConfig, DoneWhen,
+    LedgerConfig, MatchKind, PodPort, PoolConfig, QueuePolicy, RouteConfig, Target,
+    UpstreamProtocol,
 };
 
 /// Largest config file: Kubernetes caps a ConfigMap at 1 MiB, and ours are a few hundred bytes.
@@ -821,6 +822,12 @@ impl Routes {
             Some(a) => Some(async_jobs(&format!("{p}.async"), a, protocol)?),
             None => None,
         };
+        if async_jobs.is_some() && client_abort == ClientAbort::Cancel {
+            return Err(ConfigError::new(
+                format!("{p}.client_abort"),
+                "cancel cannot apply to an async route: a job goes on when its client leaves, so its slot is kept until the pod's answer says whether it started one (use finish, the default)",
+            ));
+        }
         let target = route_target(&p, r, discovery)?;
         let queue = match &r.queue {
             Some(q) => queue_policy(&format!("{p}.queue"), q, queue)?,
@@ -1791,6 +1798,10 @@ routes:
             (
                 "limit: 1, endpoints: [\"127.0.0.1:1\"], async: {done_when: {json: status, done: [ok]}}",
                 "routes[0].async.done_when.json: \"status\" is not a JSON pointer",
+            ),
+            (
+                "limit: 1, endpoints: [\"127.0.0.1:1\"], client_abort: cancel, async: {}",
+                "routes[0].client_abort: cancel cannot apply to an async route",
             ),
             (
                 "limit: 1, endpoints: [\"127.0.0.1:1\"], protocol: h2c, async: {}",

@@ -78,6 +78,38 @@ impl Ended {
     }
 }
 
+/// What becomes of the slot of an `async` route's request whose client left while the pod
+/// worked on it, once the pod's answer (`head`: its status and `Location`, if read) is
+/// complete: a `202` is a job like any other, held until it is done; an answer that could not
+/// be read may have been one, and is held until the callback, the pod's leaving or
+/// `max_duration`; any other answer frees the slot.
+pub fn after_client_left(
+    jobs: Arc<Jobs>,
+    route: Arc<RouteEntry>,
+    job: u128,
+    request_path: String,
+) -> impl FnOnce(Slot, Option<(u16, Option<&str>)>) + Send {
+    move |slot, head| {
+        let Some(cfg) = route.async_jobs.clone() else {
+            return;
+        };
+        let pod = slot.addr();
+        match head {
+            Some((202, Some(location))) => match pod_path(location, pod, &request_path) {
+                Some(path) => jobs.hold(&route, &cfg, slot, job, Some(path)),
+                None => drop(slot),
+            },
+            Some(_) => drop(slot),
+            None => {
+                log::warn!(
+                    "pod {pod}: the answer to a request whose client left could not be read; it may have accepted a job, so its slot is held until the job's callback or max_duration"
+                );
+                jobs.hold(&route, &cfg, slot, job, None);
+            }
+        }
+    }
+}
+
 /// A job holding its pod's slot.
 struct Held {
     pod: SocketAddr,
@@ -124,15 +156,18 @@ impl Jobs {
     }
 
     /// The `202` of job `job` on `route` is passing to its client: `slot` now belongs to the
-    /// job, and lb-agent starts asking the pod about it at `path`.
+    /// job, and lb-agent starts asking the pod about it at `path`. With no `path` (the pod may
+    /// have accepted a job, but its answer could not be read), only the callback, the pod's
+    /// leaving and `max_duration` end the hold.
     pub fn hold(
         self: &Arc<Self>,
         route: &Arc<RouteEntry>,
         jobs: &AsyncJobs,
-        slot: Slot,
+        mut slot: Slot,
         job: u128,
-        path: String,
+        path: Option<String>,
     ) {
+        slot.held_by_job();
         let pod = slot.addr();
         let pool = route.balancer.name().to_string();
         let since = Instant::now();
@@ -222,6 +257,12 @@ impl Jobs {
         early.insert(job, Instant::now());
     }
 
+    /// Jobs held on `pool`'s pods (in its in-flight count, but run by the pods, not by this
+    /// agent: the shutdown drain does not wait for them).
+    pub fn held_in(&self, pool: &str) -> usize {
+        self.lock_held().values().filter(|h| h.pool == pool).count()
+    }
+
     pub fn view(&self) -> Vec<HeldView> {
         let mut v: Vec<HeldView> = self
             .lock_held()
@@ -278,7 +319,7 @@ async fn check(
     cfg: AsyncJobs,
     job: u128,
     pod: SocketAddr,
-    path: String,
+    path: Option<String>,
     since: Instant,
 ) {
     let mut wait = cfg.check_interval;
@@ -295,8 +336,11 @@ async fn check(
             return;
         }
         wait = cfg.check_interval;
+        let Some(path) = path.as_deref() else {
+            continue;
+        };
         let left = cfg.max_duration.saturating_sub(since.elapsed());
-        match ask(pod, &path, &cfg, route.upstream_timeout.min(left)).await {
+        match ask(pod, path, &cfg, route.upstream_timeout.min(left)).await {
             Ok(Verdict::Done) => {
                 jobs.release(job, Ended::Done);
                 return;

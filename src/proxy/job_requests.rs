@@ -196,7 +196,7 @@ impl LbProxy {
             path: path.clone(),
         };
         if let Some(slot) = ctx.slot.take() {
-            self.live.jobs.hold(&route, cfg, slot, job, path);
+            self.live.jobs.hold(&route, cfg, slot, job, Some(path));
         }
         let _ = response.insert_header(
             http::header::LOCATION,

@@ -1,6 +1,7 @@
 //! A fake asynchronous compute pod: `POST /submit?ms=N` starts a job of N ms in the background
-//! and answers `202 Accepted` with `Location: /jobs/<id>` at once; the pod counts its own
-//! running jobs (the truth the tests read: lb-agent's counters are not evidence).
+//! and answers `202 Accepted` with `Location: /jobs/<id>` at once (or after `accept_ms=M`: the
+//! job runs from the submission's arrival); the pod counts its own running jobs (the truth the
+//! tests read: lb-agent's counters are not evidence).
 //!
 //! - `GET /jobs/<id>`: the job's status in the pod's [`Convention`]; `404` for a job this pod
 //!   never accepted (counted: a poll that reached the wrong pod);
@@ -95,7 +96,10 @@ impl AsyncPod {
                 let pod = Arc::clone(&pod);
                 tokio::spawn(async move {
                     let service = service_fn(move |req| serve(req, Arc::clone(&pod)));
+                    // A client's half-close (lb-agent's, for a request whose client left) does
+                    // not end the exchange: the pod still answers, as most servers do.
                     let _ = hyper::server::conn::http1::Builder::new()
+                        .half_close(true)
                         .serve_connection(TokioIo::new(conn), service)
                         .await;
                 });
@@ -121,11 +125,14 @@ async fn serve(
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
     if req.method() == Method::POST && path == "/submit" {
-        let ms: u64 = query
-            .split('&')
-            .find_map(|p| p.strip_prefix("ms="))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(1000);
+        let param = |name: &str| -> Option<u64> {
+            query
+                .split('&')
+                .find_map(|p| p.strip_prefix(name)?.strip_prefix('='))
+                .and_then(|v| v.parse().ok())
+        };
+        let ms = param("ms").unwrap_or(1000);
+        let accept_ms = param("accept_ms").unwrap_or(0);
         let callback = req
             .headers()
             .get("lb-agent-job-callback")
@@ -167,6 +174,7 @@ async fn serve(
                     .insert(id, w);
             }
         });
+        tokio::time::sleep(Duration::from_millis(accept_ms)).await;
         return Ok(reply(
             StatusCode::ACCEPTED,
             &[("location", format!("/jobs/{id}"))],

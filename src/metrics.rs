@@ -162,6 +162,8 @@ struct Sample {
     ledger_queue_depth: IntGaugeVec,
     ledger_pod_inflight: IntGaugeVec,
     ledger_leases_expired: IntCounterVec,
+    jobs_held: IntGaugeVec,
+    jobs_ended: IntCounterVec,
 }
 
 impl Sample {
@@ -275,10 +277,24 @@ impl Sample {
                 ),
                 &["pool"],
             )?,
+            jobs_held: IntGaugeVec::new(
+                Opts::new(
+                    "lb_jobs_held",
+                    "Asynchronous jobs holding their pod's slot (this agent's), per pod",
+                ),
+                &["pool", "pod"],
+            )?,
+            jobs_ended: IntCounterVec::new(
+                Opts::new(
+                    "lb_jobs_ended_total",
+                    "Asynchronous jobs whose hold ended, by how (done, callback, cancelled, unknown_to_pod, pod_gone, timeout)",
+                ),
+                &["pool", "how"],
+            )?,
         })
     }
 
-    fn parts(&self) -> [&dyn Collector; 17] {
+    fn parts(&self) -> [&dyn Collector; 19] {
         [
             &self.queue_depth,
             &self.pod_inflight,
@@ -297,10 +313,22 @@ impl Sample {
             &self.ledger_queue_depth,
             &self.ledger_pod_inflight,
             &self.ledger_leases_expired,
+            &self.jobs_held,
+            &self.jobs_ended,
         ]
     }
 
     fn fill(&self, live: &Live) {
+        for job in live.jobs.view() {
+            self.jobs_held
+                .with_label_values(&[job.pool.as_str(), job.pod.as_str()])
+                .inc();
+        }
+        for (pool, how, n) in live.jobs.ended() {
+            self.jobs_ended
+                .with_label_values(&[pool.as_str(), how.as_str()])
+                .inc_by(n);
+        }
         // Pools of the config in force and retired pools still in use; names are unique among
         // them (a reload that names a retired pool again revives that same pool).
         for b in live.all_pools() {

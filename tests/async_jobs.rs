@@ -10,6 +10,20 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use testkit::asyncpod::{AsyncPod, Convention};
 
+/// The value of the `/metrics` series of `name` whose labels include every one of `labels`
+/// (`how="done"`), summed over the matching series.
+async fn metric(agent: &Agent, name: &str, labels: &[&str]) -> f64 {
+    let text = loadgen::get(agent.admin, "/metrics", &[])
+        .await
+        .unwrap()
+        .body;
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 async fn pods(first: u8, n: u8, convention: Convention, callback: bool) -> Vec<AsyncPod> {
     let port = free_port();
     let mut v = Vec::new();
@@ -107,6 +121,11 @@ async fn a_job_holds_its_pods_slot_until_it_is_done_and_polls_reach_its_pod() {
                 .is_some_and(|j| j.is_empty())
     })
     .await;
+    assert_eq!(
+        metric(&agent, "lb_jobs_ended_total", &["how=\"done\""]).await,
+        12.0
+    );
+    assert_eq!(metric(&agent, "lb_jobs_held", &[]).await, 0.0);
 }
 
 /// A handle that does not verify is refused and never proxied: altered by one character, or
@@ -188,11 +207,16 @@ async fn a_cancelled_job_frees_its_slot() {
     assert_eq!(r.status, 202);
     let handle = r.header("location").unwrap().to_string();
     assert_eq!(agent.inflight().await, 1, "the job holds the slot");
+    assert_eq!(metric(&agent, "lb_jobs_held", &[]).await, 1.0);
     let r = loadgen::request(agent.addr, "DELETE", &handle, &[], b"")
         .await
         .unwrap();
     assert_eq!(r.status, 204);
     assert_eq!(pods[0].stats.running.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        metric(&agent, "lb_jobs_ended_total", &["how=\"cancelled\""]).await,
+        1.0
+    );
     let r = loadgen::request(agent.addr, "POST", "/submit?ms=100", &[], b"")
         .await
         .unwrap();

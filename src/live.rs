@@ -215,10 +215,15 @@ impl Live {
             .collect();
         let awaited = pools.iter().map(Arc::downgrade).collect();
         let keys = crate::jobs::Keys::from_env().map_err(LiveError::JobKey)?;
-        if !keys.shared && config.routes.iter().any(|r| r.async_jobs.is_some()) {
-            log::warn!(
-                "LB_AGENT_JOB_KEY is not set: the job handles this agent gives out reach their jobs only through this process (not other replicas, not after a restart)"
+        if config.routes.iter().any(|r| r.async_jobs.is_some()) {
+            log::info!(
+                "asynchronous jobs hold their pods' slots in this process: if it restarts (or dies, with a shared ledger) it forgets the jobs it held, and their slots come free while the pods still work"
             );
+            if !keys.shared {
+                log::warn!(
+                    "LB_AGENT_JOB_KEY is not set: the job handles this agent gives out reach their jobs only through this process (not other replicas, not after a restart)"
+                );
+            }
         }
         Ok(Arc::new(Live {
             ledger,

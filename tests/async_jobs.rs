@@ -356,3 +356,95 @@ async fn the_shutdown_drain_does_not_wait_for_held_jobs() {
         agent.log()
     );
 }
+
+/// Three agents on one Redis ledger, sharing `LB_AGENT_JOB_KEY`: jobs submitted through any
+/// agent keep the cap across all of them, and every poll, sent each time through another
+/// agent, reaches the pod that owns its job. A handle also works through an agent that started
+/// after it was given out (a restart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn jobs_through_three_agents_keep_the_cap_and_polls_reach_the_pod_from_any_agent() {
+    let redis = common::redis::Redis::start();
+    let pods = pods(191, 2, Convention::Redirect, false).await;
+    let body = format!(
+        "ledger: {{redis: \"{}\", lease_ttl: 2s}}\nshutdown_delay: 0s\n{}",
+        redis.url(),
+        route(&pods, 1, "{check_interval: 50ms}")
+    );
+    let key = [("LB_AGENT_JOB_KEY", "one key for every replica, 32+ bytes")];
+    let agents = [
+        Agent::start_with_env(&body, &key).await,
+        Agent::start_with_env(&body, &key).await,
+        Agent::start_with_env(&body, &key).await,
+    ];
+    let addrs: Vec<SocketAddr> = agents.iter().map(|a| a.addr).collect();
+    let jobs: Vec<_> = (0..6)
+        .map(|i| {
+            let addrs = addrs.clone();
+            tokio::spawn(async move {
+                let submit = addrs[i % 3];
+                let r = loadgen::request(submit, "POST", "/submit?ms=400", &[], b"")
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if r.status != 202 {
+                    return Err(format!("submit: {} {}", r.status, r.body));
+                }
+                let mut at = r.header("location").ok_or("no location")?.to_string();
+                for n in 0..600 {
+                    // Each poll through another agent than the last.
+                    let via = addrs[(i + n + 1) % 3];
+                    let r = loadgen::get(via, &at, &[])
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    match r.status {
+                        202 => tokio::time::sleep(Duration::from_millis(50)).await,
+                        303 => at = r.header("location").ok_or("no location")?.to_string(),
+                        200 => return Ok((r.body, at)),
+                        other => return Err(format!("poll via {via}: {other} {}", r.body)),
+                    }
+                }
+                Err("never finished".to_string())
+            })
+        })
+        .collect();
+    let mut result_handle = None;
+    for j in jobs {
+        let (body, at) = j.await.unwrap().expect("job finished");
+        assert!(body.starts_with("result of job "), "{body}");
+        result_handle = Some(at);
+    }
+    for p in &pods {
+        assert_eq!(
+            p.stats.max_running.load(Ordering::SeqCst),
+            1,
+            "pod {}",
+            p.addr
+        );
+        assert_eq!(
+            p.stats.unknown_polls.load(Ordering::SeqCst),
+            0,
+            "pod {}",
+            p.addr
+        );
+    }
+    let submitted: usize = pods
+        .iter()
+        .map(|p| p.stats.submitted.load(Ordering::SeqCst))
+        .sum();
+    assert_eq!(submitted, 6);
+    // An agent that did not exist when the handle was given out reads it.
+    let later = Agent::start_with_env(&body, &key).await;
+    let r = loadgen::get(later.addr, result_handle.as_deref().unwrap(), &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.starts_with("result of job "));
+    // Without the key, the same handle is refused.
+    let stranger = Agent::start(&body).await;
+    let r = loadgen::get(stranger.addr, result_handle.as_deref().unwrap(), &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 404);
+    for p in &pods {
+        assert_eq!(p.stats.unknown_polls.load(Ordering::SeqCst), 0);
+    }
+}

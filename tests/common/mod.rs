@@ -123,6 +123,13 @@ impl Agent {
         agent
     }
 
+    /// [`Agent::start`] with extra environment variables for the process.
+    pub async fn start_with_env(body: &str, env: &[(&str, &str)]) -> Agent {
+        let agent = Self::spawn_with_env(body, env);
+        agent.wait_ready(Duration::from_secs(20)).await;
+        agent
+    }
+
     /// Starts lb-agent without waiting for readiness.
     pub fn spawn(body: &str) -> Agent {
         Self::spawn_with_env(body, &[])

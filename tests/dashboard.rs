@@ -186,3 +186,41 @@ async fn the_live_page_shows_discovery_and_the_single_address_warning() {
         "the trap is shown: {row}"
     );
 }
+
+/// A held asynchronous job shows on the page: its pod, its route, how long it has held its
+/// slot, as `/status` lists it; and the page says so when none is held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_live_page_lists_held_jobs() {
+    use testkit::asyncpod::{AsyncPod, Convention};
+    let pod = AsyncPod::start(
+        std::net::SocketAddr::from(([127, 0, 1, 177], free_port())),
+        Convention::Redirect,
+        false,
+    )
+    .await
+    .unwrap();
+    let agent = Agent::start(&format!(
+        "routes:\n  - {{uri: /submit, limit: 1, endpoints: [\"{}\"], async: {{check_interval: 100ms}}}}\n",
+        pod.addr
+    ))
+    .await;
+    let empty = headless(&format!("http://{}/", agent.admin), &["--dump-dom"]);
+    assert!(empty.contains("no job holds a slot"), "{empty}");
+    let r = loadgen::request(agent.addr, "POST", "/submit?ms=60000", &[], b"")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 202);
+    let status = agent.status().await;
+    assert_eq!(status["jobs"][0]["pod"], pod.addr.to_string(), "{status}");
+    let dom = headless(&format!("http://{}/", agent.admin), &["--dump-dom"]);
+    let row_start = dom
+        .find(&format!("data-pod=\"{}\"", pod.addr))
+        .unwrap_or_else(|| panic!("no job row for {}:\n{dom}", pod.addr));
+    let row = &dom[row_start..row_start + dom[row_start..].find("</tr>").unwrap()];
+    assert!(row.contains(">/submit<"), "{row}");
+    assert!(row.contains(" s<"), "the hold's age: {row}");
+    assert_eq!(
+        pod.stats.running.load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+}

@@ -45,6 +45,8 @@ struct PoolStatus {
     inflight: usize,
     /// Removed by a config reload, still finishing requests that started on it.
     retired: bool,
+    /// Unix milliseconds of the last change of the pod list (0: none yet).
+    pods_changed_unix_ms: u64,
     pods: Vec<PodStatus>,
 }
 
@@ -194,6 +196,7 @@ impl AdminApp {
                         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
                     inflight: v.inflight,
                     retired: i >= in_force,
+                    pods_changed_unix_ms: b.pods_changed_unix_ms(),
                     pods: v
                         .pods
                         .into_iter()

@@ -185,6 +185,10 @@ async fn the_live_page_shows_discovery_and_the_single_address_warning() {
         row.contains("one address: an ordinary Service's cluster IP"),
         "the trap is shown: {row}"
     );
+    // When the pool's pod list last changed, as /status has it.
+    assert!(status["pools"][0]["pods_changed_unix_ms"].as_u64().unwrap() > 0);
+    assert!(dom.contains("class=\"pool-changed\""), "{dom}");
+    assert!(dom.contains("pod list changed "), "{dom}");
 }
 
 /// A held asynchronous job shows on the page: its pod, its route, how long it has held its

@@ -27,7 +27,7 @@ mod select;
 use pingora::lb::{Backends, LoadBalancer};
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -214,6 +214,8 @@ pub struct Balancer {
     trusted: Arc<TrustedPods>,
     /// The pod list has been learned at least once (for readiness).
     resolved: AtomicBool,
+    /// Unix milliseconds of the last change of the pod list (0: never set).
+    changed_unix_ms: AtomicU64,
     /// Requests of this pool waiting in the shared ledger's queue.
     shared_waiting: AtomicUsize,
     /// Wakes requests waiting in the shared ledger when the pool is closed.
@@ -245,6 +247,7 @@ impl Balancer {
             shared: ledger.shared.clone(),
             trusted,
             resolved: AtomicBool::new(false),
+            changed_unix_ms: AtomicU64::new(0),
             shared_waiting: AtomicUsize::new(0),
             closing: tokio::sync::Notify::new(),
         }
@@ -257,6 +260,12 @@ impl Balancer {
     /// Makes `pods` the pool's pod list (Pingora rebuilds its selector, which hands the list to
     /// the ledger) and marks the pool as resolved.
     pub async fn set_pods(&self, pods: BTreeSet<SocketAddr>) {
+        if self.trusted.get() != pods || !self.resolved() {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+            self.changed_unix_ms.store(now, Ordering::Relaxed);
+        }
         self.trusted.set(pods);
         // Our discovery cannot fail.
         let _ = self.lb.update().await;
@@ -277,6 +286,12 @@ impl Balancer {
     /// The pod list last given to [`Balancer::set_pods`].
     pub fn trusted_pods(&self) -> BTreeSet<SocketAddr> {
         self.trusted.get()
+    }
+
+    /// When the pod list last changed (its first setting included), in Unix milliseconds; 0
+    /// before that.
+    pub fn pods_changed_unix_ms(&self) -> u64 {
+        self.changed_unix_ms.load(Ordering::Relaxed)
     }
 
     /// Whether the pod list has been learned at least once.

@@ -519,3 +519,23 @@ proptest! {
         })?;
     }
 }
+
+/// The pod list's last change is when it changed, not when discovery last answered the same.
+#[tokio::test]
+async fn the_pod_lists_last_change_is_kept_across_identical_answers() {
+    let ledger = Ledger::new();
+    let b = Balancer::new(&ledger, "t", 1);
+    assert_eq!(b.pods_changed_unix_ms(), 0);
+    b.set_pods([addr(1)].into_iter().collect()).await;
+    let first = b.pods_changed_unix_ms();
+    assert!(first > 0);
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    b.set_pods([addr(1)].into_iter().collect()).await;
+    assert_eq!(
+        b.pods_changed_unix_ms(),
+        first,
+        "the same list is no change"
+    );
+    b.set_pods([addr(1), addr(2)].into_iter().collect()).await;
+    assert!(b.pods_changed_unix_ms() > first);
+}

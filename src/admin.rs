@@ -118,6 +118,8 @@ struct LedgerStatus {
 struct SharedPoolStatus {
     name: String,
     queue_depth: u64,
+    /// How long the pool's oldest waiter has waited, all agents together.
+    oldest_wait_ms: Option<u64>,
     leases_expired: u64,
     inflight: std::collections::BTreeMap<String, u32>,
 }
@@ -163,6 +165,9 @@ impl AdminApp {
             status.pools.push(SharedPoolStatus {
                 name: b.name().to_string(),
                 queue_depth: q.waiting,
+                oldest_wait_ms: q
+                    .oldest_wait
+                    .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
                 leases_expired: q.leases_expired,
                 inflight: q
                     .inflight

@@ -188,6 +188,8 @@ pub struct QueueStatus {
     /// Leases returned because their agent stopped renewing them (all agents, since the last
     /// Redis restart).
     pub leases_expired: u64,
+    /// How long the pool's oldest waiter has waited, all agents together (Redis's clock).
+    pub oldest_wait: Option<Duration>,
 }
 
 /// What this agent knows of the ledger, without asking Redis.
@@ -583,13 +585,17 @@ impl RedisLedger {
     pub async fn queue_status(&self, queue: &str) -> Result<QueueStatus, LedgerError> {
         let v = self.eval(&self.scripts.peek, queue, &[]).await?;
         let items = array(v).ok_or_else(|| LedgerError::Reply("peek".into()))?;
-        let [_epoch, waiting, expired, inflight] = &items[..] else {
+        let [_epoch, waiting, expired, inflight, oldest] = &items[..] else {
             return Err(LedgerError::Reply("peek".into()));
         };
         Ok(QueueStatus {
             inflight: parse_counts(inflight),
             waiting: int(waiting).unwrap_or(0),
             leases_expired: int(expired).unwrap_or(0),
+            oldest_wait: match oldest {
+                Value::Int(us) if *us >= 0 => Some(Duration::from_micros(*us as u64)),
+                _ => None,
+            },
         })
     }
 
@@ -928,6 +934,8 @@ impl RedisLedger {
             waiting: items.get(2).and_then(int).unwrap_or(0),
             leases_expired: items.get(3).and_then(int).unwrap_or(0),
             inflight: items.get(4).map(parse_counts).unwrap_or_default(),
+            // Asked for by `/status` only (peek), not at every keep-alive.
+            oldest_wait: None,
         };
         {
             let mut st = lock(&self.state);

@@ -514,3 +514,38 @@ async fn an_agent_exiting_at_its_deadline_gives_its_slots_back_at_once() {
         a.log()
     );
 }
+
+/// The oldest waiter's age is a figure of the whole queue: an agent with no waiter of its own
+/// shows how long the one queued through another agent has waited (and its own in-process
+/// figure stays empty).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_oldest_wait_is_seen_from_every_agent() {
+    let redis = Redis::start();
+    let pods = start_pods(1, 1).await.unwrap();
+    let body = config(&redis, "", 1, &pods);
+    let agents = [Agent::start(&body).await, Agent::start(&body).await];
+    let busy = get_tagged(&agents[0], "/work?ms=1500", "busy");
+    eventually(SECS, "the pod busy", || async {
+        pods[0].stats.inflight() == 1
+    })
+    .await;
+    let waiting = get_tagged(&agents[0], "/work?ms=10", "waiting");
+    eventually(SECS, "queued in the ledger", || async {
+        global_queue(&agents[1]).await == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let status = agents[1].status().await;
+    let oldest = status["ledger"]["pools"][0]["oldest_wait_ms"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no oldest wait in {status}"));
+    assert!((350..1500).contains(&oldest), "{oldest} ms: {status}");
+    assert!(status["pools"][0]["oldest_wait_ms"].is_null(), "{status}");
+    assert_eq!(busy.await.unwrap().unwrap().status, 200);
+    assert_eq!(waiting.await.unwrap().unwrap().status, 200);
+    let status = agents[1].status().await;
+    assert!(
+        status["ledger"]["pools"][0]["oldest_wait_ms"].is_null(),
+        "{status}"
+    );
+}

@@ -208,9 +208,23 @@ impl Jobs {
             path,
             since,
         ));
+        // The check is the one that ends a hold at `max_duration`: should it ever panic, the
+        // hold ends then and there rather than never.
+        let watch = checker.abort_handle();
+        let registry = Arc::downgrade(self);
+        tokio::spawn(async move {
+            if let Err(e) = checker.await {
+                if e.is_panic() {
+                    if let Some(jobs) = registry.upgrade() {
+                        log::error!("the check of a job on pod {pod} panicked; its hold ends");
+                        jobs.release(job, Ended::Timeout);
+                    }
+                }
+            }
+        });
         match self.lock_held().get_mut(&job) {
-            Some(h) => h.checker = Some(checker.abort_handle()),
-            None => checker.abort(),
+            Some(h) => h.checker = Some(watch),
+            None => watch.abort(),
         }
         log::debug!("job accepted by pod {pod} ({pool}) holds its slot");
     }

@@ -89,6 +89,11 @@ pub enum Outcome {
     /// status other than `OK` (in the response head or its trailers). The request was served
     /// as the pod wanted, but a dashboard that counted it `ok` would hide a failing pod.
     PodError,
+    /// A job handle (`/_lb/jobs/…`) refused by lb-agent itself: forged or altered, a method
+    /// other than GET/HEAD/DELETE, its route no longer asynchronous, or its pod gone.
+    JobRefused,
+    /// A pod's completion callback for a job (`/_lb/job-done/…`), answered by lb-agent.
+    JobCallback,
 }
 
 impl Outcome {
@@ -105,6 +110,8 @@ impl Outcome {
             Outcome::DeadlineExceeded => "deadline_exceeded",
             Outcome::PodTimeout => "pod_timeout",
             Outcome::PodError => "pod_error",
+            Outcome::JobRefused => "job_refused",
+            Outcome::JobCallback => "job_callback",
         }
     }
 }
@@ -183,6 +190,10 @@ enum Refusal {
     BadRequest,
     /// The gRPC call's deadline passed before it got a slot.
     Deadline,
+    /// See [`Outcome::JobRefused`].
+    JobRefused,
+    /// See [`Outcome::JobCallback`].
+    JobCallback,
 }
 
 /// Completes when the client goes away; never completes otherwise.
@@ -507,6 +518,8 @@ impl ProxyHttp for LbProxy {
                         Refusal::Deadline => "grpc-timeout passed while queued",
                         Refusal::NoRoute => "no route",
                         Refusal::BadRequest => "bad request",
+                        Refusal::JobRefused => "job handle refused",
+                        Refusal::JobCallback => "job callback",
                     };
                     let mut e = Error::explain(ErrorType::HTTPStatus(503), reason);
                     e.set_retry(false);
@@ -959,7 +972,9 @@ impl ProxyHttp for LbProxy {
             Some(Refusal::Queue(QueueError::NoUntriedPod))
             | None
             | Some(Refusal::NoRoute)
-            | Some(Refusal::BadRequest) => {
+            | Some(Refusal::BadRequest)
+            | Some(Refusal::JobRefused)
+            | Some(Refusal::JobCallback) => {
                 let code = match e.etype() {
                     ErrorType::HTTPStatus(c) => *c,
                     _ => match e.esource() {
@@ -1209,6 +1224,8 @@ fn outcome(ctx: &Ctx, e: Option<&Error>, status: u16) -> Outcome {
         Some(Refusal::Queue(QueueError::ShuttingDown)) => Outcome::ShuttingDown,
         Some(Refusal::BadRequest) => Outcome::BadRequest,
         Some(Refusal::Deadline) => Outcome::DeadlineExceeded,
+        Some(Refusal::JobRefused) => Outcome::JobRefused,
+        Some(Refusal::JobCallback) => Outcome::JobCallback,
         // A request Pingora refused to build for the pod (nothing was sent): the client's
         // fault, not the client leaving.
         None if e.is_some_and(|e| *e.etype() == ErrorType::InvalidHTTPHeader) => {

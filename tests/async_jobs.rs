@@ -157,6 +157,15 @@ async fn a_forged_or_altered_handle_is_refused_and_reaches_no_pod() {
     assert!(matches!(r.status, 202 | 303), "{}", r.status);
     assert_eq!(pods[0].stats.unknown_polls.load(Ordering::SeqCst), 0);
     assert_eq!(pods[0].stats.submitted.load(Ordering::SeqCst), 1);
+    // Counted as what they are, not as requests without a route.
+    assert_eq!(
+        metric(&agent, "lb_requests_total", &["outcome=\"job_refused\""]).await,
+        3.0
+    );
+    assert_eq!(
+        metric(&agent, "lb_requests_total", &["outcome=\"no_route\""]).await,
+        0.0
+    );
 }
 
 /// The pod's completion callback frees the slot: with lb-agent's own checks an hour apart,
@@ -193,6 +202,14 @@ async fn the_pods_callback_frees_the_slot_and_the_next_job_starts() {
         agent.inflight().await == 0
     })
     .await;
+    assert_eq!(
+        metric(&agent, "lb_requests_total", &["outcome=\"job_callback\""]).await,
+        4.0
+    );
+    assert_eq!(
+        metric(&agent, "lb_jobs_ended_total", &["how=\"callback\""]).await,
+        4.0
+    );
 }
 
 /// A client's `DELETE` on the handle, accepted by the pod, frees the slot: the next job starts

@@ -28,7 +28,7 @@ impl LbProxy {
             Ok(h) => h,
             Err(why) => {
                 log::info!("refused a job handle ({why:?})");
-                ctx.refusal = Some(Refusal::NoRoute);
+                ctx.refusal = Some(Refusal::JobRefused);
                 write_text(session, 404, "lb-agent: no such job\n".into(), false).await?;
                 return Ok(true);
             }
@@ -38,7 +38,7 @@ impl LbProxy {
             *method,
             http::Method::GET | http::Method::HEAD | http::Method::DELETE
         ) {
-            ctx.refusal = Some(Refusal::BadRequest);
+            ctx.refusal = Some(Refusal::JobRefused);
             write_text(
                 session,
                 405,
@@ -57,7 +57,7 @@ impl LbProxy {
             .filter(|r| r.async_jobs.is_some())
             .map(Arc::clone);
         let Some(route) = route else {
-            ctx.refusal = Some(Refusal::NoRoute);
+            ctx.refusal = Some(Refusal::JobRefused);
             let msg = format!(
                 "lb-agent: no asynchronous route {} any more for this job\n",
                 handle.route
@@ -68,7 +68,7 @@ impl LbProxy {
         // The hold itself ends by its own check, against the pool that accepted the job (a
         // reload may have moved the route since).
         if route.balancer.resolved() && !route.balancer.trusted_pods().contains(&handle.pod) {
-            ctx.refusal = Some(Refusal::NoRoute);
+            ctx.refusal = Some(Refusal::JobRefused);
             let msg = format!(
                 "lb-agent: the job's pod {} is gone (no longer in {})\n",
                 handle.pod,
@@ -100,7 +100,7 @@ impl LbProxy {
         ctx: &mut Ctx,
         token: &str,
     ) -> pingora::Result<bool> {
-        ctx.refusal = Some(Refusal::NoRoute);
+        ctx.refusal = Some(Refusal::JobRefused);
         let Ok(job) = self.live.jobs.keys.verify_callback(token) else {
             write_text(session, 404, "lb-agent: no such job\n".into(), false).await?;
             return Ok(true);
@@ -118,6 +118,7 @@ impl LbProxy {
             .await?;
             return Ok(true);
         }
+        ctx.refusal = Some(Refusal::JobCallback);
         self.live.jobs.callback(job);
         write_text(session, 204, String::new(), false).await?;
         Ok(true)

@@ -1063,19 +1063,25 @@ impl ProxyHttp for LbProxy {
                     body_read: session.upstream_body_bytes_received() as u64,
                     head_request: session.req_header().method == http::Method::HEAD,
                 };
-                // The pod's job outlives its client: an async route's answer may start one.
-                let then = route.async_jobs.as_ref().map(|_| {
-                    let job = ctx
-                        .job_id
-                        .take()
-                        .unwrap_or_else(|| self.live.jobs.keys.new_job());
-                    Box::new(jobs::after_client_left(
-                        Arc::clone(&self.live.jobs),
-                        Arc::clone(route),
-                        job,
-                        session.req_header().uri.path().to_string(),
-                    )) as abandoned::AfterDrain
-                });
+                // The pod's job outlives its client: an async route's answer may start one. Not
+                // once its final head was read here: that answer was judged then (a 202 took
+                // the slot away from the request), and any other does not start a job.
+                let then = route
+                    .async_jobs
+                    .as_ref()
+                    .filter(|_| ctx.response_framing.is_none())
+                    .map(|_| {
+                        let job = ctx
+                            .job_id
+                            .take()
+                            .unwrap_or_else(|| self.live.jobs.keys.new_job());
+                        Box::new(jobs::after_client_left(
+                            Arc::clone(&self.live.jobs),
+                            Arc::clone(route),
+                            job,
+                            session.req_header().uri.path().to_string(),
+                        )) as abandoned::AfterDrain
+                    });
                 abandoned::finish(Abandoned {
                     socket,
                     slot,

@@ -465,3 +465,50 @@ async fn jobs_through_three_agents_keep_the_cap_and_polls_reach_the_pod_from_any
         assert_eq!(p.stats.unknown_polls.load(Ordering::SeqCst), 0);
     }
 }
+
+/// A synchronous answer on an async route (a `200`, no job) whose client leaves while its body
+/// is still being passed on frees its slot once the pod's answer is complete, as on any route:
+/// it is no job. Before, the drain handed the slot to a "job" it could not see, held until
+/// `max_duration`, and the next submission waited out its queue timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_a_synchronous_answer_does_not_hold_the_slot() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pods = pods(185, 1, Convention::Redirect, false).await;
+    let agent = Agent::start(&format!(
+        "queue: {{timeout: 5s}}\n{}",
+        route(&pods, 1, "{check_interval: 100ms}").replace("queue: {timeout: 30s}, ", "")
+    ))
+    .await;
+    let mut conn = tokio::net::TcpStream::connect(agent.addr).await.unwrap();
+    conn.write_all(
+        b"POST /submit?sync_bytes=33554432 HTTP/1.1\r\nhost: a\r\ncontent-length: 0\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    // Read the head and a little of the body, then leave.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = conn.read(&mut buf).await.unwrap();
+        assert!(n > 0, "no answer");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    drop(conn);
+    let next = loadgen::request(agent.addr, "POST", "/submit?ms=100", &[], b"")
+        .await
+        .unwrap();
+    assert_eq!(next.status, 202, "{}", next.body);
+    assert!(agent.status().await["jobs"]
+        .as_array()
+        .is_some_and(|j| j.len() <= 1));
+    eventually(Duration::from_secs(5), "the job's hold ended", || async {
+        agent.inflight().await == 0
+    })
+    .await;
+    assert_eq!(pods[0].stats.max_running.load(Ordering::SeqCst), 1);
+}

@@ -3,6 +3,7 @@
 //! job runs from the submission's arrival); the pod counts its own running jobs (the truth the
 //! tests read: lb-agent's counters are not evidence).
 //!
+//! - `POST /submit?sync_bytes=N`: no job, a `200` with N bytes at once;
 //! - `GET /jobs/<id>`: the job's status in the pod's [`Convention`]; `404` for a job this pod
 //!   never accepted (counted: a poll that reached the wrong pod);
 //! - `GET /jobs/<id>/result`: `200` once done;
@@ -131,6 +132,11 @@ async fn serve(
                 .find_map(|p| p.strip_prefix(name)?.strip_prefix('='))
                 .and_then(|v| v.parse().ok())
         };
+        if let Some(n) = param("sync_bytes") {
+            // A synchronous answer on the submission path: no job, `n` bytes of body.
+            let _ = req.into_body().collect().await;
+            return Ok(reply(StatusCode::OK, &[], "x".repeat(n as usize)));
+        }
         let ms = param("ms").unwrap_or(1000);
         let accept_ms = param("accept_ms").unwrap_or(0);
         let callback = req

@@ -176,10 +176,12 @@ pub struct Ctx {
 
 struct JobPoll {
     handle: jobs::Handle,
-    /// What follows the token in the client's path (`/result`).
-    suffix: String,
-    /// The client asked with a query of its own: the answer is not the job's status.
-    query_differs: bool,
+    /// The path and query asked of the pod: the handle's, with what followed the token in the
+    /// client's path (`/result`) and the client's query.
+    target: String,
+    /// The handle's own path, asked with its own query: the answer is the job's status (a
+    /// result next to it, or another query, says nothing about the job).
+    is_status: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -550,9 +552,9 @@ impl ProxyHttp for LbProxy {
         // Only lb-agent names a job's callback: a client's own would be a forgery.
         upstream_request.remove_header(jobs::CALLBACK_HEADER);
         if let Some(poll) = &ctx.job_poll {
-            let uri = jobs::pod_uri(&poll.handle, &poll.suffix, session.req_header().uri.query());
             upstream_request.set_uri(
-                uri.parse()
+                poll.target
+                    .parse()
                     .map_err(|_| Error::explain(ErrorType::InternalError, "bad job path"))?,
             );
         } else if ctx.route.as_ref().is_some_and(|r| r.async_jobs.is_some()) {
@@ -640,13 +642,13 @@ impl ProxyHttp for LbProxy {
     /// the pod's reads (no response buffering yet).
     fn upstream_response_body_filter(
         &self,
-        _session: &mut Session,
-        _body: &mut Option<bytes::Bytes>,
+        session: &mut Session,
+        body: &mut Option<bytes::Bytes>,
         end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> pingora::Result<Option<Duration>> {
         if let Some(read) = ctx.job_body.as_mut() {
-            if let Some(b) = _body {
+            if let Some(b) = body {
                 if read.len() + b.len() <= JOB_STATUS_BODY_LIMIT {
                     read.extend_from_slice(b);
                 }
@@ -655,8 +657,7 @@ impl ProxyHttp for LbProxy {
                 let read = ctx.job_body.take().unwrap_or_default();
                 self.judge_job_answer(
                     ctx,
-                    _session.response_written().map_or(0, |r| r.status.as_u16()),
-                    None,
+                    session.response_written().map_or(0, |r| r.status.as_u16()),
                     Some(&read),
                 );
             }
@@ -1147,9 +1148,6 @@ impl std::fmt::Display for PodName {
     }
 }
 
-/// An HTTP/2 stream the pod refused before processing it (RFC 9113 §8.7): `REFUSED_STREAM`,
-/// or a `GOAWAY` whose last stream id is below it (the h2 crate reports only those streams as
-/// ended by the remote `GOAWAY`; streams the pod did take end with a broken pipe instead).
 /// The peer for `pod` on `route`: its timeouts, and HTTP/2 for an `h2c` route.
 fn pod_peer(pod: SocketAddr, route: &RouteEntry) -> HttpPeer {
     let mut peer = HttpPeer::new(pod, false, String::new());
@@ -1167,8 +1165,11 @@ fn pod_peer(pod: SocketAddr, route: &RouteEntry) -> HttpPeer {
     peer
 }
 
-/// The pod's side refused the stream: a client's own `REFUSED_STREAM` (or `GOAWAY`) on its
-/// side of lb-agent says nothing about the pod, and must never make a request go out again.
+/// An HTTP/2 stream the pod refused before processing it (RFC 9113 §8.7): `REFUSED_STREAM`,
+/// or a `GOAWAY` whose last stream id is below it (the h2 crate reports only those streams as
+/// ended by the remote `GOAWAY`; streams the pod did take end with a broken pipe instead).
+/// Only the pod's side counts: a client's own `REFUSED_STREAM` (or `GOAWAY`) on its side of
+/// lb-agent says nothing about the pod, and must never make a request go out again.
 fn not_processed_by_pod(e: &Error) -> bool {
     e.esource() == &ErrorSource::Upstream
         && e.root_cause().downcast_ref::<h2::Error>().is_some_and(|h| {

@@ -95,10 +95,10 @@ pub fn after_client_left(
         };
         let pod = slot.addr();
         match head {
-            Some((202, Some(location))) => match pod_path(location, pod, &request_path) {
-                Some(path) => jobs.hold(&route, &cfg, slot, job, Some(path)),
-                None => drop(slot),
-            },
+            Some((202, Some(location))) => {
+                // A Location lb-agent cannot follow: the slot is given back (dropped here).
+                let _ = jobs.accept(&route, &cfg, &mut Some(slot), job, location, &request_path);
+            }
             Some(_) => drop(slot),
             None => {
                 log::warn!(
@@ -227,6 +227,41 @@ impl Jobs {
             None => watch.abort(),
         }
         log::debug!("job accepted by pod {pod} ({pool}) holds its slot");
+    }
+
+    /// A `202` from the pod of `slot` on `route`, naming its job at `location` (relative to
+    /// `request_path`): job `job` takes the slot out of `slot`, and the client's handle is
+    /// returned. `None` (and `slot` left as it was) when lb-agent cannot reach that `Location`.
+    pub fn accept(
+        self: &Arc<Self>,
+        route: &Arc<RouteEntry>,
+        cfg: &AsyncJobs,
+        slot: &mut Option<Slot>,
+        job: u128,
+        location: &str,
+        request_path: &str,
+    ) -> Option<Handle> {
+        let pod = slot.as_ref()?.addr();
+        let Some(path) = pod_path(location, pod, request_path) else {
+            log::warn!(
+                "pod {pod} accepted a job with a Location lb-agent cannot reach ({location}); its slot is not held"
+            );
+            return None;
+        };
+        let slot = slot.take()?;
+        let handle = Handle {
+            job,
+            pod,
+            route: route.uri.clone(),
+            path: path.clone(),
+        };
+        self.hold(route, cfg, slot, job, Some(path));
+        Some(handle)
+    }
+
+    /// Where a client asks about `handle`: lb-agent's own path for it.
+    pub fn location(&self, handle: &Handle) -> String {
+        format!("{PREFIX}{}", self.keys.mint(handle))
     }
 
     /// Ends job `job`'s hold (its slot goes to the next waiter). `false` if it held nothing

@@ -78,16 +78,13 @@ impl LbProxy {
             return Ok(true);
         }
         let own_query = handle.path.split_once('?').map(|(_, q)| q);
-        let query_differs = session
-            .req_header()
-            .uri
-            .query()
-            .is_some_and(|q| Some(q) != own_query);
+        let query = session.req_header().uri.query();
+        let is_status = suffix.is_empty() && query.is_none_or(|q| Some(q) == own_query);
         ctx.route = Some(route);
         ctx.job_poll = Some(JobPoll {
+            target: jobs::pod_uri(&handle, suffix, query),
             handle,
-            suffix: suffix.to_string(),
-            query_differs,
+            is_status,
         });
         Ok(false)
     }
@@ -155,15 +152,21 @@ impl LbProxy {
                 if needs_body && method == http::Method::GET && status < 300 {
                     ctx.job_body = Some(Vec::new());
                 } else {
-                    self.judge_job_answer(ctx, status, None, None);
+                    self.judge_job_answer(ctx, status, None);
                 }
             }
-            if let Some(l) = location {
-                // A relative Location is relative to the pod's path, not the handle's.
-                let asked =
-                    jobs::pod_uri(&poll.handle, &poll.suffix, session.req_header().uri.query());
-                let asked = asked.split('?').next().unwrap_or("/").to_string();
-                self.rewrite_location(response, &l, job, pod, &route, &asked);
+            // A relative Location is relative to the path asked of the pod, not the handle's.
+            let asked = poll.target.split('?').next().unwrap_or("/");
+            let moved = location.and_then(|l| jobs::pod_path(&l, pod, asked));
+            if let Some(path) = moved {
+                let handle = Handle {
+                    job,
+                    pod,
+                    route,
+                    path,
+                };
+                let _ = response
+                    .insert_header(http::header::LOCATION, self.live.jobs.location(&handle));
             }
             return;
         }
@@ -176,55 +179,37 @@ impl LbProxy {
         let (Some(location), 202) = (location, status) else {
             return;
         };
-        let Some(slot) = ctx.slot.as_ref() else {
+        if ctx.slot.is_none() {
             return;
-        };
-        let pod = slot.addr();
-        let Some(path) = jobs::pod_path(&location, pod, session.req_header().uri.path()) else {
-            log::warn!(
-                "pod {pod} accepted a job with a Location lb-agent cannot reach ({location}); its slot is not held"
-            );
-            return;
-        };
+        }
         let job = ctx
             .job_id
             .take()
             .unwrap_or_else(|| self.live.jobs.keys.new_job());
-        let handle = Handle {
-            job,
-            pod,
-            route: route.uri.clone(),
-            path: path.clone(),
-        };
-        if let Some(slot) = ctx.slot.take() {
-            self.live.jobs.hold(&route, cfg, slot, job, Some(path));
+        let asked = session.req_header().uri.path();
+        // Not a job lb-agent can follow (None): the slot stays the request's.
+        if let Some(handle) =
+            self.live
+                .jobs
+                .accept(&route, cfg, &mut ctx.slot, job, &location, asked)
+        {
+            let _ =
+                response.insert_header(http::header::LOCATION, self.live.jobs.location(&handle));
         }
-        let _ = response.insert_header(
-            http::header::LOCATION,
-            format!("{}{}", jobs::PREFIX, self.live.jobs.keys.mint(&handle)),
-        );
     }
 
     /// What an answer about a polled job says; a final one ends the job's hold.
-    pub(super) fn judge_job_answer(
-        &self,
-        ctx: &Ctx,
-        status: u16,
-        retry_after: Option<&str>,
-        body: Option<&[u8]>,
-    ) {
+    pub(super) fn judge_job_answer(&self, ctx: &Ctx, status: u16, body: Option<&[u8]>) {
         let (Some(poll), Some(cfg)) = (
             &ctx.job_poll,
             ctx.route.as_ref().and_then(|r| r.async_jobs.as_ref()),
         ) else {
             return;
         };
-        // Only the job's own status path speaks for the job (a result next to it, or the
-        // status asked with another query, does not).
-        if !poll.suffix.is_empty() || poll.query_differs {
+        if !poll.is_status {
             return;
         }
-        match jobs::verdict(&cfg.done_when, status, retry_after, body) {
+        match jobs::verdict(&cfg.done_when, status, None, body) {
             Verdict::Done => {
                 self.live.jobs.release(poll.handle.job, Ended::Done);
             }
@@ -233,29 +218,5 @@ impl LbProxy {
             }
             Verdict::Running { .. } => {}
         }
-    }
-
-    fn rewrite_location(
-        &self,
-        response: &mut pingora::http::ResponseHeader,
-        location: &str,
-        job: u128,
-        pod: std::net::SocketAddr,
-        route: &str,
-        asked_path: &str,
-    ) {
-        let Some(path) = jobs::pod_path(location, pod, asked_path) else {
-            return;
-        };
-        let handle = Handle {
-            job,
-            pod,
-            route: route.to_string(),
-            path,
-        };
-        let _ = response.insert_header(
-            http::header::LOCATION,
-            format!("{}{}", jobs::PREFIX, self.live.jobs.keys.mint(&handle)),
-        );
     }
 }

@@ -26,6 +26,7 @@ pub mod redis_ledger;
 pub mod reload;
 mod request_rules;
 pub mod respond;
+pub mod response_buffer;
 pub mod route;
 pub mod shutdown;
 

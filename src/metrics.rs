@@ -164,6 +164,8 @@ struct Sample {
     ledger_leases_expired: IntCounterVec,
     jobs_held: IntGaugeVec,
     jobs_ended: IntCounterVec,
+    response_buffer_bytes: IntGaugeVec,
+    response_buffer_full: IntCounterVec,
 }
 
 impl Sample {
@@ -291,10 +293,24 @@ impl Sample {
                 ),
                 &["pool", "how"],
             )?,
+            response_buffer_bytes: IntGaugeVec::new(
+                Opts::new(
+                    "lb_response_buffer_bytes",
+                    "Bytes of pods' answers held for slow clients (bounded by client.response_buffer_total)",
+                ),
+                &[],
+            )?,
+            response_buffer_full: IntCounterVec::new(
+                Opts::new(
+                    "lb_response_buffer_full_total",
+                    "Answers that fitted client.response_buffer but streamed because client.response_buffer_total was taken",
+                ),
+                &[],
+            )?,
         })
     }
 
-    fn parts(&self) -> [&dyn Collector; 19] {
+    fn parts(&self) -> [&dyn Collector; 21] {
         [
             &self.queue_depth,
             &self.pod_inflight,
@@ -315,10 +331,18 @@ impl Sample {
             &self.ledger_leases_expired,
             &self.jobs_held,
             &self.jobs_ended,
+            &self.response_buffer_bytes,
+            &self.response_buffer_full,
         ]
     }
 
     fn fill(&self, live: &Live) {
+        self.response_buffer_bytes
+            .with_label_values(&[] as &[&str])
+            .set(crate::response_buffer::in_use() as i64);
+        self.response_buffer_full
+            .with_label_values(&[] as &[&str])
+            .inc_by(crate::response_buffer::total_full());
         for job in live.jobs.view() {
             self.jobs_held
                 .with_label_values(&[job.pool.as_str(), job.pod.as_str()])

@@ -26,6 +26,7 @@ use crate::metrics;
 use crate::respond::{
     format_grpc_timeout, grpc_status, grpc_timeout, is_grpc, write_grpc_status, write_text,
 };
+use crate::response_buffer;
 use crate::shutdown::ActiveRequest;
 
 /// Bodies up to this size are read while the request waits in the queue, so that a client that
@@ -69,6 +70,39 @@ impl LbProxy {
             client,
         }
     }
+}
+
+impl LbProxy {
+    fn buffer_bounds(&self) -> response_buffer::Bounds {
+        response_buffer::Bounds {
+            per_answer: self.client.response_buffer,
+            total: self.client.response_buffer_total,
+        }
+    }
+}
+
+/// Whether a final answer with this status, to this request, carries a body (not a `HEAD`,
+/// `204` or `304`, and not a `101` switch to another protocol).
+fn answer_has_body(session: &Session, status: u16) -> bool {
+    status >= 200
+        && status != 204
+        && status != 304
+        && session.req_header().method != http::Method::HEAD
+}
+
+/// The answer's `Content-Length`, when it has exactly one that is a number (several, or one
+/// that is not a number, and Pingora's reader decides; lb-agent then only streams). A
+/// `Transfer-Encoding` overrides any length (RFC 9112 §6.3): none then.
+fn content_length(head: &pingora::http::ResponseHeader) -> Option<usize> {
+    if head.headers.contains_key(http::header::TRANSFER_ENCODING) {
+        return None;
+    }
+    let mut values = head.headers.get_all(http::header::CONTENT_LENGTH).iter();
+    let value = values.next()?;
+    if values.next().is_some() {
+        return None;
+    }
+    value.to_str().ok()?.trim().parse().ok()
 }
 
 /// How a request ended, for the log line (and metrics).
@@ -170,6 +204,9 @@ pub struct Ctx {
     job_id: Option<u128>,
     /// A job status answer being read to judge its JSON state.
     job_body: Option<Vec<u8>>,
+    /// The pod's answer is read whole before it is passed on (see [`crate::response_buffer`]);
+    /// its memory is counted until the request ends.
+    response_buffer: Option<response_buffer::Reservation>,
     /// Keeps a SIGTERM drain from exiting while this request is being handled.
     _active: ActiveRequest,
 }
@@ -340,6 +377,7 @@ impl ProxyHttp for LbProxy {
             job_poll: None,
             job_id: None,
             job_body: None,
+            response_buffer: None,
             _active: self.live.shutdown.request(),
         }
     }
@@ -638,8 +676,9 @@ impl ProxyHttp for LbProxy {
     /// client's pace. A client that reads slowly (or an HTTP/2 client that grants no window)
     /// must not keep a pod that has finished "busy" and the queue waiting. Pingora runs this
     /// filter on what it has read from the pod before it writes to the client, so an answer
-    /// that arrives whole frees the slot at once; a long answer to a slow client still paces
-    /// the pod's reads (no response buffering yet).
+    /// that arrives whole frees the slot at once. A longer answer would pace the pod's reads at
+    /// the client's speed: one that fits `client.response_buffer` is held here until its last
+    /// piece (see [`crate::response_buffer`]), so that the pod is read at its own speed.
     fn upstream_response_body_filter(
         &self,
         session: &mut Session,
@@ -661,6 +700,9 @@ impl ProxyHttp for LbProxy {
                     Some(&read),
                 );
             }
+        }
+        if let Some(buffer) = ctx.response_buffer.as_mut() {
+            buffer.hold(body, end_of_stream);
         }
         if end_of_stream {
             drop(ctx.slot.take());
@@ -719,6 +761,10 @@ impl ProxyHttp for LbProxy {
             .is_some_and(|r| r.protocol == UpstreamProtocol::Http1)
         {
             upstream_response.remove_header(&http::header::TRAILER);
+        }
+        if ctx.slot.is_some() && answer_has_body(session, status) {
+            ctx.response_buffer =
+                content_length(upstream_response).and_then(|len| self.buffer_bounds().reserve(len));
         }
         Ok(())
     }

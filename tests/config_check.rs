@@ -348,6 +348,14 @@ fn client_limits_are_bounded() {
         &format!("client: {{max_header_size: 18446744073709551615}}\n{ROUTE}"),
         "client.max_header_size: must be between 1024 and 1048576",
     );
+    refused(
+        &format!("client: {{response_buffer: 2147483648}}\n{ROUTE}"),
+        "client.response_buffer: must be at most 1073741824 bytes",
+    );
+    refused(
+        &format!("client: {{response_buffer: 1048576, response_buffer_total: 1000}}\n{ROUTE}"),
+        "client.response_buffer_total: must be at least client.response_buffer (1048576)",
+    );
 }
 
 #[test]

@@ -67,6 +67,8 @@ pub(super) struct FileClient {
     pub(super) keepalive_timeout: Option<String>,
     pub(super) timeout: Option<String>,
     pub(super) max_header_size: Option<usize>,
+    pub(super) response_buffer: Option<usize>,
+    pub(super) response_buffer_total: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -196,6 +196,12 @@ pub struct ClientLimits {
     pub timeout: Duration,
     /// Largest request header (request line and all fields) accepted; larger gets 431.
     pub max_header_size: usize,
+    /// Longest answer (by its `Content-Length`) read whole from the pod before it is passed
+    /// on, so that a slow client does not keep a finished pod's slot; 0: none is (see
+    /// [`crate::response_buffer`]).
+    pub response_buffer: usize,
+    /// All answers being buffered together, in bytes: the memory slow clients may cost.
+    pub response_buffer_total: usize,
 }
 
 impl Default for ClientLimits {
@@ -205,6 +211,8 @@ impl Default for ClientLimits {
             keepalive_timeout: Duration::from_secs(75),
             timeout: Duration::from_secs(60),
             max_header_size: 32 * 1024,
+            response_buffer: 4 * 1024 * 1024,
+            response_buffer_total: 64 * 1024 * 1024,
         }
     }
 }

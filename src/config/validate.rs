@@ -86,6 +86,12 @@ const MAX_CLIENT_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// Largest `client.max_header_size`: Pingora itself refuses headers above 1 MiB.
 const MAX_HEADER_SIZE_BOUND: usize = 1024 * 1024;
 
+/// Largest `client.response_buffer`: one answer held in memory; beyond this, stream it.
+const MAX_RESPONSE_BUFFER: usize = 1 << 30;
+
+/// Largest `client.response_buffer_total`.
+const MAX_RESPONSE_BUFFER_TOTAL: usize = 64 << 30;
+
 /// Smallest `client.max_header_size`: a request line and a Host field must fit.
 const MIN_HEADER_SIZE_BOUND: usize = 1024;
 
@@ -1033,6 +1039,8 @@ fn client_limits(f: &FileClient) -> Result<ClientLimits, ConfigError> {
         )?,
         timeout: duration("client.timeout", &f.timeout, d.timeout)?,
         max_header_size: f.max_header_size.unwrap_or(d.max_header_size),
+        response_buffer: f.response_buffer.unwrap_or(d.response_buffer),
+        response_buffer_total: f.response_buffer_total.unwrap_or(d.response_buffer_total),
     };
     for (field, value) in [
         ("client.header_timeout", limits.header_timeout),
@@ -1052,6 +1060,26 @@ fn client_limits(f: &FileClient) -> Result<ClientLimits, ConfigError> {
             format!(
                 "must be between {MIN_HEADER_SIZE_BOUND} and {MAX_HEADER_SIZE_BOUND} bytes (got {})",
                 limits.max_header_size
+            ),
+        ));
+    }
+    if limits.response_buffer > MAX_RESPONSE_BUFFER {
+        return Err(ConfigError::new(
+            "client.response_buffer",
+            format!(
+                "must be at most {MAX_RESPONSE_BUFFER} bytes (1 GiB; 0 turns buffering off), got {}",
+                limits.response_buffer
+            ),
+        ));
+    }
+    if limits.response_buffer_total < limits.response_buffer
+        || limits.response_buffer_total > MAX_RESPONSE_BUFFER_TOTAL
+    {
+        return Err(ConfigError::new(
+            "client.response_buffer_total",
+            format!(
+                "must be at least client.response_buffer ({}) and at most {MAX_RESPONSE_BUFFER_TOTAL} bytes (64 GiB), got {}",
+                limits.response_buffer, limits.response_buffer_total
             ),
         ));
     }

@@ -703,6 +703,14 @@ impl ProxyHttp for LbProxy {
         }
         if let Some(buffer) = ctx.response_buffer.as_mut() {
             buffer.hold(body, end_of_stream);
+            if let Some(whole) = body.as_ref().filter(|_| end_of_stream) {
+                // Pingora's write timeout covers one write call: the held answer goes out in
+                // one, and a slow client must get the time it had for it in pieces.
+                session.set_write_timeout(Some(response_buffer::write_timeout(
+                    self.client.timeout,
+                    whole.len(),
+                )));
+            }
         }
         if end_of_stream {
             drop(ctx.slot.take());
@@ -762,7 +770,15 @@ impl ProxyHttp for LbProxy {
         {
             upstream_response.remove_header(&http::header::TRAILER);
         }
-        if ctx.slot.is_some() && answer_has_body(session, status) {
+        // HTTP/1.1 pods only: an h2c pod's answer can end with trailers, and then its last
+        // body piece is not marked as the last, so a held answer would never be passed on.
+        if ctx.slot.is_some()
+            && answer_has_body(session, status)
+            && ctx
+                .route
+                .as_ref()
+                .is_some_and(|r| r.protocol == UpstreamProtocol::Http1)
+        {
             ctx.response_buffer =
                 content_length(upstream_response).and_then(|len| self.buffer_bounds().reserve(len));
         }

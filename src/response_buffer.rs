@@ -15,12 +15,16 @@
 //! left the pod; for a compute service, whose answer comes after the work in one go, that is
 //! the time to read it over the cluster network.
 //!
+//! Only for HTTP/1.1 pods: an h2c pod's answer may end with trailers, and its last body piece
+//! is then not marked as the last one; the held bytes would never be passed on.
+//!
 //! The memory is counted from the moment the answer's head is read to the end of the request
 //! (the [`Reservation`] lives in the request's context), so the bound holds while the bytes sit
 //! in lb-agent waiting for the client, not only while they are read.
 
 use bytes::{Bytes, BytesMut};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
 
 /// Bytes reserved by the answers being buffered, in this process (the bound is on this
 /// process's memory, whatever the config's routes).
@@ -38,6 +42,18 @@ pub fn in_use() -> usize {
 /// Answers streamed because `client.response_buffer_total` was taken.
 pub fn total_full() -> u64 {
     TOTAL_FULL.load(Ordering::Relaxed)
+}
+
+/// The size of the pieces Pingora writes a streamed answer in (its body buffer), each of
+/// which a client has `client.timeout` to take.
+const PIECE: usize = 64 * 1024;
+
+/// The write timeout for a held answer of `len` bytes sent in one write: `client.timeout` per
+/// 64 KiB piece, the time the client would have had had the answer streamed. (Pingora's write
+/// timeout bounds a whole write call, not its progress.)
+pub fn write_timeout(client_timeout: Duration, len: usize) -> Duration {
+    let pieces = u32::try_from(len.div_ceil(PIECE).max(1)).unwrap_or(u32::MAX);
+    client_timeout.saturating_mul(pieces)
 }
 
 /// The bounds, from the config's `client` section.
@@ -180,5 +196,14 @@ mod tests {
 
         drop((c, d));
         assert_eq!(in_use(), before, "every share given back");
+    }
+
+    #[test]
+    fn a_held_answer_gets_the_write_time_of_its_pieces() {
+        let t = Duration::from_secs(60);
+        assert_eq!(write_timeout(t, 1), t);
+        assert_eq!(write_timeout(t, PIECE), t);
+        assert_eq!(write_timeout(t, PIECE + 1), 2 * t);
+        assert_eq!(write_timeout(t, 4 << 20), 64 * t);
     }
 }

@@ -267,8 +267,9 @@ async fn an_http1_client_that_never_reads_does_not_pin_a_slot() {
 }
 
 /// An HTTP/1.1 client that asks for `/work?ms=1&bytes=<bytes>` with a small receive buffer and
-/// reads its answer at about 80 KB/s until `hurry` is set, then as fast as it can. The task
-/// returns the whole answer (head and body); `read` counts what it has read so far.
+/// reads its answer `chunk` bytes per `pause` (80 KB/s for [`SlowReader::start`]) until `hurry`
+/// is set, then as fast as it can. The task returns the whole answer (head and body), or what
+/// came before the connection was closed; `read` counts what it has read so far.
 struct SlowReader {
     read: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     hurry: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -277,6 +278,10 @@ struct SlowReader {
 
 impl SlowReader {
     async fn start(addr: SocketAddr, bytes: usize) -> SlowReader {
+        Self::start_at(addr, bytes, 8 * 1024, Duration::from_millis(100)).await
+    }
+
+    async fn start_at(addr: SocketAddr, bytes: usize, chunk: usize, pause: Duration) -> SlowReader {
         use std::sync::atomic::Ordering;
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
         socket.set_recv_buffer_size(16 * 1024).unwrap();
@@ -300,16 +305,16 @@ impl SlowReader {
                     let want = if hurry.load(Ordering::SeqCst) {
                         buf.len()
                     } else {
-                        8 * 1024
+                        chunk.min(buf.len())
                     };
-                    let n = s.read(&mut buf[..want]).await.unwrap();
+                    let n = s.read(&mut buf[..want]).await.unwrap_or(0);
                     if n == 0 {
                         return all;
                     }
                     all.extend_from_slice(&buf[..n]);
                     read.store(all.len(), Ordering::SeqCst);
                     if !hurry.load(Ordering::SeqCst) {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        tokio::time::sleep(pause).await;
                     }
                 }
             }
@@ -324,6 +329,11 @@ impl SlowReader {
     /// Reads the rest at full speed; the whole answer.
     async fn finish(self) -> Vec<u8> {
         self.hurry.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.at_its_pace().await
+    }
+
+    /// Reads the rest at the pace it had; the whole answer.
+    async fn at_its_pace(self) -> Vec<u8> {
         tokio::time::timeout(Duration::from_secs(60), self.done)
             .await
             .expect("answer read to its end")
@@ -424,6 +434,28 @@ async fn slow_client_of_a_buffered_answer(first_pod: u8, bytes: usize) {
         metric(&agent, "lb_response_buffer_bytes").await == 0.0
     })
     .await;
+}
+
+/// A held answer goes to the client in one write, and Pingora's write timeout bounds a whole
+/// write: the client must get the time it would have had for the answer in pieces
+/// (`client.timeout` per 64 KiB), not `client.timeout` for all of it. Here an 8 MiB answer read
+/// at ~3 MB/s (some 2.5 s) with `client.timeout: 1s`: before, the answer was cut after a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_slower_than_its_timeout_for_the_whole_gets_all_of_a_held_answer() {
+    let pods = start_pods(46, 1).await.unwrap();
+    let agent = agent_with(
+        "client: {timeout: 1s, response_buffer: 16777216}\n",
+        1,
+        &pods,
+        "",
+    )
+    .await;
+    let bytes = 8 * 1024 * 1024;
+    let slow = SlowReader::start_at(agent.addr, bytes, 64 * 1024, Duration::from_millis(20)).await;
+    let all = slow.at_its_pace().await;
+    let body = answer_body(&all);
+    assert!(body.ends_with(b"....."));
+    assert_eq!(pods[0].stats.max_inflight(), 1);
 }
 
 /// The bound holds: an answer longer than `client.response_buffer` streams at the client's

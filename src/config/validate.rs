@@ -89,8 +89,8 @@ const MAX_HEADER_SIZE_BOUND: usize = 1024 * 1024;
 /// Largest `client.response_buffer`: one answer held in memory; beyond this, stream it.
 const MAX_RESPONSE_BUFFER: usize = 1 << 30;
 
-/// Largest `client.response_buffer_total`.
-const MAX_RESPONSE_BUFFER_TOTAL: usize = 64 << 30;
+/// Largest `client.response_buffer_total` (u64: it does not fit a 32-bit `usize`).
+const MAX_RESPONSE_BUFFER_TOTAL: u64 = 64 << 30;
 
 /// Smallest `client.max_header_size`: a request line and a Host field must fit.
 const MIN_HEADER_SIZE_BOUND: usize = 1024;
@@ -1040,7 +1040,11 @@ fn client_limits(f: &FileClient) -> Result<ClientLimits, ConfigError> {
         timeout: duration("client.timeout", &f.timeout, d.timeout)?,
         max_header_size: f.max_header_size.unwrap_or(d.max_header_size),
         response_buffer: f.response_buffer.unwrap_or(d.response_buffer),
-        response_buffer_total: f.response_buffer_total.unwrap_or(d.response_buffer_total),
+        // A larger per-answer bound with no total of its own raises the default total to it.
+        response_buffer_total: f.response_buffer_total.unwrap_or(
+            d.response_buffer_total
+                .max(f.response_buffer.unwrap_or(d.response_buffer)),
+        ),
     };
     for (field, value) in [
         ("client.header_timeout", limits.header_timeout),
@@ -1073,7 +1077,7 @@ fn client_limits(f: &FileClient) -> Result<ClientLimits, ConfigError> {
         ));
     }
     if limits.response_buffer_total < limits.response_buffer
-        || limits.response_buffer_total > MAX_RESPONSE_BUFFER_TOTAL
+        || limits.response_buffer_total as u64 > MAX_RESPONSE_BUFFER_TOTAL
     {
         return Err(ConfigError::new(
             "client.response_buffer_total",

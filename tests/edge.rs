@@ -439,7 +439,8 @@ async fn slow_client_of_a_buffered_answer(first_pod: u8, bytes: usize) {
 /// A held answer goes to the client in one write, and Pingora's write timeout bounds a whole
 /// write: the client must get the time it would have had for the answer in pieces
 /// (`client.timeout` per 64 KiB), not `client.timeout` for all of it. Here an 8 MiB answer read
-/// at ~3 MB/s (some 2.5 s) with `client.timeout: 1s`: before, the answer was cut after a second.
+/// through a 16 KiB receive buffer with a pause of 20 ms after each read (some 10 s) with
+/// `client.timeout: 1s`: before, the answer was cut after a second.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_client_slower_than_its_timeout_for_the_whole_gets_all_of_a_held_answer() {
     let pods = start_pods(46, 1).await.unwrap();

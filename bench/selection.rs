@@ -13,7 +13,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use futures::FutureExt;
-use lb_agent::balance::{Balancer, Ledger, QueuePolicy, Slot};
+use lb_agent::balance::{Arrival, Balancer, Ledger, QueuePolicy, Slot};
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
@@ -26,7 +26,7 @@ fn pod(i: usize) -> SocketAddr {
 }
 
 fn pick(b: &Balancer, q: &QueuePolicy, deadline: tokio::time::Instant) -> Slot {
-    b.acquire(q, deadline, &[])
+    b.acquire(q, deadline, &[], &mut Arrival::default())
         .now_or_never()
         .expect("a free slot exists, so the pick must not wait")
         .expect("pick")

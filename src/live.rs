@@ -96,6 +96,8 @@ pub struct Live {
     /// Which config file content is in force, for `/status` (none when started without a
     /// file, as in tests that build the config in memory).
     config_in_force: Mutex<Option<ConfigInForce>>,
+    /// The job adoption task runs (see [`Live::start_job_adoption`]).
+    adopting: std::sync::atomic::AtomicBool,
 }
 
 /// The config file content in force and when it was loaded: with a `subPath` ConfigMap mount
@@ -217,7 +219,7 @@ impl Live {
         let keys = crate::jobs::Keys::from_env().map_err(LiveError::JobKey)?;
         if config.routes.iter().any(|r| r.async_jobs.is_some()) {
             log::info!(
-                "asynchronous jobs hold their pods' slots in this process: if it restarts (or dies, with a shared ledger) it forgets the jobs it held, and their slots come free while the pods still work"
+                "asynchronous jobs hold their pods' slots; without a shared ledger (ledger.redis) they are held in this process only: if it restarts it forgets them, and their slots come free while the pods still work"
             );
             if !keys.shared {
                 log::warn!(
@@ -225,9 +227,10 @@ impl Live {
                 );
             }
         }
+        let jobs = crate::jobs::Jobs::new(keys, ledger.redis().cloned());
         Ok(Arc::new(Live {
             ledger,
-            jobs: crate::jobs::Jobs::new(keys),
+            jobs,
             awaited: Mutex::new(awaited),
             config_in_force: Mutex::new(None),
             current: RwLock::new(Arc::new(route_table(config, &pools))),
@@ -236,6 +239,7 @@ impl Live {
             started_with: config.clone(),
             applied: Mutex::new(config.clone()),
             shutdown: Arc::default(),
+            adopting: Default::default(),
         }))
     }
 
@@ -320,6 +324,18 @@ impl Live {
     }
 
     /// Starts the discovery tasks that are not running. Must run inside a tokio runtime.
+    /// With a shared ledger and asynchronous routes: adopts job holds whose agent vanished
+    /// (see [`crate::jobs`]). Once.
+    pub fn start_job_adoption(self: &Arc<Self>) {
+        if self.ledger.redis().is_some()
+            && !self
+                .adopting
+                .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            tokio::spawn(Arc::clone(&self.jobs).adopt_orphans(Arc::downgrade(self)));
+        }
+    }
+
     pub fn start_discovery(&self) {
         let mut discovery = self.discovery.lock().unwrap_or_else(|e| e.into_inner());
         for d in discovery.values_mut() {

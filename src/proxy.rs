@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use crate::abandoned::{self, Abandoned, BodyFraming, ResponseEnd, Seen, UpstreamSocket};
 use crate::abandoned_h2::{self, ClientLeft};
-use crate::balance::{QueueError, Slot};
+use crate::balance::{Arrival, QueueError, Slot};
 use crate::config::{ClientAbort, ClientLimits, UpstreamProtocol};
 use crate::front;
 use crate::jobs;
@@ -163,6 +163,8 @@ pub struct Ctx {
     queue_wait: Duration,
     /// The queue timeout runs from the first wait; retries do not extend it.
     deadline: Option<tokio::time::Instant>,
+    /// And a retry keeps the place in the queue it had.
+    arrival: Arrival,
     refusal: Option<Refusal>,
     /// A gRPC call: refusals are answered with a gRPC status, not an HTTP error.
     grpc: bool,
@@ -360,6 +362,7 @@ impl ProxyHttp for LbProxy {
             start: Instant::now(),
             queue_wait: Duration::ZERO,
             deadline: None,
+            arrival: Arrival::default(),
             refusal: None,
             grpc: false,
             grpc_deadline: None,
@@ -494,7 +497,10 @@ impl ProxyHttp for LbProxy {
                 .map_or(queue_deadline, |d| d.min(queue_deadline));
             let waited_from = Instant::now();
             let result = {
-                let acquire = route.balancer.acquire(&route.queue, deadline, &ctx.tried);
+                let acquire =
+                    route
+                        .balancer
+                        .acquire(&route.queue, deadline, &ctx.tried, &mut ctx.arrival);
                 tokio::pin!(acquire);
                 tokio::select! {
                     // A client that is already gone must not be sent to a pod, even if a slot
@@ -748,7 +754,7 @@ impl ProxyHttp for LbProxy {
         {
             ctx.reused = None;
         }
-        self.follow_job(session, upstream_response, ctx);
+        self.follow_job(session, upstream_response, ctx).await;
         let status = upstream_response.status.as_u16();
         if status >= 200 {
             ctx.pod_error = status >= 500 || grpc_status_is_error(&upstream_response.headers);

@@ -57,6 +57,15 @@
 //!   [`TOMBSTONE_MIN`] or `lease_ttl`), and the re-assertion does not bring it back: no slot is
 //!   taken for a request that no longer exists. The price: one small ZSET entry per release
 //!   for that long.
+//! - **Asynchronous jobs** ([`crate::jobs`]) hold a lease after their request ended: marked as
+//!   the job's ([`Lease::hold_job`], with a [`JobRecord`]), it is not freed when its agent is
+//!   reaped but set aside (`orphans:<pool>`) until another agent of the pool adopts it
+//!   ([`RedisLedger::adopt_jobs`]) and goes on checking the job; the old id is then a tombstone,
+//!   so an agent that was only stalled cannot re-assert it. Any agent can end a job's hold by
+//!   the job's id ([`RedisLedger::end_job`]).
+//! - **Views are versioned.** An agent's pods of a pool ([`AgentView`]) are written by every
+//!   call, from concurrent tasks; a view read before a pod change never replaces a newer one,
+//!   here or in Redis.
 //! - **Redis unreachable.** Requests already holding a lease run on; new ones wait (no fall-back
 //!   to local counting, which would break the caps) and time out at their deadline as usual.
 //!   Releases that could not be sent are retried, and the agent's re-assertion after an epoch
@@ -116,12 +125,32 @@ const ROUND_TRIP_SAMPLES: usize = 8192;
 /// it.
 pub const DEFAULT_RECOVERY_HOLD: Duration = Duration::from_secs(2);
 
+/// How long a job reported done before its hold was known is remembered (a `202` slower than
+/// the job itself).
+const JOB_DONE_MEMORY: Duration = Duration::from_secs(600);
+
 /// Shortest time an id released while absent from the ledger is remembered as gone.
 const TOMBSTONE_MIN: Duration = Duration::from_secs(10);
 
 /// Default timeout of one Redis call (connect or reply): a Redis that hangs counts as
 /// unreachable, so requests wait for it instead of hanging on one call.
 pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// An agent's pods of a pool with their caps, as of `version`, which grows with every change
+/// of the agent's pod lists and caps. The view an agent gives Redis is written by every call
+/// (acquire, keep-alive, re-assertion), from different tasks: an older view read before a pod
+/// left must never replace a newer one, or waiters would be handed the removed pod.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AgentView {
+    pub pods: Vec<(SocketAddr, u32)>,
+    pub version: u64,
+}
+
+impl AgentView {
+    pub fn new(pods: Vec<(SocketAddr, u32)>, version: u64) -> Self {
+        Self { pods, version }
+    }
+}
 
 /// Settings of a [`RedisLedger`].
 #[derive(Clone, Copy, Debug)]
@@ -221,6 +250,9 @@ struct Scripts {
     keepalive: Script,
     reassert: Script,
     peek: Script,
+    job_hold: Script,
+    job_end: Script,
+    job_adopt: Script,
 }
 
 macro_rules! script {
@@ -241,6 +273,9 @@ impl Scripts {
             keepalive: script!("keepalive.lua"),
             reassert: script!("reassert.lua"),
             peek: script!("peek.lua"),
+            job_hold: script!("job_hold.lua"),
+            job_end: script!("job_end.lua"),
+            job_adopt: script!("job_adopt.lua"),
         }
     }
 }
@@ -300,14 +335,30 @@ struct QueueState {
     last_epoch: Option<String>,
     /// Registered in the queue's `agents` set under `epoch` (so its absence means reaped).
     known: bool,
+    /// This agent's view of the pool in its wire form (see [`encode_view`]), and its version.
     view: String,
+    view_version: u64,
     view_sent: Option<String>,
     status: QueueStatus,
+}
+
+impl QueueState {
+    /// Takes `view` unless the one held is newer (a request's view read before a pod change
+    /// is older than the change's own).
+    fn offer_view(&mut self, view: &AgentView) {
+        if view.version >= self.view_version {
+            self.view = encode_view(view);
+            self.view_version = view.version;
+        }
+    }
 }
 
 struct Entry {
     queue: String,
     slot: Slot,
+    /// The asynchronous job this lease holds (its wire record), once the job began: the
+    /// re-assertion after an epoch change brings the record back with the lease.
+    job: Option<String>,
 }
 
 enum Slot {
@@ -333,6 +384,35 @@ pub struct Lease {
 impl Lease {
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The lease's request started asynchronous job `record`: the lease is the job's from now
+    /// on, in Redis too, where it outlives this agent (another agent of the pool adopts it if
+    /// this one vanishes). `Done`: the job was reported done before (at another agent); the
+    /// caller releases the lease.
+    pub fn hold_job(
+        &self,
+        record: &JobRecord,
+    ) -> impl std::future::Future<Output = Result<JobHold, LedgerError>> + Send + 'static {
+        let wire = record.encode();
+        if let Some(e) = lock(&self.ledger.state).entries.get_mut(&self.n) {
+            e.job = Some(wire.clone());
+        }
+        let (ledger, queue) = (Arc::clone(&self.ledger), self.queue.clone());
+        let args = [ledger.wire_id(self.n), wire];
+        async move {
+            let v = ledger
+                .eval(&ledger.scripts.job_hold, &queue, &args)
+                .await
+                .map_err(LedgerError::Redis)?;
+            Ok(match string(&v).as_deref() {
+                Some("done") => JobHold::Done,
+                Some("held") => JobHold::Held,
+                // Not in this ledger now (an epoch change): the re-assertion brings it, record
+                // and all.
+                _ => JobHold::Later,
+            })
+        }
     }
 
     /// Releases the slot and waits until Redis has it back (dropping the lease does the same
@@ -363,6 +443,57 @@ impl Drop for Lease {
         }
         drop(self.ledger.forget_and_leave(&self.queue, self.n));
     }
+}
+
+/// An asynchronous job, as the shared ledger keeps it with the lease it holds: enough for any
+/// agent of the pool to go on asking the pod about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobRecord {
+    pub job: u128,
+    /// When `max_duration` ends the hold, in Unix milliseconds.
+    pub deadline_unix_ms: u64,
+    /// The route (its `uri`) that accepted the job: its `async` settings apply.
+    pub route: String,
+    /// The job's status path on the pod, if the pod's answer named one.
+    pub path: Option<String>,
+}
+
+impl JobRecord {
+    /// `<job hex, 32 digits> <deadline> <route>\n<path>`: the Lua side reads the first 32
+    /// characters only.
+    fn encode(&self) -> String {
+        format!(
+            "{:032x} {} {}\n{}",
+            self.job,
+            self.deadline_unix_ms,
+            self.route,
+            self.path.as_deref().unwrap_or("")
+        )
+    }
+
+    fn decode(s: &str) -> Option<JobRecord> {
+        let (head, path) = s.split_once('\n')?;
+        let mut parts = head.splitn(3, ' ');
+        let job = u128::from_str_radix(parts.next()?, 16).ok()?;
+        let deadline_unix_ms = parts.next()?.parse().ok()?;
+        let route = parts.next()?.to_string();
+        Some(JobRecord {
+            job,
+            deadline_unix_ms,
+            route,
+            path: (!path.is_empty()).then(|| path.to_string()),
+        })
+    }
+}
+
+/// What [`Lease::hold_job`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobHold {
+    Held,
+    /// Reported done before its hold was known: release the lease.
+    Done,
+    /// The lease is not in the ledger now (it restarted): held once this agent re-asserts.
+    Later,
 }
 
 /// An acquire in progress: dropped before it became a [`Lease`] (timeout, client gone), it
@@ -485,16 +616,20 @@ impl RedisLedger {
     pub async fn acquire(
         self: &Arc<Self>,
         queue: &str,
-        candidates: &[(SocketAddr, u32)],
+        candidates: &AgentView,
         tried: &[SocketAddr],
         max_waiting: usize,
         deadline: Instant,
+        arrival: &mut Option<u64>,
     ) -> Result<Lease, AcquireError> {
         let tried = join_addrs(tried);
         let (wake, mut woken) = oneshot::channel();
         let n = {
             let mut st = lock(&self.state);
-            st.queues.entry(queue.to_string()).or_default().view = encode_view(candidates);
+            st.queues
+                .entry(queue.to_string())
+                .or_default()
+                .offer_view(candidates);
             let n = st.next_id;
             st.next_id += 1;
             st.entries.insert(
@@ -506,6 +641,7 @@ impl RedisLedger {
                         tried: tried.clone(),
                         wake: Some(wake),
                     },
+                    job: None,
                 },
             );
             n
@@ -521,7 +657,11 @@ impl RedisLedger {
                 sleep_until(deadline).await;
                 return Err(AcquireError::Timeout);
             }
-            let reply = timeout_at(deadline, self.try_acquire(queue, n, &tried, max_waiting)).await;
+            let reply = timeout_at(
+                deadline,
+                self.try_acquire(queue, n, &tried, max_waiting, *arrival),
+            )
+            .await;
             match reply {
                 Err(_) => return Err(AcquireError::Timeout),
                 Ok(Err(e)) => self.lost(&e),
@@ -531,6 +671,7 @@ impl RedisLedger {
                     return Ok(self.lease(queue, n, addr));
                 }
                 Ok(Ok(Reply::Queued { stamp, hold_ms })) => {
+                    *arrival = Some(stamp);
                     if let Some(Entry {
                         slot: Slot::Waiting { stamp: s, .. },
                         ..
@@ -572,12 +713,12 @@ impl RedisLedger {
     /// Replaces this agent's pods of `queue` (and their limits) for its waiting requests too:
     /// call it when discovery or a reload changes them, so waiters can be given a new pod. Sent
     /// with the next call for the queue (at the latest the next keep-alive, which is kicked).
-    pub fn set_pods(&self, queue: &str, candidates: &[(SocketAddr, u32)]) {
+    pub fn set_pods(&self, queue: &str, candidates: &AgentView) {
         lock(&self.state)
             .queues
             .entry(queue.to_string())
             .or_default()
-            .view = encode_view(candidates);
+            .offer_view(candidates);
         self.kick.notify_one();
     }
 
@@ -658,7 +799,8 @@ impl RedisLedger {
             st.entries.retain(|n, e| {
                 let go = match e.slot {
                     Slot::Waiting { .. } => true,
-                    Slot::Leased(_) => release(&e.queue),
+                    // A job's hold outlives this agent: another agent adopts it.
+                    Slot::Leased(_) => e.job.is_none() && release(&e.queue),
                 };
                 if go {
                     leaves.push((e.queue.clone(), *n));
@@ -695,6 +837,98 @@ impl RedisLedger {
             .block_on(self.leave_before_exit(release, within))
     }
 
+    /// Ends the hold of asynchronous job `job` of `queue`, whichever agent holds it (a
+    /// callback, a cancel or a final status answer can reach any agent): the pool it was held
+    /// in. `None`: no lease holds it; it is then remembered as done for a while, so that a
+    /// hold still on its way (the `202` not yet passed on) does not start.
+    pub async fn end_job(&self, queue: &str, job: u128) -> Result<Option<String>, LedgerError> {
+        let tombstone = self.opts.lease_ttl.max(TOMBSTONE_MIN);
+        let args = [
+            format!("{job:032x}"),
+            tombstone.as_millis().to_string(),
+            JOB_DONE_MEMORY.as_millis().to_string(),
+        ];
+        let v = self
+            .eval(&self.scripts.job_end, queue, &args)
+            .await
+            .map_err(LedgerError::Redis)?;
+        let items = array(v).ok_or_else(|| LedgerError::Reply("job_end".into()))?;
+        Ok(match items.first().and_then(string).as_deref() {
+            Some("ended") => items.get(1).and_then(string),
+            _ => None,
+        })
+    }
+
+    /// Takes over up to `max` job holds of `queue` whose agent vanished: each becomes a lease
+    /// of this agent (the pod's count never changed), to be checked and ended here.
+    pub async fn adopt_jobs(
+        self: &Arc<Self>,
+        queue: &str,
+        max: usize,
+    ) -> Result<Vec<(Lease, JobRecord)>, LedgerError> {
+        let epoch = self.ready(queue).await.map_err(LedgerError::Redis)?;
+        let (known, _) = self.call_view(queue);
+        let first = {
+            let mut st = lock(&self.state);
+            let first = st.next_id;
+            st.next_id += max as u64;
+            first
+        };
+        let tombstone = self.opts.lease_ttl.max(TOMBSTONE_MIN);
+        let args = [
+            epoch,
+            self.agent.clone(),
+            self.opts.lease_ttl.as_millis().to_string(),
+            flag(known),
+            first.to_string(),
+            max.to_string(),
+            tombstone.as_millis().to_string(),
+        ];
+        let v = self
+            .eval(&self.scripts.job_adopt, queue, &args)
+            .await
+            .map_err(LedgerError::Redis)?;
+        let items = array(v).ok_or_else(|| LedgerError::Reply("job_adopt".into()))?;
+        match items.first().and_then(string).as_deref() {
+            Some("ok") => {}
+            Some("epoch") => {
+                self.invalidate(queue);
+                return Ok(Vec::new());
+            }
+            Some("reaped") => {
+                self.reaped(queue);
+                return Ok(Vec::new());
+            }
+            _ => return Err(LedgerError::Reply("job_adopt".into())),
+        }
+        let flat = items.get(1).cloned().and_then(array).unwrap_or_default();
+        let mut adopted = Vec::new();
+        for c in flat.chunks(3) {
+            let [n, addr, rec] = c else { continue };
+            let (Some(n), Some(addr), Some(rec)) = (
+                int(n),
+                string(addr).and_then(|a| a.parse::<SocketAddr>().ok()),
+                string(rec),
+            ) else {
+                continue;
+            };
+            let Some(record) = JobRecord::decode(&rec) else {
+                log::warn!("redis ledger: an orphaned job's record does not read: {rec:?}");
+                continue;
+            };
+            lock(&self.state).entries.insert(
+                n,
+                Entry {
+                    queue: queue.to_string(),
+                    slot: Slot::Leased(addr),
+                    job: Some(rec),
+                },
+            );
+            adopted.push((self.lease(queue, n, addr), record));
+        }
+        Ok(adopted)
+    }
+
     fn lease(self: &Arc<Self>, queue: &str, n: u64, addr: SocketAddr) -> Lease {
         Lease {
             ledger: Arc::clone(self),
@@ -712,6 +946,7 @@ impl RedisLedger {
         n: u64,
         tried: &str,
         max_waiting: usize,
+        arrival: Option<u64>,
     ) -> Result<Reply, RedisError> {
         let epoch = self.ready(queue).await?;
         let (known, view) = self.call_view(queue);
@@ -724,6 +959,7 @@ impl RedisLedger {
             view.clone(),
             tried.to_string(),
             max_waiting.to_string(),
+            arrival.unwrap_or(0).to_string(),
         ];
         let v = self.eval(&self.scripts.acquire, queue, &args).await?;
         let reply = parse_reply(v)?;
@@ -810,7 +1046,12 @@ impl RedisLedger {
                 match &entry.slot {
                     Slot::Leased(addr) => {
                         leases += 1;
-                        args.extend(["L".into(), self.wire_id(*n), addr.to_string(), "".into()]);
+                        args.extend([
+                            "L".into(),
+                            self.wire_id(*n),
+                            addr.to_string(),
+                            entry.job.clone().unwrap_or_default(),
+                        ]);
                     }
                     Slot::Waiting { stamp: 0, .. } => {
                         args.extend(["K".into(), self.wire_id(*n), "".into(), "".into()]);
@@ -1299,9 +1540,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// slot (a script may only touch keys of one slot).
 const LEDGER_PREFIX: &str = "lb:{ledger}:";
 
-fn encode_view(candidates: &[(SocketAddr, u32)]) -> String {
-    let mut s = String::new();
-    for (i, (addr, limit)) in candidates.iter().enumerate() {
+/// `<version>;<addr>=<limit>,…`: the Lua side keeps the version apart and writes a view only
+/// if it is not older than the one it has (`set_view` in common.lua).
+fn encode_view(view: &AgentView) -> String {
+    let mut s = format!("{};", view.version);
+    for (i, (addr, limit)) in view.pods.iter().enumerate() {
         if i > 0 {
             s.push(',');
         }
@@ -1422,9 +1665,10 @@ mod tests {
         let a: SocketAddr = "127.0.1.1:80".parse().unwrap();
         let b: SocketAddr = "127.0.1.2:80".parse().unwrap();
         assert_eq!(
-            encode_view(&[(a, 2), (b, 3)]),
-            "127.0.1.1:80=2,127.0.1.2:80=3"
+            encode_view(&AgentView::new(vec![(a, 2), (b, 3)], 7)),
+            "7;127.0.1.1:80=2,127.0.1.2:80=3"
         );
+        assert_eq!(encode_view(&AgentView::default()), "0;");
         assert_eq!(join_addrs(&[a, b]), "127.0.1.1:80,127.0.1.2:80");
     }
 }

@@ -208,6 +208,7 @@ fn count(result: &str) {
 impl BackgroundService for ConfigService {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         self.live.start_discovery();
+        self.live.start_job_adoption();
         let Some(source) = &self.source else {
             let _ = shutdown.changed().await;
             self.live.stop_discovery();

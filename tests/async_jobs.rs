@@ -512,3 +512,61 @@ async fn a_client_leaving_a_synchronous_answer_does_not_hold_the_slot() {
     .await;
     assert_eq!(pods[0].stats.max_running.load(Ordering::SeqCst), 1);
 }
+
+/// Issue 17, item 4: a job's hold outlives the agent that held it. Two agents on a shared
+/// ledger, one pod with `limit: 1`: a 3 s job is accepted through A, then A dies (`kill -9`)
+/// or shuts down (SIGTERM), and a second job is submitted through B. The second job must wait
+/// until the first is done: the pod never runs two. Before, A's lease expired after
+/// `lease_ttl` (1 s) and the second job started beside the first. B adopts the orphaned hold,
+/// checks the job and ends the hold when the pod says it is done.
+async fn a_jobs_hold_outlives_its_agent(first_pod: u8, kill: bool) {
+    let redis = common::redis::Redis::start();
+    let pods = pods(first_pod, 1, Convention::Redirect, false).await;
+    let body = format!(
+        "ledger: {{redis: \"{}\", lease_ttl: 1s}}\nshutdown_delay: 0s\nshutdown_grace: 1s\n{}",
+        redis.url(),
+        route(&pods, 1, "{check_interval: 50ms}")
+    );
+    let key = [("LB_AGENT_JOB_KEY", "one key for every replica, 32+ bytes")];
+    let mut a = Agent::start_with_env(&body, &key).await;
+    let b = Agent::start_with_env(&body, &key).await;
+    let r = loadgen::request(a.addr, "POST", "/submit?ms=3000", &[], b"")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 202, "{}", r.body);
+    let first = r.header("location").unwrap().to_string();
+    if kill {
+        a.kill9();
+    } else {
+        a.terminate();
+        a.wait_exit(Duration::from_secs(10)).await.expect("A exits");
+    }
+    let second = loadgen::request(b.addr, "POST", "/submit?ms=10", &[], b"")
+        .await
+        .unwrap();
+    assert_eq!(second.status, 202, "{}", second.body);
+    assert_eq!(
+        pods[0].stats.max_running.load(Ordering::SeqCst),
+        1,
+        "the pod ran two jobs at once"
+    );
+    assert!(pods[0].stats.finished.load(Ordering::SeqCst) >= 1);
+    assert!(
+        metric(&b, "lb_jobs_ended_total", &["how=\"done\""]).await >= 1.0,
+        "B ended the adopted hold"
+    );
+    // The first job's handle works through B.
+    let r = loadgen::get(b.addr, &first, &[]).await.unwrap();
+    assert_eq!(r.status, 303, "{}", r.body);
+    assert_eq!(pods[0].stats.unknown_polls.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jobs_hold_outlives_an_agent_that_is_killed() {
+    a_jobs_hold_outlives_its_agent(201, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jobs_hold_outlives_an_agent_that_shuts_down() {
+    a_jobs_hold_outlives_its_agent(202, false).await;
+}

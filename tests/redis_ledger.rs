@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lb_agent::redis_ledger::{AcquireError, LedgerOptions, RedisLedger};
+use lb_agent::redis_ledger::{AcquireError, AgentView, LedgerOptions, RedisLedger};
 use tokio::time::{sleep, Instant};
 
 /// A `redis-server` on 127.0.0.1, without persistence: a restart loses everything, the worst
@@ -180,7 +180,7 @@ async fn burst_through_three_agents_holds_every_cap_and_serves_all() {
     let redis = Redis::start();
     let agents = agents(&redis, 3, opts(5_000, 300)).await;
     let limit = 2;
-    let pods: Vec<(SocketAddr, u32)> = (1..=4).map(|i| (pod(i), limit)).collect();
+    let pods = AgentView::new((1..=4).map(|i| (pod(i), limit)).collect(), 1);
     let held = Arc::new(Held::default());
     let stop = Arc::new(AtomicBool::new(false));
     let global = watch_global(Arc::clone(&agents[0]), Q, Arc::clone(&stop));
@@ -192,7 +192,9 @@ async fn burst_through_three_agents_holds_every_cap_and_serves_all() {
         let held = Arc::clone(&held);
         tasks.push(tokio::spawn(async move {
             let deadline = Instant::now() + Duration::from_secs(20);
-            let lease = agent.acquire(Q, &pods, &[], 1000, deadline).await?;
+            let lease = agent
+                .acquire(Q, &pods, &[], 1000, deadline, &mut None)
+                .await?;
             held.take(lease.addr());
             sleep(Duration::from_millis(5 + (i * 7) % 30)).await;
             held.give(lease.addr());
@@ -205,7 +207,7 @@ async fn burst_through_three_agents_holds_every_cap_and_serves_all() {
     }
     stop.store(true, Ordering::Relaxed);
     let global = global.await.unwrap();
-    for (addr, _) in &pods {
+    for (addr, _) in &pods.pods {
         assert!(
             held.max(*addr) <= limit,
             "{addr}: {} leases held at once",
@@ -215,7 +217,7 @@ async fn burst_through_three_agents_holds_every_cap_and_serves_all() {
         assert!(g <= limit, "{addr}: global count {g} in Redis");
     }
     assert!(
-        pods.iter().any(|(a, _)| held.max(*a) == limit),
+        pods.pods.iter().any(|(a, _)| held.max(*a) == limit),
         "the burst must fill pods to their limit for the check to mean anything"
     );
     eventually("all slots back", Duration::from_secs(5), || async {
@@ -230,9 +232,12 @@ async fn burst_through_three_agents_holds_every_cap_and_serves_all() {
 async fn fifo_across_agents() {
     let redis = Redis::start();
     let agents = agents(&redis, 3, opts(5_000, 200)).await;
-    let pods = vec![(pod(1), 1)];
+    let pods = AgentView::new(vec![(pod(1), 1)], 1);
     let far = || Instant::now() + Duration::from_secs(20);
-    let first = agents[0].acquire(Q, &pods, &[], 100, far()).await.unwrap();
+    let first = agents[0]
+        .acquire(Q, &pods, &[], 100, far(), &mut None)
+        .await
+        .unwrap();
 
     let order = Arc::new(Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
@@ -240,7 +245,10 @@ async fn fifo_across_agents() {
         let agent = Arc::clone(&agents[[1, 2, 0][i % 3]]);
         let (pods, order) = (pods.clone(), Arc::clone(&order));
         tasks.push(tokio::spawn(async move {
-            let lease = agent.acquire(Q, &pods, &[], 100, far()).await.unwrap();
+            let lease = agent
+                .acquire(Q, &pods, &[], 100, far(), &mut None)
+                .await
+                .unwrap();
             order.lock().unwrap().push(i);
             sleep(Duration::from_millis(10)).await;
             lease.release().await;
@@ -257,20 +265,133 @@ async fn fifo_across_agents() {
     assert_eq!(*order.lock().unwrap(), (0..9).collect::<Vec<_>>());
 }
 
+/// Issue 18, item 3: a request reads its agent's pods of the pool, then discovery replaces
+/// pod 1 by pod 2, then the request asks the ledger for a slot. Its older view must not be
+/// written back over the newer one: before, it was, and the request (and every waiter after
+/// it) was given pod 1, which the agent had removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_pod_list_never_replaces_a_newer_one() {
+    let redis = Redis::start();
+    let agents = agents(&redis, 1, opts(5_000, 200)).await;
+    let a = &agents[0];
+    let far = || Instant::now() + Duration::from_secs(10);
+    let read_before = AgentView::new(vec![(pod(1), 1)], 1);
+    let warm = a
+        .acquire(Q, &read_before, &[], 10, far(), &mut None)
+        .await
+        .unwrap();
+    assert_eq!(warm.addr(), pod(1));
+    warm.release().await;
+    a.set_pods(Q, &AgentView::new(vec![(pod(2), 1)], 2));
+    for _ in 0..3 {
+        let lease = a
+            .acquire(Q, &read_before, &[], 10, far(), &mut None)
+            .await
+            .unwrap();
+        assert_eq!(lease.addr(), pod(2), "pod 1 left the agent's pod list");
+        lease.release().await;
+    }
+}
+
+/// Issue 18, item 3: a request retried after a connect failure keeps its place in the shared
+/// queue. R waits first, then T, then U (on two agents); R is given the first pod that frees,
+/// fails to connect to it and asks again excluding it (the freed pod goes to T). When the other
+/// pod frees, it is R's: R arrived before U. Before, the retry had a new stamp and U was
+/// served first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_keeps_its_place_in_the_shared_queue() {
+    let redis = Redis::start();
+    let agents = agents(&redis, 2, opts(5_000, 200)).await;
+    let pods = AgentView::new(vec![(pod(1), 1), (pod(2), 1)], 1);
+    let far = || Instant::now() + Duration::from_secs(20);
+    let x = agents[0]
+        .acquire(Q, &pods, &[], 10, far(), &mut None)
+        .await
+        .unwrap();
+    let y = agents[0]
+        .acquire(Q, &pods, &[], 10, far(), &mut None)
+        .await
+        .unwrap();
+    let waiting = |n: u64| {
+        let a = Arc::clone(&agents[0]);
+        async move { a.queue_status(Q).await.unwrap().waiting == n }
+    };
+
+    let (r_tx, mut r_rx) = tokio::sync::mpsc::unbounded_channel();
+    let first_try = {
+        let (a, pods, r_tx) = (Arc::clone(&agents[0]), pods.clone(), r_tx.clone());
+        tokio::spawn(async move {
+            let mut arrival = None;
+            let lease = a.acquire(Q, &pods, &[], 10, far(), &mut arrival).await;
+            let _ = r_tx.send((lease.unwrap(), arrival));
+        })
+    };
+    eventually("R waits", Duration::from_secs(5), || waiting(1)).await;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut others = Vec::new();
+    for tag in [1, 2] {
+        let (a, pods, tx) = (Arc::clone(&agents[1]), pods.clone(), tx.clone());
+        others.push(tokio::spawn(async move {
+            let lease = a
+                .acquire(Q, &pods, &[], 10, far(), &mut None)
+                .await
+                .unwrap();
+            let _ = tx.send((tag, lease.addr()));
+            sleep(Duration::from_secs(30)).await;
+            drop(lease);
+        }));
+        eventually("T and U wait", Duration::from_secs(5), || waiting(tag + 1)).await;
+    }
+
+    let x_addr = x.addr();
+    x.release().await;
+    first_try.await.unwrap();
+    let (lease, arrival) = r_rx.recv().await.unwrap();
+    assert_eq!(lease.addr(), x_addr, "R, the oldest, has the freed pod");
+    assert!(arrival.is_some());
+    // R could not connect: its slot goes back (to T) and it asks again without that pod.
+    lease.release().await;
+    assert_eq!(rx.recv().await, Some((1, x_addr)), "T has R's pod");
+    let retry = {
+        let (a, pods) = (Arc::clone(&agents[0]), pods.clone());
+        tokio::spawn(async move {
+            let mut arrival = arrival;
+            let lease = a
+                .acquire(Q, &pods, &[x_addr], 10, far(), &mut arrival)
+                .await;
+            let _ = r_tx.send((lease.unwrap(), arrival));
+        })
+    };
+    eventually("R and U wait", Duration::from_secs(5), || waiting(2)).await;
+
+    let y_addr = y.addr();
+    y.release().await;
+    let (lease, _) = r_rx.recv().await.unwrap();
+    assert_eq!(lease.addr(), y_addr, "R arrived before U: the pod is R's");
+    retry.await.unwrap();
+    assert!(rx.try_recv().is_err(), "U still waits");
+    for t in others {
+        t.abort();
+    }
+}
+
 /// A full queue refuses at once; a request whose future is dropped leaves the queue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_queue_and_dropped_waiter() {
     let redis = Redis::start();
     let agents = agents(&redis, 2, opts(5_000, 200)).await;
-    let pods = vec![(pod(1), 1)];
+    let pods = AgentView::new(vec![(pod(1), 1)], 1);
     let far = || Instant::now() + Duration::from_secs(20);
-    let lease = agents[0].acquire(Q, &pods, &[], 2, far()).await.unwrap();
+    let lease = agents[0]
+        .acquire(Q, &pods, &[], 2, far(), &mut None)
+        .await
+        .unwrap();
     let mut waiters = Vec::new();
     for i in 0..2u64 {
         let (agent, pods) = (Arc::clone(&agents[i as usize % 2]), pods.clone());
         waiters.push(tokio::spawn(async move {
             agent
-                .acquire(Q, &pods, &[], 2, far())
+                .acquire(Q, &pods, &[], 2, far(), &mut None)
                 .await
                 .map(|l| l.addr())
         }));
@@ -280,7 +401,7 @@ async fn full_queue_and_dropped_waiter() {
         .await;
     }
     let start = Instant::now();
-    let refused = agents[1].acquire(Q, &pods, &[], 2, far()).await;
+    let refused = agents[1].acquire(Q, &pods, &[], 2, far(), &mut None).await;
     assert_eq!(refused.unwrap_err(), AcquireError::Full);
     assert!(start.elapsed() < Duration::from_secs(1));
 
@@ -308,15 +429,25 @@ async fn vanished_agent_slots_return_after_lease_ttl() {
     let ttl = Duration::from_millis(1_000);
     let agents = agents(&redis, 2, opts(1_000, 200)).await;
     let (alive, dying) = (&agents[0], &agents[1]);
-    let pods = vec![(pod(1), 2)];
+    let pods = AgentView::new(vec![(pod(1), 2)], 1);
     let far = || Instant::now() + Duration::from_secs(20);
     let held = vec![
-        dying.acquire(Q, &pods, &[], 10, far()).await.unwrap(),
-        dying.acquire(Q, &pods, &[], 10, far()).await.unwrap(),
+        dying
+            .acquire(Q, &pods, &[], 10, far(), &mut None)
+            .await
+            .unwrap(),
+        dying
+            .acquire(Q, &pods, &[], 10, far(), &mut None)
+            .await
+            .unwrap(),
     ];
     let dying_waiter = {
         let (d, pods) = (Arc::clone(dying), pods.clone());
-        tokio::spawn(async move { d.acquire(Q, &pods, &[], 10, far()).await.map(|l| l.addr()) })
+        tokio::spawn(async move {
+            d.acquire(Q, &pods, &[], 10, far(), &mut None)
+                .await
+                .map(|l| l.addr())
+        })
     };
     eventually(
         "dying agent's waiter queued",
@@ -326,7 +457,7 @@ async fn vanished_agent_slots_return_after_lease_ttl() {
     .await;
     let alive_waiter = {
         let (a, pods) = (Arc::clone(alive), pods.clone());
-        tokio::spawn(async move { a.acquire(Q, &pods, &[], 10, far()).await })
+        tokio::spawn(async move { a.acquire(Q, &pods, &[], 10, far(), &mut None).await })
     };
     eventually(
         "alive agent's waiter queued",
@@ -385,18 +516,24 @@ async fn vanished_agent_slots_return_after_lease_ttl() {
 async fn redis_restart_keeps_caps_and_queue_order() {
     let mut redis = Redis::start();
     let agents = agents(&redis, 3, opts(5_000, 1_000)).await;
-    let pods = vec![(pod(1), 1)];
+    let pods = AgentView::new(vec![(pod(1), 1)], 1);
     let far = || Instant::now() + Duration::from_secs(30);
     let held = Arc::new(Held::default());
 
-    let first = agents[0].acquire(Q, &pods, &[], 100, far()).await.unwrap();
+    let first = agents[0]
+        .acquire(Q, &pods, &[], 100, far(), &mut None)
+        .await
+        .unwrap();
     held.take(first.addr());
     let order = Arc::new(Mutex::new(Vec::new()));
     let spawn_waiter = |i: usize, agent: &Arc<RedisLedger>| {
         let (agent, pods) = (Arc::clone(agent), pods.clone());
         let (order, held) = (Arc::clone(&order), Arc::clone(&held));
         tokio::spawn(async move {
-            let lease = agent.acquire(Q, &pods, &[], 100, far()).await.unwrap();
+            let lease = agent
+                .acquire(Q, &pods, &[], 100, far(), &mut None)
+                .await
+                .unwrap();
             held.take(lease.addr());
             order.lock().unwrap().push(i);
             sleep(Duration::from_millis(20)).await;
@@ -467,9 +604,16 @@ async fn redis_restart_keeps_caps_and_queue_order() {
 async fn redis_down_times_out_then_recovers() {
     let mut redis = Redis::start();
     let agents = agents(&redis, 1, opts(5_000, 200)).await;
-    let pods = vec![(pod(1), 1)];
+    let pods = AgentView::new(vec![(pod(1), 1)], 1);
     let lease = agents[0]
-        .acquire(Q, &pods, &[], 10, Instant::now() + Duration::from_secs(5))
+        .acquire(
+            Q,
+            &pods,
+            &[],
+            10,
+            Instant::now() + Duration::from_secs(5),
+            &mut None,
+        )
         .await
         .unwrap();
     lease.release().await;
@@ -477,7 +621,9 @@ async fn redis_down_times_out_then_recovers() {
     redis.kill();
     let start = Instant::now();
     let wait = Duration::from_millis(600);
-    let r = agents[0].acquire(Q, &pods, &[], 10, start + wait).await;
+    let r = agents[0]
+        .acquire(Q, &pods, &[], 10, start + wait, &mut None)
+        .await;
     let took = start.elapsed();
     assert_eq!(r.unwrap_err(), AcquireError::Timeout);
     assert!(
@@ -494,7 +640,14 @@ async fn redis_down_times_out_then_recovers() {
 
     redis.restart();
     let lease = agents[0]
-        .acquire(Q, &pods, &[], 10, Instant::now() + Duration::from_secs(10))
+        .acquire(
+            Q,
+            &pods,
+            &[],
+            10,
+            Instant::now() + Duration::from_secs(10),
+            &mut None,
+        )
         .await
         .expect("served once Redis is back");
     assert_eq!(lease.addr(), pod(1));
@@ -511,11 +664,11 @@ async fn redis_down_times_out_then_recovers() {
 async fn round_trip_per_acquire_and_release() {
     let redis = Redis::start();
     let agents = agents(&redis, 1, opts(5_000, 100)).await;
-    let pods: Vec<(SocketAddr, u32)> = (1..=4).map(|i| (pod(i), 2)).collect();
+    let pods = AgentView::new((1..=4).map(|i| (pod(i), 2)).collect(), 1);
     let deadline = || Instant::now() + Duration::from_secs(5);
     // Warm up: the first call waits out the fresh ledger's recovery hold and loads the scripts.
     agents[0]
-        .acquire(Q, &pods, &[], 10, deadline())
+        .acquire(Q, &pods, &[], 10, deadline(), &mut None)
         .await
         .unwrap()
         .release()
@@ -525,7 +678,7 @@ async fn round_trip_per_acquire_and_release() {
     for _ in 0..2000 {
         let start = std::time::Instant::now();
         let lease = agents[0]
-            .acquire(Q, &pods, &[], 10, deadline())
+            .acquire(Q, &pods, &[], 10, deadline(), &mut None)
             .await
             .unwrap();
         lease.release().await;
@@ -552,14 +705,19 @@ async fn round_trip_per_acquire_and_release() {
 async fn hung_redis_release_is_retried_when_back() {
     let redis = Redis::start();
     let agents = agents(&redis, 2, opts(30_000, 200)).await;
-    let pods = vec![(pod(1), 1)];
+    let pods = AgentView::new(vec![(pod(1), 1)], 1);
     let far = || Instant::now() + Duration::from_secs(10);
-    let lease = agents[0].acquire(Q, &pods, &[], 10, far()).await.unwrap();
+    let lease = agents[0]
+        .acquire(Q, &pods, &[], 10, far(), &mut None)
+        .await
+        .unwrap();
 
     redis.signal("-STOP");
     let start = Instant::now();
     let wait = Duration::from_millis(800);
-    let r = agents[1].acquire(Q, &pods, &[], 10, start + wait).await;
+    let r = agents[1]
+        .acquire(Q, &pods, &[], 10, start + wait, &mut None)
+        .await;
     assert_eq!(r.unwrap_err(), AcquireError::Timeout);
     assert!(start.elapsed() >= wait - Duration::from_millis(20));
     // The request on the pod ends while Redis hangs.
@@ -575,7 +733,10 @@ async fn hung_redis_release_is_retried_when_back() {
             .is_ok_and(|s| s.inflight.is_empty() && s.waiting == 0)
     })
     .await;
-    let lease = agents[1].acquire(Q, &pods, &[], 10, far()).await.unwrap();
+    let lease = agents[1]
+        .acquire(Q, &pods, &[], 10, far(), &mut None)
+        .await
+        .unwrap();
     assert_eq!(lease.addr(), pod(1));
     assert_eq!(agents[1].queue_status(Q).await.unwrap().leases_expired, 0);
 }
@@ -587,19 +748,25 @@ async fn redis_stalled_longer_than_lease_ttl_reaps_nobody() {
     let redis = Redis::start();
     let ttl = Duration::from_millis(1_000);
     let agents = agents(&redis, 4, opts(1_000, 200)).await;
-    let pods: Vec<(SocketAddr, u32)> = (1..=3).map(|i| (pod(i), 1)).collect();
+    let pods = AgentView::new((1..=3).map(|i| (pod(i), 1)).collect(), 1);
     let far = || Instant::now() + Duration::from_secs(20);
     let held = Arc::new(Held::default());
     let mut leases = Vec::new();
     for agent in &agents[..3] {
-        let lease = agent.acquire(Q, &pods, &[], 10, far()).await.unwrap();
+        let lease = agent
+            .acquire(Q, &pods, &[], 10, far(), &mut None)
+            .await
+            .unwrap();
         held.take(lease.addr());
         leases.push(lease);
     }
     let waiter = {
         let (agent, pods, held) = (Arc::clone(&agents[3]), pods.clone(), Arc::clone(&held));
         tokio::spawn(async move {
-            let lease = agent.acquire(Q, &pods, &[], 10, far()).await.unwrap();
+            let lease = agent
+                .acquire(Q, &pods, &[], 10, far(), &mut None)
+                .await
+                .unwrap();
             held.take(lease.addr());
             lease
         })
@@ -619,7 +786,7 @@ async fn redis_stalled_longer_than_lease_ttl_reaps_nobody() {
     assert_eq!(s.waiting, 1);
     assert_eq!(
         s.inflight,
-        pods.iter().map(|(a, _)| (*a, 1)).collect::<Vec<_>>()
+        pods.pods.iter().map(|(a, _)| (*a, 1)).collect::<Vec<_>>()
     );
     assert!(
         !waiter.is_finished(),
@@ -635,7 +802,7 @@ async fn redis_stalled_longer_than_lease_ttl_reaps_nobody() {
         .unwrap()
         .unwrap();
     assert_eq!(lease.addr(), addr);
-    for (a, _) in &pods {
+    for (a, _) in &pods.pods {
         assert!(held.max(*a) <= 1, "{a}: {} at once", held.max(*a));
     }
 }
@@ -660,8 +827,8 @@ async fn pools_sharing_a_pod_share_its_cap() {
     let redis = Redis::start();
     let agents = agents(&redis, 3, opts(5_000, 300)).await;
     let pools = [
-        (QA, vec![(pod(1), 1), (pod(2), 1)]),
-        (QB, vec![(pod(2), 1), (pod(3), 1)]),
+        (QA, AgentView::new(vec![(pod(1), 1), (pod(2), 1)], 1)),
+        (QB, AgentView::new(vec![(pod(2), 1), (pod(3), 1)], 1)),
     ];
     let held = Arc::new(Held::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -676,7 +843,9 @@ async fn pools_sharing_a_pod_share_its_cap() {
         let held = Arc::clone(&held);
         tasks.push(tokio::spawn(async move {
             let deadline = Instant::now() + Duration::from_secs(20);
-            let lease = agent.acquire(queue, &pods, &[], 1000, deadline).await?;
+            let lease = agent
+                .acquire(queue, &pods, &[], 1000, deadline, &mut None)
+                .await?;
             held.take(lease.addr());
             sleep(Duration::from_millis(5 + (i * 7) % 30)).await;
             held.give(lease.addr());
@@ -718,9 +887,12 @@ async fn pools_sharing_a_pod_share_its_cap() {
 async fn a_freed_shared_pod_goes_to_the_oldest_waiter_of_any_pool() {
     let redis = Redis::start();
     let agents = agents(&redis, 3, opts(5_000, 200)).await;
-    let pods = vec![(pod(1), 1)];
+    let pods = AgentView::new(vec![(pod(1), 1)], 1);
     let far = || Instant::now() + Duration::from_secs(20);
-    let first = agents[0].acquire(QA, &pods, &[], 100, far()).await.unwrap();
+    let first = agents[0]
+        .acquire(QA, &pods, &[], 100, far(), &mut None)
+        .await
+        .unwrap();
 
     let order = Arc::new(Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
@@ -729,7 +901,10 @@ async fn a_freed_shared_pod_goes_to_the_oldest_waiter_of_any_pool() {
         let queue = [QB, QA][i % 2];
         let (pods, order) = (pods.clone(), Arc::clone(&order));
         tasks.push(tokio::spawn(async move {
-            let lease = agent.acquire(queue, &pods, &[], 100, far()).await.unwrap();
+            let lease = agent
+                .acquire(queue, &pods, &[], 100, far(), &mut None)
+                .await
+                .unwrap();
             order.lock().unwrap().push(i);
             sleep(Duration::from_millis(10)).await;
             lease.release().await;
@@ -758,22 +933,27 @@ async fn a_freed_shared_pod_goes_to_the_oldest_waiter_of_any_pool() {
 async fn a_waiter_is_never_given_a_pod_outside_its_pool() {
     let redis = Redis::start();
     let agents = agents(&redis, 2, opts(5_000, 200)).await;
-    let a_pods = vec![(pod(1), 1)];
-    let b_pods = vec![(pod(1), 1), (pod(2), 1)];
+    let a_pods = AgentView::new(vec![(pod(1), 1)], 1);
+    let b_pods = AgentView::new(vec![(pod(1), 1), (pod(2), 1)], 1);
     let far = || Instant::now() + Duration::from_secs(20);
     let on_1 = agents[1]
-        .acquire(QA, &a_pods, &[], 10, far())
+        .acquire(QA, &a_pods, &[], 10, far(), &mut None)
         .await
         .unwrap();
     let on_2 = agents[1]
-        .acquire(QB, &b_pods, &[], 10, far())
+        .acquire(QB, &b_pods, &[], 10, far(), &mut None)
         .await
         .unwrap();
     assert_eq!((on_1.addr(), on_2.addr()), (pod(1), pod(2)));
 
-    let spawn_waiter = |queue: &'static str, pods: &Vec<(SocketAddr, u32)>| {
+    let spawn_waiter = |queue: &'static str, pods: &AgentView| {
         let (agent, pods) = (Arc::clone(&agents[0]), pods.clone());
-        tokio::spawn(async move { agent.acquire(queue, &pods, &[], 10, far()).await.unwrap() })
+        tokio::spawn(async move {
+            agent
+                .acquire(queue, &pods, &[], 10, far(), &mut None)
+                .await
+                .unwrap()
+        })
     };
     let a_waiter = spawn_waiter(QA, &a_pods);
     eventually("A's request queued", Duration::from_secs(5), || async {
@@ -912,7 +1092,7 @@ async fn restarts_under_load_leave_no_ghost_slot_and_hold_the_caps() {
         agent_via(&relays[1], "ghost-b", o).await,
     ];
     let limit = 5;
-    let pods: Vec<(SocketAddr, u32)> = (1..=2).map(|i| (pod(i), limit)).collect();
+    let pods = AgentView::new((1..=2).map(|i| (pod(i), limit)).collect(), 1);
     let held = Arc::new(Held::default());
     let stop = Arc::new(AtomicBool::new(false));
     let paused = Arc::new(AtomicBool::new(false));
@@ -935,7 +1115,10 @@ async fn restarts_under_load_leave_no_ghost_slot_and_hold_the_caps() {
                 }
                 active.fetch_add(1, Ordering::SeqCst);
                 let deadline = Instant::now() + Duration::from_secs(5);
-                if let Ok(lease) = agent.acquire(Q, &pods, &[], 1000, deadline).await {
+                if let Ok(lease) = agent
+                    .acquire(Q, &pods, &[], 1000, deadline, &mut None)
+                    .await
+                {
                     held.take(lease.addr());
                     // Long enough that requests span each outage and end around the
                     // re-assertion that follows it.
@@ -987,7 +1170,7 @@ async fn restarts_under_load_leave_no_ghost_slot_and_hold_the_caps() {
         vec![],
         "(round, slots, waiters) counted in the ledger after every request had ended"
     );
-    for (a, _) in &pods {
+    for (a, _) in &pods.pods {
         assert!(held.max(*a) <= limit, "{a}: {} at once", held.max(*a));
     }
     let over: u64 = agents
@@ -1008,19 +1191,24 @@ async fn a_replica_that_reasserts_late_keeps_its_slot() {
     let o = opts(30_000, 300);
     let a = agents(&redis, 1, o).await.remove(0);
     let b = agent_via(&relay_b, "late-b", o).await;
-    let pods = vec![(pod(1), 1)];
+    let pods = AgentView::new(vec![(pod(1), 1)], 1);
     let held = Arc::new(Held::default());
     let far = || Instant::now() + Duration::from_secs(30);
 
-    let lease_b = b.acquire(Q, &pods, &[], 10, far()).await.unwrap();
+    let lease_b = b
+        .acquire(Q, &pods, &[], 10, far(), &mut None)
+        .await
+        .unwrap();
     held.take(lease_b.addr());
     // A has seen B's registration in a keep-alive (at most a second apart).
+    let mut arrival = None;
     let warm = a.acquire(
         Q,
         &pods,
         &[],
         10,
         Instant::now() + Duration::from_millis(100),
+        &mut arrival,
     );
     assert!(warm.await.is_err(), "the pod is B's");
     sleep(Duration::from_millis(1_200)).await;
@@ -1032,7 +1220,10 @@ async fn a_replica_that_reasserts_late_keeps_its_slot() {
     let waiter = {
         let (a, pods, held) = (Arc::clone(&a), pods.clone(), Arc::clone(&held));
         tokio::spawn(async move {
-            let lease = a.acquire(Q, &pods, &[], 10, far()).await.unwrap();
+            let lease = a
+                .acquire(Q, &pods, &[], 10, far(), &mut None)
+                .await
+                .unwrap();
             held.take(lease.addr());
             lease
         })
@@ -1073,7 +1264,7 @@ async fn grants_resume_when_every_replica_reasserted() {
     sleep(Duration::from_millis(2_100)).await;
     let o = opts(5_000, 2_000);
     let agents = agents(&redis, 2, o).await;
-    let pods = vec![(pod(1), 1)];
+    let pods = AgentView::new(vec![(pod(1), 1)], 1);
     let asked = Instant::now();
     let first = agents[0]
         .acquire(
@@ -1082,6 +1273,7 @@ async fn grants_resume_when_every_replica_reasserted() {
             &[],
             10,
             Instant::now() + Duration::from_millis(500),
+            &mut None,
         )
         .await
         .expect("a fresh ledger on a running Redis grants at once");
@@ -1095,7 +1287,14 @@ async fn grants_resume_when_every_replica_reasserted() {
         let (agent, pods) = (Arc::clone(&agents[1]), pods.clone());
         tokio::spawn(async move {
             let lease = agent
-                .acquire(Q, &pods, &[], 10, Instant::now() + Duration::from_secs(10))
+                .acquire(
+                    Q,
+                    &pods,
+                    &[],
+                    10,
+                    Instant::now() + Duration::from_secs(10),
+                    &mut None,
+                )
                 .await
                 .unwrap();
             (lease, Instant::now())

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use super::{PodChange, PodView, PoolView, QueueError};
+use crate::redis_ledger::AgentView;
 
 /// How long a pod that refused a connection, or made no progress on a request for
 /// `upstream_timeout`, is placed behind every other pod in the choice. It is not removed (DNS
@@ -60,6 +61,9 @@ struct State {
     next_seq: u64,
     /// Waiters across all pools; lets a release skip the queue walk when nobody waits.
     waiting: usize,
+    /// Grows with every change of a pool's pods or of a pod's cap: the version of the views
+    /// given to a shared ledger (see [`AgentView`]).
+    views_version: u64,
 }
 
 #[derive(Debug)]
@@ -264,6 +268,7 @@ impl LocalLedger {
         let Some(pool) = st.pools.remove(&id) else {
             return;
         };
+        st.views_version += 1;
         for addr in pool.members {
             self.unlist(st, id, addr);
         }
@@ -291,6 +296,7 @@ impl LocalLedger {
     ) -> PodChange {
         let mut change = PodChange::default();
         let mut st = self.lock();
+        st.views_version += 1;
         let Some(pool) = st.pools.get_mut(&id) else {
             return change;
         };
@@ -340,6 +346,7 @@ impl LocalLedger {
     /// flight finish; raising it starts queued requests at once.
     pub(super) fn set_limit(self: &Arc<Self>, id: PoolId, limit: usize) {
         let mut st = self.lock();
+        st.views_version += 1;
         let State { pods, pools, .. } = &mut *st;
         let Some(pool) = pools.get_mut(&id) else {
             return;
@@ -506,12 +513,14 @@ impl LocalLedger {
         }
     }
 
-    /// Takes a slot if one is free for this request, or queues it in arrival order.
+    /// Takes a slot if one is free for this request, or queues it in arrival order: by
+    /// `arrival`, the number it was given when it first waited (set here if it has none).
     pub(super) fn enqueue(
         self: &Arc<Self>,
         id: PoolId,
         tried: &[SocketAddr],
         max_waiting: usize,
+        arrival: &mut Option<u64>,
     ) -> Result<Enqueued, QueueError> {
         let mut st = self.lock();
         let Some(pool) = st.pools.get(&id) else {
@@ -525,8 +534,24 @@ impl LocalLedger {
         if full {
             return Err(QueueError::Full);
         }
-        let seq = st.next_seq;
-        st.next_seq += 1;
+        // A retry keeps the number it had; its first ticket left the queue when it was given
+        // its slot, so the number is free (a new one if it is not, which cannot happen).
+        let seq = match *arrival {
+            Some(seq)
+                if !st
+                    .pools
+                    .get(&id)
+                    .is_some_and(|p| p.waiters.contains_key(&seq)) =>
+            {
+                seq
+            }
+            _ => {
+                let seq = st.next_seq;
+                st.next_seq += 1;
+                *arrival = Some(seq);
+                seq
+            }
+        };
         let (tx, rx) = oneshot::channel();
         let waiter = Waiter {
             tried: tried.to_vec(),
@@ -555,24 +580,22 @@ impl LocalLedger {
         self.take(&mut st, id, addr)
     }
 
-    /// The pool's pods with their caps, for a shared ledger (which leaves out `tried` itself);
+    /// The pool's pods with their caps, for a shared ledger (which leaves out `tried` itself),
+    /// read under the same lock as their version;
     /// `Err` when the request may not wait (closed, or every pod tried).
-    pub(super) fn offer(
-        &self,
-        id: PoolId,
-        tried: &[SocketAddr],
-    ) -> Result<Vec<(SocketAddr, u32)>, QueueError> {
+    pub(super) fn offer(&self, id: PoolId, tried: &[SocketAddr]) -> Result<AgentView, QueueError> {
         let st = self.lock();
         let pool = st.pools.get(&id).ok_or(QueueError::ShuttingDown)?;
         pool.may_wait(tried)?;
-        Ok(pool
+        let pods = pool
             .members
             .iter()
             .filter_map(|a| {
                 let limit = st.pods.get(a)?.limit;
                 Some((*a, u32::try_from(limit).unwrap_or(u32::MAX)))
             })
-            .collect())
+            .collect();
+        Ok(AgentView::new(pods, st.views_version))
     }
 
     pub(super) fn has_untried(&self, id: PoolId, tried: &[SocketAddr]) -> bool {

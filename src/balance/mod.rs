@@ -36,6 +36,17 @@ pub use ledger::CONNECT_FAILURE_PENALTY;
 use ledger::{Enqueued, LocalLedger, LocalSlot};
 use select::{inet, LeastInFlight, PoolHandle, SharedDiscovery, TrustedPods};
 
+/// Where a request first joined the queue, kept across its attempts: a retry after a connect
+/// failure waits in the place it had, not behind everyone who came after it (its queue timeout
+/// runs from its first wait too). One per request; empty until the request first waits.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Arrival {
+    /// Its number in the in-process queue.
+    local: Option<u64>,
+    /// Its stamp in the shared ledger's queue.
+    shared: Option<u64>,
+}
+
 /// How long and how many requests may wait when every pod of a pool is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueuePolicy {
@@ -168,7 +179,6 @@ impl Ledger {
 pub struct Slot {
     local: LocalSlot,
     /// The slot in the shared ledger, held for its `Drop` (which releases it there).
-    #[allow(dead_code)]
     lease: Option<Lease>,
 }
 
@@ -191,6 +201,11 @@ impl Slot {
     /// last in every pool's choice (of this agent: the shared ledger's choice does not know).
     pub fn timed_out(&self) {
         self.local.timed_out();
+    }
+
+    /// The slot in the shared ledger, with a shared ledger.
+    pub fn lease(&self) -> Option<&Lease> {
+        self.lease.as_ref()
     }
 
     /// An asynchronous job holds the slot from now on (see [`crate::jobs`]): the shutdown
@@ -342,9 +357,12 @@ impl Balancer {
         policy: &QueuePolicy,
         deadline: tokio::time::Instant,
         tried: &[SocketAddr],
+        arrival: &mut Arrival,
     ) -> Result<Slot, QueueError> {
         if let Some(redis) = &self.shared {
-            return self.acquire_shared(redis, policy, deadline, tried).await;
+            return self
+                .acquire_shared(redis, policy, deadline, tried, &mut arrival.shared)
+                .await;
         }
         let (ledger, id) = (&self.pool.ledger, self.pool.id);
         // Pingora's selection chooses the pod; the ledger's check-and-take accepts it. Pingora's
@@ -362,7 +380,7 @@ impl Balancer {
         if let Some(slot) = taken.into_inner() {
             return Ok(slot.into());
         }
-        match ledger.enqueue(id, tried, policy.max_waiting)? {
+        match ledger.enqueue(id, tried, policy.max_waiting, &mut arrival.local)? {
             Enqueued::Now(slot) => Ok(slot.into()),
             Enqueued::Wait(granted, _place) => {
                 match tokio::time::timeout_at(deadline, granted).await {
@@ -384,6 +402,7 @@ impl Balancer {
         policy: &QueuePolicy,
         deadline: tokio::time::Instant,
         tried: &[SocketAddr],
+        arrival: &mut Option<u64>,
     ) -> Result<Slot, QueueError> {
         let closing = self.closing.notified();
         tokio::pin!(closing);
@@ -392,7 +411,7 @@ impl Balancer {
         // Counted until this future ends or is dropped (client gone, task cancelled).
         let _waiting = Counted::new(&self.shared_waiting);
         let result = tokio::select! {
-            r = redis.acquire(&self.pool.name, &offer, tried, policy.max_waiting, deadline) => {
+            r = redis.acquire(&self.pool.name, &offer, tried, policy.max_waiting, deadline, arrival) => {
                 r.map_err(|e| match e {
                     AcquireError::Full => QueueError::Full,
                     AcquireError::Timeout => QueueError::Timeout,

@@ -29,7 +29,9 @@ async fn pool(ledger: &Ledger, limit: usize, pods: &[u8]) -> Arc<Balancer> {
 }
 
 async fn take(b: &Balancer) -> Slot {
-    b.acquire(&q(1000, LONG), after(LONG), &[]).await.unwrap()
+    b.acquire(&q(1000, LONG), after(LONG), &[], &mut Arrival::default())
+        .await
+        .unwrap()
 }
 
 /// Free slots on the pool's listed pods, as the ledger counts them.
@@ -51,7 +53,9 @@ fn spawn_waiter(
 ) -> tokio::task::JoinHandle<Result<(), QueueError>> {
     let (b, tx) = (Arc::clone(b), tx.clone());
     tokio::spawn(async move {
-        let slot = b.acquire(&q(1000, LONG), after(LONG), &[]).await?;
+        let slot = b
+            .acquire(&q(1000, LONG), after(LONG), &[], &mut Arrival::default())
+            .await?;
         let _ = tx.send((tag, slot.addr()));
         tokio::time::sleep(Duration::from_millis(hold_ms)).await;
         drop(slot);
@@ -110,12 +114,19 @@ async fn a_pod_that_timed_out_goes_last_even_when_it_accepts_connections() {
 #[tokio::test(start_paused = true)]
 async fn tried_pods_are_skipped() {
     let b = pool(&Ledger::new(), 1, &[1, 2]).await;
-    let s = b.acquire(&q(10, LONG), after(LONG), &[addr(1)]).await;
+    let s = b
+        .acquire(
+            &q(10, LONG),
+            after(LONG),
+            &[addr(1)],
+            &mut Arrival::default(),
+        )
+        .await;
     assert_eq!(s.as_ref().map(|s| s.addr()), Ok(addr(2)));
     drop(s);
     let all = [addr(1), addr(2)];
     assert_eq!(
-        b.acquire(&q(10, LONG), after(LONG), &all)
+        b.acquire(&q(10, LONG), after(LONG), &all, &mut Arrival::default())
             .await
             .unwrap_err(),
         QueueError::NoUntriedPod
@@ -125,11 +136,25 @@ async fn tried_pods_are_skipped() {
 #[tokio::test(start_paused = true)]
 async fn retry_waits_for_an_untried_pod_without_blocking_others() {
     let b = pool(&Ledger::new(), 1, &[1, 2]).await;
-    let held = b.acquire(&q(10, LONG), after(LONG), &[addr(1)]).await;
+    let held = b
+        .acquire(
+            &q(10, LONG),
+            after(LONG),
+            &[addr(1)],
+            &mut Arrival::default(),
+        )
+        .await;
     assert_eq!(held.as_ref().map(|s| s.addr()), Ok(addr(2)));
     let b2 = Arc::clone(&b);
     let retry = tokio::spawn(async move {
-        let s = b2.acquire(&q(10, LONG), after(LONG), &[addr(1)]).await;
+        let s = b2
+            .acquire(
+                &q(10, LONG),
+                after(LONG),
+                &[addr(1)],
+                &mut Arrival::default(),
+            )
+            .await;
         s.map(|s| s.addr())
     });
     settle().await;
@@ -144,12 +169,26 @@ async fn retry_waits_for_an_untried_pod_without_blocking_others() {
 #[tokio::test(start_paused = true)]
 async fn a_retry_whose_untried_pods_all_left_is_answered_at_once() {
     let b = pool(&Ledger::new(), 1, &[1, 2]).await;
-    let held = b.acquire(&q(10, LONG), after(LONG), &[addr(1)]).await;
+    let held = b
+        .acquire(
+            &q(10, LONG),
+            after(LONG),
+            &[addr(1)],
+            &mut Arrival::default(),
+        )
+        .await;
     assert_eq!(held.as_ref().map(|s| s.addr()), Ok(addr(2)));
     let b2 = Arc::clone(&b);
     let started = tokio::time::Instant::now();
     let retry = tokio::spawn(async move {
-        let s = b2.acquire(&q(10, LONG), after(LONG), &[addr(1)]).await;
+        let s = b2
+            .acquire(
+                &q(10, LONG),
+                after(LONG),
+                &[addr(1)],
+                &mut Arrival::default(),
+            )
+            .await;
         (s.map(|s| s.addr()), started.elapsed())
     });
     settle().await;
@@ -198,7 +237,9 @@ async fn closing_answers_waiters_and_spares_slots_in_flight() {
     settle().await;
     b.close();
     assert_eq!(waiter.await.unwrap(), Err(QueueError::ShuttingDown));
-    let late = b.acquire(&q(10, LONG), after(LONG), &[]).await;
+    let late = b
+        .acquire(&q(10, LONG), after(LONG), &[], &mut Arrival::default())
+        .await;
     assert_eq!(late.unwrap_err(), QueueError::ShuttingDown);
     assert_eq!(b.view().inflight, 1);
     drop(held);
@@ -210,7 +251,9 @@ async fn full_pool_queues_then_times_out() {
     let b = pool(&Ledger::new(), 1, &[1]).await;
     let _held = take(&b).await;
     let start = tokio::time::Instant::now();
-    let r = b.acquire(&q(10, 500), after(500), &[]).await;
+    let r = b
+        .acquire(&q(10, 500), after(500), &[], &mut Arrival::default())
+        .await;
     assert_eq!(r.unwrap_err(), QueueError::Timeout);
     assert_eq!(start.elapsed(), Duration::from_millis(500));
     assert_eq!(b.view().waiting, 0);
@@ -225,7 +268,9 @@ async fn queue_full_refuses_at_once() {
     settle().await;
     assert_eq!(b.view().waiting, 1);
     let start = tokio::time::Instant::now();
-    let r = b.acquire(&q(1, 10_000), after(10_000), &[]).await;
+    let r = b
+        .acquire(&q(1, 10_000), after(10_000), &[], &mut Arrival::default())
+        .await;
     assert_eq!(r.unwrap_err(), QueueError::Full);
     assert_eq!(start.elapsed(), Duration::ZERO);
     waiter.abort();
@@ -273,7 +318,10 @@ async fn a_slot_granted_to_a_waiter_that_left_comes_back() {
     let b = pool(&Ledger::new(), 1, &[1]).await;
     let held = take(&b).await;
     let b2 = Arc::clone(&b);
-    let waiter = tokio::spawn(async move { b2.acquire(&q(10, LONG), after(LONG), &[]).await });
+    let waiter = tokio::spawn(async move {
+        b2.acquire(&q(10, LONG), after(LONG), &[], &mut Arrival::default())
+            .await
+    });
     settle().await;
     drop(held); // granted to the waiter, which has not run yet
     waiter.abort(); // and never will
@@ -320,7 +368,9 @@ async fn reappearing_pod_keeps_counting_old_requests() {
     );
     let c = take(&b).await;
     assert_eq!(b.view().pods[0].inflight, 2);
-    let r = b.acquire(&q(10, 100), after(100), &[]).await;
+    let r = b
+        .acquire(&q(10, 100), after(100), &[], &mut Arrival::default())
+        .await;
     assert_eq!(r.unwrap_err(), QueueError::Timeout);
     drop((a, c));
     assert_eq!(free(&b), 2);
@@ -374,7 +424,9 @@ async fn overlapping_pools_share_one_cap_per_address() {
     let on_1 = take(&a).await;
     assert_eq!(on_1.addr(), addr(1));
     // Pod 2 is busy through the other pool: a's next request waits.
-    let r = a.acquire(&q(10, 100), after(100), &[]).await;
+    let r = a
+        .acquire(&q(10, 100), after(100), &[], &mut Arrival::default())
+        .await;
     assert_eq!(r.unwrap_err(), QueueError::Timeout);
     for v in [a.view(), b.view()] {
         assert!(v.pods.iter().all(|p| p.inflight == 1), "{v:?}");
@@ -440,7 +492,9 @@ async fn a_dropped_pool_keeps_its_pods_capped_until_its_last_slot_returns() {
     let running = take(&old).await;
     drop(old);
     let new = pool(&ledger, 1, &[1]).await;
-    let r = new.acquire(&q(10, 100), after(100), &[]).await;
+    let r = new
+        .acquire(&q(10, 100), after(100), &[], &mut Arrival::default())
+        .await;
     assert_eq!(r.unwrap_err(), QueueError::Timeout);
     drop(running);
     assert_eq!(take(&new).await.addr(), addr(1));
@@ -481,7 +535,7 @@ proptest! {
                 match op {
                     Op::Acquire(p) => {
                         let b = &pools[p as usize];
-                        if let Ok(s) = b.acquire(&q(1000, 1), after(1), &[]).await {
+                        if let Ok(s) = b.acquire(&q(1000, 1), after(1), &[], &mut Arrival::default()).await {
                             prop_assert!(b.trusted_pods().contains(&s.addr()), "slot on a pod not in the list");
                             let mine = held.iter().filter(|h| h.addr() == s.addr()).count();
                             prop_assert!(mine < limit, "pod {} taken above cap {}", s.addr(), limit);
@@ -538,4 +592,66 @@ async fn the_pod_lists_last_change_is_kept_across_identical_answers() {
     );
     b.set_pods([addr(1), addr(2)].into_iter().collect()).await;
     assert!(b.pods_changed_unix_ms() > first);
+}
+
+/// Issue 18, item 3: a request retried after a connect failure keeps its place in the queue.
+/// R waits first, then T, then U; R is given the first pod that frees, fails to connect to it
+/// and asks again excluding it (the freed pod goes to T). When the other pod frees, it is R's:
+/// R arrived before U. Before, the retry had a new number and U was served first.
+#[tokio::test(start_paused = true)]
+async fn a_retry_keeps_its_place_in_the_queue() {
+    let b = pool(&Ledger::new(), 1, &[1, 2]).await;
+    let x = take(&b).await;
+    let y = take(&b).await;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (r_tx, mut r_rx) = tokio::sync::mpsc::unbounded_channel();
+    let first_try = {
+        let (b, r_tx) = (Arc::clone(&b), r_tx.clone());
+        tokio::spawn(async move {
+            let mut arrival = Arrival::default();
+            let slot = b
+                .acquire(&q(10, LONG), after(LONG), &[], &mut arrival)
+                .await;
+            let _ = r_tx.send((slot.unwrap(), arrival));
+        })
+    };
+    settle().await;
+    let t = spawn_waiter(&b, 1, LONG, &tx);
+    settle().await;
+    let u = spawn_waiter(&b, 2, LONG, &tx);
+    settle().await;
+    assert_eq!(b.view().waiting, 3);
+
+    let x_addr = x.addr();
+    drop(x);
+    settle().await;
+    let (slot, arrival) = r_rx.try_recv().expect("R, the oldest, has the freed pod");
+    assert_eq!(slot.addr(), x_addr);
+    first_try.await.unwrap();
+    // R could not connect: its slot goes back (to T) and it asks again without that pod.
+    drop(slot);
+    settle().await;
+    assert_eq!(rx.try_recv().ok(), Some((1, x_addr)), "T has R's pod");
+    let retry = {
+        let b = Arc::clone(&b);
+        tokio::spawn(async move {
+            let mut arrival = arrival;
+            let slot = b
+                .acquire(&q(10, LONG), after(LONG), &[x_addr], &mut arrival)
+                .await;
+            let _ = r_tx.send((slot.unwrap(), arrival));
+        })
+    };
+    settle().await;
+    assert_eq!(b.view().waiting, 2, "R and U wait");
+
+    let y_addr = y.addr();
+    drop(y);
+    settle().await;
+    let (slot, _) = r_rx.try_recv().expect("R arrived before U: the pod is R's");
+    assert_eq!(slot.addr(), y_addr);
+    assert!(rx.try_recv().is_err(), "U still waits");
+    retry.await.unwrap();
+    t.abort();
+    u.abort();
 }

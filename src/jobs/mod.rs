@@ -14,9 +14,11 @@
 //!   the pod's completion callback (a `POST` to the URL lb-agent gave it in
 //!   `lb-agent-job-callback` on the submission); the pod leaving discovery; `max_duration`.
 //!
-//! Not yet: with a shared ledger (`ledger.redis`) the hold is this agent's lease, so it ends if
-//! the agent dies (its lease expires) instead of being taken over by another replica; and a
-//! restarted agent has forgotten its holds (polls still reach the pod).
+//! * **Across replicas** (`ledger.redis`): the hold is a lease in the shared ledger marked as
+//!   the job's, with what is needed to go on asking about it ([`JobRecord`]). Reaping a
+//!   vanished agent (killed, or restarted and so forgetful) does not free it: another agent
+//!   of the pool adopts it within [`ADOPT_EVERY`] and goes on checking it. The end of a job
+//!   seen at any agent (callback, cancel, final status) ends its hold wherever it is held.
 
 pub mod token;
 pub mod verdict;
@@ -30,7 +32,8 @@ use std::time::{Duration, Instant};
 
 use crate::balance::Slot;
 use crate::config::AsyncJobs;
-use crate::live::RouteEntry;
+use crate::live::{Live, RouteEntry};
+use crate::redis_ledger::{JobHold, JobRecord, Lease, RedisLedger};
 pub use token::{BadHandle, Handle, Keys};
 pub use verdict::{needs_body, verdict, Verdict};
 
@@ -47,6 +50,10 @@ const MAX_STATUS_BODY: usize = 1024 * 1024;
 const EARLY_CALLBACK_MEMORY: Duration = Duration::from_secs(600);
 /// At most this many such callbacks are remembered.
 const MAX_EARLY_CALLBACKS: usize = 10_000;
+/// How often an agent with a shared ledger looks for job holds whose agent vanished.
+pub const ADOPT_EVERY: Duration = Duration::from_secs(1);
+/// Job holds adopted per pool and round.
+const ADOPT_AT_ONCE: usize = 32;
 
 /// How a job's hold ended (the `how` label of `lb_agent_jobs_ended_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -104,7 +111,8 @@ pub fn after_client_left(
                 log::warn!(
                     "pod {pod}: the answer to a request whose client left could not be read; it may have accepted a job, so its slot is held until the job's callback or max_duration"
                 );
-                jobs.hold(&route, &cfg, slot, job, None);
+                // Nobody waits for the marking: the client is gone.
+                drop(jobs.hold(&route, &cfg, slot, job, None));
             }
         }
     }
@@ -117,8 +125,15 @@ struct Held {
     route: String,
     since: Instant,
     /// Held for its `Drop`, which gives the slot back.
-    _slot: Slot,
+    _slot: Hold,
     checker: Option<tokio::task::AbortHandle>,
+}
+
+/// What a job holds: the slot of the request that started it, or (adopted from an agent that
+/// vanished) its lease in the shared ledger.
+enum Hold {
+    Slot(#[allow(dead_code)] Slot),
+    Adopted(#[allow(dead_code)] Lease),
 }
 
 impl Drop for Held {
@@ -140,15 +155,18 @@ pub struct HeldView {
 
 pub struct Jobs {
     pub keys: Keys,
+    /// The shared ledger, where holds outlive their agent.
+    shared: Option<Arc<RedisLedger>>,
     held: Mutex<HashMap<u128, Held>>,
     early_callbacks: Mutex<HashMap<u128, Instant>>,
     ended: Mutex<HashMap<(String, Ended), u64>>,
 }
 
 impl Jobs {
-    pub fn new(keys: Keys) -> Arc<Jobs> {
+    pub fn new(keys: Keys, shared: Option<Arc<RedisLedger>>) -> Arc<Jobs> {
         Arc::new(Jobs {
             keys,
+            shared,
             held: Mutex::new(HashMap::new()),
             early_callbacks: Mutex::new(HashMap::new()),
             ended: Mutex::new(HashMap::new()),
@@ -158,7 +176,9 @@ impl Jobs {
     /// The `202` of job `job` on `route` is passing to its client: `slot` now belongs to the
     /// job, and lb-agent starts asking the pod about it at `path`. With no `path` (the pod may
     /// have accepted a job, but its answer could not be read), only the callback, the pod's
-    /// leaving and `max_duration` end the hold.
+    /// leaving and `max_duration` end the hold. With a shared ledger, the returned task marks
+    /// the hold there (where it outlives this agent): the `202` is passed on once it is done,
+    /// so that an agent that dies right after cannot take the hold with it.
     pub fn hold(
         self: &Arc<Self>,
         route: &Arc<RouteEntry>,
@@ -166,11 +186,98 @@ impl Jobs {
         mut slot: Slot,
         job: u128,
         path: Option<String>,
-    ) {
+    ) -> Option<tokio::task::JoinHandle<()>> {
         slot.held_by_job();
         let pod = slot.addr();
-        let pool = route.balancer.name().to_string();
         let since = Instant::now();
+        let record = slot.lease().map(|lease| {
+            let record = JobRecord {
+                job,
+                deadline_unix_ms: unix_ms().saturating_add(
+                    u64::try_from(jobs.max_duration.as_millis()).unwrap_or(u64::MAX),
+                ),
+                route: route.uri.clone(),
+                path: path.clone(),
+            };
+            lease.hold_job(&record)
+        });
+        if !self.start(
+            route,
+            jobs,
+            Hold::Slot(slot),
+            pod,
+            job,
+            path,
+            since,
+            since + jobs.max_duration,
+        ) {
+            return None;
+        }
+        record.map(|marking| {
+            // Until it is written the lease is an ordinary one of this agent, which holds it
+            // anyway.
+            let registry = Arc::downgrade(self);
+            tokio::spawn(async move {
+                match marking.await {
+                    Ok(JobHold::Held | JobHold::Later) => {}
+                    Ok(JobHold::Done) => {
+                        if let Some(jobs) = registry.upgrade() {
+                            jobs.release(job, Ended::Callback);
+                        }
+                    }
+                    Err(e) => log::warn!(
+                        "job on pod {pod}: could not mark its hold in the shared ledger ({e}); if this agent vanishes, its slot comes free after lease_ttl"
+                    ),
+                }
+            })
+        })
+    }
+
+    /// A job hold whose agent vanished, adopted from the shared ledger.
+    fn hold_adopted(
+        self: &Arc<Self>,
+        route: &Arc<RouteEntry>,
+        jobs: &AsyncJobs,
+        lease: Lease,
+        record: JobRecord,
+    ) {
+        let pod = lease.addr();
+        let left = Duration::from_millis(record.deadline_unix_ms.saturating_sub(unix_ms()));
+        let now = Instant::now();
+        let since = now
+            .checked_sub(jobs.max_duration.saturating_sub(left))
+            .unwrap_or(now);
+        log::info!(
+            "adopted a job on pod {pod} ({}) whose agent vanished; {left:?} left of its max_duration",
+            route.balancer.name()
+        );
+        self.start(
+            route,
+            jobs,
+            Hold::Adopted(lease),
+            pod,
+            record.job,
+            record.path,
+            since,
+            now + left,
+        );
+    }
+
+    /// Records the hold and starts its check; `false` when it cannot be held (reported done
+    /// already, or its id taken).
+    #[allow(clippy::too_many_arguments)]
+    fn start(
+        self: &Arc<Self>,
+        route: &Arc<RouteEntry>,
+        jobs: &AsyncJobs,
+        hold: Hold,
+        pod: SocketAddr,
+        job: u128,
+        path: Option<String>,
+        since: Instant,
+        deadline: Instant,
+    ) -> bool {
+        let pool = route.balancer.name().to_string();
         {
             // Under the lock a callback also takes: one that came first is seen here, one that
             // comes later finds the hold.
@@ -179,13 +286,13 @@ impl Jobs {
                 drop(held);
                 self.count(&pool, Ended::Callback);
                 log::info!("job on pod {pod} reported done before its 202 passed; slot freed");
-                return;
+                return false;
             }
             if held.contains_key(&job) {
                 // Ids are 128 random bits: never happens, and if it did, the older job keeps
                 // its slot and this one holds none.
                 log::error!("job id drawn twice; the job on pod {pod} does not hold its slot");
-                return;
+                return false;
             }
             held.insert(
                 job,
@@ -194,7 +301,7 @@ impl Jobs {
                     pool: pool.clone(),
                     route: route.uri.clone(),
                     since,
-                    _slot: slot,
+                    _slot: hold,
                     checker: None,
                 },
             );
@@ -206,7 +313,7 @@ impl Jobs {
             job,
             pod,
             path,
-            since,
+            deadline,
         ));
         // The check is the one that ends a hold at `max_duration`: should it ever panic, the
         // hold ends then and there rather than never.
@@ -227,11 +334,59 @@ impl Jobs {
             None => watch.abort(),
         }
         log::debug!("job accepted by pod {pod} ({pool}) holds its slot");
+        true
+    }
+
+    /// With a shared ledger, every [`ADOPT_EVERY`]: adopts the job holds of the asynchronous
+    /// routes' pools whose agent vanished, and checks them here from then on. Ends when the
+    /// agent shuts down (its own holds are then left for another agent to adopt).
+    pub async fn adopt_orphans(self: Arc<Self>, live: Weak<Live>) {
+        let Some(redis) = self.shared.clone() else {
+            return;
+        };
+        loop {
+            tokio::time::sleep(ADOPT_EVERY).await;
+            let Some(live) = live.upgrade() else { return };
+            if live.shutdown.stopping() {
+                return;
+            }
+            let snapshot = live.snapshot();
+            let mut pools = Vec::new();
+            for route in snapshot.routes.iter().filter(|r| r.async_jobs.is_some()) {
+                let pool = route.balancer.name().to_string();
+                if !pools.iter().any(|(p, _)| *p == pool) {
+                    pools.push((pool, Arc::clone(route)));
+                }
+            }
+            for (pool, route) in pools {
+                let adopted = match redis.adopt_jobs(&pool, ADOPT_AT_ONCE).await {
+                    Ok(a) => a,
+                    Err(e) => {
+                        log::debug!("adopting jobs of {pool}: {e}");
+                        continue;
+                    }
+                };
+                for (lease, record) in adopted {
+                    // The route that accepted the job, if this agent has it; else the one
+                    // that found it (same pool).
+                    let own = snapshot
+                        .routes
+                        .lookup(&record.route)
+                        .filter(|r| r.async_jobs.is_some() && r.uri == record.route)
+                        .map_or_else(|| Arc::clone(&route), Arc::clone);
+                    let Some(cfg) = own.async_jobs.clone() else {
+                        continue;
+                    };
+                    self.hold_adopted(&own, &cfg, lease, record);
+                }
+            }
+        }
     }
 
     /// A `202` from the pod of `slot` on `route`, naming its job at `location` (relative to
     /// `request_path`): job `job` takes the slot out of `slot`, and the client's handle is
-    /// returned. `None` (and `slot` left as it was) when lb-agent cannot reach that `Location`.
+    /// returned, with the task marking the hold in a shared ledger (see [`Jobs::hold`]).
+    /// `None` (and `slot` left as it was) when lb-agent cannot reach that `Location`.
     pub fn accept(
         self: &Arc<Self>,
         route: &Arc<RouteEntry>,
@@ -240,7 +395,7 @@ impl Jobs {
         job: u128,
         location: &str,
         request_path: &str,
-    ) -> Option<Handle> {
+    ) -> Option<(Handle, Option<tokio::task::JoinHandle<()>>)> {
         let pod = slot.as_ref()?.addr();
         let Some(path) = pod_path(location, pod, request_path) else {
             log::warn!(
@@ -255,8 +410,8 @@ impl Jobs {
             route: route.uri.clone(),
             path: path.clone(),
         };
-        self.hold(route, cfg, slot, job, Some(path));
-        Some(handle)
+        let marking = self.hold(route, cfg, slot, job, Some(path));
+        Some((handle, marking))
     }
 
     /// Where a client asks about `handle`: lb-agent's own path for it.
@@ -266,7 +421,7 @@ impl Jobs {
 
     /// Ends job `job`'s hold (its slot goes to the next waiter). `false` if it held nothing
     /// here (already ended, or held by another agent).
-    pub fn release(&self, job: u128, how: Ended) -> bool {
+    pub fn release(self: &Arc<Self>, job: u128, how: Ended) -> bool {
         let held = self.lock_held().remove(&job);
         match held {
             Some(h) => {
@@ -281,19 +436,48 @@ impl Jobs {
                 drop(h);
                 true
             }
-            None => false,
+            None => {
+                self.end_elsewhere(job, how);
+                false
+            }
         }
+    }
+
+    /// The job's end was seen here, but its hold is another agent's (or an adopted one's):
+    /// it ends in the shared ledger, where the other agent's check will find it gone.
+    fn end_elsewhere(self: &Arc<Self>, job: u128, how: Ended) {
+        let Some(redis) = self.shared.clone() else {
+            return;
+        };
+        let jobs = Arc::downgrade(self);
+        tokio::spawn(async move {
+            match redis.end_job("-", job).await {
+                Ok(Some(pool)) => {
+                    log::info!(
+                        "job held by another agent ({pool}) ended through this one: {}",
+                        how.as_str()
+                    );
+                    if let Some(jobs) = jobs.upgrade() {
+                        jobs.count(&pool, how);
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => log::warn!("could not end a job in the shared ledger: {e}"),
+            }
+        });
     }
 
     /// The pod's completion callback for `job`. One that comes before the `202` was passed on
     /// is kept for the hold that follows.
-    pub fn callback(&self, job: u128) {
+    pub fn callback(self: &Arc<Self>, job: u128) {
         let held = self.lock_held();
         if held.contains_key(&job) {
             drop(held);
             self.release(job, Ended::Callback);
             return;
         }
+        drop(held);
+        self.end_elsewhere(job, Ended::Callback);
         let mut early = self.lock_early();
         early.retain(|_, at| at.elapsed() < EARLY_CALLBACK_MEMORY);
         // A late callback (the hold had already ended) is remembered too, so the memory is
@@ -369,14 +553,14 @@ async fn check(
     job: u128,
     pod: SocketAddr,
     path: Option<String>,
-    since: Instant,
+    deadline: Instant,
 ) {
     let mut wait = cfg.check_interval;
     loop {
-        let left = cfg.max_duration.saturating_sub(since.elapsed());
+        let left = deadline.saturating_duration_since(Instant::now());
         tokio::time::sleep(wait.min(left)).await;
         let Some(jobs) = jobs.upgrade() else { return };
-        if since.elapsed() >= cfg.max_duration {
+        if Instant::now() >= deadline {
             jobs.release(job, Ended::Timeout);
             return;
         }
@@ -388,7 +572,7 @@ async fn check(
         let Some(path) = path.as_deref() else {
             continue;
         };
-        let left = cfg.max_duration.saturating_sub(since.elapsed());
+        let left = deadline.saturating_duration_since(Instant::now());
         match ask(pod, path, &cfg, route.upstream_timeout.min(left)).await {
             Ok(Verdict::Done) => {
                 jobs.release(job, Ended::Done);
@@ -406,6 +590,12 @@ async fn check(
             Err(e) => log::debug!("asking pod {pod} about a job at {path}: {e}"),
         }
     }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// One status request to the pod, on a connection of its own (a check every few seconds does

@@ -11,6 +11,9 @@ use crate::respond::write_text;
 /// The largest job status answer read to judge a JSON state (larger: the check judges it).
 pub(super) const JOB_STATUS_BODY_LIMIT: usize = 64 * 1024;
 
+/// The longest a `202` waits for its job's hold to be marked in the shared ledger.
+const JOB_MARK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl LbProxy {
     /// `GET`/`HEAD`/`DELETE` on `/_lb/jobs/<token>[/<more>]`: to the job's pod, untouched
     /// otherwise. A handle that does not verify is refused with `404` and goes nowhere.
@@ -124,7 +127,7 @@ impl LbProxy {
     /// Reads the pod's answer for what it says about a job: a `202` with a `Location` on an
     /// `async` route starts one (the slot moves to it, the client gets a handle); an answer to
     /// a handle's request may end one. Every `Location` naming the pod becomes a handle.
-    pub(super) fn follow_job(
+    pub(super) async fn follow_job(
         &self,
         session: &Session,
         response: &mut pingora::http::ResponseHeader,
@@ -188,13 +191,19 @@ impl LbProxy {
             .unwrap_or_else(|| self.live.jobs.keys.new_job());
         let asked = session.req_header().uri.path();
         // Not a job lb-agent can follow (None): the slot stays the request's.
-        if let Some(handle) =
+        if let Some((handle, marking)) =
             self.live
                 .jobs
                 .accept(&route, cfg, &mut ctx.slot, job, &location, asked)
         {
             let _ =
                 response.insert_header(http::header::LOCATION, self.live.jobs.location(&handle));
+            if let Some(marking) = marking {
+                // The hold is in the shared ledger before the client hears of the job. A ledger
+                // that does not answer soon does not hold the answer back (the hold stays this
+                // agent's, as without the mark).
+                let _ = tokio::time::timeout(JOB_MARK_WAIT, marking).await;
+            }
         }
     }
 

@@ -1,4 +1,5 @@
--- ARGV: pool, epoch, agent, ttl_ms, known, id, view ('-': unchanged), tried, max_waiting.
+-- ARGV: pool, epoch, agent, ttl_ms, known, id, view ('-': unchanged), tried, max_waiting,
+-- arrival (the stamp the request had when it first waited, before a retry; '0': none).
 -- Takes a slot at once when nobody waits (in any pool), else queues `id` by arrival and lets
 -- the pump hand out whatever is free. Refused ('full') when `max_waiting` requests of the pool
 -- wait besides it. Idempotent: a retry after a lost reply finds what the first try did.
@@ -7,7 +8,7 @@ local agent, id, tried = ARGV[3], ARGV[6], ARGV[8]
 local reg = reg_of(agent, POOL)
 if not epoch_is(ARGV[2]) then return {'epoch'} end
 if not renew(reg, tonumber(ARGV[4]), ARGV[5]) then return {'reaped'} end
-if ARGV[7] ~= '-' then redis.call('HSET', P .. 'views', reg, ARGV[7]) end
+if ARGV[7] ~= '-' then set_view(reg, ARGV[7]) end
 if reap() > 0 then pump(nil) end
 
 local held = redis.call('HGET', P .. 'leases', id)
@@ -26,8 +27,13 @@ end
 local max_waiting = tonumber(ARGV[9])
 if not free and pool_waiting(POOL) >= max_waiting then return {'full'} end
 
-local s = math.max(now_us, tonumber(redis.call('HGET', P .. 'meta', 'last') or '0') + 1)
-redis.call('HSET', P .. 'meta', 'last', int(s))
+-- A retry keeps its place: the stamp it had (its first id left the queue when it was granted,
+-- so no other waiter has it).
+local s = tonumber(ARGV[10]) or 0
+if s <= 0 then
+  s = math.max(now_us, tonumber(redis.call('HGET', P .. 'meta', 'last') or '0') + 1)
+  redis.call('HSET', P .. 'meta', 'last', int(s))
+end
 enqueue(id, POOL, int(s), tried)
 pump(id)
 held = redis.call('HGET', P .. 'leases', id)

@@ -20,6 +20,7 @@
 --                     "<agent>|<pool>": an agent registers (and is reaped) per pool it uses
 --   views       HASH  reg -> "addr=limit,addr=limit": the pods that agent may send to for that
 --                     pool (a waiter is only given a pod of its own reg's view)
+--   viewv       HASH  reg -> the version of its view: an older one is never written over it
 --   inflight    HASH  addr -> slots taken on that pod, all agents and all pools together
 --   leases      HASH  id -> addr
 --   pool        HASH  id -> pool of that lease or waiter
@@ -27,6 +28,12 @@
 --   waiting     HASH  pool -> waiters of that pool in `queue` (for max_waiting and status)
 --   tried       HASH  id -> "addr,addr": pods a waiter must not be given
 --   own:<reg>   SET   that registration's ids (leases and waiters), so they can be reaped
+--   jobs        HASH  id -> "<job hex> <deadline ms> <route>\n<status path>": a lease an
+--                     asynchronous job holds (after its 202); reaping its agent does not free
+--                     it but moves it to orphans:<pool>, for another agent to adopt
+--   jobids      HASH  job hex -> the id of the lease it holds (a callback names the job)
+--   jobdone     ZSET  job hex -> expiry (ms): jobs reported done before their hold was known
+--   orphans:<pool> SET job leases whose agent vanished, waiting for an agent of the pool
 -- An id is "<agent>#<n>": its owner is the text before the last '#'.
 -- Redis < 7 replicates scripts verbatim unless told to replicate their effects, and TIME
 -- makes a script non-deterministic; from Redis 7 on this is the default and the call a no-op.
@@ -59,6 +66,18 @@ local function parse_view(s)
     for a, l in string.gmatch(s, '([^,=]+)=(%d+)') do v[#v + 1] = {a, tonumber(l)} end
   end
   return v
+end
+
+-- Writes registration `reg`'s view from the argument `arg`, "<version>;addr=limit,…", unless
+-- the one held is newer: an agent's calls come from several tasks and may arrive out of order,
+-- and an older view may still list a pod the agent has removed.
+local function set_view(reg, arg)
+  local sep = string.find(arg, ';', 1, true)
+  local version, view = 0, arg
+  if sep then version, view = tonumber(string.sub(arg, 1, sep - 1)) or 0, string.sub(arg, sep + 1) end
+  if version < tonumber(redis.call('HGET', P .. 'viewv', reg) or '0') then return end
+  redis.call('HSET', P .. 'views', reg, view)
+  redis.call('HSET', P .. 'viewv', reg, int(version))
 end
 
 -- How long grants still wait after an epoch change: until every registration pending in
@@ -170,6 +189,14 @@ local function drop(id)
   redis.call('SREM', P .. 'own:' .. reg_of(owner(id), pool), id)
   local addr = redis.call('HGET', P .. 'leases', id)
   if addr then
+    local job = redis.call('HGET', P .. 'jobs', id)
+    if job then
+      redis.call('HDEL', P .. 'jobs', id)
+      if redis.call('HGET', P .. 'jobids', string.sub(job, 1, 32)) == id then
+        redis.call('HDEL', P .. 'jobids', string.sub(job, 1, 32))
+      end
+      redis.call('SREM', P .. 'orphans:' .. pool, id)
+    end
     redis.call('HDEL', P .. 'leases', id)
     if redis.call('HINCRBY', P .. 'inflight', addr, -1) <= 0 then
       redis.call('HDEL', P .. 'inflight', addr)
@@ -209,14 +236,20 @@ local function reap()
   local freed = 0
   for _, r in ipairs(redis.call('ZRANGEBYSCORE', P .. 'agents', '-inf', int(now_ms))) do
     for _, id in ipairs(redis.call('SMEMBERS', P .. 'own:' .. r)) do
-      local was, pool = drop(id)
-      if was == 'lease' then
-        freed = freed + 1
-        redis.call('HINCRBY', P .. 'expired', pool, 1)
+      if redis.call('HEXISTS', P .. 'jobs', id) == 1 then
+        -- The job goes on on its pod, and so does its hold: another agent adopts it.
+        redis.call('SADD', P .. 'orphans:' .. reg_pool(r), id)
+      else
+        local was, pool = drop(id)
+        if was == 'lease' then
+          freed = freed + 1
+          redis.call('HINCRBY', P .. 'expired', pool, 1)
+        end
       end
     end
     redis.call('DEL', P .. 'own:' .. r)
     redis.call('HDEL', P .. 'views', r)
+    redis.call('HDEL', P .. 'viewv', r)
     redis.call('HDEL', P .. 'ttls', r)
     redis.call('ZREM', P .. 'agents', r)
   end

@@ -8,7 +8,7 @@
 local reg = reg_of(ARGV[3], POOL)
 if not epoch_is(ARGV[2]) then return {'epoch'} end
 if not renew(reg, tonumber(ARGV[4]), ARGV[5]) then return {'reaped'} end
-if ARGV[6] ~= '-' then redis.call('HSET', P .. 'views', reg, ARGV[6]) end
+if ARGV[6] ~= '-' then set_view(reg, ARGV[6]) end
 reap()
 pump(nil)
 local granted = {}

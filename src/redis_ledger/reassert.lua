@@ -1,8 +1,9 @@
 -- ARGV: pool, epoch, agent, ttl_ms, view, max_n, n, then n pairs reg, ttl_ms (the
 -- registrations the agent saw alive before the epoch changed), then entries of 4: kind, id,
 -- a, b.
---   'L' id addr -      a lease the agent holds: recorded if missing (even above a limit: the
---                      request is running on that pod, the count must say so)
+--   'L' id addr job    a lease the agent holds: recorded if missing (even above a limit: the
+--                      request is running on that pod, the count must say so); `job`: the
+--                      record of the asynchronous job it holds, or ''
 --   'W' id stamp tried a waiter: queued again with its old arrival stamp if missing
 --   'K' id - -         an acquire whose reply has not come: kept if present, not created
 -- The list is the whole truth about the agent's ids in that pool up to `max_n`: any other of
@@ -21,7 +22,7 @@ local reg = reg_of(agent, POOL)
 if not epoch_is(ARGV[2]) then return {'epoch'} end
 redis.call('ZADD', P .. 'agents', int(now_ms + tonumber(ARGV[4])), reg)
 redis.call('HSET', P .. 'ttls', reg, ARGV[4])
-redis.call('HSET', P .. 'views', reg, ARGV[5])
+set_view(reg, ARGV[5])
 redis.call('SADD', P .. 'asserted', reg)
 redis.call('ZREM', P .. 'pending', reg)
 local n_regs = tonumber(ARGV[7])
@@ -40,11 +41,20 @@ for i = 8 + 2 * n_regs, #ARGV, 4 do
   local held = redis.call('HGET', P .. 'leases', id)
   local gone = redis.call('ZSCORE', P .. 'gone', id)
   if kind == 'L' then
-    if not held and not gone then
+    -- b: the record of the job the lease holds, if any. A job another agent adopted (this one
+    -- was reaped while alive) is that agent's now.
+    local adopted = b ~= '' and redis.call('HGET', P .. 'jobids', string.sub(b, 1, 32))
+    if adopted and adopted ~= id then
+      keep[id] = nil
+    elseif not held and not gone then
       drop(id)
       take(id, a, POOL, nil)
       local n = tonumber(redis.call('HGET', P .. 'inflight', a))
       if limits[a] and n > limits[a] then over = over + 1 end
+    end
+    if b ~= '' and not (adopted and adopted ~= id) and not gone then
+      redis.call('HSET', P .. 'jobs', id, b)
+      redis.call('HSET', P .. 'jobids', string.sub(b, 1, 32), id)
     end
   elseif not gone then
     waiters[#waiters + 1] = id

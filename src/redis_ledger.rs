@@ -369,6 +369,10 @@ enum Slot {
         wake: Option<oneshot::Sender<SocketAddr>>,
     },
     Leased(SocketAddr),
+    /// An id [`RedisLedger::adopt_jobs`] reserved for a job it may have adopted: kept by a
+    /// re-assertion if present (never created), asked about again by the next adoption if the
+    /// reply did not come.
+    Adopting,
 }
 
 /// A slot on a pod. Dropping it releases the slot at once (the release is sent by a spawned
@@ -801,6 +805,7 @@ impl RedisLedger {
                     Slot::Waiting { .. } => true,
                     // A job's hold outlives this agent: another agent adopts it.
                     Slot::Leased(_) => e.job.is_none() && release(&e.queue),
+                    Slot::Adopting => false,
                 };
                 if go {
                     leaves.push((e.queue.clone(), *n));
@@ -868,14 +873,32 @@ impl RedisLedger {
     ) -> Result<Vec<(Lease, JobRecord)>, LedgerError> {
         let epoch = self.ready(queue).await.map_err(LedgerError::Redis)?;
         let (known, _) = self.call_view(queue);
-        let first = {
+        // The ids are reserved, as placeholders, before the call: a re-assertion meanwhile
+        // keeps what the call adopts, and if the reply is lost the next call asks about them.
+        let (first, earlier) = {
             let mut st = lock(&self.state);
             let first = st.next_id;
             st.next_id += max as u64;
-            first
+            let earlier: Vec<u64> = st
+                .entries
+                .iter()
+                .filter(|(_, e)| e.queue == queue && matches!(e.slot, Slot::Adopting))
+                .map(|(n, _)| *n)
+                .collect();
+            for n in first..first + max as u64 {
+                st.entries.insert(
+                    n,
+                    Entry {
+                        queue: queue.to_string(),
+                        slot: Slot::Adopting,
+                        job: None,
+                    },
+                );
+            }
+            (first, earlier)
         };
         let tombstone = self.opts.lease_ttl.max(TOMBSTONE_MIN);
-        let args = [
+        let mut args = vec![
             epoch,
             self.agent.clone(),
             self.opts.lease_ttl.as_millis().to_string(),
@@ -884,25 +907,33 @@ impl RedisLedger {
             max.to_string(),
             tombstone.as_millis().to_string(),
         ];
-        let v = self
-            .eval(&self.scripts.job_adopt, queue, &args)
-            .await
-            .map_err(LedgerError::Redis)?;
+        args.extend(earlier.iter().map(u64::to_string));
+        let this_round = first..first + max as u64;
+        let v = match self.eval(&self.scripts.job_adopt, queue, &args).await {
+            Ok(v) => v,
+            Err(e) => {
+                // The placeholders stay: the next call asks about them.
+                self.lost(&e);
+                return Err(LedgerError::Redis(e));
+            }
+        };
         let items = array(v).ok_or_else(|| LedgerError::Reply("job_adopt".into()))?;
-        match items.first().and_then(string).as_deref() {
-            Some("ok") => {}
-            Some("epoch") => {
-                self.invalidate(queue);
-                return Ok(Vec::new());
+        let outcome = items.first().and_then(string);
+        if outcome.as_deref() != Some("ok") {
+            // Nothing was written by this call.
+            lock(&self.state)
+                .entries
+                .retain(|n, _| !this_round.contains(n));
+            match outcome.as_deref() {
+                Some("epoch") => self.invalidate(queue),
+                Some("reaped") => self.reaped(queue),
+                _ => return Err(LedgerError::Reply("job_adopt".into())),
             }
-            Some("reaped") => {
-                self.reaped(queue);
-                return Ok(Vec::new());
-            }
-            _ => return Err(LedgerError::Reply("job_adopt".into())),
+            return Ok(Vec::new());
         }
         let flat = items.get(1).cloned().and_then(array).unwrap_or_default();
         let mut adopted = Vec::new();
+        let mut st = lock(&self.state);
         for c in flat.chunks(3) {
             let [n, addr, rec] = c else { continue };
             let (Some(n), Some(addr), Some(rec)) = (
@@ -912,21 +943,40 @@ impl RedisLedger {
             ) else {
                 continue;
             };
-            let Some(record) = JobRecord::decode(&rec) else {
-                log::warn!("redis ledger: an orphaned job's record does not read: {rec:?}");
+            let Some(entry) = st.entries.get_mut(&n) else {
                 continue;
             };
-            lock(&self.state).entries.insert(
-                n,
-                Entry {
-                    queue: queue.to_string(),
-                    slot: Slot::Leased(addr),
-                    job: Some(rec),
-                },
-            );
-            adopted.push((self.lease(queue, n, addr), record));
+            entry.slot = Slot::Leased(addr);
+            entry.job = Some(rec.clone());
+            match JobRecord::decode(&rec) {
+                Some(record) => adopted.push((n, addr, record)),
+                None => {
+                    // Our own format: only a corrupted ledger gets here. Without a record
+                    // nobody could end the hold; it is given back instead (logged).
+                    log::error!(
+                        "redis ledger: an orphaned job's record does not read ({rec:?}); its slot on {addr} is given back"
+                    );
+                    adopted.push((
+                        n,
+                        addr,
+                        JobRecord {
+                            job: 0,
+                            deadline_unix_ms: 0,
+                            route: String::new(),
+                            path: None,
+                        },
+                    ));
+                }
+            }
         }
-        Ok(adopted)
+        // The call answered for every placeholder: those it did not name hold nothing.
+        st.entries
+            .retain(|_, e| !(e.queue == queue && matches!(e.slot, Slot::Adopting)));
+        drop(st);
+        Ok(adopted
+            .into_iter()
+            .map(|(n, addr, record)| (self.lease(queue, n, addr), record))
+            .collect())
     }
 
     fn lease(self: &Arc<Self>, queue: &str, n: u64, addr: SocketAddr) -> Lease {
@@ -1053,7 +1103,7 @@ impl RedisLedger {
                             entry.job.clone().unwrap_or_default(),
                         ]);
                     }
-                    Slot::Waiting { stamp: 0, .. } => {
+                    Slot::Waiting { stamp: 0, .. } | Slot::Adopting => {
                         args.extend(["K".into(), self.wire_id(*n), "".into(), "".into()]);
                     }
                     Slot::Waiting { stamp, tried, .. } => {

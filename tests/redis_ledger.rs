@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lb_agent::redis_ledger::{AcquireError, AgentView, LedgerOptions, RedisLedger};
+use lb_agent::redis_ledger::{AcquireError, AgentView, JobHold, JobRecord, LedgerOptions, RedisLedger};
 use tokio::time::{sleep, Instant};
 
 /// A `redis-server` on 127.0.0.1, without persistence: a restart loses everything, the worst
@@ -373,6 +373,48 @@ async fn a_retry_keeps_its_place_in_the_shared_queue() {
     for t in others {
         t.abort();
     }
+}
+
+/// An asynchronous job's hold outlives its agent: A's lease, marked as a job's, is not freed
+/// when A stops renewing (B's request waits on), but when nobody adopts it (B has no such
+/// route), it is freed at the job's deadline (its `max_duration`). Before, an orphan nobody
+/// adopted held its pod's slot for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_hold_outlives_its_agent_until_its_deadline() {
+    let redis = Redis::start();
+    let agents = agents(&redis, 2, opts(500, 200)).await;
+    let (a, b) = (&agents[0], &agents[1]);
+    let pods = AgentView::new(vec![(pod(1), 1)], 1);
+    let far = || Instant::now() + Duration::from_secs(20);
+    let lease = a.acquire(Q, &pods, &[], 10, far(), &mut None).await.unwrap();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let record = JobRecord {
+        job: 7,
+        deadline_unix_ms: now_ms + 2_500,
+        route: "/submit".into(),
+        path: Some("/tasks/7".into()),
+    };
+    assert_eq!(lease.hold_job(&record).await.unwrap(), JobHold::Held);
+    // A vanishes (renews nothing any more).
+    a.abandon();
+    let started = Instant::now();
+    let waiter = {
+        let (b, pods) = (Arc::clone(b), pods.clone());
+        tokio::spawn(async move { b.acquire(Q, &pods, &[], 10, far(), &mut None).await })
+    };
+    sleep(Duration::from_millis(1_500)).await;
+    assert!(!waiter.is_finished(), "the job's slot was freed with its agent");
+    let granted = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("freed at the job's deadline")
+        .unwrap()
+        .unwrap();
+    assert_eq!(granted.addr(), pod(1));
+    assert!(started.elapsed() >= Duration::from_millis(2_000), "{:?}", started.elapsed());
+    drop(lease);
 }
 
 /// A full queue refuses at once; a request whose future is dropped leaves the queue.

@@ -242,6 +242,12 @@ impl Jobs {
         record: JobRecord,
     ) {
         let pod = lease.addr();
+        if let Some(h) = self.lock_held().get_mut(&record.job) {
+            // This agent's own hold, orphaned while it was cut off from the ledger and adopted
+            // back: the adopted lease is the job's now (the old one is gone from the ledger).
+            h._slot = Hold::Adopted(lease);
+            return;
+        }
         let left = Duration::from_millis(record.deadline_unix_ms.saturating_sub(unix_ms()));
         let now = Instant::now();
         let since = now
@@ -434,10 +440,13 @@ impl Jobs {
                 );
                 self.count(&h.pool, how);
                 drop(h);
+                // Its lease may have been adopted by another agent meanwhile (this one was cut
+                // off from the ledger for a while): the job's end reaches it there too.
+                self.end_elsewhere(job, how, false);
                 true
             }
             None => {
-                self.end_elsewhere(job, how);
+                self.end_elsewhere(job, how, true);
                 false
             }
         }
@@ -445,14 +454,14 @@ impl Jobs {
 
     /// The job's end was seen here, but its hold is another agent's (or an adopted one's):
     /// it ends in the shared ledger, where the other agent's check will find it gone.
-    fn end_elsewhere(self: &Arc<Self>, job: u128, how: Ended) {
+    fn end_elsewhere(self: &Arc<Self>, job: u128, how: Ended, count: bool) {
         let Some(redis) = self.shared.clone() else {
             return;
         };
         let jobs = Arc::downgrade(self);
         tokio::spawn(async move {
             match redis.end_job("-", job).await {
-                Ok(Some(pool)) => {
+                Ok(Some(pool)) if count => {
                     log::info!(
                         "job held by another agent ({pool}) ended through this one: {}",
                         how.as_str()
@@ -461,7 +470,7 @@ impl Jobs {
                         jobs.count(&pool, how);
                     }
                 }
-                Ok(None) => {}
+                Ok(_) => {}
                 Err(e) => log::warn!("could not end a job in the shared ledger: {e}"),
             }
         });
@@ -477,7 +486,7 @@ impl Jobs {
             return;
         }
         drop(held);
-        self.end_elsewhere(job, Ended::Callback);
+        self.end_elsewhere(job, Ended::Callback, true);
         let mut early = self.lock_early();
         early.retain(|_, at| at.elapsed() < EARLY_CALLBACK_MEMORY);
         // A late callback (the hold had already ended) is remembered too, so the memory is

@@ -34,6 +34,8 @@
 --   jobids      HASH  job hex -> the id of the lease it holds (a callback names the job)
 --   jobdone     ZSET  job hex -> expiry (ms): jobs reported done before their hold was known
 --   orphans:<pool> SET job leases whose agent vanished, waiting for an agent of the pool
+--   orphan_deadlines ZSET id -> the job's deadline (ms): an orphan nobody adopted by then (no
+--                     agent has its asynchronous route any more) is freed
 -- An id is "<agent>#<n>": its owner is the text before the last '#'.
 -- Redis < 7 replicates scripts verbatim unless told to replicate their effects, and TIME
 -- makes a script non-deterministic; from Redis 7 on this is the default and the call a no-op.
@@ -196,6 +198,7 @@ local function drop(id)
         redis.call('HDEL', P .. 'jobids', string.sub(job, 1, 32))
       end
       redis.call('SREM', P .. 'orphans:' .. pool, id)
+      redis.call('ZREM', P .. 'orphan_deadlines', id)
     end
     redis.call('HDEL', P .. 'leases', id)
     if redis.call('HINCRBY', P .. 'inflight', addr, -1) <= 0 then
@@ -236,9 +239,12 @@ local function reap()
   local freed = 0
   for _, r in ipairs(redis.call('ZRANGEBYSCORE', P .. 'agents', '-inf', int(now_ms))) do
     for _, id in ipairs(redis.call('SMEMBERS', P .. 'own:' .. r)) do
-      if redis.call('HEXISTS', P .. 'jobs', id) == 1 then
+      local job = redis.call('HGET', P .. 'jobs', id)
+      if job then
         -- The job goes on on its pod, and so does its hold: another agent adopts it.
         redis.call('SADD', P .. 'orphans:' .. reg_pool(r), id)
+        local deadline = tonumber(string.match(job, '^%x+ (%d+) ') or '0')
+        redis.call('ZADD', P .. 'orphan_deadlines', int(deadline), id)
       else
         local was, pool = drop(id)
         if was == 'lease' then
@@ -252,6 +258,15 @@ local function reap()
     redis.call('HDEL', P .. 'viewv', r)
     redis.call('HDEL', P .. 'ttls', r)
     redis.call('ZREM', P .. 'agents', r)
+  end
+  -- Orphaned jobs past their max_duration that no agent adopted: nobody would end them.
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'orphan_deadlines', '-inf', int(now_ms))) do
+    redis.call('ZREM', P .. 'orphan_deadlines', id)
+    local was, pool = drop(id)
+    if was == 'lease' then
+      freed = freed + 1
+      redis.call('HINCRBY', P .. 'expired', pool, 1)
+    end
   end
   return freed
 end

@@ -44,7 +44,9 @@ for i = 8 + 2 * n_regs, #ARGV, 4 do
     -- b: the record of the job the lease holds, if any. A job another agent adopted (this one
     -- was reaped while alive) is that agent's now.
     local adopted = b ~= '' and redis.call('HGET', P .. 'jobids', string.sub(b, 1, 32))
-    if adopted and adopted ~= id then
+    local ended = b ~= '' and redis.call('ZSCORE', P .. 'jobdone', string.sub(b, 1, 32))
+    if (adopted and adopted ~= id) or ended then
+      -- Adopted by another agent while this one was reaped, or ended through another agent.
       keep[id] = nil
     elseif not held and not gone then
       drop(id)
@@ -52,9 +54,13 @@ for i = 8 + 2 * n_regs, #ARGV, 4 do
       local n = tonumber(redis.call('HGET', P .. 'inflight', a))
       if limits[a] and n > limits[a] then over = over + 1 end
     end
-    if b ~= '' and not (adopted and adopted ~= id) and not gone then
+    if b ~= '' and not (adopted and adopted ~= id) and not ended and not gone then
       redis.call('HSET', P .. 'jobs', id, b)
       redis.call('HSET', P .. 'jobids', string.sub(b, 1, 32), id)
+      -- Orphaned while this agent was reaped: its own again, not to be adopted.
+      redis.call('SREM', P .. 'orphans:' .. POOL, id)
+      redis.call('ZREM', P .. 'orphan_deadlines', id)
+      redis.call('SADD', P .. 'own:' .. reg, id)
     end
   elseif not gone then
     waiters[#waiters + 1] = id

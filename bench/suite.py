@@ -1,5 +1,5 @@
 """lb-agent bench suite: `python3 bench/suite.py [all|balance|h2|overhead|queue|selection|
-replicas …]`.
+replicas|page …]`.
 
 Normally started by `bash bench/run`, which installs the tools and builds lb-agent first.
 Each part writes bench/results/<part>.json; then the markdown table (results/latest.md, and
@@ -21,14 +21,18 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from benchkit import balance, h2, overhead, queue, replicas, report, selection  # noqa: E402
+from benchkit import balance, h2, overhead, page, queue, replicas, report, selection  # noqa: E402
 from benchkit.contenders import BARE_PINGORA, LB_AGENT, ROOT, TESTKIT  # noqa: E402
 from benchkit.procs import BenchError, OtherLoad, loadavg, stop_all  # noqa: E402
 
-PARTS = ["balance", "h2", "overhead", "queue", "selection", "replicas"]
+PARTS = ["balance", "h2", "overhead", "queue", "selection", "replicas", "page"]
 NEEDS = {"balance": ["haproxy", "nginx"], "h2": ["haproxy", "nginx", "h2load"],
          "overhead": ["haproxy", "nginx", "wrk"], "queue": ["haproxy"], "selection": ["cargo"],
-         "replicas": ["haproxy", "redis-server"]}
+         "replicas": ["haproxy", "redis-server"], "page": ["wrk"]}
+# The binaries a part starts (selection builds its own with cargo).
+BINARIES = {"balance": [LB_AGENT, TESTKIT], "h2": [LB_AGENT, TESTKIT],
+            "overhead": [LB_AGENT, BARE_PINGORA], "queue": [LB_AGENT, TESTKIT, BARE_PINGORA],
+            "selection": [], "replicas": [LB_AGENT, TESTKIT], "page": [LB_AGENT, TESTKIT]}
 
 
 def log(msg):
@@ -86,8 +90,8 @@ def main(argv):
     missing = sorted({t for p in parts for t in NEEDS[p] if not shutil.which(t)})
     if missing:
         sys.exit(f"bench: missing tools {missing}; run `bash bench/run`, which installs them")
-    for binary in (LB_AGENT, TESTKIT, BARE_PINGORA):
-        if any(p != "selection" for p in parts) and not os.access(binary, os.X_OK):
+    for binary in sorted({b for p in parts for b in BINARIES[p]}):
+        if not os.access(binary, os.X_OK):
             sys.exit(f"bench: {binary} not found; run `bash bench/run`, which builds it")
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -123,6 +127,8 @@ def main(argv):
                 data = queue.run(pdir, log)
             elif part == "replicas":
                 data = replicas.run(pdir, reps, log)
+            elif part == "page":
+                data = page.run(pdir, log)
             else:
                 data = selection.run(pdir, log)
         except BenchError as e:
@@ -134,7 +140,7 @@ def main(argv):
                 "seconds": round((datetime.datetime.now().astimezone() - started).total_seconds()),
                 "commit": commit(), "loadavg_before": before, "loadavg_after": loadavg(),
                 "other_processes_cores_mean": round(others_mean, 3),
-                "other_processes_cores_peak": round(others_peak, 3)}
+                "other_processes_cores_peak": round(others_peak, 3), "machine": machine()}
         with open(os.path.join(report.RESULTS, f"{part}.json"), "w") as f:
             json.dump({"meta": meta, "data": data}, f, indent=1)
         log(f"== {part} done in {meta['seconds']} s (load average {meta['loadavg_after']}; "

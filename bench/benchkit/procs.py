@@ -202,6 +202,27 @@ def cpu_seconds(pid):
     return total / CLK_TCK
 
 
+def thread_cpu_seconds(pid):
+    """User + system CPU seconds of every thread of a process tree, summed by thread name
+    (`/proc/<pid>/task/<tid>/comm`: Pingora names a service's threads after the service)."""
+    out = {}
+    for p in tree(pid):
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for t in tids:
+            try:
+                with open(f"/proc/{p}/task/{t}/comm") as f:
+                    name = f.read().strip()
+                with open(f"/proc/{p}/task/{t}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return out
+
+
 def rss_kib(pid):
     """Resident set size of a process tree, in KiB (VmRSS of each process, summed)."""
     total = 0

@@ -217,7 +217,7 @@ def selection_md(d):
     return out
 
 
-def targets_md(bal, ovh, que, h2=None, rep=None):
+def targets_md(bal, ovh, que, h2=None, rep=None, page=None):
     rows = []
     if bal:
         s = bal["data"]["summary"]
@@ -259,10 +259,13 @@ def targets_md(bal, ovh, que, h2=None, rep=None):
                      f"{q['idle_core_share'] * 100:.2f} % of a core", q["idle_core_share"] <= 0.01))
     if rep:
         rows += replicas_target_rows(rep)
+    if page:
+        rows.append(page_target_row(page))
     if not rows:
         return []
     out = ["### Targets", "", "| target | measured (lb-agent) | met |", "|---|---|---|"]
-    out += [f"| {t} | {m} | {'yes' if ok else '**no**'} |" for t, m, ok in rows]
+    out += [f"| {t} | {m} | {'yes' if ok else ('tie' if ok is None else '**no**')} |"
+            for t, m, ok in rows]
     return out + [""]
 
 
@@ -537,7 +540,8 @@ def render():
     if rep:
         pngs += replicas_plot(rep)
     lines = []
-    lines += targets_md(bal, ovh, que, h2, rep=rep)
+    page = load("page")
+    lines += targets_md(bal, ovh, que, h2, rep=rep, page=page)
     if machine:
         lines += machine_md(machine)
     if bal:
@@ -552,6 +556,8 @@ def render():
         lines += selection_md(sel)
     if rep:
         lines += replicas_md(rep) + ["![replicas](results/replicas.png)", ""]
+    if page:
+        lines += page_md(page)
     body = "\n".join(lines)
     with open(os.path.join(RESULTS, "latest.md"), "w") as fh:
         fh.write("# lb-agent bench: latest results\n\n"
@@ -565,3 +571,84 @@ def render():
             with open(README, "w") as fh:
                 fh.write(head + BEGIN + "\n" + body + "\n" + END + tail)
     return pngs
+
+
+# --- page (issue 19: open live pages must not show in the proxy's req/s) -------------------
+
+
+def rng(r, fmt="{:.3f}"):
+    return "—" if not r else f"{fmt.format(r[0])}–{fmt.format(r[1])}"
+
+
+def page_target_row(d):
+    s, setup = d["data"]["summary"], d["data"]["setup"]
+    ratio, v = s["ratio"]["rps"], s["verdict"]
+    return (f"{setup['pages']} open live pages do not show in the proxy's req/s (median "
+            "b/a ≥ 0.98 for req/s, ≤ 1.02 for CPU per request; direct cost < 1 % of a core)",
+            f"req/s with pages ÷ without: {ratio['median']:.3f}× ({rng(ratio['range'])}); "
+            f"{v['why']}", v["met"])
+
+
+def page_md(d):
+    s, setup, rounds = d["data"]["summary"], d["data"]["setup"], d["data"]["rounds"]
+    polls = ", ".join(f"`{p}` every {ms / 1000:g} s" for p, ms in setup["polls_ms"].items())
+    changed = {p: ms for p, ms in setup["polls_ms"].items() if setup["page_polls_ms"].get(p) != ms}
+    label = {"a": "a: no page open", "b": f"b: {setup['pages']} pages open"}
+    out = [f"### Live page: {setup['pages']} open pages against the proxy's req/s (wrk, 1 "
+           f"thread, {setup['connections']} keep-alive connections, {setup['duration_s']} s × "
+           f"{setup['rounds']} rounds per condition, median; lb-agent `threads: 1` pinned to CPU "
+           f"{setup['pinning']['proxy']}, wrk + pods + pages to CPU {setup['pinning']['load']})",
+           "", when(d)
+           + (f" Machine: {d['meta']['machine']['cpu']}, {d['meta']['machine']['cores']} cores "
+              "(this part's own run; the Machine section above is that of the older parts)."
+              if d.get("meta", {}).get("machine") else ""), "",
+           "| condition | req/s (range) | CPU s per 10k req (range) | p50 ms | p99 ms (range) | "
+           "lb-agent CPU (cores) | admin threads (cores) | pages process (cores) | errors | other "
+           "processes (cores) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in ("a", "b"):
+        r = s[c]
+        out.append(
+            f"| {label[c]} | {r['rps']:.0f} ({rng(r['rps_range'], '{:.0f}')}) | "
+            f"{f(r['cpu_s_per_10k'])} ({rng(r['cpu_s_per_10k_range'])}) | {r['p50_ms']:.3f} | "
+            f"{r['p99_ms']:.3f} ({rng(r['p99_ms_range'], '{:.2f}')}) | "
+            f"{r['lb_core_share']:.2f} | {f(r['admin_cores'], '{:.4f}')} | "
+            f"{r['pages_process_cores']:.3f} | {r['errors']} | "
+            f"{r['other_cores']:.2f} |")
+    ra = s["ratio"]
+    out.append(f"| **b ÷ a** | **{ra['rps']['median']:.3f}×** ({rng(ra['rps']['range'])}) | "
+               f"{ra['cpu_s_per_10k']['median']:.3f}× ({rng(ra['cpu_s_per_10k']['range'])}) | | "
+               f"{ra['p99_ms']['median']:.3f}× ({rng(ra['p99_ms']['range'])}) | | | | | |")
+    out += ["", "Round by round (order of the two conditions in brackets): "
+            + "; ".join(f"{i + 1} ({r['order']}) {r['a']['rps']:.0f} → {r['b']['rps']:.0f} req/s "
+                        f"= {r['ratio']['rps']:.3f}×, CPU {r['ratio']['cpu_s_per_10k']:.3f}×"
+                        for i, r in enumerate(rounds)) + ".", "",
+            "| page fetch | served in the measured windows | expected from the page's period | "
+            "failed | p50 ms | p99 ms | max ms |", "|---|---|---|---|---|---|---|"]
+    for p, r in s["page_fetches"].items():
+        out.append(f"| `GET {p}` | {r['served']} | {r['expected']:.0f} | {r['failed']} | "
+                   f"{f(r['p50_ms'])} | {f(r['p99_ms'])} | {f(r['max_ms'])} |")
+    v = s["verdict"]
+    word = {True: "met", None: "inconclusive", False: "not met"}[v["met"]]
+    out += ["", f"**Verdict: {word}**: {v['why']}. Rule: met when the median b/a is at least "
+            "0.98 for req/s and at most 1.02 for lb-agent's CPU per request, and the pages' "
+            "direct cost (admin CPU per fetch × fetches per second) is under 1 % of a core; "
+            "inconclusive when "
+            "not but the rounds' b/a range of req/s includes 1.0 (more rounds needed); otherwise "
+            "not met.", "",
+            f"Each simulated page (`bench/benchkit/pages.py`) does what `{setup['page_source']}` "
+            f"does in a browser, read from the page itself: it loads `/`, then fetches {polls} "
+            "(each at once on opening, then by `setInterval`), on keep-alive connections, with a "
+            "browser's headers, and checks every answer; the pages open spread over the first "
+            "second. "
+            + (f"Periods changed from the page's by BENCH_PAGE_POLL_MS: {changed}. " if changed else "")
+            + "Every round starts a fresh lb-agent for each condition, in front of "
+            f"{setup['pods']} fake pods answering at once (cap far above the load). CPU per 10k "
+            "requests is all of lb-agent's threads, the admin ones included; admin threads: the "
+            "CPU of lb-agent's `admin` service threads, the pages' direct cost"
+            + (f" ({s['admin_cpu_ms_per_fetch']:.3f} ms of CPU per page fetch)"
+               if s.get("admin_cpu_ms_per_fetch") is not None else "")
+            + ". lb-agent's CPU near 1.00 core means lb-agent was the bottleneck, so a cost of the "
+            "pages would show in req/s; well below it, it shows in CPU per request only. The "
+            "pages process runs on the load generator's CPU: its own CPU is in its column.", ""]
+    return out

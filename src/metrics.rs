@@ -32,6 +32,8 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     /// Round trips to the shared ledger, fed from the ledger's samples at each scrape.
     pub ledger_round_trip: HistogramVec,
+    /// How long asynchronous jobs held their slot, from the `202` to the end of the hold.
+    pub job_duration: HistogramVec,
 }
 
 /// Buckets for ledger round trips: a loopback or in-cluster Redis answers in well under 1 ms.
@@ -94,6 +96,12 @@ fn build() -> Result<Metrics, prometheus::Error> {
             "Round trips of calls to the shared ledger (Redis), as the agent measured them",
             &[],
             LEDGER_BUCKETS.to_vec()
+        )?,
+        job_duration: register_histogram_vec!(
+            "lb_job_duration_seconds",
+            "How long asynchronous jobs held their pod's slot, from the 202 to the end of the hold (ended at this agent)",
+            &["pool"],
+            SLOW_BUCKETS.to_vec()
         )?,
     };
     prometheus::register(Box::new(StateCollector::new()?))?;

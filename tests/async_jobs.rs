@@ -126,6 +126,13 @@ async fn a_job_holds_its_pods_slot_until_it_is_done_and_polls_reach_its_pod() {
         12.0
     );
     assert_eq!(metric(&agent, "lb_jobs_held", &[]).await, 0.0);
+    // Every job's hold lasted at least its 1 s of work.
+    assert_eq!(
+        metric(&agent, "lb_job_duration_seconds_count", &[]).await,
+        12.0
+    );
+    let under_1s: f64 = metric(&agent, "lb_job_duration_seconds_bucket", &["le=\"0.5\""]).await;
+    assert_eq!(under_1s, 0.0);
 }
 
 /// A handle that does not verify is refused and never proxied: altered by one character, or

@@ -14,7 +14,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lb_agent::redis_ledger::{AcquireError, AgentView, JobHold, JobRecord, LedgerOptions, RedisLedger};
+use lb_agent::redis_ledger::{
+    AcquireError, AgentView, JobHold, JobRecord, LedgerOptions, RedisLedger,
+};
 use tokio::time::{sleep, Instant};
 
 /// A `redis-server` on 127.0.0.1, without persistence: a restart loses everything, the worst
@@ -386,7 +388,10 @@ async fn a_job_hold_outlives_its_agent_until_its_deadline() {
     let (a, b) = (&agents[0], &agents[1]);
     let pods = AgentView::new(vec![(pod(1), 1)], 1);
     let far = || Instant::now() + Duration::from_secs(20);
-    let lease = a.acquire(Q, &pods, &[], 10, far(), &mut None).await.unwrap();
+    let lease = a
+        .acquire(Q, &pods, &[], 10, far(), &mut None)
+        .await
+        .unwrap();
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -406,14 +411,21 @@ async fn a_job_hold_outlives_its_agent_until_its_deadline() {
         tokio::spawn(async move { b.acquire(Q, &pods, &[], 10, far(), &mut None).await })
     };
     sleep(Duration::from_millis(1_500)).await;
-    assert!(!waiter.is_finished(), "the job's slot was freed with its agent");
+    assert!(
+        !waiter.is_finished(),
+        "the job's slot was freed with its agent"
+    );
     let granted = tokio::time::timeout(Duration::from_secs(10), waiter)
         .await
         .expect("freed at the job's deadline")
         .unwrap()
         .unwrap();
     assert_eq!(granted.addr(), pod(1));
-    assert!(started.elapsed() >= Duration::from_millis(2_000), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_millis(2_000),
+        "{:?}",
+        started.elapsed()
+    );
     drop(lease);
 }
 

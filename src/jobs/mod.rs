@@ -439,6 +439,11 @@ impl Jobs {
                     how.as_str()
                 );
                 self.count(&h.pool, how);
+                if let Some(m) = crate::metrics::get() {
+                    m.job_duration
+                        .with_label_values(&[h.pool.as_str()])
+                        .observe(h.since.elapsed().as_secs_f64());
+                }
                 drop(h);
                 // Its lease may have been adopted by another agent meanwhile (this one was cut
                 // off from the ledger for a while): the job's end reaches it there too.

@@ -605,9 +605,20 @@ impl ProxyHttp for LbProxy {
             let job = *ctx
                 .job_id
                 .get_or_insert_with(|| self.live.jobs.keys.new_job());
-            if let Some(here) = session.server_addr().and_then(|a| a.as_inet()) {
+            let base = ctx
+                .route
+                .as_ref()
+                .and_then(|r| r.async_jobs.as_ref())
+                .and_then(|a| a.callback_base.clone())
+                .or_else(|| {
+                    session
+                        .server_addr()
+                        .and_then(|a| a.as_inet())
+                        .map(|here| format!("http://{here}"))
+                });
+            if let Some(base) = base {
                 let url = format!(
-                    "http://{here}{}{}",
+                    "{base}{}{}",
                     jobs::CALLBACK_PREFIX,
                     self.live.jobs.keys.mint_callback(job)
                 );

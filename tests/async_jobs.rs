@@ -577,3 +577,58 @@ async fn a_jobs_hold_outlives_an_agent_that_is_killed() {
 async fn a_jobs_hold_outlives_an_agent_that_shuts_down() {
     a_jobs_hold_outlives_its_agent(202, false).await;
 }
+
+/// `async.callback_base` names where pods call back (lb-agent's Service, say), and with a
+/// shared ledger any agent can take a job's callback: here every callback goes to B while the
+/// jobs were accepted (and are held) by A. Checks are an hour apart, so only the callbacks can
+/// end the holds: each ends at B, and A's next submission starts at once (before, B only
+/// remembered the callback for a hold of its own, and A's next submission waited).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callback_to_another_agent_ends_the_hold() {
+    let redis = common::redis::Redis::start();
+    let pods = pods(211, 1, Convention::Redirect, true).await;
+    let key = [("LB_AGENT_JOB_KEY", "one key for every replica, 32+ bytes")];
+    let top = format!(
+        "ledger: {{redis: \"{}\", lease_ttl: 2s}}\nshutdown_delay: 0s\n",
+        redis.url()
+    );
+    let b = Agent::start_with_env(
+        &format!("{top}{}", route(&pods, 1, "{check_interval: 1h}")),
+        &key,
+    )
+    .await;
+    let a = Agent::start_with_env(
+        &format!(
+            "{top}{}",
+            route(
+                &pods,
+                1,
+                &format!(
+                    "{{check_interval: 1h, callback_base: \"http://{}\"}}",
+                    b.addr
+                )
+            )
+        ),
+        &key,
+    )
+    .await;
+    for i in 0..3 {
+        let r = loadgen::request(a.addr, "POST", "/submit?ms=200", &[], b"")
+            .await
+            .unwrap();
+        assert_eq!(r.status, 202, "job {i}: {}", r.body);
+    }
+    eventually(Duration::from_secs(10), "all three called back", || async {
+        pods[0].stats.callbacks_sent.load(Ordering::SeqCst) == 3
+    })
+    .await;
+    assert_eq!(pods[0].stats.max_running.load(Ordering::SeqCst), 1);
+    eventually(Duration::from_secs(5), "B ended the holds", || async {
+        metric(&b, "lb_jobs_ended_total", &["how=\"callback\""]).await == 3.0
+    })
+    .await;
+    assert_eq!(
+        metric(&b, "lb_requests_total", &["outcome=\"job_callback\""]).await,
+        3.0
+    );
+}

@@ -122,6 +122,7 @@ pub(super) struct FileAsync {
     pub(super) check_interval: Option<String>,
     pub(super) max_duration: Option<String>,
     pub(super) done_when: Option<FileDoneWhen>,
+    pub(super) callback_base: Option<String>,
 }
 
 /// `done_when`: a convention's name, or where a JSON status answer says its state.

@@ -273,6 +273,9 @@ pub struct AsyncJobs {
     /// The longest a job holds its slot.
     pub max_duration: Duration,
     pub done_when: DoneWhen,
+    /// Where pods send their completion callbacks (`http://host[:port]`), e.g. lb-agent's
+    /// Service; `None`: the address the submission reached lb-agent on.
+    pub callback_base: Option<String>,
 }
 
 /// How a pod's status answer says that its job is over.

@@ -970,11 +970,40 @@ fn async_jobs(
             }
         }
     };
+    let callback_base = match &a.callback_base {
+        None => None,
+        Some(base) => Some(callback_base(&format!("{p}.callback_base"), base)?),
+    };
     Ok(AsyncJobs {
         check_interval,
         max_duration,
         done_when,
+        callback_base,
     })
+}
+
+/// `async.callback_base`: an `http` URL with a host (and port), nothing after it; returned
+/// without a trailing `/`.
+fn callback_base(field: &str, base: &str) -> Result<String, ConfigError> {
+    let bad = |why: &str| {
+        ConfigError::new(
+            field,
+            format!(
+                "{base:?} {why}: write it like http://lb-agent.ai-media.svc.cluster.local:8080"
+            ),
+        )
+    };
+    let uri: http::Uri = base.parse().map_err(|_| bad("is not a URL"))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(bad("is not an http:// URL"));
+    }
+    if uri.authority().is_none_or(|a| a.host().is_empty()) {
+        return Err(bad("names no host"));
+    }
+    if uri.path_and_query().is_some_and(|p| p.as_str() != "/") {
+        return Err(bad("has a path: lb-agent adds its own"));
+    }
+    Ok(base.trim_end_matches('/').to_string())
 }
 
 /// Shortest and longest `ledger.lease_ttl`: below a second a busy Redis or a GC pause would
@@ -1822,6 +1851,14 @@ routes:
             (
                 "limit: 1, endpoints: [\"127.0.0.1:1\"], async: {check_interval: 1ms}",
                 "routes[0].async.check_interval: must be between 10ms and 1h",
+            ),
+            (
+                "limit: 1, endpoints: [\"127.0.0.1:1\"], async: {callback_base: \"https://lb:8080\"}",
+                "routes[0].async.callback_base: \"https://lb:8080\" is not an http:// URL",
+            ),
+            (
+                "limit: 1, endpoints: [\"127.0.0.1:1\"], async: {callback_base: \"http://lb:8080/x\"}",
+                "routes[0].async.callback_base: \"http://lb:8080/x\" has a path",
             ),
             (
                 "limit: 1, endpoints: [\"127.0.0.1:1\"], async: {check_interval: 10s, max_duration: 1s}",

@@ -521,7 +521,7 @@ async fn a_client_leaving_a_synchronous_answer_does_not_hold_the_slot() {
 }
 
 /// Issue 17, item 4: a job's hold outlives the agent that held it. Two agents on a shared
-/// ledger, one pod with `limit: 1`: a 3 s job is accepted through A, then A dies (`kill -9`)
+/// ledger, one pod with `limit: 1`: a 4 s job is accepted through A, then A dies (`kill -9`)
 /// or shuts down (SIGTERM), and a second job is submitted through B. The second job must wait
 /// until the first is done: the pod never runs two. Before, A's lease expired after
 /// `lease_ttl` (1 s) and the second job started beside the first. B adopts the orphaned hold,
@@ -537,7 +537,7 @@ async fn a_jobs_hold_outlives_its_agent(first_pod: u8, kill: bool) {
     let key = [("LB_AGENT_JOB_KEY", "one key for every replica, 32+ bytes")];
     let mut a = Agent::start_with_env(&body, &key).await;
     let b = Agent::start_with_env(&body, &key).await;
-    let r = loadgen::request(a.addr, "POST", "/submit?ms=3000", &[], b"")
+    let r = loadgen::request(a.addr, "POST", "/submit?ms=4000", &[], b"")
         .await
         .unwrap();
     assert_eq!(r.status, 202, "{}", r.body);
@@ -548,9 +548,27 @@ async fn a_jobs_hold_outlives_its_agent(first_pod: u8, kill: bool) {
         a.terminate();
         a.wait_exit(Duration::from_secs(10)).await.expect("A exits");
     }
-    let second = loadgen::request(b.addr, "POST", "/submit?ms=10", &[], b"")
-        .await
-        .unwrap();
+    let second = {
+        let addr = b.addr;
+        tokio::spawn(async move { loadgen::request(addr, "POST", "/submit?ms=10", &[], b"").await })
+    };
+    // B counts the job it adopted as its own in flight (its /status, lb_pod_inflight, the
+    // autoscaling query) while the job runs.
+    eventually(
+        Duration::from_secs(3),
+        "B holds the adopted job",
+        || async {
+            let s = b.status().await;
+            s["jobs"].as_array().is_some_and(|j| j.len() == 1) && s["pools"][0]["inflight"] == 1
+        },
+    )
+    .await;
+    assert_eq!(
+        pods[0].stats.finished.load(Ordering::SeqCst),
+        0,
+        "still running"
+    );
+    let second = second.await.unwrap().unwrap();
     assert_eq!(second.status, 202, "{}", second.body);
     assert_eq!(
         pods[0].stats.max_running.load(Ordering::SeqCst),

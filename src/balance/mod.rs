@@ -288,6 +288,15 @@ impl Balancer {
         self.resolved.store(true, Ordering::Release);
     }
 
+    /// A slot of the shared ledger that this agent took over (an asynchronous job's hold,
+    /// adopted from an agent that vanished): counted here from now on, as if granted here.
+    pub fn adopt(&self, lease: Lease) -> Slot {
+        Slot {
+            local: self.pool.ledger.record(self.pool.id, lease.addr()),
+            lease: Some(lease),
+        }
+    }
+
     /// Tells the shared ledger this agent's pods and caps of the pool, so its waiting requests
     /// can be given a new pod (and not a removed one).
     fn share_pods(&self) {

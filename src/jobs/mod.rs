@@ -124,16 +124,10 @@ struct Held {
     pool: String,
     route: String,
     since: Instant,
-    /// Held for its `Drop`, which gives the slot back.
-    _slot: Hold,
+    /// Held for its `Drop`, which gives the slot back: the slot of the request that started
+    /// the job, or one taken over from an agent that vanished (counted here from then on).
+    _slot: Slot,
     checker: Option<tokio::task::AbortHandle>,
-}
-
-/// What a job holds: the slot of the request that started it, or (adopted from an agent that
-/// vanished) its lease in the shared ledger.
-enum Hold {
-    Slot(#[allow(dead_code)] Slot),
-    Adopted(#[allow(dead_code)] Lease),
 }
 
 impl Drop for Held {
@@ -204,7 +198,7 @@ impl Jobs {
         if !self.start(
             route,
             jobs,
-            Hold::Slot(slot),
+            slot,
             pod,
             job,
             path,
@@ -242,10 +236,12 @@ impl Jobs {
         record: JobRecord,
     ) {
         let pod = lease.addr();
+        let mut slot = route.balancer.adopt(lease);
+        slot.held_by_job();
         if let Some(h) = self.lock_held().get_mut(&record.job) {
             // This agent's own hold, orphaned while it was cut off from the ledger and adopted
             // back: the adopted lease is the job's now (the old one is gone from the ledger).
-            h._slot = Hold::Adopted(lease);
+            h._slot = slot;
             return;
         }
         let left = Duration::from_millis(record.deadline_unix_ms.saturating_sub(unix_ms()));
@@ -260,7 +256,7 @@ impl Jobs {
         self.start(
             route,
             jobs,
-            Hold::Adopted(lease),
+            slot,
             pod,
             record.job,
             record.path,
@@ -276,7 +272,7 @@ impl Jobs {
         self: &Arc<Self>,
         route: &Arc<RouteEntry>,
         jobs: &AsyncJobs,
-        hold: Hold,
+        hold: Slot,
         pod: SocketAddr,
         job: u128,
         path: Option<String>,

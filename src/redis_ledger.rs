@@ -847,10 +847,9 @@ impl RedisLedger {
     /// in. `None`: no lease holds it; it is then remembered as done for a while, so that a
     /// hold still on its way (the `202` not yet passed on) does not start.
     pub async fn end_job(&self, queue: &str, job: u128) -> Result<Option<String>, LedgerError> {
-        let tombstone = self.opts.lease_ttl.max(TOMBSTONE_MIN);
         let args = [
             format!("{job:032x}"),
-            tombstone.as_millis().to_string(),
+            self.tombstone_ms(),
             JOB_DONE_MEMORY.as_millis().to_string(),
         ];
         let v = self
@@ -897,7 +896,6 @@ impl RedisLedger {
             }
             (first, earlier)
         };
-        let tombstone = self.opts.lease_ttl.max(TOMBSTONE_MIN);
         let mut args = vec![
             epoch,
             self.agent.clone(),
@@ -905,7 +903,7 @@ impl RedisLedger {
             flag(known),
             first.to_string(),
             max.to_string(),
-            tombstone.as_millis().to_string(),
+            self.tombstone_ms(),
         ];
         args.extend(earlier.iter().map(u64::to_string));
         let this_round = first..first + max as u64;
@@ -932,7 +930,7 @@ impl RedisLedger {
             return Ok(Vec::new());
         }
         let flat = items.get(1).cloned().and_then(array).unwrap_or_default();
-        let mut adopted = Vec::new();
+        let (mut adopted, mut unreadable) = (Vec::new(), Vec::new());
         let mut st = lock(&self.state);
         for c in flat.chunks(3) {
             let [n, addr, rec] = c else { continue };
@@ -952,20 +950,11 @@ impl RedisLedger {
                 Some(record) => adopted.push((n, addr, record)),
                 None => {
                     // Our own format: only a corrupted ledger gets here. Without a record
-                    // nobody could end the hold; it is given back instead (logged).
+                    // nobody could end the hold; it is given back instead.
                     log::error!(
                         "redis ledger: an orphaned job's record does not read ({rec:?}); its slot on {addr} is given back"
                     );
-                    adopted.push((
-                        n,
-                        addr,
-                        JobRecord {
-                            job: 0,
-                            deadline_unix_ms: 0,
-                            route: String::new(),
-                            path: None,
-                        },
-                    ));
+                    unreadable.push((n, addr));
                 }
             }
         }
@@ -973,6 +962,9 @@ impl RedisLedger {
         st.entries
             .retain(|_, e| !(e.queue == queue && matches!(e.slot, Slot::Adopting)));
         drop(st);
+        for (n, addr) in unreadable {
+            drop(self.lease(queue, n, addr));
+        }
         Ok(adopted
             .into_iter()
             .map(|(n, addr, record)| (self.lease(queue, n, addr), record))
@@ -1246,11 +1238,19 @@ impl RedisLedger {
         Ok(())
     }
 
+    /// How long a released id is remembered as gone, in ms (the scripts' `tombstone_ms`): long
+    /// enough to outlast any re-assertion in flight that still lists the id (a few round
+    /// trips, each bounded by the io timeout).
+    fn tombstone_ms(&self) -> String {
+        self.opts
+            .lease_ttl
+            .max(TOMBSTONE_MIN)
+            .as_millis()
+            .to_string()
+    }
+
     async fn leave(&self, queue: &str, n: u64) -> Result<(), RedisError> {
-        // Long enough to outlast any re-assertion in flight that still lists the id (a few
-        // round trips, each bounded by the io timeout).
-        let tombstone = self.opts.lease_ttl.max(TOMBSTONE_MIN);
-        let args = [self.wire_id(n), tombstone.as_millis().to_string()];
+        let args = [self.wire_id(n), self.tombstone_ms()];
         self.eval(&self.scripts.leave, queue, &args).await.map(drop)
     }
 

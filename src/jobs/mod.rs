@@ -199,7 +199,6 @@ impl Jobs {
             route,
             jobs,
             slot,
-            pod,
             job,
             path,
             since,
@@ -257,7 +256,6 @@ impl Jobs {
             route,
             jobs,
             slot,
-            pod,
             record.job,
             record.path,
             since,
@@ -273,12 +271,12 @@ impl Jobs {
         route: &Arc<RouteEntry>,
         jobs: &AsyncJobs,
         hold: Slot,
-        pod: SocketAddr,
         job: u128,
         path: Option<String>,
         since: Instant,
         deadline: Instant,
     ) -> bool {
+        let pod = hold.addr();
         let pool = route.balancer.name().to_string();
         {
             // Under the lock a callback also takes: one that came first is seen here, one that

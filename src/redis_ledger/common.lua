@@ -237,6 +237,14 @@ end
 local function reap()
   forgive()
   local freed = 0
+  -- Frees `id` as a slot its agent can no longer give back, and counts it.
+  local function expire(id)
+    local was, pool = drop(id)
+    if was == 'lease' then
+      freed = freed + 1
+      redis.call('HINCRBY', P .. 'expired', pool, 1)
+    end
+  end
   for _, r in ipairs(redis.call('ZRANGEBYSCORE', P .. 'agents', '-inf', int(now_ms))) do
     for _, id in ipairs(redis.call('SMEMBERS', P .. 'own:' .. r)) do
       local job = redis.call('HGET', P .. 'jobs', id)
@@ -246,11 +254,7 @@ local function reap()
         local deadline = tonumber(string.match(job, '^%x+ (%d+) ') or '0')
         redis.call('ZADD', P .. 'orphan_deadlines', int(deadline), id)
       else
-        local was, pool = drop(id)
-        if was == 'lease' then
-          freed = freed + 1
-          redis.call('HINCRBY', P .. 'expired', pool, 1)
-        end
+        expire(id)
       end
     end
     redis.call('DEL', P .. 'own:' .. r)
@@ -262,11 +266,7 @@ local function reap()
   -- Orphaned jobs past their max_duration that no agent adopted: nobody would end them.
   for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'orphan_deadlines', '-inf', int(now_ms))) do
     redis.call('ZREM', P .. 'orphan_deadlines', id)
-    local was, pool = drop(id)
-    if was == 'lease' then
-      freed = freed + 1
-      redis.call('HINCRBY', P .. 'expired', pool, 1)
-    end
+    expire(id)
   end
   return freed
 end

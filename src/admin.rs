@@ -21,6 +21,57 @@ const DASHBOARD: &str = include_str!("dashboard.html");
 
 pub struct AdminApp {
     pub live: Arc<Live>,
+    pub proxy: ProxyListening,
+}
+
+/// Whether the proxy port accepts connections yet.
+///
+/// Pingora starts each service on its own thread and binds a service's port only when that
+/// thread gets to it, so the admin port can answer while the proxy port still refuses
+/// connections (or never binds: a port taken by another process fails only the proxy's
+/// thread). `/readyz` saying 200 then would send traffic to a closed port. Checked by
+/// connecting to it, until the first success: a bound listener stays bound until shutdown.
+pub struct ProxyListening {
+    addr: std::net::SocketAddr,
+    seen: std::sync::atomic::AtomicBool,
+}
+
+impl ProxyListening {
+    /// How long one check waits for the proxy port to accept.
+    const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(200);
+
+    /// For the proxy's `listen` address; an unspecified address (`0.0.0.0`, `[::]`) is checked
+    /// on loopback, where it also accepts.
+    pub fn new(listen: std::net::SocketAddr) -> ProxyListening {
+        let mut addr = listen;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(match addr {
+                std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        ProxyListening {
+            addr,
+            seen: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// True once a connection to the proxy port has succeeded.
+    async fn check(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        if self.seen.load(Ordering::Relaxed) {
+            return true;
+        }
+        let connect = tokio::net::TcpStream::connect(self.addr);
+        let ok = matches!(
+            tokio::time::timeout(Self::CONNECT_TIMEOUT, connect).await,
+            Ok(Ok(_))
+        );
+        if ok {
+            self.seen.store(true, Ordering::Relaxed);
+        }
+        ok
+    }
 }
 
 #[derive(Serialize)]
@@ -132,8 +183,11 @@ impl AdminApp {
     /// empty list counts: requests then queue until pods appear) or has pods; from then on a
     /// reload never takes readiness away (see [`Live::readiness_waits_for`]). Not ready from
     /// SIGTERM on: new traffic belongs to other replicas, even while this one still accepts it.
-    pub fn ready(&self) -> bool {
-        !self.live.shutdown.stopping() && self.live.readiness_waits_for().is_empty()
+    /// And not before the proxy port accepts connections ([`ProxyListening`]).
+    pub async fn ready(&self) -> bool {
+        !self.live.shutdown.stopping()
+            && self.live.readiness_waits_for().is_empty()
+            && self.proxy.check().await
     }
 
     async fn ledger_status(&self) -> LedgerStatus {
@@ -253,7 +307,7 @@ impl AdminApp {
                 })
                 .collect(),
             discovery,
-            ready: self.ready(),
+            ready: self.ready().await,
             config: self.live.config_in_force(),
             unresolved: self
                 .live
@@ -306,13 +360,23 @@ impl ServeHttp for AdminApp {
                 .unwrap_or_else(|_| Response::new(Vec::new())),
             "/healthz" => reply(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
             "/readyz" => {
-                if self.ready() {
+                if self.ready().await {
                     reply(StatusCode::OK, "text/plain", b"ready\n".to_vec())
                 } else if self.live.shutdown.stopping() {
                     reply(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "text/plain",
                         b"not ready: shutting down\n".to_vec(),
+                    )
+                } else if self.live.readiness_waits_for().is_empty() {
+                    let body = format!(
+                        "not ready: the proxy port {} does not accept connections yet\n",
+                        self.proxy.addr
+                    );
+                    reply(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain",
+                        body.into_bytes(),
                     )
                 } else {
                     let pools = self.live.readiness_waits_for();
@@ -340,5 +404,39 @@ impl ServeHttp for AdminApp {
                 b"admin endpoints: / (live page) /healthz /readyz /status /metrics\n".to_vec(),
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ProxyListening;
+
+    /// The CI flake this exists for: `/readyz` said 200 while the proxy port refused
+    /// connections. Not listening is not ready; once it accepts, it stays ready.
+    #[tokio::test]
+    async fn the_proxy_port_counts_as_listening_only_once_it_accepts() {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = probe.local_addr().unwrap();
+        drop(probe);
+        let listening = ProxyListening::new(addr);
+        assert!(!listening.check().await, "nothing listens on {addr} yet");
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        assert!(listening.check().await);
+        drop(listener);
+        assert!(
+            listening.check().await,
+            "a seen listener is not checked again"
+        );
+    }
+
+    /// `0.0.0.0` and `[::]` are checked on loopback.
+    #[test]
+    fn an_unspecified_listen_address_is_checked_on_loopback() {
+        let v4 = ProxyListening::new("0.0.0.0:8080".parse().unwrap());
+        assert_eq!(v4.addr, "127.0.0.1:8080".parse().unwrap());
+        let v6 = ProxyListening::new("[::]:8080".parse().unwrap());
+        assert_eq!(v6.addr, "[::1]:8080".parse().unwrap());
+        let given = ProxyListening::new("127.0.0.3:80".parse().unwrap());
+        assert_eq!(given.addr, "127.0.0.3:80".parse().unwrap());
     }
 }

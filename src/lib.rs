@@ -63,6 +63,27 @@ pub enum StartError {
     Ledger(#[from] redis_ledger::LedgerError),
     #[error("cannot start the ledger's runtime: {0}")]
     LedgerRuntime(#[source] std::io::Error),
+    /// `listen` or `admin_listen` cannot be bound (in use, or not an address of this host).
+    #[error("{field}: cannot listen on {addr}: {source}")]
+    Listen {
+        field: &'static str,
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Binds `addr` and lets it go at once, so that a port another process holds is a start-up
+/// error naming the field. Pingora binds its services' ports later, each on its own thread,
+/// and a failed bind there ends only that thread: the process would run on without its proxy.
+fn check_can_listen(field: &'static str, addr: std::net::SocketAddr) -> Result<(), StartError> {
+    std::net::TcpListener::bind(addr)
+        .map(drop)
+        .map_err(|source| StartError::Listen {
+            field,
+            addr,
+            source,
+        })
 }
 
 /// The in-process ledger, or the Redis one of `ledger.redis`. The Redis client's own tasks
@@ -189,6 +210,10 @@ pub fn build_server(
     }
     .validate()
     .map_err(StartError::Server)?;
+    check_can_listen("listen", config.listen)?;
+    if let Some(admin_listen) = config.admin_listen {
+        check_can_listen("admin_listen", admin_listen)?;
+    }
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
@@ -235,6 +260,7 @@ pub fn build_server(
     if let Some(admin_listen) = &config.admin_listen {
         let app = admin::AdminApp {
             live: Arc::clone(&live),
+            proxy: admin::ProxyListening::new(config.listen),
         };
         let mut admin = Service::new("admin".to_string(), app);
         admin.add_tcp(&admin_listen.to_string());

@@ -175,6 +175,48 @@ fn a_runtime_error_is_one_line_naming_the_problem_without_the_usage_text() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A proxy port another process holds is a start-up error naming the field (before, Pingora's
+/// failed bind ended only the proxy's thread: the agent ran on, its admin port ready, its
+/// proxy port refusing every connection).
+#[test]
+fn a_taken_listen_port_is_a_start_error_naming_the_field() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let dir = common::temp_dir("listen-taken");
+    for (field, body) in [
+        (
+            "listen",
+            format!(
+                "listen: {addr}\nadmin_listen: 127.0.0.1:{}\n",
+                common::free_port()
+            ),
+        ),
+        (
+            "admin_listen",
+            format!(
+                "listen: 127.0.0.1:{}\nadmin_listen: {addr}\n",
+                common::free_port()
+            ),
+        ),
+    ] {
+        let config = dir.join(format!("{field}.yaml"));
+        std::fs::write(
+            &config,
+            format!("{body}routes:\n  - {{uri: /a, limit: 1, endpoints: [\"127.0.0.1:1\"]}}\n"),
+        )
+        .unwrap();
+        let (status, stderr) = run_bounded(&["-c", config.to_str().unwrap()]);
+        assert_eq!(status.code(), Some(1), "{field}: {status:?} {stderr:?}");
+        let want = format!("lb-agent: {field}: cannot listen on {addr}: ");
+        assert!(
+            stderr.lines().any(|l| l.starts_with(&want)),
+            "{field}: {stderr:?}"
+        );
+    }
+    drop(taken);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Upper bounds: every number that could overflow or panic at run time is refused by --check,
 // with a message naming the field. Each test writes one absurd value into an otherwise valid

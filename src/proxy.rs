@@ -54,7 +54,7 @@ pub const STALE_CONNECTION_RETRIES: usize = 8;
 const CANCEL_SETTLE: Duration = Duration::from_millis(100);
 
 mod job_requests;
-use job_requests::JOB_STATUS_BODY_LIMIT;
+use job_requests::{JobPlace, JOB_ANSWER_LIMIT, JOB_STATUS_BODY_LIMIT};
 
 pub struct LbProxy {
     live: Arc<Live>,
@@ -206,6 +206,8 @@ pub struct Ctx {
     job_id: Option<u128>,
     /// A job status answer being read to judge its JSON state.
     job_body: Option<Vec<u8>>,
+    /// A submission's answer being read for the job id it names in JSON (`async.job_id`).
+    job_answer: Option<Vec<u8>>,
     /// The pod's answer is read whole before it is passed on (see [`crate::response_buffer`]);
     /// its memory is counted until the request ends.
     response_buffer: Option<response_buffer::Reservation>,
@@ -380,6 +382,7 @@ impl ProxyHttp for LbProxy {
             job_poll: None,
             job_id: None,
             job_body: None,
+            job_answer: None,
             response_buffer: None,
             _active: self.live.shutdown.request(),
         }
@@ -426,8 +429,20 @@ impl ProxyHttp for LbProxy {
             return self.job_callback(session, ctx, &token).await;
         }
         if let Some(rest) = path.strip_prefix(jobs::PREFIX) {
-            let rest = rest.to_string();
-            return self.job_request(session, ctx, &rest).await;
+            let (token, suffix) = match rest.find('/') {
+                Some(i) => rest.split_at(i),
+                None => (rest, ""),
+            };
+            let (token, place) = (token.to_string(), JobPlace::Suffix(suffix.to_string()));
+            return self.job_request(session, ctx, &token, place).await;
+        }
+        if let Some((before, token, after)) = jobs::handle_in_path(path) {
+            let place = JobPlace::InPlaceOfId {
+                before: before.to_string(),
+                after: after.to_string(),
+            };
+            let token = token.to_string();
+            return self.job_request(session, ctx, &token, place).await;
         }
         // The route found here stays with the request, whatever a config reload does meanwhile.
         let route = self
@@ -703,6 +718,21 @@ impl ProxyHttp for LbProxy {
         end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> pingora::Result<Option<Duration>> {
+        if let Some(read) = ctx.job_answer.as_mut() {
+            if let Some(b) = body.take() {
+                read.extend_from_slice(&b);
+            }
+            if read.len() > JOB_ANSWER_LIMIT {
+                // Too long to name a job: passed on as it is, the rest streams.
+                log::warn!(
+                    "a submission's answer is longer than {JOB_ANSWER_LIMIT} bytes: not read for a job id"
+                );
+                *body = ctx.job_answer.take().map(bytes::Bytes::from);
+            } else if end_of_stream {
+                let answer = ctx.job_answer.take().unwrap_or_default();
+                *body = Some(self.take_json_job(ctx, answer));
+            }
+        }
         if let Some(read) = ctx.job_body.as_mut() {
             if let Some(b) = body {
                 if read.len() + b.len() <= JOB_STATUS_BODY_LIMIT {
@@ -789,7 +819,12 @@ impl ProxyHttp for LbProxy {
         }
         // HTTP/1.1 pods only: an h2c pod's answer can end with trailers, and then its last
         // body piece is not marked as the last, so a held answer would never be passed on.
-        if ctx.slot.is_some()
+        if ctx.job_answer.is_some() {
+            // Read whole here (the job id in it becomes the job's handle, of another length):
+            // passed on without a length, so chunked to an HTTP/1.1 client. The framing noted
+            // above is still the pod's.
+            upstream_response.remove_header(&http::header::CONTENT_LENGTH);
+        } else if ctx.slot.is_some()
             && answer_has_body(session, status)
             && ctx
                 .route
@@ -1149,7 +1184,8 @@ impl ProxyHttp for LbProxy {
                 let then = route
                     .async_jobs
                     .as_ref()
-                    .filter(|_| ctx.response_framing.is_none())
+                    // A JSON job's answer is judged at its end, which was not reached.
+                    .filter(|_| ctx.response_framing.is_none() || ctx.job_answer.is_some())
                     .map(|_| {
                         let job = ctx
                             .job_id

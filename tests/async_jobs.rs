@@ -650,3 +650,182 @@ async fn a_callback_to_another_agent_ends_the_hold() {
         3.0
     );
 }
+
+/// The route of pods that name their jobs in JSON (`async.job_id`), judged by the pods' own
+/// state (`done_when: {json: /state}`).
+fn json_id_route(pods: &[AsyncPod], limit: usize) -> String {
+    route(
+        pods,
+        limit,
+        "{check_interval: 50ms, done_when: {json: /state, done: [succeeded, canceled]}, job_id: {json: /task_id, status: \"/tasks/{id}\"}}",
+    )
+}
+
+/// Submits a job to a JSON-id service and follows it the way its clients do: the id from the
+/// answer, in the service's own status and result paths. Returns (the submission's answer,
+/// the result).
+async fn run_json_job(agent: SocketAddr, ms: u64) -> Result<(String, String), String> {
+    let r = loadgen::request(agent, "POST", &format!("/submit?ms={ms}"), &[], b"{}")
+        .await
+        .map_err(|e| format!("submit: {e}"))?;
+    if r.status != 200 {
+        return Err(format!("submit: {} {}", r.status, r.body));
+    }
+    let answer: serde_json::Value =
+        serde_json::from_str(&r.body).map_err(|e| format!("submit answer {}: {e}", r.body))?;
+    let id = answer["task_id"].as_str().ok_or("no task_id")?.to_string();
+    let until = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < until {
+        let s = loadgen::get(agent, &format!("/tasks/{id}"), &[])
+            .await
+            .map_err(|e| format!("poll: {e}"))?;
+        if s.status != 200 {
+            return Err(format!("poll: {} {}", s.status, s.body));
+        }
+        let state: serde_json::Value = serde_json::from_str(&s.body).map_err(|e| e.to_string())?;
+        if state["state"] == "succeeded" {
+            let res = loadgen::get(agent, &format!("/tasks/{id}/result"), &[])
+                .await
+                .map_err(|e| format!("result: {e}"))?;
+            return match res.status {
+                200 => Ok((r.body, res.body)),
+                other => Err(format!("result: {other} {}", res.body)),
+            };
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err("job never finished".into())
+}
+
+/// Issue 17: a service that names its job in its JSON answer (`{"task_id": …}`, no
+/// `Location`). Each pod runs one job at a time (its own count), the client's status and
+/// result requests, made with the id it was given in the service's own paths, all reach the
+/// job's pod, and the answer keeps its other fields, in order. Without `job_id` (tried), the
+/// `200` freed the slot and the first poll, `/tasks/<pod's id>`, got `404 no route`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_named_in_json_holds_its_slot_and_its_id_reaches_its_pod() {
+    let pods = pods(221, 2, Convention::JsonId, false).await;
+    let agent = Agent::start(&json_id_route(&pods, 1)).await;
+    let jobs: Vec<_> = (0..6)
+        .map(|_| tokio::spawn(run_json_job(agent.addr, 400)))
+        .collect();
+    let mut ids = std::collections::HashSet::new();
+    for j in jobs {
+        let (answer, result) = j.await.unwrap().expect("job finished");
+        assert!(result.starts_with("result of job "), "{result}");
+        let v: serde_json::Value = serde_json::from_str(&answer).unwrap();
+        let id = v["task_id"].as_str().unwrap();
+        assert!(
+            id.len() > 40,
+            "the id is lb-agent's handle, not the pod's: {id}"
+        );
+        assert_eq!(
+            answer,
+            format!("{{\"task_id\":\"{id}\",\"status\":\"pending\",\"queue\":[1,2]}}"),
+            "the rest of the answer as the pod sent it, in its order"
+        );
+        ids.insert(id.to_string());
+    }
+    assert_eq!(ids.len(), 6);
+    for p in &pods {
+        let s = &p.stats;
+        assert_eq!(s.max_running.load(Ordering::SeqCst), 1, "pod {}", p.addr);
+        assert_eq!(s.unknown_polls.load(Ordering::SeqCst), 0, "pod {}", p.addr);
+        assert_eq!(s.submitted.load(Ordering::SeqCst), 3, "pod {}", p.addr);
+    }
+    eventually(Duration::from_secs(5), "holds ended", || async {
+        agent.inflight().await == 0
+    })
+    .await;
+    assert_eq!(
+        metric(&agent, "lb_jobs_ended_total", &["how=\"done\""]).await,
+        6.0
+    );
+}
+
+/// A JSON-id handle altered by one character is refused (`404`) and reaches no pod; a
+/// submission answer that names no job (not JSON) frees the slot as any answer does; a
+/// `DELETE` on the service's own path cancels the job and frees its slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_json_job_handle_is_checked_and_an_answer_without_an_id_is_no_job() {
+    let pods = pods(231, 1, Convention::JsonId, false).await;
+    let agent = Agent::start(&json_id_route(&pods, 1)).await;
+    // Not JSON: no job. With limit 1, the next submission is served at once.
+    let r = loadgen::request(agent.addr, "POST", "/submit?sync_bytes=10", &[], b"")
+        .await
+        .unwrap();
+    assert_eq!((r.status, r.body.as_str()), (200, "xxxxxxxxxx"));
+    assert_eq!(
+        agent.inflight().await,
+        0,
+        "an answer naming no job holds nothing"
+    );
+    let r = loadgen::request(agent.addr, "POST", "/submit?ms=60000", &[], b"")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    let id = v["task_id"].as_str().unwrap().to_string();
+    assert_eq!(agent.inflight().await, 1, "the job holds the slot");
+    let mut altered = id.clone().into_bytes();
+    altered[10] = if altered[10] == b'A' { b'B' } else { b'A' };
+    let altered = String::from_utf8(altered).unwrap();
+    let bad = agent.get(&format!("/tasks/{altered}")).await;
+    assert_eq!(bad.status, 404, "{}", bad.body);
+    assert_eq!(pods[0].stats.unknown_polls.load(Ordering::SeqCst), 0);
+    let polls_before = pods[0].stats.polls.load(Ordering::SeqCst);
+    let ok = agent.get(&format!("/tasks/{id}")).await;
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    assert!(ok.body.contains("running"), "{}", ok.body);
+    assert!(pods[0].stats.polls.load(Ordering::SeqCst) > polls_before);
+    let r = loadgen::request(agent.addr, "DELETE", &format!("/tasks/{id}"), &[], b"")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 204);
+    assert_eq!(pods[0].stats.running.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        agent.inflight().await,
+        0,
+        "the cancelled job's slot is free"
+    );
+    assert_eq!(
+        metric(&agent, "lb_jobs_ended_total", &["how=\"cancelled\""]).await,
+        1.0
+    );
+}
+
+/// A client that leaves before a JSON-id pod's answer: the pod has started the job, whose id
+/// nobody read, so the slot stays held until the job's callback, and the next submission waits
+/// for it. Before, the drained `200` freed the slot and the pod ran two jobs with `limit: 1`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_before_a_json_jobs_answer_does_not_free_its_slot() {
+    let pods = pods(241, 1, Convention::JsonId, true).await;
+    let agent = Agent::start(&json_id_route(&pods, 1)).await;
+    let left = tokio::time::timeout(
+        Duration::from_millis(150),
+        loadgen::request(
+            agent.addr,
+            "POST",
+            "/submit?ms=1500&accept_ms=400",
+            &[],
+            b"",
+        ),
+    )
+    .await;
+    assert!(left.is_err(), "the client left before the answer");
+    let second = loadgen::request(agent.addr, "POST", "/submit?ms=100", &[], b"")
+        .await
+        .unwrap();
+    assert_eq!(second.status, 200, "{}", agent.log());
+    assert_eq!(pods[0].stats.max_running.load(Ordering::SeqCst), 1);
+    assert!(
+        second.elapsed >= Duration::from_millis(1000),
+        "the second job waited for the first: {:?}",
+        second.elapsed
+    );
+    eventually(Duration::from_secs(5), "both ended", || async {
+        agent.inflight().await == 0
+    })
+    .await;
+    assert_eq!(pods[0].stats.callbacks_sent.load(Ordering::SeqCst), 2);
+}

@@ -123,6 +123,15 @@ pub(super) struct FileAsync {
     pub(super) max_duration: Option<String>,
     pub(super) done_when: Option<FileDoneWhen>,
     pub(super) callback_base: Option<String>,
+    pub(super) job_id: Option<FileJobId>,
+}
+
+/// `job_id`: where a submission's JSON answer names its job, and the job's status path.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileJobId {
+    pub(super) json: String,
+    pub(super) status: String,
 }
 
 /// `done_when`: a convention's name, or where a JSON status answer says its state.

@@ -276,6 +276,24 @@ pub struct AsyncJobs {
     /// Where pods send their completion callbacks (`http://host[:port]`), e.g. lb-agent's
     /// Service; `None`: the address the submission reached lb-agent on.
     pub callback_base: Option<String>,
+    /// A pod that names its job in its JSON answer, not in a `Location`; `None`: a `202` with a
+    /// `Location` is a job.
+    pub job_id: Option<JobIdInJson>,
+}
+
+/// Where a submission's answer (`200`/`201`/`202`, JSON) names its job, as BentoML, Celery-style
+/// APIs and docling-serve do (`{"task_id": "…"}`), and where the job's status is asked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobIdInJson {
+    /// A JSON pointer (RFC 6901) to the id: a string or a whole number.
+    pub pointer: String,
+    /// The job's status path on its pod, `{id}` standing for the id (`/tasks/{id}`).
+    pub status: String,
+}
+
+impl JobIdInJson {
+    /// What stands for the job's id in [`JobIdInJson::status`].
+    pub const PLACEHOLDER: &'static str = "{id}";
 }
 
 /// How a pod's status answer says that its job is over.

@@ -13,12 +13,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::file::{
-    FileAsync, FileClient, FileConfig, FileDoneWhen, FileLedger, FilePort, FileQueue, FileRoute,
-    Yaml11Bool,
+    FileAsync, FileClient, FileConfig, FileDoneWhen, FileJobId, FileLedger, FilePort, FileQueue,
+    FileRoute, Yaml11Bool,
 };
 use super::{
     AsyncJobs, ClientAbort, ClientLimits, Config, ConfigError, DiscoveryKind, DnsConfig, DoneWhen,
-    LedgerConfig, MatchKind, PodPort, PoolConfig, QueuePolicy, RouteConfig, Target,
+    JobIdInJson, LedgerConfig, MatchKind, PodPort, PoolConfig, QueuePolicy, RouteConfig, Target,
     UpstreamProtocol,
 };
 
@@ -974,11 +974,46 @@ fn async_jobs(
         None => None,
         Some(base) => Some(callback_base(&format!("{p}.callback_base"), base)?),
     };
+    let job_id = match &a.job_id {
+        None => None,
+        Some(j) => Some(job_id(&format!("{p}.job_id"), j)?),
+    };
     Ok(AsyncJobs {
         check_interval,
         max_duration,
         done_when,
         callback_base,
+        job_id,
+    })
+}
+
+/// `async.job_id`: a JSON pointer and a status path with `{id}` once.
+fn job_id(field: &str, j: &FileJobId) -> Result<JobIdInJson, ConfigError> {
+    if !j.json.starts_with('/') {
+        return Err(ConfigError::new(
+            format!("{field}.json"),
+            format!("{:?} is not a JSON pointer: write it like /task_id", j.json),
+        ));
+    }
+    let placeholder = JobIdInJson::PLACEHOLDER;
+    if !j.status.starts_with('/') || j.status.matches(placeholder).count() != 1 {
+        return Err(ConfigError::new(
+            format!("{field}.status"),
+            format!(
+                "{:?}: write the job's status path with {placeholder} once, like /tasks/{placeholder}",
+                j.status
+            ),
+        ));
+    }
+    if j.status.parse::<http::uri::PathAndQuery>().is_err() || j.status.contains(['#', ' ']) {
+        return Err(ConfigError::new(
+            format!("{field}.status"),
+            format!("{:?} is not a path", j.status),
+        ));
+    }
+    Ok(JobIdInJson {
+        pointer: j.json.clone(),
+        status: j.status.clone(),
     })
 }
 
@@ -1853,6 +1888,22 @@ routes:
                 "routes[0].async.check_interval: must be between 10ms and 1h",
             ),
             (
+                "limit: 1, endpoints: [\"127.0.0.1:1\"], async: {job_id: {json: task_id, status: \"/t/{id}\"}}",
+                "routes[0].async.job_id.json: \"task_id\" is not a JSON pointer",
+            ),
+            (
+                "limit: 1, endpoints: [\"127.0.0.1:1\"], async: {job_id: {json: /id, status: /tasks}}",
+                "routes[0].async.job_id.status: \"/tasks\": write the job's status path with {id} once",
+            ),
+            (
+                "limit: 1, endpoints: [\"127.0.0.1:1\"], async: {job_id: {json: /id, status: \"/t/{id}/{id}\"}}",
+                "routes[0].async.job_id.status",
+            ),
+            (
+                "limit: 1, endpoints: [\"127.0.0.1:1\"], async: {job_id: {json: /id}}",
+                "routes[0].async.job_id",
+            ),
+            (
                 "limit: 1, endpoints: [\"127.0.0.1:1\"], async: {callback_base: \"https://lb:8080\"}",
                 "routes[0].async.callback_base: \"https://lb:8080\" is not an http:// URL",
             ),
@@ -1899,6 +1950,22 @@ routes:
             "routes:\n  - {{uri: /a, limit: 1, host: {huge}, http_port: 1}}\n"
         ))
         .contains("longer than 253 characters"));
+    }
+
+    #[test]
+    fn a_json_job_id_reads_as_a_pointer_and_a_status_path() {
+        let c = Config::parse(
+            "routes:\n  - {uri: /submit, limit: 1, endpoints: [\"127.0.0.1:1\"], async: {job_id: {json: /task_id, status: \"/v1/status/poll/{id}?wait=0\"}}}\n",
+        )
+        .unwrap();
+        let a = c.routes[0].async_jobs.as_ref().unwrap();
+        assert_eq!(
+            a.job_id,
+            Some(JobIdInJson {
+                pointer: "/task_id".into(),
+                status: "/v1/status/poll/{id}?wait=0".into(),
+            })
+        );
     }
 
     #[test]

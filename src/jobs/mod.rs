@@ -31,10 +31,10 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use crate::balance::Slot;
-use crate::config::AsyncJobs;
+use crate::config::{AsyncJobs, JobIdInJson};
 use crate::live::{Live, RouteEntry};
 use crate::redis_ledger::{JobHold, JobRecord, Lease, RedisLedger};
-pub use token::{BadHandle, Handle, Keys};
+pub use token::{BadHandle, Handle, Keys, V2_START};
 pub use verdict::{needs_body, verdict, Verdict};
 
 /// Where the client's job handles live on lb-agent's port.
@@ -102,7 +102,14 @@ pub fn after_client_left(
         };
         let pod = slot.addr();
         match head {
-            Some((202, Some(location))) => {
+            // A JSON job's id was in the body, which nobody read: its job may be running.
+            Some((200..=202, _)) if cfg.job_id.is_some() => {
+                log::warn!(
+                    "pod {pod} accepted a request whose client left; its answer may name a job, so its slot is held until the job's callback or max_duration"
+                );
+                drop(jobs.hold(&route, &cfg, slot, job, None));
+            }
+            Some((202, Some(location))) if cfg.job_id.is_none() => {
                 // A Location lb-agent cannot follow: the slot is given back (dropped here).
                 let _ = jobs.accept(&route, &cfg, &mut Some(slot), job, location, &request_path);
             }
@@ -409,9 +416,48 @@ impl Jobs {
             pod,
             route: route.uri.clone(),
             path: path.clone(),
+            id: None,
         };
         let marking = self.hold(route, cfg, slot, job, Some(path));
         Some((handle, marking))
+    }
+
+    /// A submission's JSON answer from the pod of `slot` names job `job` as `id` (see
+    /// [`json_job_id`]): as [`Jobs::accept`], the status path being `spec`'s with the id in it.
+    /// `None` (and `slot` left as it was) when the id cannot stand in a path.
+    pub fn accept_json(
+        self: &Arc<Self>,
+        route: &Arc<RouteEntry>,
+        cfg: &AsyncJobs,
+        spec: &JobIdInJson,
+        slot: &mut Option<Slot>,
+        job: u128,
+        id: &str,
+    ) -> Option<(Handle, Option<tokio::task::JoinHandle<()>>)> {
+        let pod = slot.as_ref()?.addr();
+        if !path_safe_id(id) {
+            log::warn!(
+                "pod {pod} named a job {id:?} that cannot stand in a path; its slot is not held"
+            );
+            return None;
+        }
+        let slot = slot.take()?;
+        let path = spec.status.replacen(JobIdInJson::PLACEHOLDER, id, 1);
+        let handle = Handle {
+            job,
+            pod,
+            route: route.uri.clone(),
+            path: path.clone(),
+            id: Some(id.to_string()),
+        };
+        let marking = self.hold(route, cfg, slot, job, Some(path));
+        Some((handle, marking))
+    }
+
+    /// The token a client uses for `handle`: in `/_lb/jobs/<token>`, or (a JSON job's) in
+    /// place of the pod's id.
+    pub fn token(&self, handle: &Handle) -> String {
+        self.keys.mint(handle)
     }
 
     /// Where a client asks about `handle`: lb-agent's own path for it.
@@ -699,6 +745,51 @@ fn resolve(location: &str, pod: SocketAddr, request_path: &str) -> Option<String
 
 /// What a client's `/_lb/jobs/<token><suffix>?<query>` asks of the pod: the handle's path with
 /// `suffix` appended (`/result` next to a job's status), and the client's query if it gave one.
+/// The longest job id taken from a JSON answer.
+const MAX_JSON_ID: usize = 256;
+
+/// An id that can stand in a path segment as it is (RFC 3986 unreserved characters) and in a
+/// handle's payload (no newline): UUIDs, numbers, `job-42`.
+fn path_safe_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_JSON_ID
+        && id != "."
+        && id != ".."
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'))
+}
+
+/// The id a submission's JSON answer names at `pointer`: a string, or a whole number (then in
+/// decimal). `None`: no job is named there.
+pub fn json_job_id(answer: &serde_json::Value, pointer: &str) -> Option<String> {
+    match answer.pointer(pointer)? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Number(n) if n.is_u64() || n.is_i64() => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// A `v2` handle standing in a client's `path` for its job's id: the path before it, the
+/// handle, the path after it. Only a segment that begins like a `v2` handle
+/// ([`V2_START`]) and holds its `.` is taken for one.
+pub fn handle_in_path(path: &str) -> Option<(&str, &str, &str)> {
+    let mut from = 0;
+    while let Some(i) = path[from..].find(V2_START) {
+        let at = from + i;
+        from = at + V2_START.len();
+        if at == 0 || path.as_bytes()[at - 1] != b'/' {
+            continue;
+        }
+        let end = path[at..].find('/').map_or(path.len(), |j| at + j);
+        let token = &path[at..end];
+        if token.contains('.') {
+            return Some((&path[..at], token, &path[end..]));
+        }
+    }
+    None
+}
+
 pub fn pod_uri(handle: &Handle, suffix: &str, query: Option<&str>) -> String {
     let (path, own_query) = match handle.path.split_once('?') {
         Some((p, q)) => (p, Some(q)),
@@ -751,6 +842,7 @@ mod tests {
             pod: "10.0.0.7:1".parse().unwrap(),
             route: "/submit".into(),
             path: "/tasks/1?v=2".into(),
+            id: None,
         };
         assert_eq!(pod_uri(&h, "", None), "/tasks/1?v=2");
         assert_eq!(pod_uri(&h, "", Some("a=b")), "/tasks/1?a=b");
@@ -759,5 +851,50 @@ mod tests {
             pod_uri(&h, "/result", Some("f=mp4")),
             "/tasks/1/result?f=mp4"
         );
+    }
+
+    #[test]
+    fn a_json_answer_names_its_job_by_a_string_or_a_whole_number() {
+        let v: serde_json::Value =
+            serde_json::from_str(r#"{"task_id": "a-1", "n": 42, "f": 1.5, "o": {"id": "x"}}"#)
+                .unwrap();
+        assert_eq!(json_job_id(&v, "/task_id").as_deref(), Some("a-1"));
+        assert_eq!(json_job_id(&v, "/n").as_deref(), Some("42"));
+        assert_eq!(json_job_id(&v, "/o/id").as_deref(), Some("x"));
+        assert_eq!(json_job_id(&v, "/f"), None);
+        assert_eq!(json_job_id(&v, "/o"), None);
+        assert_eq!(json_job_id(&v, "/missing"), None);
+        for ok in ["a-1", "42", "3f2a_b.c~d"] {
+            assert!(path_safe_id(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "a/b",
+            "a b",
+            "a\nb",
+            "a?b",
+            "%2e",
+            &"x".repeat(257),
+        ] {
+            assert!(!path_safe_id(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_v2_handle_is_found_where_it_stands_in_a_path() {
+        let t = format!("{V2_START}abc.def");
+        let p = format!("/tasks/{t}/result");
+        assert_eq!(handle_in_path(&p), Some(("/tasks/", t.as_str(), "/result")));
+        let p = format!("/v1/status/poll/{t}");
+        assert_eq!(
+            handle_in_path(&p),
+            Some(("/v1/status/poll/", t.as_str(), ""))
+        );
+        // Not a whole segment's start, or no tag: not a handle.
+        assert_eq!(handle_in_path(&format!("/tasks/x{t}")), None);
+        assert_eq!(handle_in_path(&format!("/tasks/{V2_START}abc")), None);
+        assert_eq!(handle_in_path("/tasks/42"), None);
     }
 }

@@ -4,6 +4,9 @@
 //!
 //! A handle is `base64url(payload) "." base64url(HMAC-SHA256(key, payload))`, the payload
 //! `v1 <job id> <pod> <route uri> <path>` separated by newlines (none of them can hold one).
+//! A job that its pod named in a JSON answer (`async.job_id`) gets a `v2` handle, which also
+//! carries the pod's own id for the job: the client uses the handle *as* the id, in the
+//! service's own paths (`/tasks/<handle>`), and lb-agent puts the pod's id back on the way.
 //! The key comes from `LB_AGENT_JOB_KEY` (the same Secret on every replica); without it each
 //! process draws its own, and its handles die with it (logged at start).
 
@@ -23,7 +26,14 @@ pub struct Handle {
     pub route: String,
     /// The path (and query) on the pod this handle stands for.
     pub path: String,
+    /// The pod's own id for the job, when it named it in a JSON answer (a `v2` handle, which
+    /// stands for that id in the client's paths); `None`: a `Location` handle.
+    pub id: Option<String>,
 }
+
+/// How every `v2` handle begins: `base64url("v2\n")`. A path segment that does not begin so is
+/// not looked at as a handle.
+pub const V2_START: &str = "djIK";
 
 /// Why a handle was refused: the client gets a `404` either way, the log says which.
 #[derive(Debug, PartialEq, Eq)]
@@ -77,7 +87,13 @@ impl Keys {
     }
 
     pub fn mint(&self, h: &Handle) -> String {
-        let payload = format!("v1\n{:032x}\n{}\n{}\n{}", h.job, h.pod, h.route, h.path);
+        let payload = match &h.id {
+            None => format!("v1\n{:032x}\n{}\n{}\n{}", h.job, h.pod, h.route, h.path),
+            Some(id) => format!(
+                "v2\n{:032x}\n{}\n{}\n{id}\n{}",
+                h.job, h.pod, h.route, h.path
+            ),
+        };
         let tag = hmac::sign(&self.key, payload.as_bytes());
         format!(
             "{}.{}",
@@ -97,10 +113,12 @@ impl Keys {
         hmac::verify(&self.key, &payload, &tag).map_err(|_| BadHandle::Forged)?;
         // Signed by us: what follows cannot fail on a handle we minted.
         let payload = String::from_utf8(payload).map_err(|_| BadHandle::Malformed)?;
-        let mut parts = payload.splitn(5, '\n');
-        if parts.next() != Some("v1") {
-            return Err(BadHandle::Malformed);
-        }
+        let mut parts = payload.splitn(6, '\n');
+        let v2 = match parts.next() {
+            Some("v1") => false,
+            Some("v2") => true,
+            _ => return Err(BadHandle::Malformed),
+        };
         let job = parts
             .next()
             .and_then(|j| u128::from_str_radix(j, 16).ok())
@@ -110,12 +128,22 @@ impl Keys {
             .and_then(|p| p.parse().ok())
             .ok_or(BadHandle::Malformed)?;
         let route = parts.next().ok_or(BadHandle::Malformed)?.to_string();
-        let path = parts.next().ok_or(BadHandle::Malformed)?.to_string();
+        let id = if v2 {
+            Some(parts.next().ok_or(BadHandle::Malformed)?.to_string())
+        } else {
+            None
+        };
+        // A v1 path may hold newlines' worth of nothing else: it is the rest.
+        let path = parts.collect::<Vec<_>>().join("\n");
+        if path.is_empty() {
+            return Err(BadHandle::Malformed);
+        }
         Ok(Handle {
             job,
             pod,
             route,
             path,
+            id,
         })
     }
 
@@ -149,7 +177,21 @@ mod tests {
             pod: "10.1.2.3:20109".parse().unwrap(),
             route: "/VideoCodecService/Submit".into(),
             path: "/tasks/42?verbose=1".into(),
+            id: None,
         }
+    }
+
+    /// A `v2` handle carries the pod's id and begins with [`V2_START`]; both forms verify.
+    #[test]
+    fn a_json_id_handle_carries_the_pods_id() {
+        let keys = Keys::with_key(b"0123456789abcdef0123", true);
+        let mut h = handle();
+        h.id = Some("a1b2-c3".into());
+        h.path = "/tasks/a1b2-c3".into();
+        let token = keys.mint(&h);
+        assert!(token.starts_with(V2_START), "{token}");
+        assert_eq!(keys.verify(&token), Ok(h));
+        assert!(!keys.mint(&handle()).starts_with(V2_START));
     }
 
     #[test]

@@ -14,20 +14,34 @@ pub(super) const JOB_STATUS_BODY_LIMIT: usize = 64 * 1024;
 /// The longest a `202` waits for its job's hold to be marked in the shared ledger.
 const JOB_MARK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// The largest submission answer read for the job id it names in JSON (`async.job_id`); a
+/// longer one names none and is passed on as it is.
+pub(super) const JOB_ANSWER_LIMIT: usize = 64 * 1024;
+
+/// Where a job's handle stands in a client's request.
+pub(super) enum JobPlace {
+    /// `/_lb/jobs/<handle><suffix>`: the handle stands for its path on the pod.
+    Suffix(String),
+    /// `<before><handle><after>`: a JSON job's handle stands for the pod's id for the job.
+    InPlaceOfId { before: String, after: String },
+}
+
 impl LbProxy {
-    /// `GET`/`HEAD`/`DELETE` on `/_lb/jobs/<token>[/<more>]`: to the job's pod, untouched
-    /// otherwise. A handle that does not verify is refused with `404` and goes nowhere.
+    /// `GET`/`HEAD`/`DELETE` on `/_lb/jobs/<token>[/<more>]`, or on a path where a JSON job's
+    /// token stands for its id: to the job's pod, untouched otherwise. A handle that does not
+    /// verify is refused with `404` and goes nowhere.
     pub(super) async fn job_request(
         &self,
         session: &mut Session,
         ctx: &mut Ctx,
-        rest: &str,
+        token: &str,
+        place: JobPlace,
     ) -> pingora::Result<bool> {
-        let (token, suffix) = match rest.find('/') {
-            Some(i) => rest.split_at(i),
-            None => (rest, ""),
-        };
-        let handle = match self.live.jobs.keys.verify(token) {
+        let verified = self.live.jobs.keys.verify(token).and_then(|h| match place {
+            JobPlace::InPlaceOfId { .. } if h.id.is_none() => Err(jobs::BadHandle::Malformed),
+            _ => Ok(h),
+        });
+        let handle = match verified {
             Ok(h) => h,
             Err(why) => {
                 log::info!("refused a job handle ({why:?})");
@@ -80,12 +94,30 @@ impl LbProxy {
             write_text(session, 410, msg, false).await?;
             return Ok(true);
         }
-        let own_query = handle.path.split_once('?').map(|(_, q)| q);
+        let (own_path, own_query) = match handle.path.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (handle.path.as_str(), None),
+        };
         let query = session.req_header().uri.query();
-        let is_status = suffix.is_empty() && query.is_none_or(|q| Some(q) == own_query);
+        let same_query = query.is_none_or(|q| Some(q) == own_query);
+        let (target, is_status) = match &place {
+            JobPlace::Suffix(suffix) => (
+                jobs::pod_uri(&handle, suffix, query),
+                suffix.is_empty() && same_query,
+            ),
+            JobPlace::InPlaceOfId { before, after } => {
+                let id = handle.id.as_deref().unwrap_or_default();
+                let path = format!("{before}{id}{after}");
+                let is_status = path == own_path && same_query;
+                match query {
+                    Some(q) => (format!("{path}?{q}"), is_status),
+                    None => (path, is_status),
+                }
+            }
+        };
         ctx.route = Some(route);
         ctx.job_poll = Some(JobPoll {
-            target: jobs::pod_uri(&handle, suffix, query),
+            target,
             handle,
             is_status,
         });
@@ -167,6 +199,7 @@ impl LbProxy {
                     pod,
                     route,
                     path,
+                    id: None,
                 };
                 let _ = response
                     .insert_header(http::header::LOCATION, self.live.jobs.location(&handle));
@@ -179,12 +212,28 @@ impl LbProxy {
         let Some(cfg) = route.async_jobs.as_ref() else {
             return;
         };
-        let (Some(location), 202) = (location, status) else {
-            return;
-        };
         if ctx.slot.is_none() {
             return;
         }
+        if cfg.job_id.is_some() {
+            // The job, if any, is named in the answer's body: read it whole first (see
+            // `take_json_job`). Its length changes when the id is replaced by the handle.
+            let fits = response
+                .headers
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+                .is_none_or(|len| len <= JOB_ANSWER_LIMIT);
+            if matches!(status, 200..=202)
+                && fits
+                && session.req_header().method != http::Method::HEAD
+            {
+                ctx.job_answer = Some(Vec::new());
+            }
+            return;
+        }
+        let (Some(location), 202) = (location, status) else {
+            return;
+        };
         let job = ctx
             .job_id
             .take()
@@ -204,6 +253,57 @@ impl LbProxy {
                 // agent's, as without the mark).
                 let _ = tokio::time::timeout(JOB_MARK_WAIT, marking).await;
             }
+        }
+    }
+
+    /// The whole of a submission's answer on a route whose pods name their jobs in JSON: if it
+    /// names one, the job takes the request's slot and the id in the answer is replaced by the
+    /// job's handle (which the client then uses as the id, in the service's own paths). What
+    /// is returned is passed on to the client.
+    ///
+    /// Unlike a `Location` job's `202`, the answer does not wait for the hold to be marked in
+    /// a shared ledger (a body filter cannot wait): an agent killed within that round trip
+    /// leaves the job's slot to be reaped as a request's.
+    pub(super) fn take_json_job(&self, ctx: &mut Ctx, answer: Vec<u8>) -> bytes::Bytes {
+        let (Some(route), Some(pod)) = (ctx.route.clone(), ctx.slot.as_ref().map(|s| s.addr()))
+        else {
+            return answer.into();
+        };
+        let Some((cfg, spec)) = route
+            .async_jobs
+            .as_ref()
+            .and_then(|c| Some((c, c.job_id.as_ref()?)))
+        else {
+            return answer.into();
+        };
+        let Ok(mut value) = serde_json::from_slice::<serde_json::Value>(&answer) else {
+            log::debug!("pod {pod}: a submission's answer is not JSON: no job");
+            return answer.into();
+        };
+        let Some(id) = jobs::json_job_id(&value, &spec.pointer) else {
+            log::debug!(
+                "pod {pod}: no job id at {} in its answer: no job",
+                spec.pointer
+            );
+            return answer.into();
+        };
+        let job = ctx
+            .job_id
+            .take()
+            .unwrap_or_else(|| self.live.jobs.keys.new_job());
+        let Some((handle, _marking)) =
+            self.live
+                .jobs
+                .accept_json(&route, cfg, spec, &mut ctx.slot, job, &id)
+        else {
+            return answer.into();
+        };
+        if let Some(at) = value.pointer_mut(&spec.pointer) {
+            *at = serde_json::Value::String(self.live.jobs.token(&handle));
+        }
+        match serde_json::to_vec(&value) {
+            Ok(v) => v.into(),
+            Err(_) => answer.into(),
         }
     }
 

@@ -4,7 +4,7 @@
 //! tests read: lb-agent's counters are not evidence).
 //!
 //! - `POST /submit?sync_bytes=N`: no job, a `200` with N bytes at once;
-//! - `GET /jobs/<id>`: the job's status in the pod's [`Convention`]; `404` for a job this pod
+//! - `GET /jobs/<id>` (or `/tasks/<id>`): the job's status in the pod's [`Convention`]; `404` for a job this pod
 //!   never accepted (counted: a poll that reached the wrong pod);
 //! - `GET /jobs/<id>/result`: `200` once done;
 //! - `DELETE /jobs/<id>`: cancels it (it stops counting as running), `204`;
@@ -34,6 +34,10 @@ pub enum Convention {
     NotAccepted,
     /// `200 {"state": "running"}`, then `{"state": "succeeded"}`.
     Json,
+    /// The job is named in the submission's JSON answer only (`200 {"task_id": "7", …}`, no
+    /// `Location`, as BentoML and docling-serve do); its status at `/tasks/<id>` is
+    /// `200 {"task_id": "7", "state": "running"}`, then `"succeeded"`.
+    JsonId,
 }
 
 #[derive(Debug, Default)]
@@ -181,13 +185,23 @@ async fn serve(
             }
         });
         tokio::time::sleep(Duration::from_millis(accept_ms)).await;
+        if pod.convention == Convention::JsonId {
+            return Ok(reply(
+                StatusCode::OK,
+                &[("content-type", "application/json".into())],
+                format!("{{\"task_id\": \"{id}\", \"status\": \"pending\", \"queue\": [1, 2]}}"),
+            ));
+        }
         return Ok(reply(
             StatusCode::ACCEPTED,
             &[("location", format!("/jobs/{id}"))],
             format!("{{\"id\": {id}}}"),
         ));
     }
-    let Some(rest) = path.strip_prefix("/jobs/") else {
+    let Some(rest) = path
+        .strip_prefix("/jobs/")
+        .or_else(|| path.strip_prefix("/tasks/"))
+    else {
         return Ok(reply(StatusCode::NOT_FOUND, &[], "no such path\n".into()));
     };
     let (id, result) = match rest.strip_suffix("/result") {
@@ -245,6 +259,11 @@ async fn serve(
             reply(StatusCode::OK, &[], format!("{{\"state\": \"{word}\"}}"))
         }
         (Convention::Json, _) => reply(StatusCode::OK, &[], format!("{{\"state\": \"{word}\"}}")),
+        (Convention::JsonId, _) => reply(
+            StatusCode::OK,
+            &[],
+            format!("{{\"task_id\": \"{id}\", \"state\": \"{word}\"}}"),
+        ),
     })
 }
 

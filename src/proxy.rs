@@ -223,6 +223,9 @@ struct JobPoll {
     /// The handle's own path, asked with its own query: the answer is the job's status (a
     /// result next to it, or another query, says nothing about the job).
     is_status: bool,
+    /// The handle's own path, whatever the query: a `DELETE` there cancels the job (one on a
+    /// result next to it does not).
+    is_job_path: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -817,8 +820,9 @@ impl ProxyHttp for LbProxy {
         {
             upstream_response.remove_header(&http::header::TRAILER);
         }
-        // HTTP/1.1 pods only: an h2c pod's answer can end with trailers, and then its last
-        // body piece is not marked as the last, so a held answer would never be passed on.
+        // Held answers: HTTP/1.1 pods only. An h2c pod's answer can end with trailers, and then
+        // its last body piece is not marked as the last, so a held answer would never be
+        // passed on.
         if ctx.job_answer.is_some() {
             // Read whole here (the job id in it becomes the job's handle, of another length):
             // passed on without a length, so chunked to an HTTP/1.1 client. The framing noted
@@ -1185,7 +1189,14 @@ impl ProxyHttp for LbProxy {
                     .async_jobs
                     .as_ref()
                     // A JSON job's answer is judged at its end, which was not reached.
-                    .filter(|_| ctx.response_framing.is_none() || ctx.job_answer.is_some())
+                    .filter(|a| {
+                        if a.job_id.is_some() {
+                            job_requests::submits(&session.req_header().method)
+                                && (ctx.response_framing.is_none() || ctx.job_answer.is_some())
+                        } else {
+                            ctx.response_framing.is_none()
+                        }
+                    })
                     .map(|_| {
                         let job = ctx
                             .job_id

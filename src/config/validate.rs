@@ -996,11 +996,17 @@ fn job_id(field: &str, j: &FileJobId) -> Result<JobIdInJson, ConfigError> {
         ));
     }
     let placeholder = JobIdInJson::PLACEHOLDER;
-    if !j.status.starts_with('/') || j.status.matches(placeholder).count() != 1 {
+    // The client's requests carry the id (lb-agent's handle for it) as a whole path segment,
+    // which is where lb-agent looks for it.
+    let path = j.status.split('?').next().unwrap_or_default();
+    if !j.status.starts_with('/')
+        || j.status.matches(placeholder).count() != 1
+        || !path.split('/').any(|segment| segment == placeholder)
+    {
         return Err(ConfigError::new(
             format!("{field}.status"),
             format!(
-                "{:?}: write the job's status path with {placeholder} once, like /tasks/{placeholder}",
+                "{:?}: write the job's status path with {placeholder} once, as a whole path segment, like /tasks/{placeholder}",
                 j.status
             ),
         ));
@@ -1902,6 +1908,14 @@ routes:
             (
                 "limit: 1, endpoints: [\"127.0.0.1:1\"], async: {job_id: {json: /id}}",
                 "routes[0].async.job_id",
+            ),
+            (
+                "limit: 1, endpoints: [\"127.0.0.1:1\"], async: {job_id: {json: /id, status: \"/t/job-{id}\"}}",
+                "routes[0].async.job_id.status: \"/t/job-{id}\": write the job's status path with {id} once, as a whole path segment",
+            ),
+            (
+                "limit: 1, endpoints: [\"127.0.0.1:1\"], async: {job_id: {json: /id, status: \"/status?task_id={id}\"}}",
+                "routes[0].async.job_id.status",
             ),
             (
                 "limit: 1, endpoints: [\"127.0.0.1:1\"], async: {callback_base: \"https://lb:8080\"}",

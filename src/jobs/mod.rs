@@ -423,8 +423,9 @@ impl Jobs {
     }
 
     /// A submission's JSON answer from the pod of `slot` names job `job` as `id` (see
-    /// [`json_job_id`]): as [`Jobs::accept`], the status path being `spec`'s with the id in it.
-    /// `None` (and `slot` left as it was) when the id cannot stand in a path.
+    /// [`json_job_id`]): as [`Jobs::accept`], the status path being `spec`'s with the id in it
+    /// (percent-encoded where it must be, see [`id_in_path`]). `None` (and `slot` left as it
+    /// was) for an id that names nothing: empty, or absurdly long.
     pub fn accept_json(
         self: &Arc<Self>,
         route: &Arc<RouteEntry>,
@@ -435,20 +436,20 @@ impl Jobs {
         id: &str,
     ) -> Option<(Handle, Option<tokio::task::JoinHandle<()>>)> {
         let pod = slot.as_ref()?.addr();
-        if !path_safe_id(id) {
+        let Some(id) = id_in_path(id) else {
             log::warn!(
-                "pod {pod} named a job {id:?} that cannot stand in a path; its slot is not held"
+                "pod {pod} named a job with an empty id or one longer than {MAX_JSON_ID} bytes; its slot is not held"
             );
             return None;
-        }
+        };
         let slot = slot.take()?;
-        let path = spec.status.replacen(JobIdInJson::PLACEHOLDER, id, 1);
+        let path = spec.status.replacen(JobIdInJson::PLACEHOLDER, &id, 1);
         let handle = Handle {
             job,
             pod,
             route: route.uri.clone(),
             path: path.clone(),
-            id: Some(id.to_string()),
+            id: Some(id),
         };
         let marking = self.hold(route, cfg, slot, job, Some(path));
         Some((handle, marking))
@@ -743,21 +744,25 @@ fn resolve(location: &str, pod: SocketAddr, request_path: &str) -> Option<String
     ))
 }
 
-/// What a client's `/_lb/jobs/<token><suffix>?<query>` asks of the pod: the handle's path with
-/// `suffix` appended (`/result` next to a job's status), and the client's query if it gave one.
 /// The longest job id taken from a JSON answer.
 const MAX_JSON_ID: usize = 256;
 
-/// An id that can stand in a path segment as it is (RFC 3986 unreserved characters) and in a
-/// handle's payload (no newline): UUIDs, numbers, `job-42`.
-fn path_safe_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= MAX_JSON_ID
-        && id != "."
-        && id != ".."
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'))
+/// A job id as it stands in a path segment: RFC 3986 unreserved characters as they are, every
+/// other byte percent-encoded (`a:b/c` → `a%3Ab%2Fc`), so any id the pod names can be asked
+/// about. `None` for an empty id, one longer than [`MAX_JSON_ID`], or `.`/`..`.
+pub fn id_in_path(id: &str) -> Option<String> {
+    if id.is_empty() || id.len() > MAX_JSON_ID || id == "." || id == ".." {
+        return None;
+    }
+    let mut out = String::with_capacity(id.len());
+    for b in id.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    Some(out)
 }
 
 /// The id a submission's JSON answer names at `pointer`: a string, or a whole number (then in
@@ -790,6 +795,8 @@ pub fn handle_in_path(path: &str) -> Option<(&str, &str, &str)> {
     None
 }
 
+/// What a client's `/_lb/jobs/<token><suffix>?<query>` asks of the pod: the handle's path with
+/// `suffix` appended (`/result` next to a job's status), and the client's query if it gave one.
 pub fn pod_uri(handle: &Handle, suffix: &str, query: Option<&str>) -> String {
     let (path, own_query) = match handle.path.split_once('?') {
         Some((p, q)) => (p, Some(q)),
@@ -865,20 +872,14 @@ mod tests {
         assert_eq!(json_job_id(&v, "/o"), None);
         assert_eq!(json_job_id(&v, "/missing"), None);
         for ok in ["a-1", "42", "3f2a_b.c~d"] {
-            assert!(path_safe_id(ok), "{ok}");
+            assert_eq!(id_in_path(ok).as_deref(), Some(ok));
         }
-        for bad in [
-            "",
-            ".",
-            "..",
-            "a/b",
-            "a b",
-            "a\nb",
-            "a?b",
-            "%2e",
-            &"x".repeat(257),
-        ] {
-            assert!(!path_safe_id(bad), "{bad:?}");
+        assert_eq!(id_in_path("a:b/c d").as_deref(), Some("a%3Ab%2Fc%20d"));
+        assert_eq!(id_in_path("x+y=").as_deref(), Some("x%2By%3D"));
+        assert_eq!(id_in_path("a\nb%").as_deref(), Some("a%0Ab%25"));
+        assert_eq!(id_in_path("é").as_deref(), Some("%C3%A9"));
+        for bad in ["", ".", "..", &"x".repeat(257)] {
+            assert_eq!(id_in_path(bad), None, "{bad:?}");
         }
     }
 

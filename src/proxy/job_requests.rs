@@ -18,6 +18,15 @@ const JOB_MARK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// longer one names none and is passed on as it is.
 pub(super) const JOB_ANSWER_LIMIT: usize = 64 * 1024;
 
+/// Whether a request with `method` can submit a job a pod names in JSON: asking (`GET`,
+/// `HEAD`, `OPTIONS`) or deleting does not, whatever its answer holds.
+pub(super) fn submits(method: &http::Method) -> bool {
+    matches!(
+        *method,
+        http::Method::POST | http::Method::PUT | http::Method::PATCH
+    )
+}
+
 /// Where a job's handle stands in a client's request.
 pub(super) enum JobPlace {
     /// `/_lb/jobs/<handle><suffix>`: the handle stands for its path on the pod.
@@ -100,18 +109,18 @@ impl LbProxy {
         };
         let query = session.req_header().uri.query();
         let same_query = query.is_none_or(|q| Some(q) == own_query);
-        let (target, is_status) = match &place {
-            JobPlace::Suffix(suffix) => (
-                jobs::pod_uri(&handle, suffix, query),
-                suffix.is_empty() && same_query,
-            ),
+        // The job's own path (whatever the query): where a DELETE cancels the job.
+        let (target, is_job_path) = match &place {
+            JobPlace::Suffix(suffix) => (jobs::pod_uri(&handle, suffix, query), suffix.is_empty()),
             JobPlace::InPlaceOfId { before, after } => {
                 let id = handle.id.as_deref().unwrap_or_default();
                 let path = format!("{before}{id}{after}");
-                let is_status = path == own_path && same_query;
-                match query {
-                    Some(q) => (format!("{path}?{q}"), is_status),
-                    None => (path, is_status),
+                let own = path == own_path;
+                // As for a `/_lb/jobs/` handle: the status path is asked with its own query
+                // unless the client gives one.
+                match query.or(own_query.filter(|_| own)) {
+                    Some(q) => (format!("{path}?{q}"), own),
+                    None => (path, own),
                 }
             }
         };
@@ -119,7 +128,8 @@ impl LbProxy {
         ctx.job_poll = Some(JobPoll {
             target,
             handle,
-            is_status,
+            is_status: is_job_path && same_query,
+            is_job_path,
         });
         Ok(false)
     }
@@ -174,9 +184,10 @@ impl LbProxy {
         if let Some(poll) = &ctx.job_poll {
             let (job, pod, route) = (poll.handle.job, poll.handle.pod, poll.handle.route.clone());
             let method = session.req_header().method.clone();
-            if method == http::Method::DELETE && matches!(status, 200 | 202 | 204) {
+            let cancel = method == http::Method::DELETE && poll.is_job_path;
+            if cancel && matches!(status, 200 | 202 | 204) {
                 self.live.jobs.release(job, Ended::Cancelled);
-            } else if method == http::Method::DELETE && matches!(status, 404 | 410) {
+            } else if cancel && matches!(status, 404 | 410) {
                 self.live.jobs.release(job, Ended::Unknown);
             } else if method == http::Method::GET || method == http::Method::HEAD {
                 let needs_body = ctx
@@ -223,9 +234,14 @@ impl LbProxy {
                 .get(http::header::CONTENT_LENGTH)
                 .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
                 .is_none_or(|len| len <= JOB_ANSWER_LIMIT);
+            let empty = response
+                .headers
+                .get(http::header::CONTENT_LENGTH)
+                .is_some_and(|v| v.as_bytes() == b"0");
             if matches!(status, 200..=202)
                 && fits
-                && session.req_header().method != http::Method::HEAD
+                && !empty
+                && submits(&session.req_header().method)
             {
                 ctx.job_answer = Some(Vec::new());
             }
@@ -296,6 +312,11 @@ impl LbProxy {
                 .jobs
                 .accept_json(&route, cfg, spec, &mut ctx.slot, job, &id)
         else {
+            // The pod took a job lb-agent cannot ask about: it keeps the slot all the same,
+            // until its callback, the pod's leaving or max_duration.
+            if let Some(slot) = ctx.slot.take() {
+                drop(self.live.jobs.hold(&route, cfg, slot, job, None));
+            }
             return answer.into();
         };
         if let Some(at) = value.pointer_mut(&spec.pointer) {

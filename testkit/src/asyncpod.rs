@@ -34,9 +34,10 @@ pub enum Convention {
     NotAccepted,
     /// `200 {"state": "running"}`, then `{"state": "succeeded"}`.
     Json,
-    /// The job is named in the submission's JSON answer only (`200 {"task_id": "7", …}`, no
-    /// `Location`, as BentoML and docling-serve do); its status at `/tasks/<id>` is
-    /// `200 {"task_id": "7", "state": "running"}`, then `"succeeded"`.
+    /// The job is named in the submission's JSON answer only (`200 {"task_id": "job:7", …}`,
+    /// no `Location`, as docling-serve does); its status at `/tasks/job%3A7` is
+    /// `200 {"task_id": "job:7", "state": "running"}`, then `"succeeded"`. The `:` is there so
+    /// that the id must be percent-encoded in a path.
     JsonId,
 }
 
@@ -189,7 +190,9 @@ async fn serve(
             return Ok(reply(
                 StatusCode::OK,
                 &[("content-type", "application/json".into())],
-                format!("{{\"task_id\": \"{id}\", \"status\": \"pending\", \"queue\": [1, 2]}}"),
+                format!(
+                    "{{\"task_id\": \"job:{id}\", \"status\": \"pending\", \"queue\": [1, 2]}}"
+                ),
             ));
         }
         return Ok(reply(
@@ -208,6 +211,8 @@ async fn serve(
         Some(id) => (id, true),
         None => (rest, false),
     };
+    // A JSON-id pod names its jobs `job:<n>`, which a path carries as `job%3A<n>`.
+    let id = id.strip_prefix("job%3A").unwrap_or(id);
     let state = id.parse::<u64>().ok().and_then(|id| {
         pod.jobs
             .lock()
@@ -262,7 +267,7 @@ async fn serve(
         (Convention::JsonId, _) => reply(
             StatusCode::OK,
             &[],
-            format!("{{\"task_id\": \"{id}\", \"state\": \"{word}\"}}"),
+            format!("{{\"task_id\": \"job:{id}\", \"state\": \"{word}\"}}"),
         ),
     })
 }

@@ -318,32 +318,20 @@ async fn pods_for(convention: Convention) -> Vec<AsyncPod> {
     pods(first, 1, convention, false).await
 }
 
-/// A client that leaves before the pod's `202` has come back: the pod has accepted the job all
-/// the same, so its slot stays held (the drain reads the `202` and hands the slot to the job)
-/// and the next submission waits for the job's end. Before, the slot was freed when the drained
-/// answer ended, and the pod ran two jobs with `limit: 1`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_leaves_before_the_202_does_not_free_the_jobs_slot() {
-    let pods = pods(171, 1, Convention::Redirect, false).await;
-    let agent = Agent::start(&route(&pods, 1, "{check_interval: 50ms}")).await;
+/// Submits a job of 1.5 s that the pod answers after 400 ms, and leaves after 150 ms: before
+/// the answer, with the pod already running the job.
+async fn leave_a_job_of_1500ms_before_its_answer(agent: SocketAddr) {
     let left = tokio::time::timeout(
         Duration::from_millis(150),
-        loadgen::request(
-            agent.addr,
-            "POST",
-            "/submit?ms=1500&accept_ms=400",
-            &[],
-            b"",
-        ),
+        loadgen::request(agent, "POST", "/submit?ms=1500&accept_ms=400", &[], b""),
     )
     .await;
     assert!(left.is_err(), "the client left before the answer");
-    assert_eq!(pods[0].stats.running.load(Ordering::SeqCst), 1);
-    let second = loadgen::request(agent.addr, "POST", "/submit?ms=100", &[], b"")
-        .await
-        .unwrap();
-    assert_eq!(second.status, 202, "{}", agent.log());
-    assert_eq!(pods[0].stats.max_running.load(Ordering::SeqCst), 1);
+}
+
+/// The `second` submission after [`leave_a_job_of_1500ms_before_its_answer`] waited for the
+/// first job's end, and then both holds ended.
+async fn waited_for_the_first_and_both_ended(agent: &Agent, second: &loadgen::Response) {
     assert!(
         second.elapsed >= Duration::from_millis(1000),
         "the second job waited for the first: {:?}",
@@ -353,6 +341,24 @@ async fn a_client_that_leaves_before_the_202_does_not_free_the_jobs_slot() {
         agent.inflight().await == 0
     })
     .await;
+}
+
+/// A client that leaves before the pod's `202` has come back: the pod has accepted the job all
+/// the same, so its slot stays held (the drain reads the `202` and hands the slot to the job)
+/// and the next submission waits for the job's end. Before, the slot was freed when the drained
+/// answer ended, and the pod ran two jobs with `limit: 1`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_before_the_202_does_not_free_the_jobs_slot() {
+    let pods = pods(171, 1, Convention::Redirect, false).await;
+    let agent = Agent::start(&route(&pods, 1, "{check_interval: 50ms}")).await;
+    leave_a_job_of_1500ms_before_its_answer(agent.addr).await;
+    assert_eq!(pods[0].stats.running.load(Ordering::SeqCst), 1);
+    let second = loadgen::request(agent.addr, "POST", "/submit?ms=100", &[], b"")
+        .await
+        .unwrap();
+    assert_eq!(second.status, 202, "{}", agent.log());
+    assert_eq!(pods[0].stats.max_running.load(Ordering::SeqCst), 1);
+    waited_for_the_first_and_both_ended(&agent, &second).await;
     assert_eq!(pods[0].stats.finished.load(Ordering::SeqCst), 2);
 }
 
@@ -801,31 +807,12 @@ async fn a_json_job_handle_is_checked_and_an_answer_without_an_id_is_no_job() {
 async fn a_client_that_leaves_before_a_json_jobs_answer_does_not_free_its_slot() {
     let pods = pods(241, 1, Convention::JsonId, true).await;
     let agent = Agent::start(&json_id_route(&pods, 1)).await;
-    let left = tokio::time::timeout(
-        Duration::from_millis(150),
-        loadgen::request(
-            agent.addr,
-            "POST",
-            "/submit?ms=1500&accept_ms=400",
-            &[],
-            b"",
-        ),
-    )
-    .await;
-    assert!(left.is_err(), "the client left before the answer");
+    leave_a_job_of_1500ms_before_its_answer(agent.addr).await;
     let second = loadgen::request(agent.addr, "POST", "/submit?ms=100", &[], b"")
         .await
         .unwrap();
     assert_eq!(second.status, 200, "{}", agent.log());
     assert_eq!(pods[0].stats.max_running.load(Ordering::SeqCst), 1);
-    assert!(
-        second.elapsed >= Duration::from_millis(1000),
-        "the second job waited for the first: {:?}",
-        second.elapsed
-    );
-    eventually(Duration::from_secs(5), "both ended", || async {
-        agent.inflight().await == 0
-    })
-    .await;
+    waited_for_the_first_and_both_ended(&agent, &second).await;
     assert_eq!(pods[0].stats.callbacks_sent.load(Ordering::SeqCst), 2);
 }

@@ -281,8 +281,8 @@ pub struct AsyncJobs {
     pub job_id: Option<JobIdInJson>,
 }
 
-/// Where a submission's answer (`200`/`201`/`202`, JSON) names its job, as BentoML, Celery-style
-/// APIs and docling-serve do (`{"task_id": "…"}`), and where the job's status is asked.
+/// Where a submission's answer (`200`/`201`/`202`, JSON) names its job, as Celery-style APIs
+/// and docling-serve do (`{"task_id": "…"}`), and where the job's status is asked.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobIdInJson {
     /// A JSON pointer (RFC 6901) to the id: a string or a whole number.

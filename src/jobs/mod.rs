@@ -410,22 +410,15 @@ impl Jobs {
             );
             return None;
         };
-        let slot = slot.take()?;
-        let handle = Handle {
-            job,
-            pod,
-            route: route.uri.clone(),
-            path: path.clone(),
-            id: None,
-        };
-        let marking = self.hold(route, cfg, slot, job, Some(path));
-        Some((handle, marking))
+        Some(self.hold_for(route, cfg, slot.take()?, job, path, None))
     }
 
     /// A submission's JSON answer from the pod of `slot` names job `job` as `id` (see
     /// [`json_job_id`]): as [`Jobs::accept`], the status path being `spec`'s with the id in it
-    /// (percent-encoded where it must be, see [`id_in_path`]). `None` (and `slot` left as it
-    /// was) for an id that names nothing: empty, or absurdly long.
+    /// (percent-encoded where it must be, see [`id_in_path`]). `None` for an id that names
+    /// nothing lb-agent can ask about (empty, or absurdly long): the pod took a job all the
+    /// same, so it holds the slot with no status path, until its callback, the pod's leaving
+    /// or `max_duration`.
     pub fn accept_json(
         self: &Arc<Self>,
         route: &Arc<RouteEntry>,
@@ -435,24 +428,39 @@ impl Jobs {
         job: u128,
         id: &str,
     ) -> Option<(Handle, Option<tokio::task::JoinHandle<()>>)> {
-        let pod = slot.as_ref()?.addr();
+        let slot = slot.take()?;
         let Some(id) = id_in_path(id) else {
             log::warn!(
-                "pod {pod} named a job with an empty id or one longer than {MAX_JSON_ID} bytes; its slot is not held"
+                "pod {} named a job with an empty id or one longer than {MAX_JSON_ID} bytes; its slot is held until the job's callback or max_duration",
+                slot.addr()
             );
+            drop(self.hold(route, cfg, slot, job, None));
             return None;
         };
-        let slot = slot.take()?;
         let path = spec.status.replacen(JobIdInJson::PLACEHOLDER, &id, 1);
+        Some(self.hold_for(route, cfg, slot, job, path, Some(id)))
+    }
+
+    /// Job `job` on `route` takes `slot` and is asked about at `path` (see [`Jobs::hold`]):
+    /// the client's handle for it, and the task marking the hold in a shared ledger.
+    fn hold_for(
+        self: &Arc<Self>,
+        route: &Arc<RouteEntry>,
+        cfg: &AsyncJobs,
+        slot: Slot,
+        job: u128,
+        path: String,
+        id: Option<String>,
+    ) -> (Handle, Option<tokio::task::JoinHandle<()>>) {
         let handle = Handle {
             job,
-            pod,
+            pod: slot.addr(),
             route: route.uri.clone(),
             path: path.clone(),
-            id: Some(id),
+            id,
         };
         let marking = self.hold(route, cfg, slot, job, Some(path));
-        Some((handle, marking))
+        (handle, marking)
     }
 
     /// The token a client uses for `handle`: in `/_lb/jobs/<token>`, or (a JSON job's) in
@@ -463,7 +471,7 @@ impl Jobs {
 
     /// Where a client asks about `handle`: lb-agent's own path for it.
     pub fn location(&self, handle: &Handle) -> String {
-        format!("{PREFIX}{}", self.keys.mint(handle))
+        format!("{PREFIX}{}", self.token(handle))
     }
 
     /// Ends job `job`'s hold (its slot goes to the next waiter). `false` if it held nothing

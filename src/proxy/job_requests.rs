@@ -229,18 +229,9 @@ impl LbProxy {
         if cfg.job_id.is_some() {
             // The job, if any, is named in the answer's body: read it whole first (see
             // `take_json_job`). Its length changes when the id is replaced by the handle.
-            let fits = response
-                .headers
-                .get(http::header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
-                .is_none_or(|len| len <= JOB_ANSWER_LIMIT);
-            let empty = response
-                .headers
-                .get(http::header::CONTENT_LENGTH)
-                .is_some_and(|v| v.as_bytes() == b"0");
+            let length = super::content_length(response);
             if matches!(status, 200..=202)
-                && fits
-                && !empty
+                && length.is_none_or(|len| (1..=JOB_ANSWER_LIMIT).contains(&len))
                 && submits(&session.req_header().method)
             {
                 ctx.job_answer = Some(Vec::new());
@@ -312,11 +303,6 @@ impl LbProxy {
                 .jobs
                 .accept_json(&route, cfg, spec, &mut ctx.slot, job, &id)
         else {
-            // The pod took a job lb-agent cannot ask about: it keeps the slot all the same,
-            // until its callback, the pod's leaving or max_duration.
-            if let Some(slot) = ctx.slot.take() {
-                drop(self.live.jobs.hold(&route, cfg, slot, job, None));
-            }
             return answer.into();
         };
         if let Some(at) = value.pointer_mut(&spec.pointer) {

@@ -1,5 +1,5 @@
 """lb-agent bench suite: `python3 bench/suite.py [all|balance|h2|overhead|queue|selection|
-replicas|page …]`.
+replicas|page|asyncjobs …]`.
 
 Normally started by `bash bench/run`, which installs the tools and builds lb-agent first.
 Each part writes bench/results/<part>.json; then the markdown table (results/latest.md, and
@@ -21,18 +21,19 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from benchkit import balance, h2, overhead, page, queue, replicas, report, selection  # noqa: E402
+from benchkit import asyncjobs, balance, h2, overhead, page, queue, replicas, report, selection  # noqa: E402
 from benchkit.contenders import BARE_PINGORA, LB_AGENT, ROOT, TESTKIT  # noqa: E402
 from benchkit.procs import BenchError, OtherLoad, loadavg, stop_all  # noqa: E402
 
-PARTS = ["balance", "h2", "overhead", "queue", "selection", "replicas", "page"]
+PARTS = ["balance", "h2", "overhead", "queue", "selection", "replicas", "page", "asyncjobs"]
 NEEDS = {"balance": ["haproxy", "nginx"], "h2": ["haproxy", "nginx", "h2load"],
          "overhead": ["haproxy", "nginx", "wrk"], "queue": ["haproxy"], "selection": ["cargo"],
-         "replicas": ["haproxy", "redis-server"], "page": ["wrk"]}
+         "replicas": ["haproxy", "redis-server"], "page": ["wrk"], "asyncjobs": ["haproxy"]}
 # The binaries a part starts (selection builds its own with cargo).
 BINARIES = {"balance": [LB_AGENT, TESTKIT], "h2": [LB_AGENT, TESTKIT],
             "overhead": [LB_AGENT, BARE_PINGORA], "queue": [LB_AGENT, TESTKIT, BARE_PINGORA],
-            "selection": [], "replicas": [LB_AGENT, TESTKIT], "page": [LB_AGENT, TESTKIT]}
+            "selection": [], "replicas": [LB_AGENT, TESTKIT], "page": [LB_AGENT, TESTKIT],
+            "asyncjobs": [LB_AGENT, TESTKIT]}
 
 
 def log(msg):
@@ -129,6 +130,8 @@ def main(argv):
                 data = replicas.run(pdir, reps, log)
             elif part == "page":
                 data = page.run(pdir, log)
+            elif part == "asyncjobs":
+                data = asyncjobs.run(pdir, reps, log)
             else:
                 data = selection.run(pdir, log)
         except BenchError as e:

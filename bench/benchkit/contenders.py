@@ -118,6 +118,8 @@ class Contender:
 
 class LbAgent(Contender):
     name = "lb-agent"
+    # YAML lines appended to the one route (indented 4), e.g. an `async:` block.
+    route_extra = ""
 
     def start(self):
         self.admin = free_port()
@@ -134,7 +136,7 @@ routes:
     match: prefix
     limit: {self.limit}
     endpoints: [{eps}]
-""",
+{self.route_extra}""",
         )
         self.proc = Proc(self.name, [LB_AGENT, "-c", cfg], os.path.join(self.workdir, "log"),
                          cpus=self.cpus, env={"RUST_LOG": "warn"})

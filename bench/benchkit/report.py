@@ -217,7 +217,7 @@ def selection_md(d):
     return out
 
 
-def targets_md(bal, ovh, que, h2=None, rep=None, page=None):
+def targets_md(bal, ovh, que, h2=None, rep=None, page=None, aj=None):
     rows = []
     if bal:
         s = bal["data"]["summary"]
@@ -261,6 +261,8 @@ def targets_md(bal, ovh, que, h2=None, rep=None, page=None):
         rows += replicas_target_rows(rep)
     if page:
         rows.append(page_target_row(page))
+    if aj:
+        rows += asyncjobs_target_rows(aj)
     if not rows:
         return []
     out = ["### Targets", "", "| target | measured (lb-agent) | met |", "|---|---|---|"]
@@ -541,7 +543,8 @@ def render():
         pngs += replicas_plot(rep)
     lines = []
     page = load("page")
-    lines += targets_md(bal, ovh, que, h2, rep=rep, page=page)
+    aj = load("asyncjobs")
+    lines += targets_md(bal, ovh, que, h2, rep=rep, page=page, aj=aj)
     if machine:
         lines += machine_md(machine)
     if bal:
@@ -558,6 +561,8 @@ def render():
         lines += replicas_md(rep) + ["![replicas](results/replicas.png)", ""]
     if page:
         lines += page_md(page)
+    if aj:
+        lines += asyncjobs_md(aj)
     body = "\n".join(lines)
     with open(os.path.join(RESULTS, "latest.md"), "w") as fh:
         fh.write("# lb-agent bench: latest results\n\n"
@@ -651,4 +656,63 @@ def page_md(d):
             + ". lb-agent's CPU near 1.00 core means lb-agent was the bottleneck, so a cost of the "
             "pages would show in req/s; well below it, it shows in CPU per request only. The "
             "pages process runs on the load generator's CPU: its own CPU is in its column.", ""]
+    return out
+
+
+# --- asyncjobs (issue 17: a job holds its pod's slot until it is done) ---------------------
+
+AJ_LB = ("lb-agent", "lb-agent-checks")
+
+
+def asyncjobs_target_rows(d):
+    s, setup = d["data"]["summary"], d["data"]["setup"]
+    lb = [s[c] for c in AJ_LB if c in s]
+    if not lb:
+        return []
+    held = max(r["max_running"] for r in lb)
+    wrong = sum(r["client_polls_404"] for r in lb)
+    polls = sum(r["client_polls"] for r in lb)
+    seen = sum(r["jobs_seen_done"] for r in lb)
+    jobs = sum(r["jobs"] for r in lb)
+    rows = [(f"async jobs: each pod's own count of held jobs never above the limit "
+             f"({setup['limit']})", f"highest {held}, {sum(r['cap_violations'] for r in lb)} "
+             "violations", held <= setup["limit"]),
+            ("async jobs: every client poll reaches the job's own pod",
+             f"{polls - wrong}/{polls} polls; jobs seen done {seen}/{jobs}",
+             wrong == 0 and seen == jobs)]
+    if "haproxy" in s and s["lb-agent"]["efficiency"] is not None:
+        lo, ha = s["lb-agent"]["efficiency_range"], s["haproxy"]["efficiency"]
+        hr = s["haproxy"]["efficiency_range"] or [ha, ha]
+        verdict = None if ha is not None and lo[0] <= hr[1] and hr[0] <= lo[1] else (
+            ha is None or s["lb-agent"]["efficiency"] > ha)
+        rows.append(("async jobs: makespan efficiency above HAProxy's",
+                     f"lb-agent {f(s['lb-agent']['efficiency'])} ({rng(lo)}), HAProxy {f(ha)} "
+                     f"({rng(s['haproxy']['efficiency_range'])})", verdict))
+    return rows
+
+
+def asyncjobs_md(d):
+    s, setup = d["data"]["summary"], d["data"]["setup"]
+    out = [f"### Asynchronous jobs: {setup['jobs']} jobs of {min(setup['job_ms'])}–"
+           f"{max(setup['job_ms'])} ms ({setup['total_work_s']:.1f} s of work) submitted at once "
+           f"to {setup['pods']} pods × limit {setup['limit']} (each pod works on "
+           f"{setup['pod_workers']} job at a time), median of {setup['reps']} reps", "", when(d),
+           "",
+           "| contender | makespan s (range) | lower bound s | efficiency (range) | max jobs held "
+           "on a pod | jobs per pod (min–max) | client polls at a pod without the job | jobs "
+           "the client saw done | failed submissions |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for c, r in s.items():
+        out.append(
+            f"| {r['label']} | {r['makespan_s']:.2f} ({rng(r['makespan_range_s'], '{:.2f}')}) | "
+            f"{r['ideal_makespan_s']:.2f} | {f(r['efficiency'])} ({rng(r['efficiency_range'])})"
+            f" | {r['max_running']} | {r['jobs_per_pod_spread'][0]}–"
+            f"{r['jobs_per_pod_spread'][1]} | {r['client_polls_404']} of {r['client_polls']} | "
+            f"{r['jobs_seen_done']} of {r['jobs']} | {r['failed_submissions']} |")
+    out += ["", "Held: accepted by the pod and not finished (the pod's own count; a job waiting "
+            "inside the pod for its one worker counts). Makespan: the first submission to the "
+            "pods' last finished job. A client stops polling at its first `404` (its job is "
+            "unknown where its poll landed). The lower bound is the work spread evenly over "
+            "every pod, or the longest job; no scheduler finishes sooner. "
+            "`bench/benchkit/asyncjobs.py`.", ""]
     return out

@@ -21,12 +21,13 @@
 //! take is undone under the lock, or the receiver is dropped with the slot inside and the slot's
 //! own drop releases it.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
+use super::queue::Queue;
 use super::{PodChange, PodView, PoolView, QueueError};
 use crate::redis_ledger::AgentView;
 
@@ -116,7 +117,7 @@ struct PoolState {
     members: Vec<SocketAddr>,
     /// Slots taken through this pool and not yet given back, per pod.
     held: HashMap<SocketAddr, usize>,
-    waiters: BTreeMap<u64, Waiter>,
+    waiters: Queue<Waiter>,
     closed: bool,
     /// Its `Balancer` is gone; the entry stays until its last slot comes back.
     dropped: bool,
@@ -132,18 +133,19 @@ impl PoolState {
         if self.closed || self.dropped {
             return Err(QueueError::ShuttingDown);
         }
-        if !tried.is_empty()
-            && !self.members.is_empty()
-            && self.members.iter().all(|a| tried.contains(a))
-        {
+        if tried_every_pod(&self.members, tried) {
             return Err(QueueError::NoUntriedPod);
         }
         Ok(())
     }
 }
 
+/// A retry that has tried every pod of a pool (that has any) can use none of them.
+fn tried_every_pod(members: &[SocketAddr], tried: &[SocketAddr]) -> bool {
+    !tried.is_empty() && !members.is_empty() && members.iter().all(|a| tried.contains(a))
+}
+
 struct Waiter {
-    tried: Vec<SocketAddr>,
     tx: oneshot::Sender<Result<LocalSlot, QueueError>>,
     /// When it joined the queue (for the oldest waiter's age in the views). Tokio's clock, as
     /// the queue deadlines use.
@@ -170,7 +172,7 @@ impl Drop for WaitTicket {
     fn drop(&mut self) {
         let mut st = self.ledger.lock();
         if let Some(pool) = st.pools.get_mut(&self.pool) {
-            if pool.waiters.remove(&self.seq).is_some() {
+            if pool.waiters.remove(self.seq).is_some() {
                 st.waiting -= 1;
             }
         }
@@ -239,7 +241,7 @@ impl LocalLedger {
                 limit,
                 members: Vec::new(),
                 held: HashMap::new(),
-                waiters: BTreeMap::new(),
+                waiters: Queue::default(),
                 closed: false,
                 dropped: false,
                 recent_holds: VecDeque::with_capacity(RECENT_HOLDS),
@@ -328,18 +330,19 @@ impl LocalLedger {
         let Some(pool) = st.pools.get_mut(&id) else {
             return;
         };
-        let tried_out: Vec<u64> = pool
-            .waiters
-            .iter()
-            .filter(|(_, w)| pool.may_wait(&w.tried) == Err(QueueError::NoUntriedPod))
-            .map(|(seq, _)| *seq)
-            .collect();
-        for seq in &tried_out {
-            if let Some(w) = pool.waiters.remove(seq) {
-                let _ = w.tx.send(Err(QueueError::NoUntriedPod));
-            }
-        }
+        let PoolState {
+            waiters,
+            members,
+            closed,
+            dropped,
+            ..
+        } = pool;
+        let tried_out =
+            waiters.take_groups(|tried| !*closed && !*dropped && tried_every_pod(members, tried));
         st.waiting -= tried_out.len();
+        for w in tried_out {
+            let _ = w.tx.send(Err(QueueError::NoUntriedPod));
+        }
     }
 
     /// Changes a pool's limit. Lowering it stops new requests above the new cap while those in
@@ -382,9 +385,9 @@ impl LocalLedger {
         let Some(pool) = st.pools.get_mut(&id) else {
             return;
         };
-        let waiters = std::mem::take(&mut pool.waiters);
+        let waiters = pool.waiters.take_all();
         st.waiting -= waiters.len();
-        for (_, w) in waiters {
+        for w in waiters {
             let _ = w.tx.send(Err(QueueError::ShuttingDown));
         }
     }
@@ -482,25 +485,22 @@ impl LocalLedger {
         while st.waiting > 0 {
             let now = Instant::now();
             let mut best: Option<(u64, PoolId, SocketAddr)> = None;
+            // The oldest waiter of each group of waiters that tried the same pods answers for
+            // its group: if no pod is free for it, none is for the younger ones.
             for (id, pool) in &st.pools {
-                for (seq, w) in &pool.waiters {
-                    if best.is_some_and(|(s, _, _)| s < *seq) {
-                        break;
+                for (tried, seq) in pool.waiters.groups() {
+                    if best.is_some_and(|(s, _, _)| s < seq) {
+                        continue;
                     }
-                    if let Some(addr) = pick(&st.pods, pool, &w.tried, now) {
-                        best = Some((*seq, *id, addr));
-                        break;
-                    }
-                    // Nothing free for a waiter that excludes no pod: nothing for any of them.
-                    if w.tried.is_empty() {
-                        break;
+                    if let Some(addr) = pick(&st.pods, pool, tried, now) {
+                        best = Some((seq, *id, addr));
                     }
                 }
             }
             let Some((seq, id, addr)) = best else {
                 return;
             };
-            let Some(w) = st.pools.get_mut(&id).and_then(|p| p.waiters.remove(&seq)) else {
+            let Some(w) = st.pools.get_mut(&id).and_then(|p| p.waiters.remove(seq)) else {
                 return;
             };
             st.waiting -= 1;
@@ -537,14 +537,7 @@ impl LocalLedger {
         // A retry keeps the number it had; its first ticket left the queue when it was given
         // its slot, so the number is free (a new one if it is not, which cannot happen).
         let seq = match *arrival {
-            Some(seq)
-                if !st
-                    .pools
-                    .get(&id)
-                    .is_some_and(|p| p.waiters.contains_key(&seq)) =>
-            {
-                seq
-            }
+            Some(seq) if !st.pools.get(&id).is_some_and(|p| p.waiters.contains(seq)) => seq,
             _ => {
                 let seq = st.next_seq;
                 st.next_seq += 1;
@@ -554,12 +547,11 @@ impl LocalLedger {
         };
         let (tx, rx) = oneshot::channel();
         let waiter = Waiter {
-            tried: tried.to_vec(),
             tx,
             since: tokio::time::Instant::now(),
         };
         if let Some(pool) = st.pools.get_mut(&id) {
-            pool.waiters.insert(seq, waiter);
+            pool.waiters.insert(seq, tried, waiter);
         }
         st.waiting += 1;
         Ok(Enqueued::Wait(
@@ -652,7 +644,7 @@ impl LocalLedger {
             limit: pool.limit,
             waiting: pool.waiters.len(),
             // Arrival order is key order: the first waiter is the oldest.
-            oldest_wait: pool.waiters.values().next().map(|w| w.since.elapsed()),
+            oldest_wait: pool.waiters.oldest().map(|w| w.since.elapsed()),
             inflight: pool.held.values().sum(),
             longest_recent_hold: pool.recent_holds.iter().copied().max().unwrap_or_default(),
             pods,

@@ -22,6 +22,7 @@
 //!   in-process ledger then only counts this agent's own slots, for its views and its drain.
 
 mod ledger;
+mod queue;
 mod select;
 
 use pingora::lb::{Backends, LoadBalancer};

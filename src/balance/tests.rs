@@ -164,6 +164,51 @@ async fn retry_waits_for_an_untried_pod_without_blocking_others() {
     assert_eq!(retry.await.unwrap(), Ok(addr(2)));
 }
 
+/// Waiters that tried different pods sit in different groups of the queue (issue 18: a
+/// release asks each group's oldest, not every waiter); a freed slot still goes to the oldest
+/// waiter of all that may use it, whichever group it is in.
+#[tokio::test(start_paused = true)]
+async fn a_freed_slot_goes_to_the_oldest_waiter_that_may_use_it_across_tried_groups() {
+    let b = pool(&Ledger::new(), 1, &[1, 2]).await;
+    let mut held = vec![take(&b).await, take(&b).await];
+    let wait = |tried: Vec<SocketAddr>| {
+        let b = Arc::clone(&b);
+        tokio::spawn(async move {
+            b.acquire(&q(10, LONG), after(LONG), &tried, &mut Arrival::default())
+                .await
+        })
+    };
+    let a = wait(vec![addr(1)]);
+    settle().await;
+    let newcomer = wait(vec![]);
+    settle().await;
+    let c = wait(vec![addr(2)]);
+    settle().await;
+    let d = wait(vec![addr(1)]);
+    settle().await;
+    let slot_of = |held: &[Slot], a| held.iter().position(|s| s.addr() == a).unwrap();
+    // Pod 2 frees: the oldest waiter, A, may use it (it tried pod 1 only).
+    let i = slot_of(&held, addr(2));
+    drop(held.swap_remove(i));
+    let a = a.await.unwrap().unwrap();
+    assert_eq!(a.addr(), addr(2));
+    // Pod 1 frees: A and D tried it; the newcomer is older than C.
+    let i = slot_of(&held, addr(1));
+    drop(held.swap_remove(i));
+    let newcomer = newcomer.await.unwrap().unwrap();
+    assert_eq!(newcomer.addr(), addr(1));
+    // Pod 2 again: D (tried 1) is younger than C, but C tried pod 2: D gets it.
+    drop(a);
+    let d = d.await.unwrap().unwrap();
+    assert_eq!(d.addr(), addr(2));
+    settle().await;
+    assert!(!c.is_finished(), "C may use only pod 1, which is held");
+    drop(newcomer);
+    assert_eq!(c.await.unwrap().map(|s| s.addr()), Ok(addr(1)));
+    drop(d);
+    assert_eq!(b.view().waiting, 0);
+}
+
 /// Issue 18: a retry waiting for its one untried pod gets `NoUntriedPod` at once when that pod
 /// leaves the pool (only pods it tried are left), not a queue timeout much later.
 #[tokio::test(start_paused = true)]

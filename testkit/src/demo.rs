@@ -6,6 +6,12 @@
 //! binary in front of them with `limit: 2`, and sends one burst of 16 requests of 500 ms each
 //! twice: once the way kube-proxy's iptables mode spreads connections (a pod at random per
 //! connection), once through lb-agent. It prints what each pod went through.
+//!
+//! Then the same for an asynchronous service: 2 fake pods on 127.0.1.5–127.0.1.6 that answer
+//! `202` + `Location` at once and work on one job at a time; 8 jobs of 500 ms submitted at once,
+//! each client polling its `Location` until its job is done, at random and through lb-agent
+//! (`limit: 1`, `async:`: the job keeps its pod's slot until it is done, and the polls go to the
+//! job's pod).
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
@@ -13,6 +19,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::asyncpod::{AsyncOptions, AsyncPod, Convention};
 use crate::fakepod::{start_pods_with_workers, FakePod};
 use crate::loadgen;
 
@@ -20,6 +27,8 @@ const PODS: usize = 4;
 const LIMIT: usize = 2;
 const REQUESTS: usize = 16;
 const WORK_MS: u64 = 500;
+const ASYNC_PODS: usize = 2;
+const JOBS: usize = 8;
 
 struct Agent(Child);
 
@@ -149,11 +158,16 @@ async fn burst(targets: Vec<SocketAddr>) -> Result<(Vec<Duration>, Duration), St
     Ok((times, start.elapsed()))
 }
 
-/// A tiny xorshift, so the random spread needs no extra dependency.
-fn random_picks(n: usize, of: usize) -> Vec<usize> {
-    let mut x = (Instant::now().elapsed().as_nanos() as u64)
+/// A tiny xorshift, so the random spread needs no extra dependency; `salt` tells apart the
+/// sequences of callers that start at the same moment.
+fn random_picks(n: usize, of: usize, salt: u64) -> Vec<usize> {
+    let mut x = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
         ^ 0x9e37_79b9_7f4a_7c15
-        ^ std::process::id() as u64;
+        ^ (std::process::id() as u64)
+        ^ salt.wrapping_mul(0xbf58_476d_1ce4_e5b9)
+        | 1;
     (0..n)
         .map(|_| {
             x ^= x << 13;
@@ -162,6 +176,118 @@ fn random_picks(n: usize, of: usize) -> Vec<usize> {
             (x % of as u64) as usize
         })
         .collect()
+}
+
+/// Asynchronous pods on 127.0.1.5, 127.0.1.6, … sharing one port, one job at a time each, job
+/// ids distinct across pods (a poll at a pod that did not accept the job is a `404`).
+async fn start_async_pods() -> Result<Vec<AsyncPod>, String> {
+    let mut pods: Vec<AsyncPod> = Vec::new();
+    for i in 0..ASYNC_PODS {
+        let port = pods.first().map_or(0, |p| p.addr.port());
+        let opts = AsyncOptions {
+            workers: Some(1),
+            first_id: (i as u64 + 1) * 1_000_000,
+            ..AsyncOptions::new(Convention::Redirect, true)
+        };
+        let addr: SocketAddr = ([127, 0, 1, 5 + i as u8], port).into();
+        pods.push(
+            AsyncPod::start_with(addr, opts)
+                .await
+                .map_err(|e| format!("cannot start an async pod on {addr}: {e}"))?,
+        );
+    }
+    Ok(pods)
+}
+
+/// What the clients of a burst of jobs saw: (done, lost to a `404`, the time until the last job
+/// was seen done).
+async fn job_burst(
+    submit_to: Vec<SocketAddr>,
+    poll_at: Vec<SocketAddr>,
+) -> Result<(usize, usize, Duration), String> {
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for (i, addr) in submit_to.into_iter().enumerate() {
+        let poll_at = poll_at.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = loadgen::request(
+                addr,
+                "POST",
+                &format!("/submit?ms={WORK_MS}&n={i}"),
+                &[],
+                b"",
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            let at = match (r.status, r.header("location")) {
+                (202, Some(at)) => at.to_string(),
+                _ => {
+                    return Err(format!(
+                        "submission answered {}: {}",
+                        r.status,
+                        r.body.trim()
+                    ))
+                }
+            };
+            // Each poll is a new connection: at random, one of `poll_at`.
+            for pick in random_picks(300, poll_at.len(), i as u64 + 1) {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let r = loadgen::get(poll_at[pick], &at, &[])
+                    .await
+                    .map_err(|e| e.to_string())?;
+                match r.status {
+                    202 => continue,
+                    303 => return Ok(true),
+                    404 => return Ok(false),
+                    s => return Err(format!("poll answered {s}: {}", r.body.trim())),
+                }
+            }
+            Err("a job still ran after 30 s".into())
+        }));
+    }
+    let (mut done, mut lost) = (0, 0);
+    for t in tasks {
+        if t.await.map_err(|e| e.to_string())?? {
+            done += 1;
+        } else {
+            lost += 1;
+        }
+    }
+    Ok((done, lost, start.elapsed()))
+}
+
+/// Waits until the pods have no job running (each pod works its jobs to the end, whatever the
+/// clients saw), then prints what each went through.
+async fn report_jobs(title: &str, pods: &[AsyncPod], seen: (usize, usize, Duration)) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pods
+        .iter()
+        .any(|p| p.stats.running.load(std::sync::atomic::Ordering::SeqCst) > 0)
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let n = |a: &std::sync::atomic::AtomicUsize| a.load(std::sync::atomic::Ordering::SeqCst);
+    println!("\n{title}");
+    println!(
+        "  {:<12} {:>6} {:>15} {:>25}",
+        "pod", "jobs", "max jobs held", "polls for a job not here"
+    );
+    for p in pods {
+        println!(
+            "  {:<12} {:>6} {:>15} {:>25}",
+            p.addr.ip().to_string(),
+            n(&p.stats.submitted),
+            n(&p.stats.max_running),
+            n(&p.stats.unknown_polls)
+        );
+    }
+    let (done, lost, took) = seen;
+    println!(
+        "  {done} of {JOBS} clients saw their job done ({} ms after the burst); {lost} lost it \
+         (a poll reached a pod that did not have it: 404)",
+        took.as_millis()
+    );
 }
 
 async fn demo(agent_bin: PathBuf) -> Result<(), String> {
@@ -175,7 +301,7 @@ async fn demo(agent_bin: PathBuf) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot start fake pods: {e}"))?;
     let addrs: Vec<SocketAddr> = direct.iter().map(|p| p.addr).collect();
-    let picks = random_picks(REQUESTS, PODS)
+    let picks = random_picks(REQUESTS, PODS, 0)
         .into_iter()
         .map(|i| addrs[i])
         .collect();
@@ -195,9 +321,15 @@ async fn demo(agent_bin: PathBuf) -> Result<(), String> {
     let port = free_port().map_err(|e| e.to_string())?;
     let admin = free_port().map_err(|e| e.to_string())?;
     let endpoints: Vec<String> = pods.iter().map(|p| format!("\"{}\"", p.addr)).collect();
+    let async_pods = start_async_pods().await?;
+    let async_endpoints: Vec<String> = async_pods
+        .iter()
+        .map(|p| format!("\"{}\"", p.addr))
+        .collect();
     let config = format!(
-        "listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:{admin}\nqueue: {{max_waiting: 100, timeout: 30s}}\nroutes:\n  - uri: /VideoCodecService/VideoCodec\n    limit: {LIMIT}\n    endpoints: [{}]\n",
-        endpoints.join(", ")
+        "listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:{admin}\nqueue: {{max_waiting: 100, timeout: 30s}}\nroutes:\n  - uri: /VideoCodecService/VideoCodec\n    limit: {LIMIT}\n    endpoints: [{}]\n  - uri: /submit\n    limit: 1\n    endpoints: [{}]\n    async: {{check_interval: 1s, done_when: redirect}}\n",
+        endpoints.join(", "),
+        async_endpoints.join(", ")
     );
     let dir = std::env::temp_dir().join(format!("lb-agent-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
@@ -239,6 +371,51 @@ async fn demo(agent_bin: PathBuf) -> Result<(), String> {
         .count();
     println!(
         "\n{} pods went over the limit of {LIMIT} through lb-agent.",
+        if over == 0 {
+            "No".to_string()
+        } else {
+            over.to_string()
+        }
+    );
+
+    // 3. An asynchronous service: at random, then through lb-agent.
+    println!(
+        "\nAn asynchronous service: {ASYNC_PODS} pods answering 202 + Location at once, each working on \
+         one job at a time;\n{JOBS} jobs of {WORK_MS} ms submitted at once, each client polling \
+         its Location every 100 ms."
+    );
+    let direct = start_async_pods().await?;
+    let addrs: Vec<SocketAddr> = direct.iter().map(|p| p.addr).collect();
+    let picks = random_picks(JOBS, ASYNC_PODS, 0)
+        .into_iter()
+        .map(|i| addrs[i])
+        .collect();
+    let seen = job_burst(picks, addrs.clone()).await?;
+    report_jobs(
+        "Without lb-agent (a random pod per connection, polls included):",
+        &direct,
+        seen,
+    )
+    .await;
+    drop(direct);
+    let seen = job_burst(vec![agent; JOBS], vec![agent]).await?;
+    report_jobs(
+        "Through lb-agent (limit 1; a job keeps its slot until done; polls go to its pod):",
+        &async_pods,
+        seen,
+    )
+    .await;
+    let over = async_pods
+        .iter()
+        .filter(|p| {
+            p.stats
+                .max_running
+                .load(std::sync::atomic::Ordering::SeqCst)
+                > 1
+        })
+        .count();
+    println!(
+        "\n{} async pods held more than 1 job at once through lb-agent.",
         if over == 0 {
             "No".to_string()
         } else {

@@ -27,14 +27,13 @@ reached a pod that did not own the job, and jobs whose client saw them done.
 """
 
 import asyncio
-import json
 import math
 import os
 import random
 import time
 
 from . import contenders as C
-from .procs import BenchError, Proc, http_get_sync
+from .procs import BenchError
 from .stats import makespan_lower_bound, median
 
 PODS, LIMIT, WORKERS = 4, 1, 1
@@ -52,41 +51,12 @@ def workload():
     return [int(min(4000, max(200, rng.lognormvariate(math.log(900), 0.8)))) for _ in range(24)]
 
 
-class AsyncPods:
-    """`testkit asyncpods`: `count` asynchronous pods on first, first+1, … sharing one port."""
+class AsyncPods(C.FakePods):
+    """`testkit asyncpods --callback`: asynchronous pods, started and read like the fake pods
+    (their `/_stats` JSON has their own fields: `submitted`, `running`, `max_running`, …)."""
 
-    def __init__(self, workdir, first, count, workers):
-        argv = [C.TESTKIT, "asyncpods", "--first", first, "--count", str(count), "--port", "0",
-                "--workers", str(workers), "--callback"]
-        self.proc = Proc("asyncpods", argv, os.path.join(workdir, "asyncpods.log"),
-                         stdout_pipe=True)
-        line = self.proc.read_line(10)
-        if not line.startswith("asyncpods ready"):
-            raise BenchError(f"asyncpods said {line!r}")
-        self.port = int(line.rsplit(" ", 1)[1])
-        base = [int(x) for x in first.split(".")]
-        n0 = (base[0] << 24) | (base[1] << 16) | (base[2] << 8) | base[3]
-        self.ips = [".".join(str((n0 + i) >> s & 255) for s in (24, 16, 8, 0))
-                    for i in range(count)]
-        self.addrs = [f"{ip}:{self.port}" for ip in self.ips]
-
-    def _each(self, path, method="GET"):
-        out = []
-        for ip in self.ips:
-            status, body = http_get_sync(ip, self.port, path, method=method)
-            if status != 200:
-                raise BenchError(f"{method} {ip}:{self.port}{path} answered {status}")
-            out.append(json.loads(body))
-        return out
-
-    def stats(self):
-        return self._each("/_stats")
-
-    def reset(self):
-        return self._each("/_stats/reset", method="POST")
-
-    def stop(self):
-        self.proc.stop()
+    kind = "asyncpods"
+    extra = ["--callback"]
 
 
 class AsyncLbAgent(C.LbAgent):

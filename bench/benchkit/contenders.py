@@ -43,18 +43,23 @@ HOST = "127.0.0.1"
 
 
 class FakePods:
-    """`testkit fakepods`: `count` pods on first, first+1, … sharing one port."""
+    """`testkit fakepods`: `count` pods on first, first+1, … sharing one port. Subclasses serve
+    other testkit pods that start and count alike (`kind`, and `extra` arguments)."""
+
+    kind = "fakepods"
+    extra = []
 
     def __init__(self, workdir, first, count, workers=None, cpus=None):
-        argv = [TESTKIT, "fakepods", "--first", first, "--count", str(count), "--port", "0"]
+        argv = [TESTKIT, self.kind, "--first", first, "--count", str(count), "--port", "0",
+                *self.extra]
         if workers:
             argv += ["--workers", str(workers)]
-        self.proc = Proc("fakepods", argv, os.path.join(workdir, "fakepods.log"), cpus=cpus,
+        self.proc = Proc(self.kind, argv, os.path.join(workdir, f"{self.kind}.log"), cpus=cpus,
                          stdout_pipe=True)
         line = self.proc.read_line(10)
         # "fakepods ready 127.0.1.1..127.0.1.4 port 40123"
-        if not line.startswith("fakepods ready"):
-            raise BenchError(f"fakepods said {line!r}")
+        if not line.startswith(f"{self.kind} ready"):
+            raise BenchError(f"{self.kind} said {line!r}")
         self.port = int(line.rsplit(" ", 1)[1])
         base = [int(x) for x in first.split(".")]
         n0 = (base[0] << 24) | (base[1] << 16) | (base[2] << 8) | base[3]

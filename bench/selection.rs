@@ -40,16 +40,23 @@ fn pick(b: &Balancer, q: &QueuePolicy, deadline: tokio::time::Instant) -> Slot {
         .expect("pick")
 }
 
-fn selection(c: &mut Criterion) {
+/// A current-thread runtime (entered by the caller, for the queue's timers) and a queue
+/// policy that never times out within a bench.
+fn setup(max_waiting: usize) -> (tokio::runtime::Runtime, QueuePolicy) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    let _guard = rt.enter();
     let q = QueuePolicy {
-        max_waiting: 1000,
+        max_waiting,
         timeout: Duration::from_secs(3600),
     };
+    (rt, q)
+}
+
+fn selection(c: &mut Criterion) {
+    let (rt, q) = setup(1000);
+    let _guard = rt.enter();
     let mut group = c.benchmark_group("pick_release");
     group.throughput(Throughput::Elements(1));
     for n in [10usize, 100, 1000] {
@@ -88,15 +95,8 @@ fn selection(c: &mut Criterion) {
 }
 
 fn release_with_queued_retries(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let (rt, q) = setup(20_000);
     let _guard = rt.enter();
-    let q = QueuePolicy {
-        max_waiting: 20_000,
-        timeout: Duration::from_secs(3600),
-    };
     let mut group = c.benchmark_group("release_with_queued_retries");
     group.throughput(Throughput::Elements(1));
     for n in [0usize, 1000, 10_000] {

@@ -392,7 +392,7 @@ impl ServeHttp for AdminApp {
             "/metrics" => reply(
                 StatusCode::OK,
                 "text/plain; version=0.0.4",
-                crate::metrics::render(),
+                crate::state_metrics::render(),
             ),
             "/status" => {
                 let body = serde_json::to_vec_pretty(&self.status().await).unwrap_or_default();

@@ -29,7 +29,7 @@ use pingora::protocols::{
     GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
     TimingDigest, UniqueID, UniqueIDType,
 };
-use pingora::proxy::{HttpProxy, Session};
+use pingora::proxy::Session;
 use pingora::server::ShutdownWatch;
 use std::future::Future;
 use std::io;
@@ -42,7 +42,6 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 use crate::config::ClientLimits;
-use crate::proxy::LbProxy;
 
 /// The connection preface every HTTP/2 prior-knowledge client sends first (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -285,14 +284,15 @@ pub fn request_started(session: &Session) {
 }
 
 /// The Pingora application the listener runs: guards each connection, then hands it to
-/// [`Sessions`] and through it to the proxy.
-pub struct Front {
-    sessions: Arc<Sessions>,
+/// [`Sessions`] and through it to the proxy `P` (Pingora's `HttpProxy` of lb-agent's proxy;
+/// generic so that the front door, which the proxy calls into, does not depend on it).
+pub struct Front<P> {
+    sessions: Arc<Sessions<P>>,
     limits: ClientLimits,
 }
 
-impl Front {
-    pub fn new(proxy: HttpProxy<LbProxy>, limits: ClientLimits) -> Self {
+impl<P> Front<P> {
+    pub fn new(proxy: P, limits: ClientLimits) -> Self {
         Self {
             sessions: Arc::new(Sessions {
                 proxy: Arc::new(proxy),
@@ -303,7 +303,7 @@ impl Front {
 }
 
 #[async_trait]
-impl ServerApp for Front {
+impl<P: HttpServerApp + Send + Sync + 'static> ServerApp for Front<P> {
     async fn process_new(
         self: &Arc<Self>,
         mut stream: Stream,
@@ -339,12 +339,12 @@ impl ServerApp for Front {
 }
 
 /// Each request's session on its way to the proxy.
-pub struct Sessions {
-    proxy: Arc<HttpProxy<LbProxy>>,
+pub struct Sessions<P> {
+    proxy: Arc<P>,
 }
 
 #[async_trait]
-impl HttpServerApp for Sessions {
+impl<P: HttpServerApp + Send + Sync + 'static> HttpServerApp for Sessions<P> {
     async fn process_new_http(
         self: &Arc<Self>,
         mut session: ServerSession,

@@ -19,16 +19,18 @@ pub mod jobs;
 pub mod live;
 pub mod logging;
 pub mod metrics;
+pub mod path;
 pub mod plan;
 mod pooled;
 pub mod proxy;
-pub mod redis_ledger;
 pub mod reload;
 mod request_rules;
 pub mod respond;
 pub mod response_buffer;
 pub mod route;
 pub mod shutdown;
+pub mod state_metrics;
+pub mod stopping;
 
 use pingora::apps::HttpServerOptions;
 use pingora::protocols::http::v2::server::default_h2_options;
@@ -60,7 +62,7 @@ pub enum StartError {
     #[error(transparent)]
     Live(#[from] live::LiveError),
     #[error(transparent)]
-    Ledger(#[from] redis_ledger::LedgerError),
+    Ledger(#[from] balance::shared::LedgerError),
     #[error("cannot start the ledger's runtime: {0}")]
     LedgerRuntime(#[source] std::io::Error),
     /// `listen` or `admin_listen` cannot be bound (in use, or not an address of this host).
@@ -99,12 +101,12 @@ fn open_ledger(config: &Config) -> Result<balance::Ledger, StartError> {
         .enable_all()
         .build()
         .map_err(StartError::LedgerRuntime)?;
-    let options = redis_ledger::LedgerOptions {
+    let options = balance::shared::LedgerOptions {
         lease_ttl: config.ledger.lease_ttl,
         recovery_hold: config.ledger.recovery_hold,
-        io_timeout: redis_ledger::DEFAULT_IO_TIMEOUT,
+        io_timeout: balance::shared::DEFAULT_IO_TIMEOUT,
     };
-    let redis = runtime.block_on(redis_ledger::RedisLedger::connect_with(
+    let redis = runtime.block_on(balance::shared::RedisLedger::connect_with(
         url,
         agent_id(),
         options,
@@ -218,7 +220,7 @@ pub fn build_server(
     server.bootstrap();
 
     let live = Live::new(config, open_ledger(config)?)?;
-    metrics::sample_from(&live);
+    state_metrics::sample_from(&live);
     server.add_service(background_service(
         "config and discovery",
         reload::ConfigService::new(Arc::clone(&live), source, config.reload_interval, hangup),

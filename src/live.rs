@@ -20,31 +20,12 @@
 use futures::FutureExt;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, RwLock, Weak};
-use std::time::Duration;
 
-use crate::balance::{Balancer, Ledger, QueuePolicy};
-use crate::config::{ClientAbort, Config, PodPort, Target, UpstreamProtocol};
+use crate::balance::{Balancer, Ledger};
+use crate::config::{Config, PodPort, Target};
 use crate::discovery::{DiscoveryStats, Source, Task};
-use crate::route::RouteTable;
-use crate::shutdown::ShutdownState;
-
-/// What a route resolves to at request time.
-pub struct RouteEntry {
-    pub uri: String,
-    pub balancer: Arc<Balancer>,
-    pub queue: QueuePolicy,
-    pub connect_timeout: Duration,
-    pub protocol: UpstreamProtocol,
-    pub client_abort: ClientAbort,
-    /// A pooled connection to a pod idle longer than this is closed, not reused.
-    pub upstream_idle_timeout: Duration,
-    /// The longest a pod may make no progress on a request of this route.
-    pub upstream_timeout: Duration,
-    /// Asynchronous jobs: a `202` with a `Location` keeps its slot (see [`crate::jobs`]).
-    pub async_jobs: Option<crate::config::AsyncJobs>,
-    /// This route's metric handles, looked up on its first request.
-    pub metrics: std::sync::OnceLock<crate::metrics::RouteMetrics>,
-}
+use crate::route::{RouteEntry, RouteTable};
+use crate::stopping::ShutdownState;
 
 /// One config's routes and pools, as requests see them.
 pub struct Snapshot {
@@ -332,7 +313,13 @@ impl Live {
                 .adopting
                 .swap(true, std::sync::atomic::Ordering::AcqRel)
         {
-            tokio::spawn(Arc::clone(&self.jobs).adopt_orphans(Arc::downgrade(self)));
+            let live = Arc::downgrade(self);
+            tokio::spawn(Arc::clone(&self.jobs).adopt_orphans(move || {
+                let live = live.upgrade().filter(|l| !l.shutdown.stopping())?;
+                let snapshot = live.snapshot();
+                let routes = snapshot.routes.iter();
+                Some(routes.filter(|r| r.async_jobs.is_some()).cloned().collect())
+            }));
         }
     }
 

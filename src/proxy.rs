@@ -21,13 +21,14 @@ use crate::balance::{Arrival, QueueError, Slot};
 use crate::config::{ClientAbort, ClientLimits, UpstreamProtocol};
 use crate::front;
 use crate::jobs;
-use crate::live::{Live, RouteEntry};
+use crate::live::Live;
 use crate::metrics;
 use crate::respond::{
     format_grpc_timeout, grpc_status, grpc_timeout, is_grpc, write_grpc_status, write_text,
 };
 use crate::response_buffer;
-use crate::shutdown::ActiveRequest;
+use crate::route::RouteEntry;
+use crate::stopping::ActiveRequest;
 
 /// Bodies up to this size are read while the request waits in the queue, so that a client that
 /// goes away is noticed (and the body is replayed to the pod from Pingora's retry buffer).
@@ -322,7 +323,7 @@ async fn connection_closed(socket: Option<Arc<pingora::protocols::SocketDigest>>
 }
 
 /// Refuses what RFC 9112 requires a server to refuse, and normalises the path before routing
-/// (see [`crate::route::normalize_path`]). The normalised path is also what the pod receives, so
+/// (see [`crate::path::normalize_path`]). The normalised path is also what the pod receives, so
 /// the pod serves the path that was routed, whatever its own normalisation does.
 fn check_and_normalize(session: &mut Session) -> Result<(), String> {
     let req = session.req_header();
@@ -336,7 +337,7 @@ fn check_and_normalize(session: &mut Session) -> Result<(), String> {
     crate::request_rules::check(session.req_header_mut())?;
     let req = session.req_header();
     let path = req.uri.path();
-    let normalized = match crate::route::normalize_path(path) {
+    let normalized = match crate::path::normalize_path(path) {
         Ok(std::borrow::Cow::Borrowed(_)) => return Ok(()),
         Ok(std::borrow::Cow::Owned(p)) => p,
         Err(e) => return Err(e.reason().into()),

@@ -24,27 +24,24 @@
 //!
 //! A request is only started on a pod while it can still finish: at the moment it is handed a
 //! slot during the drain, the time left must cover what the pool's recent requests took
-//! ([`crate::balance::PoolView::longest_recent_hold`]) plus [`QUEUE_CLOSE_MARGIN`] to write the
-//! answer ([`ShutdownState::may_start`]); otherwise it gets a `503` with `Retry-After` and can
-//! be retried on another replica at once, instead of starting work on a pod only to be cut at
-//! the deadline without a response. The same rule closes a pool's queue (checked every
-//! [`DRAIN_POLL`]), so what still waits is answered promptly. A request that was started keeps
-//! its slot and runs until the deadline like any other request in flight.
+//! ([`crate::balance::PoolView::longest_recent_hold`]) plus
+//! [`crate::stopping::QUEUE_CLOSE_MARGIN`] to write the answer
+//! ([`crate::stopping::ShutdownState::may_start`]); otherwise it gets a `503` with
+//! `Retry-After` and can be retried on another replica at once, instead of starting work on a
+//! pod only to be cut at the deadline without a response. The same rule closes a pool's queue
+//! (checked every [`DRAIN_POLL`]), so what still waits is answered promptly. A request that was
+//! started keeps its slot and runs until the deadline like any other request in flight.
 
 use async_trait::async_trait;
 use pingora::server::{ShutdownSignal, ShutdownSignalWatch};
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::balance::Balancer;
 use crate::live::Live;
-
-/// How long before the end of the grace period the queues are closed: time enough to write the
-/// `503`s before the process exits.
-const QUEUE_CLOSE_MARGIN: Duration = Duration::from_millis(500);
+use crate::stopping::can_finish;
 
 /// How often the drain watcher looks at the pools during shutdown (only then).
 const DRAIN_POLL: Duration = Duration::from_millis(20);
@@ -59,65 +56,6 @@ pub fn pingora_grace_secs(grace: Duration) -> u64 {
     grace.as_secs() + u64::from(grace.subsec_nanos() > 0) + 1
 }
 
-/// What the rest of the agent needs to know about a shutdown: whether it has begun (readiness,
-/// keep-alive), and how many requests are being handled (the drain waits for them).
-#[derive(Default)]
-pub struct ShutdownState {
-    stopping: AtomicBool,
-    active: AtomicUsize,
-    /// When the drain ends (the process exits at the latest), once it has begun.
-    deadline: std::sync::Mutex<Option<Instant>>,
-}
-
-impl ShutdownState {
-    /// True from SIGTERM on.
-    pub fn stopping(&self) -> bool {
-        self.stopping.load(Ordering::Acquire)
-    }
-
-    fn begin(&self) {
-        self.stopping.store(true, Ordering::Release);
-    }
-
-    fn drain_until(&self, deadline: Instant) {
-        *self.deadline.lock().unwrap_or_else(|p| p.into_inner()) = Some(deadline);
-    }
-
-    /// Whether a request whose pool's recent requests took up to `hold()` may still be started
-    /// on a pod: always, unless the drain has begun and the time left would not cover that
-    /// plus the margin to answer. Decided when the request is handed its slot, not by a poll.
-    /// `hold` is only asked during the drain: the pool's view costs more than the check.
-    pub fn may_start(&self, hold: impl FnOnce() -> Duration) -> bool {
-        if !self.stopping() {
-            return true;
-        }
-        let deadline = *self.deadline.lock().unwrap_or_else(|p| p.into_inner());
-        deadline.is_none_or(|d| can_finish(d.saturating_duration_since(Instant::now()), hold()))
-    }
-
-    /// Counts a request as being handled until the guard is dropped. Slots and queue places
-    /// alone miss the moments before a request reaches the queue and after it left it (writing
-    /// a refusal), and exiting then would cut a request that was already accepted.
-    pub fn request(self: &Arc<Self>) -> ActiveRequest {
-        self.active.fetch_add(1, Ordering::AcqRel);
-        ActiveRequest(Arc::clone(self))
-    }
-
-    /// Requests being handled right now.
-    pub fn active(&self) -> usize {
-        self.active.load(Ordering::Acquire)
-    }
-}
-
-/// A request being handled; see [`ShutdownState::request`].
-pub struct ActiveRequest(Arc<ShutdownState>);
-
-impl Drop for ActiveRequest {
-    fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 pub struct DrainOnTerm {
     /// Every pool in force or still held by requests is drained (looked up afresh each time).
     pub live: Arc<Live>,
@@ -125,12 +63,6 @@ pub struct DrainOnTerm {
     pub delay: Duration,
     /// Time from the listeners' close until the process exits at the latest (`shutdown_grace`).
     pub grace: Duration,
-}
-
-/// The drain's one rule: a request that takes `hold` can be started with `left` to go, and
-/// still be answered, when `left` covers `hold` plus [`QUEUE_CLOSE_MARGIN`].
-fn can_finish(left: Duration, hold: Duration) -> bool {
-    left >= hold + QUEUE_CLOSE_MARGIN
 }
 
 /// Nothing is waiting and nothing is in flight but asynchronous jobs: those run on their
@@ -265,26 +197,6 @@ impl ShutdownSignalWatch for DrainOnTerm {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_request_starts_during_the_drain_only_if_it_can_finish_with_a_margin() {
-        let state = ShutdownState::default();
-        let hold = Duration::from_millis(800);
-        assert!(state.may_start(|| hold), "no shutdown");
-        state.begin();
-        assert!(state.may_start(|| hold), "the delay: no deadline yet");
-        state.drain_until(Instant::now() + Duration::from_millis(1_250));
-        assert!(
-            !state.may_start(|| hold),
-            "1.25 s left < 0.8 s + 0.5 s margin"
-        );
-        assert!(
-            state.may_start(|| Duration::from_millis(500)),
-            "1.25 s left >= 0.5 s + 0.5 s"
-        );
-        state.drain_until(Instant::now() - Duration::from_millis(1));
-        assert!(!state.may_start(|| Duration::ZERO), "past the deadline");
-    }
 
     #[test]
     fn pingora_grace_is_never_shorter_than_ours() {

@@ -1,4 +1,4 @@
-//! The shared slot ledger (src/redis_ledger.rs) against a real `redis-server` on loopback.
+//! The shared slot ledger (src/balance/shared/) against a real `redis-server` on loopback.
 //!
 //! Several `RedisLedger` instances in one process stand for several agents; the pods are fake
 //! addresses 127.0.1.x:80 (the ledger never connects to them). Caps are checked twice: with a
@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lb_agent::redis_ledger::{
+use lb_agent::balance::shared::{
     AcquireError, AgentView, JobHold, JobRecord, LedgerOptions, RedisLedger,
 };
 use tokio::time::{sleep, Instant};
@@ -1387,13 +1387,13 @@ async fn grants_resume_when_every_replica_reasserted() {
 /// here as the agent runs them (common.lua + each script), in the racing order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_racing_reassertion_on_a_kept_ledger_is_not_undone() {
-    const COMMON: &str = include_str!("../src/redis_ledger/common.lua");
+    const COMMON: &str = include_str!("../src/balance/shared/scripts/common.lua");
     let script = |part: &str| redis::Script::new(&format!("{COMMON}{part}"));
-    let ensure = script(include_str!("../src/redis_ledger/ensure.lua"));
-    let acquire = script(include_str!("../src/redis_ledger/acquire.lua"));
-    let leave = script(include_str!("../src/redis_ledger/leave.lua"));
-    let reassert = script(include_str!("../src/redis_ledger/reassert.lua"));
-    let peek = script(include_str!("../src/redis_ledger/peek.lua"));
+    let ensure = script(include_str!("../src/balance/shared/scripts/ensure.lua"));
+    let acquire = script(include_str!("../src/balance/shared/scripts/acquire.lua"));
+    let leave = script(include_str!("../src/balance/shared/scripts/leave.lua"));
+    let reassert = script(include_str!("../src/balance/shared/scripts/reassert.lua"));
+    let peek = script(include_str!("../src/balance/shared/scripts/peek.lua"));
     let redis = Redis::start();
     let client = redis::Client::open(redis.url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();

@@ -29,7 +29,7 @@ use tokio::sync::oneshot;
 
 use super::queue::Queue;
 use super::{PodChange, PodView, PoolView, QueueError};
-use crate::redis_ledger::AgentView;
+use crate::balance::shared::AgentView;
 
 /// How long a pod that refused a connection, or made no progress on a request for
 /// `upstream_timeout`, is placed behind every other pod in the choice. It is not removed (DNS

@@ -17,13 +17,14 @@
 //!
 //! * in process (ledger.rs, the default): one agent; select.rs is Pingora's
 //!   `BackendSelection`, where the pod for a request that does not wait is chosen;
-//! * shared by several agent replicas through Redis (redis.rs): the cap, the least-in-flight
+//! * shared by several agent replicas through Redis (shared/): the cap, the least-in-flight
 //!   choice and the FIFO queue are global, decided by one atomic script per step. The
 //!   in-process ledger then only counts this agent's own slots, for its views and its drain.
 
 mod ledger;
 mod queue;
 mod select;
+pub mod shared;
 
 use pingora::lb::{Backends, LoadBalancer};
 use std::collections::BTreeSet;
@@ -32,10 +33,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::redis_ledger::{AcquireError, Lease, RedisLedger};
 pub use ledger::CONNECT_FAILURE_PENALTY;
 use ledger::{Enqueued, LocalLedger, LocalSlot};
 use select::{inet, LeastInFlight, PoolHandle, SharedDiscovery, TrustedPods};
+use shared::{AcquireError, Lease, RedisLedger};
 
 /// Where a request first joined the queue, kept across its attempts: a retry after a connect
 /// failure waits in the place it had, not behind everyone who came after it (its queue timeout

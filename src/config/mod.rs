@@ -155,7 +155,7 @@ impl Default for LedgerConfig {
         Self {
             redis: None,
             lease_ttl: Duration::from_secs(30),
-            recovery_hold: crate::redis_ledger::DEFAULT_RECOVERY_HOLD,
+            recovery_hold: crate::balance::shared::DEFAULT_RECOVERY_HOLD,
         }
     }
 }

@@ -796,7 +796,7 @@ impl Routes {
             ));
         }
         // Requests are routed by their normalised path, which such a uri can never equal.
-        match crate::route::normalize_path(&uri) {
+        match crate::path::normalize_path(&uri) {
             Ok(n) if n == uri => {}
             Ok(n) => {
                 return Err(ConfigError::new(

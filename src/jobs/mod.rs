@@ -30,10 +30,10 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use crate::balance::shared::{JobHold, JobRecord, Lease, RedisLedger};
 use crate::balance::Slot;
 use crate::config::{AsyncJobs, JobIdInJson};
-use crate::live::{Live, RouteEntry};
-use crate::redis_ledger::{JobHold, JobRecord, Lease, RedisLedger};
+use crate::route::RouteEntry;
 pub use token::{BadHandle, Handle, Keys, V2_START};
 pub use verdict::{needs_body, verdict, Verdict};
 
@@ -345,21 +345,22 @@ impl Jobs {
     }
 
     /// With a shared ledger, every [`ADOPT_EVERY`]: adopts the job holds of the asynchronous
-    /// routes' pools whose agent vanished, and checks them here from then on. Ends when the
-    /// agent shuts down (its own holds are then left for another agent to adopt).
-    pub async fn adopt_orphans(self: Arc<Self>, live: Weak<Live>) {
+    /// routes' pools whose agent vanished, and checks them here from then on. `async_routes`
+    /// gives the asynchronous routes in force (exact routes first, as the route table lists
+    /// them), or `None` once the agent shuts down, which ends the task (its own holds are then
+    /// left for another agent to adopt).
+    pub async fn adopt_orphans(
+        self: Arc<Self>,
+        async_routes: impl Fn() -> Option<Vec<Arc<RouteEntry>>>,
+    ) {
         let Some(redis) = self.shared.clone() else {
             return;
         };
         loop {
             tokio::time::sleep(ADOPT_EVERY).await;
-            let Some(live) = live.upgrade() else { return };
-            if live.shutdown.stopping() {
-                return;
-            }
-            let snapshot = live.snapshot();
+            let Some(routes) = async_routes() else { return };
             let mut pools = Vec::new();
-            for route in snapshot.routes.iter().filter(|r| r.async_jobs.is_some()) {
+            for route in &routes {
                 let pool = route.balancer.name().to_string();
                 if !pools.iter().any(|(p, _)| *p == pool) {
                     pools.push((pool, Arc::clone(route)));
@@ -376,10 +377,9 @@ impl Jobs {
                 for (lease, record) in adopted {
                     // The route that accepted the job, if this agent has it; else the one
                     // that found it (same pool).
-                    let own = snapshot
-                        .routes
-                        .lookup(&record.route)
-                        .filter(|r| r.async_jobs.is_some() && r.uri == record.route)
+                    let own = routes
+                        .iter()
+                        .find(|r| r.uri == record.route)
                         .map_or_else(|| Arc::clone(&route), Arc::clone);
                     let Some(cfg) = own.async_jobs.clone() else {
                         continue;

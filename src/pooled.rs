@@ -9,9 +9,11 @@
 //! `MSG_PEEK` asks the kernel itself.
 
 #[cfg(target_os = "linux")]
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 #[cfg(unix)]
 use std::os::unix::io::RawFd;
+#[cfg(target_os = "linux")]
+use std::sync::Arc;
 #[cfg(target_os = "linux")]
 use std::time::Duration;
 
@@ -61,8 +63,9 @@ pub fn closed_by_pod(fd: RawFd, http2: bool) -> bool {
 #[derive(Debug)]
 pub struct Reused {
     /// A duplicate: Pingora drops its connection before the error reaches the proxy, and the
-    /// number of a closed descriptor may already belong to another socket.
-    fd: OwnedFd,
+    /// number of a closed descriptor may already belong to another socket. Shared with the
+    /// request's other duplicate of the same socket, if it has one (see [`Reused::with`]).
+    fd: Arc<OwnedFd>,
     acked_before: u64,
 }
 
@@ -70,12 +73,22 @@ pub struct Reused {
 impl Reused {
     /// `None` if the descriptor cannot be duplicated or the kernel would not say (then such a
     /// request is never resent).
+    #[cfg(test)]
     pub fn before_write(fd: RawFd) -> Option<Reused> {
         // SAFETY: Pingora hands us the fd of a socket it owns and keeps open for the whole call.
-        let fd = unsafe { BorrowedFd::borrow_raw(fd) }
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
             .try_clone_to_owned()
             .ok()?;
-        let acked_before = acked(fd.as_raw_fd())?;
+        let fd = Arc::new(fd);
+        let info = pingora::protocols::l4::ext::get_tcp_info(fd.as_raw_fd()).ok()?;
+        Reused::with(fd, &info)
+    }
+
+    /// [`Reused::before_write`] from a duplicate `fd` the request already made and the socket's
+    /// `info` read right before the write: one `dup` and one `TCP_INFO` per request, however
+    /// many parts of the request need them.
+    pub fn with(fd: Arc<OwnedFd>, info: &pingora::protocols::l4::ext::TCP_INFO) -> Option<Reused> {
+        let acked_before = info.tcpi_bytes_acked;
         // A connection that carried a request has had bytes acknowledged: zero means the kernel
         // does not count them.
         (acked_before > 0).then_some(Reused { fd, acked_before })

@@ -13,6 +13,7 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use crate::abandoned::{self, Abandoned, BodyFraming, ResponseEnd, Seen, UpstreamSocket};
@@ -256,14 +257,7 @@ async fn client_gone(session: &mut Session) {
         let _ = closed.await;
         return;
     }
-    let fits = session.as_mut().is_body_empty()
-        || session
-            .req_header()
-            .headers
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<usize>().ok())
-            .is_some_and(|n| n <= QUEUED_BODY_LIMIT);
+    let fits = body_fits_retry_buffer(session);
     let socket = session
         .as_downstream()
         .digest()
@@ -288,6 +282,46 @@ async fn client_gone(session: &mut Session) {
         _ = read => {}
         _ = connection_closed(socket) => {}
     }
+}
+
+/// Whether the request body (none, or a small one) is read into Pingora's retry buffer while
+/// the request waits, which is how an HTTP/1.1 client's close is seen (see [`client_gone`]).
+fn body_fits_retry_buffer(session: &mut Session) -> bool {
+    session.as_mut().is_body_empty()
+        || session
+            .req_header()
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .is_some_and(|n| n <= QUEUED_BODY_LIMIT)
+}
+
+/// [`client_gone`]'s first look, without waiting: what it would find on its first poll (a
+/// reset HTTP/2 stream, or an HTTP/1.1 client's close read past its small body), with no
+/// timer set. A request that gets a slot at once is checked with this alone: the timer that
+/// watches a pipelining or large-body client's TCP state costs every request a timer
+/// registration and a wake-up of the runtime's driver, and its first check would come only
+/// after [`CLOSE_CHECK_FIRST`] anyway.
+fn client_already_gone(session: &mut Session) -> bool {
+    use futures::FutureExt;
+    if let Some(closed) = session.as_mut().watch_h2_stream_close() {
+        return closed.now_or_never().is_some();
+    }
+    if !body_fits_retry_buffer(session) {
+        return false;
+    }
+    session.as_mut().enable_retry_buffering();
+    async {
+        loop {
+            let done = session.as_mut().is_body_done();
+            if session.as_mut().read_body_or_idle(done).await.is_err() {
+                return;
+            }
+        }
+    }
+    .now_or_never()
+    .is_some()
 }
 
 /// How soon a queued request first checks its client's TCP state, and the longest between two
@@ -521,12 +555,18 @@ impl ProxyHttp for LbProxy {
                         .balancer
                         .acquire(&route.queue, deadline, &ctx.tried, &mut ctx.arrival);
                 tokio::pin!(acquire);
-                tokio::select! {
-                    // A client that is already gone must not be sent to a pod, even if a slot
-                    // is free at the same moment.
-                    biased;
-                    _ = client_gone(session) => Err(Refusal::ClientGone),
-                    r = &mut acquire => r.map_err(Refusal::Queue),
+                // A client that is already gone must not be sent to a pod, even if a slot is
+                // free at the same moment: it is looked at first, and again while it waits.
+                if client_already_gone(session) {
+                    Err(Refusal::ClientGone)
+                } else if let Poll::Ready(r) = futures::poll!(&mut acquire) {
+                    r.map_err(Refusal::Queue)
+                } else {
+                    tokio::select! {
+                        biased;
+                        _ = client_gone(session) => Err(Refusal::ClientGone),
+                        r = &mut acquire => r.map_err(Refusal::Queue),
+                    }
                 }
             };
             ctx.queue_wait += waited_from.elapsed();
@@ -613,7 +653,7 @@ impl ProxyHttp for LbProxy {
             upstream_request.remove_header(&http::header::EXPECT);
         }
         // Only lb-agent names a job's callback: a client's own would be a forgery.
-        upstream_request.remove_header(jobs::CALLBACK_HEADER);
+        upstream_request.remove_header(&CALLBACK_HEADER);
         if let Some(poll) = &ctx.job_poll {
             upstream_request.set_uri(
                 poll.target
@@ -653,7 +693,7 @@ impl ProxyHttp for LbProxy {
             // until the pod ends the call's stream: a deadline would make the pod's gRPC server
             // end the stream at that moment while its handler works on, and the slot would go
             // to the next call on top of it.
-            upstream_request.remove_header("grpc-timeout");
+            upstream_request.remove_header(&GRPC_TIMEOUT);
         } else if let Some(deadline) = ctx.grpc_deadline {
             // The pod is told the time the call has left, not the time it had when it reached
             // lb-agent: after a queue wait, the unchanged grpc-timeout would let the pod work
@@ -679,15 +719,18 @@ impl ProxyHttp for LbProxy {
         else {
             return Ok(());
         };
+        let mut text = [0u8; 39];
+        let client = ip_text(client, &mut text);
         let value = match upstream_request
             .headers
-            .get("x-forwarded-for")
+            .get(&X_FORWARDED_FOR)
             .and_then(|v| v.to_str().ok())
         {
-            Some(prior) => format!("{prior}, {client}"),
-            None => client.to_string(),
-        };
-        upstream_request.insert_header("x-forwarded-for", value)
+            Some(prior) => http::HeaderValue::from_str(&format!("{prior}, {client}")),
+            None => http::HeaderValue::from_str(client),
+        }
+        .map_err(|_| Error::explain(ErrorType::InternalError, "bad X-Forwarded-For"))?;
+        upstream_request.insert_header(X_FORWARDED_FOR.clone(), value)
     }
 
     /// An HTTP/2 client often ends its request body with an empty DATA frame carrying
@@ -860,32 +903,26 @@ impl ProxyHttp for LbProxy {
         {
             ctx.reused = None;
         }
+        let http2 = ctx
+            .route
+            .as_ref()
+            .is_some_and(|r| r.protocol == UpstreamProtocol::H2c);
         #[cfg(unix)]
-        if reused {
-            let http2 = ctx
-                .route
-                .as_ref()
-                .is_some_and(|r| r.protocol == UpstreamProtocol::H2c);
-            if crate::pooled::closed_by_pod(_fd, http2) {
-                ctx.stale_connection = true;
-                if http2 {
-                    // Pingora puts an HTTP/2 connection back in its pool after this error and
-                    // sees it closed only once its driver task has read the end: shut it now,
-                    // and let the driver run, or the retry takes the same connection again.
-                    // SAFETY: `_fd` is the connection's open socket; shutting it down is what
-                    // the pod already did.
-                    unsafe { libc::shutdown(_fd, libc::SHUT_RDWR) };
-                    tokio::task::yield_now().await;
-                }
-                return Error::e_explain(
-                    ErrorType::ConnectionClosed,
-                    "the pod had closed this pooled connection before the request was written",
-                );
+        if reused && crate::pooled::closed_by_pod(_fd, http2) {
+            ctx.stale_connection = true;
+            if http2 {
+                // Pingora puts an HTTP/2 connection back in its pool after this error and
+                // sees it closed only once its driver task has read the end: shut it now,
+                // and let the driver run, or the retry takes the same connection again.
+                // SAFETY: `_fd` is the connection's open socket; shutting it down is what
+                // the pod already did.
+                unsafe { libc::shutdown(_fd, libc::SHUT_RDWR) };
+                tokio::task::yield_now().await;
             }
-            #[cfg(target_os = "linux")]
-            if !http2 {
-                ctx.reused = crate::pooled::Reused::before_write(_fd);
-            }
+            return Error::e_explain(
+                ErrorType::ConnectionClosed,
+                "the pod had closed this pooled connection before the request was written",
+            );
         }
         if let Some(slot) = &ctx.slot {
             slot.connected();
@@ -893,18 +930,31 @@ impl ProxyHttp for LbProxy {
         // An HTTP/2 connection to a pod carries other calls too; only an HTTP/1.1 connection
         // belongs to this request alone and can be finished on its own.
         ctx.response_framing = None;
-        ctx.upstream_socket = match &ctx.route {
-            Some(r)
-                if r.client_abort == ClientAbort::Finish
-                    && r.protocol == UpstreamProtocol::Http1 =>
-            {
-                #[cfg(unix)]
-                {
-                    UpstreamSocket::dup(_fd)
+        ctx.upstream_socket = None;
+        let finish = !http2
+            && ctx
+                .route
+                .as_ref()
+                .is_some_and(|r| r.client_abort == ClientAbort::Finish);
+        // What needs the socket after Pingora may have dropped it (the reuse proof of a reused
+        // HTTP/1.1 connection, the finish of an abandoned request) shares one duplicate and one
+        // TCP_INFO read: every syscall here is paid by every request.
+        #[cfg(unix)]
+        if finish || (reused && !http2 && cfg!(target_os = "linux")) {
+            if let Some(fd) = abandoned::duplicate(_fd).map(Arc::new) {
+                let raw = std::os::fd::AsRawFd::as_raw_fd(&*fd);
+                let info = pingora::protocols::l4::ext::get_tcp_info(raw).ok();
+                #[cfg(target_os = "linux")]
+                if reused {
+                    ctx.reused = info
+                        .as_ref()
+                        .and_then(|i| crate::pooled::Reused::with(Arc::clone(&fd), i));
+                }
+                if finish {
+                    ctx.upstream_socket = Some(UpstreamSocket::with(fd, info.as_ref()));
                 }
             }
-            _ => None,
-        };
+        }
         // On HTTP/2 the pod's stream itself is kept: see `abandoned_h2`.
         if ctx.client_left.is_none()
             && ctx.route.as_ref().is_some_and(|r| {
@@ -1262,6 +1312,47 @@ impl ProxyHttp for LbProxy {
     }
 }
 
+/// Header names the request path uses on every request, made once: a name given as text is
+/// parsed and validated each time it is used.
+static X_FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
+static CALLBACK_HEADER: http::HeaderName = http::HeaderName::from_static(jobs::CALLBACK_HEADER);
+static GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
+
+/// `ip` as text, written into `buf`: an IPv4 address digit by digit (what nearly every client
+/// in a cluster has; `Display` costs several times more), IPv6 through `Display`.
+fn ip_text(ip: std::net::IpAddr, buf: &mut [u8; 39]) -> &str {
+    use std::io::Write;
+    let len = match ip {
+        std::net::IpAddr::V4(v4) => {
+            let mut n = 0;
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    buf[n] = b'.';
+                    n += 1;
+                }
+                if octet >= 100 {
+                    buf[n] = b'0' + octet / 100;
+                    n += 1;
+                }
+                if octet >= 10 {
+                    buf[n] = b'0' + octet / 10 % 10;
+                    n += 1;
+                }
+                buf[n] = b'0' + octet % 10;
+                n += 1;
+            }
+            n
+        }
+        std::net::IpAddr::V6(v6) => {
+            let mut cursor = std::io::Cursor::new(&mut buf[..]);
+            // 39 bytes hold the longest IPv6 text (eight groups of four hex digits).
+            let _ = write!(cursor, "{v6}");
+            cursor.position() as usize
+        }
+    };
+    std::str::from_utf8(&buf[..len]).unwrap_or("")
+}
+
 /// A pod's address for a log line, `-` when the request reached none; formatted only when the
 /// line is written.
 struct PodName(Option<SocketAddr>);
@@ -1371,5 +1462,34 @@ fn outcome(ctx: &Ctx, e: Option<&Error>, status: u16) -> Outcome {
         None if e.is_some() || status >= 500 && ctx.pod.is_none() => Outcome::UpstreamError,
         None if ctx.pod_error => Outcome::PodError,
         None => Outcome::Ok,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ip_text;
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    #[test]
+    fn ip_text_is_what_display_writes() {
+        let mut addrs: Vec<IpAddr> = vec![
+            Ipv4Addr::new(0, 0, 0, 0).into(),
+            Ipv4Addr::new(255, 255, 255, 255).into(),
+            Ipv4Addr::new(10, 0, 100, 9).into(),
+            Ipv6Addr::LOCALHOST.into(),
+            Ipv6Addr::new(
+                0xfd00, 0xabcd, 0x1234, 0x5678, 0x9abc, 0xdef0, 0x1357, 0x2468,
+            )
+            .into(),
+            Ipv4Addr::new(10, 1, 2, 3).to_ipv6_mapped().into(),
+        ];
+        // Every octet value in every position.
+        for o in 0..=255u8 {
+            addrs.push(Ipv4Addr::new(o, 255 - o, o / 3, o.wrapping_mul(7)).into());
+        }
+        for ip in addrs {
+            let mut buf = [0u8; 39];
+            assert_eq!(ip_text(ip, &mut buf), ip.to_string());
+        }
     }
 }

@@ -41,6 +41,7 @@ pub mod framing;
 
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 
@@ -50,28 +51,29 @@ pub use framing::{BodyFraming, ResponseEnd, Seen};
 /// A duplicate of the upstream socket of a request in flight.
 #[derive(Debug)]
 pub struct UpstreamSocket {
-    fd: OwnedFd,
+    /// Shared with the request's other duplicate of this socket, if any ([`crate::pooled`]).
+    fd: Arc<OwnedFd>,
     /// Bytes taken off the socket before this request (earlier requests on a reused
     /// connection); `None` if the kernel would not say.
     consumed_before: Option<u64>,
 }
 
 impl UpstreamSocket {
-    /// Duplicates `fd` (close-on-exec), before the request is written to it. `None` if the
-    /// process is out of file descriptors: then the request runs as with
-    /// `client_abort: cancel`.
-    pub fn dup(fd: RawFd) -> Option<UpstreamSocket> {
-        // SAFETY: Pingora hands us the fd of a socket it owns and keeps open for the whole call.
-        let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-        match borrowed.try_clone_to_owned() {
-            Ok(fd) => Some(UpstreamSocket {
-                consumed_before: consumed_total(fd.as_raw_fd()),
-                fd,
-            }),
-            Err(e) => {
-                log::warn!("cannot keep the pod connection for client_abort: finish: {e}");
-                None
-            }
+    /// The pod connection of a request, from a duplicate of its descriptor ([`duplicate`]) and
+    /// the socket's `info` read right before the request is written (`None`: the kernel would
+    /// not say). A socket that has received nothing yet has nothing queued either, so a new
+    /// connection costs no `FIONREAD`.
+    pub fn with(
+        fd: Arc<OwnedFd>,
+        info: Option<&pingora::protocols::l4::ext::TCP_INFO>,
+    ) -> UpstreamSocket {
+        let consumed_before = info.and_then(|info| match info.tcpi_bytes_received {
+            0 => Some(0),
+            _ => consumed_since(fd.as_raw_fd(), info),
+        });
+        UpstreamSocket {
+            consumed_before,
+            fd,
         }
     }
 
@@ -83,10 +85,30 @@ impl UpstreamSocket {
     }
 }
 
+/// A duplicate of the pod connection's descriptor (close-on-exec), made before the request is
+/// written, that stays valid after Pingora drops the connection. `None` (logged) if the process
+/// is out of file descriptors: then the request runs as with `client_abort: cancel`.
+pub fn duplicate(fd: RawFd) -> Option<OwnedFd> {
+    // SAFETY: Pingora hands us the fd of a socket it owns and keeps open for the whole call.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    match borrowed.try_clone_to_owned() {
+        Ok(fd) => Some(fd),
+        Err(e) => {
+            log::warn!("cannot keep the pod connection for client_abort: finish: {e}");
+            None
+        }
+    }
+}
+
 /// Bytes taken off a TCP socket since it opened: received (`tcpi_bytes_received`) minus still
 /// queued (`FIONREAD`).
 fn consumed_total(fd: RawFd) -> Option<u64> {
     let info = pingora::protocols::l4::ext::get_tcp_info(fd).ok()?;
+    consumed_since(fd, &info)
+}
+
+/// [`consumed_total`] with the socket's `info` already read.
+fn consumed_since(fd: RawFd, info: &pingora::protocols::l4::ext::TCP_INFO) -> Option<u64> {
     let mut queued: libc::c_int = 0;
     // SAFETY: FIONREAD writes one c_int to the pointer given; `fd` is an open socket.
     if unsafe { libc::ioctl(fd, libc::FIONREAD, &mut queued) } != 0 {
@@ -181,7 +203,10 @@ async fn drain(
     // The time without progress before the client left counts too.
     let mut deadline =
         tokio::time::Instant::now() + timeout.saturating_sub(idle_for(socket.fd.as_raw_fd()));
-    let std_stream = std::net::TcpStream::from(socket.fd);
+    // The request's other duplicate (the reuse proof) is normally gone by now; if not, this
+    // drain takes a descriptor of its own.
+    let fd = Arc::try_unwrap(socket.fd).or_else(|shared| shared.try_clone())?;
+    let std_stream = std::net::TcpStream::from(fd);
     std_stream.set_nonblocking(true)?;
     // End of request for the pod. It still gets to answer.
     std_stream.shutdown(Shutdown::Write)?;

@@ -21,7 +21,12 @@
 //! take is undone under the lock, or the receiver is dropped with the slot inside and the slot's
 //! own drop releases it.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
+
+/// The ledger's maps: looked up several times per request under the ledger's lock, with keys
+/// (pod addresses, pool ids) that come from the config and discovery, never from a client, so
+/// a fast hasher in place of SipHash.
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -240,7 +245,7 @@ impl LocalLedger {
                 name,
                 limit,
                 members: Vec::new(),
-                held: HashMap::new(),
+                held: HashMap::default(),
                 waiters: Queue::default(),
                 closed: false,
                 dropped: false,

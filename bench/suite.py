@@ -1,5 +1,5 @@
 """lb-agent bench suite: `python3 bench/suite.py [all|balance|h2|overhead|queue|selection|
-replicas|page|asyncjobs …]`.
+replicas|page|asyncjobs|reqpath …]`.
 
 Normally started by `bash bench/run`, which installs the tools and builds lb-agent first.
 Each part writes bench/results/<part>.json; then the markdown table (results/latest.md, and
@@ -21,19 +21,21 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from benchkit import asyncjobs, balance, h2, overhead, page, queue, replicas, report, selection  # noqa: E402
-from benchkit.contenders import BARE_PINGORA, LB_AGENT, ROOT, TESTKIT  # noqa: E402
+from benchkit import asyncjobs, balance, h2, overhead, page, queue, replicas, report, reqpath, selection  # noqa: E402
+from benchkit.contenders import BARE_PINGORA, LB_AGENT, ROOT, TESTKIT, describe  # noqa: E402
 from benchkit.procs import BenchError, OtherLoad, loadavg, stop_all  # noqa: E402
 
-PARTS = ["balance", "h2", "overhead", "queue", "selection", "replicas", "page", "asyncjobs"]
+PARTS = ["balance", "h2", "overhead", "queue", "selection", "replicas", "page", "asyncjobs",
+         "reqpath"]
 NEEDS = {"balance": ["haproxy", "nginx"], "h2": ["haproxy", "nginx", "h2load"],
          "overhead": ["haproxy", "nginx", "wrk"], "queue": ["haproxy"], "selection": ["cargo"],
-         "replicas": ["haproxy", "redis-server"], "page": ["wrk"], "asyncjobs": ["haproxy"]}
+         "replicas": ["haproxy", "redis-server"], "page": ["wrk"], "asyncjobs": ["haproxy"],
+         "reqpath": ["nginx", "valgrind"]}
 # The binaries a part starts (selection builds its own with cargo).
 BINARIES = {"balance": [LB_AGENT, TESTKIT], "h2": [LB_AGENT, TESTKIT],
             "overhead": [LB_AGENT, BARE_PINGORA], "queue": [LB_AGENT, TESTKIT, BARE_PINGORA],
             "selection": [], "replicas": [LB_AGENT, TESTKIT], "page": [LB_AGENT, TESTKIT],
-            "asyncjobs": [LB_AGENT, TESTKIT]}
+            "asyncjobs": [LB_AGENT, TESTKIT], "reqpath": [LB_AGENT, BARE_PINGORA]}
 
 
 def log(msg):
@@ -108,12 +110,13 @@ def main(argv):
     work = tempfile.mkdtemp(prefix="lb-agent-bench-")
     log(f"bench: parts {' '.join(parts)}; logs and configs in {work}; load average {loadavg()}")
     with open(os.path.join(report.RESULTS, "machine.json"), "w") as f:
-        json.dump(machine(), f, indent=1)
+        json.dump({**machine(), "commit": commit()}, f, indent=1)
     reps = int(os.environ.get("BENCH_REPS", "3"))
     for part in parts:
         pdir = os.path.join(work, part)
         os.makedirs(pdir)
         started = datetime.datetime.now().astimezone()
+        at = commit()
         before = loadavg()
         log(f"== {part} (load average {before})")
         others = OtherLoad()
@@ -125,25 +128,32 @@ def main(argv):
             elif part == "overhead":
                 data = overhead.run(pdir, log, with_perf=os.environ.get("BENCH_PERF", "1") == "1")
             elif part == "queue":
-                data = queue.run(pdir, log)
+                data = queue.run(pdir, queue.REPS, log)
             elif part == "replicas":
                 data = replicas.run(pdir, reps, log)
             elif part == "page":
                 data = page.run(pdir, log)
             elif part == "asyncjobs":
                 data = asyncjobs.run(pdir, reps, log)
+            elif part == "reqpath":
+                data = reqpath.run(pdir, log)
             else:
                 data = selection.run(pdir, log)
         except BenchError as e:
             stop_all()
             sys.exit(f"bench: {part} failed: {e}\n(logs in {pdir})")
         others_mean, others_peak = others.stop()
+        now = commit()
+        if now != at:
+            at += f" (the tree was at {now} when the part ended)"
         meta = {"started": started.isoformat(timespec="seconds"),
                 "finished": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                 "seconds": round((datetime.datetime.now().astimezone() - started).total_seconds()),
-                "commit": commit(), "loadavg_before": before, "loadavg_after": loadavg(),
+                "commit": at, "loadavg_before": before, "loadavg_after": loadavg(),
                 "other_processes_cores_mean": round(others_mean, 3),
-                "other_processes_cores_peak": round(others_peak, 3), "machine": machine()}
+                "other_processes_cores_peak": round(others_peak, 3), "machine": machine(),
+                # How every contender of the harness was built and configured at this commit.
+                "contenders": describe()}
         with open(os.path.join(report.RESULTS, f"{part}.json"), "w") as f:
             json.dump({"meta": meta, "data": data}, f, indent=1)
         log(f"== {part} done in {meta['seconds']} s (load average {meta['loadavg_after']}; "

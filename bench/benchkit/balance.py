@@ -11,6 +11,9 @@ Workloads:
 * trickle: Poisson arrivals at 60% of capacity (24/s, fixed seed) for 6 s, 200 ms each.
   Ideal: every request starts on arrival or on the earliest free slot (FCFS over 8 slots with
   the measured send times). Efficiency = Σ ideal latency / Σ measured latency.
+
+Contenders, each in turn in every repetition: lb-agent, HAProxy, NGINX OSS with `max_conns`
+(`nginx`) and with plain `least_conn` (`nginx-lc`, no cap), the random model.
 """
 
 import asyncio
@@ -23,7 +26,7 @@ from .stats import fcfs_on_slots, makespan_lower_bound, median, pct, pod_figures
 
 PODS, LIMIT, WORKERS = 4, 2, 2
 SLOTS = PODS * LIMIT
-ORDER = ["lb-agent", "haproxy", "nginx", "random"]
+ORDER = ["lb-agent", "haproxy", "nginx", "nginx-lc", "random"]
 
 
 def workloads():

@@ -1,20 +1,26 @@
 """The load balancers under test, each configured the same way, and the fake pods.
 
-Every contender gets: the pod list, the per-pod cap (`limit`), one worker thread, a queue
+Every contender gets: the pod list, the per-pod cap (`limit`), THREADS worker thread(s), a queue
 (where it has one) of `max_waiting` requests waiting up to `queue_timeout` seconds, and no
 per-request access log (lb-agent runs with RUST_LOG=warn, HAProxy without `log`, NGINX with
 `access_log off`), so that none of them pays for logging the others skip.
 
-* lb-agent: `limit` per route, `threads: 1`.
-* HAProxy: `balance leastconn`, `maxconn <limit>` per server, `timeout queue`, `nbthread 1`.
-* NGINX OSS: `least_conn`, `max_conns=<limit>` per server, `worker_processes 1`. It has no
-  queue: when every server is at max_conns the request fails at once (502).
+* lb-agent: `limit` per route, `threads: 1`; the `dist` cargo profile; Pingora's runtime with
+  `work_stealing: false` (set in src/).
+* HAProxy: `balance leastconn`, `maxconn <limit>` per server, `http-reuse always` (idle server
+  connections shared across client connections), `timeout queue`, `nbthread 1`.
+* NGINX OSS (`nginx`): `least_conn`, `max_conns=<limit>` per server, `worker_processes 1`. It
+  has no queue: when every server is at max_conns the request fails at once (502).
+* NGINX OSS, plain `least_conn` (`nginx-lc`): the same without `max_conns`: no cap, no failures,
+  every request goes to the server with the fewest active connections.
 * pingora (bare): Pingora 0.9 itself, a `ProxyHttp` whose `upstream_peer` returns one fixed peer
-  (examples/bare_pingora.rs), one thread, no logging, default release build. It has no cap, no
-  queue and only one peer: it is the floor lb-agent stands on, run in the overhead part and for
-  the cost of an idle connection in the queue part.
+  (examples/bare_pingora.rs), built with the same `dist` profile as lb-agent, THREADS threads
+  (its third argument), no logging; its runtime (`work_stealing`) is what the example's
+  ServerConf sets, which describe() reads from the source for the results files. It has no
+  cap, no queue and only one peer: it is the floor lb-agent stands on, run in the overhead part
+  and for the cost of an idle connection in the queue part.
 * random: a model of kube-proxy's iptables mode, a TCP forwarder that picks a pod uniformly
-  at random per connection (randfwd.py). It has no cap and no queue.
+  at random per connection (randfwd.py, one asyncio thread). It has no cap and no queue.
 
 With `h2c=True` the client side is cleartext HTTP/2 with prior knowledge (the pods stay
 HTTP/1.1): lb-agent's port speaks it anyway, HAProxy gets `bind … proto h2`, NGINX
@@ -22,24 +28,37 @@ HTTP/1.1): lb-agent's port speaks it anyway, HAProxy gets `bind … proto h2`, N
 give it the addresses of an `H2cShim`.
 """
 
+import glob
 import json
 import os
+import re
+import shutil
 import socket
+import subprocess
 import sys
 
 from .procs import (BenchError, Proc, free_port, http_get_sync, read_all, wait_http_ok,
                     wait_tcp)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# lb-agent as the image ships it: the `dist` profile (release + LTO, one codegen unit).
-LB_AGENT = os.environ.get("LB_AGENT_BIN", os.path.join(ROOT, "target", "dist", "lb-agent"))
-# The floor: a Pingora proxy with one fixed peer and no logic (examples/bare_pingora.rs), built
-# with the plain `release` profile.
-BARE_PINGORA = os.environ.get("BARE_PINGORA_BIN",
-                              os.path.join(ROOT, "target", "release", "examples", "bare_pingora"))
-# The fake pods are not part of the product: they are the testkit crate's binary.
-TESTKIT = os.environ.get("TESTKIT_BIN", os.path.join(ROOT, "target", "release", "testkit"))
+# How bench/run builds each binary (keep the two in step). lb-agent as the image ships it, the
+# `dist` profile (release + LTO, one codegen unit); the floor, a Pingora proxy with one fixed
+# peer and no logic (examples/bare_pingora.rs, an example of the same package), with the same
+# profile; the fake pods, not part of the product, are the testkit crate's binary.
+BUILD = {"lb-agent": ("cargo build --profile dist -p lb-agent --bin lb-agent", "dist"),
+         "pingora": ("cargo build --profile dist -p lb-agent --example bare_pingora", "dist"),
+         "testkit": ("cargo build --release -p testkit", "release")}
+DEFAULT_BIN = {"lb-agent": os.path.join(ROOT, "target", "dist", "lb-agent"),
+               "pingora": os.path.join(ROOT, "target", "dist", "examples", "bare_pingora"),
+               "testkit": os.path.join(ROOT, "target", "release", "testkit")}
+LB_AGENT = os.environ.get("LB_AGENT_BIN", DEFAULT_BIN["lb-agent"])
+BARE_PINGORA = os.environ.get("BARE_PINGORA_BIN", DEFAULT_BIN["pingora"])
+TESTKIT = os.environ.get("TESTKIT_BIN", DEFAULT_BIN["testkit"])
+BARE_PINGORA_SRC = os.path.join(ROOT, "examples", "bare_pingora.rs")
 HOST = "127.0.0.1"
+# Worker threads of every contender: lb-agent `threads`, HAProxy `nbthread`, NGINX
+# `worker_processes` (bare Pingora: what its source sets, see describe()).
+THREADS = 1
 
 
 class FakePods:
@@ -133,7 +152,7 @@ class LbAgent(Contender):
             "config.yaml",
             f"""listen: {HOST}:{self.port}
 admin_listen: {HOST}:{self.admin}
-threads: 1
+threads: {THREADS}
 shutdown_delay: 0s
 queue: {{max_waiting: {self.max_waiting}, timeout: {self.queue_timeout}s}}
 routes:
@@ -166,6 +185,9 @@ class HAProxy(Contender):
         servers = "\n".join(
             f"  server pod{i} {a} maxconn {self.limit}" for i, a in enumerate(self.pods)
         )
+        # http-reuse always: an idle server connection serves any client connection (HAProxy's
+        # default, `safe`, gives a client connection's first request a server connection of its
+        # own), as lb-agent's and NGINX's upstream pools do.
         # maxconn: enough for max_waiting queued clients plus every slot. With a hard fd limit
         # below 2×maxconn HAProxy would refuse to start (strict-limits), although a queued
         # request holds only its client connection: `no strict-limits` lets it use what it has.
@@ -173,7 +195,7 @@ class HAProxy(Contender):
         cfg = self.write(
             "haproxy.cfg",
             f"""global
-  nbthread 1
+  nbthread {THREADS}
   maxconn {maxconn}
   no strict-limits
   stats socket {self.sock} mode 600 level admin
@@ -192,6 +214,7 @@ frontend fe
 
 backend pods
   balance leastconn
+  http-reuse always
 {servers}
 """,
         )
@@ -220,7 +243,7 @@ def nginx_preamble(workdir, connections, extra=""):
     worker, no daemon, every path under `workdir`, no access log, long keep-alive. The caller
     appends its `upstream`/`server` blocks and closes the `http` block."""
     w = workdir
-    return f"""worker_processes 1;
+    return f"""worker_processes {THREADS};
 daemon off;
 pid {w}/nginx.pid;
 error_log {w}/error.log warn;
@@ -239,9 +262,12 @@ http {{
 class Nginx(Contender):
     name = "nginx"
     has_queue = False
+    # Written after each `server` address: the per-server cap.
+    server_args = " max_conns={limit}"
 
     def start(self):
-        servers = "\n".join(f"    server {a} max_conns={self.limit};" for a in self.pods)
+        args = self.server_args.format(limit=self.limit)
+        servers = "\n".join(f"    server {a}{args};" for a in self.pods)
         w = self.workdir
         cfg = self.write(
             "nginx.conf",
@@ -269,6 +295,14 @@ class Nginx(Contender):
         wait_tcp(HOST, self.port, 10, self.proc)
 
 
+class NginxLeastConn(Nginx):
+    """NGINX OSS with plain `least_conn`: no `max_conns`, so no cap and nothing refused."""
+
+    name = "nginx-lc"
+    has_cap = False
+    server_args = ""
+
+
 class BarePingora(Contender):
     name = "pingora"
     has_queue = False
@@ -277,7 +311,8 @@ class BarePingora(Contender):
     def start(self):
         if len(self.pods) != 1:
             raise BenchError(f"pingora (bare) proxies to one fixed peer, not {len(self.pods)}")
-        self.proc = Proc(self.name, [BARE_PINGORA, f"{HOST}:{self.port}", self.pods[0]],
+        self.proc = Proc(self.name, [BARE_PINGORA, f"{HOST}:{self.port}", self.pods[0],
+                                     str(THREADS)],
                          os.path.join(self.workdir, "log"), cpus=self.cpus)
         wait_tcp(HOST, self.port, 10, self.proc)
 
@@ -315,12 +350,13 @@ frontend pod{i}
   default_backend pod{i}
 
 backend pod{i}
+  http-reuse always
   server pod{i} {pod}
 """ for i, (port, pod) in enumerate(zip(self.ports, pods)))
         cfg = os.path.join(self.workdir, "haproxy.cfg")
         with open(cfg, "w") as f:
             f.write(f"""global
-  nbthread 1
+  nbthread {THREADS}
   maxconn 4000
   no strict-limits
 
@@ -364,5 +400,115 @@ class Backend:
         self.proc.stop()
 
 
-ALL = {"lb-agent": LbAgent, "haproxy": HAProxy, "nginx": Nginx, "random": Random,
-       "pingora": BarePingora}
+ALL = {"lb-agent": LbAgent, "haproxy": HAProxy, "nginx": Nginx, "nginx-lc": NginxLeastConn,
+       "random": Random, "pingora": BarePingora}
+
+
+# --- how each contender is built and configured (recorded in every results file) ------------
+
+
+def _profile(name):
+    """Cargo.toml's settings of the cargo profile `name`, with what it inherits, e.g.
+    `dist`: lto = "fat", codegen-units = 1, debug = 1 (on Cargo's `release` defaults)."""
+    try:
+        import tomllib
+
+        with open(os.path.join(ROOT, "Cargo.toml"), "rb") as f:
+            profiles = tomllib.load(f).get("profile", {})
+    except (ImportError, OSError, ValueError) as e:
+        return f"`{name}` (Cargo.toml not read: {e})"
+    settings, p, base = {}, name, name
+    while p in profiles:
+        for k, v in profiles[p].items():
+            if k != "inherits":
+                settings.setdefault(k, v)
+        base, p = p, profiles[p].get("inherits")
+    base = p or base
+    return (f"`{name}`: " + (", ".join(f"{k} = {json.dumps(v)}" for k, v in settings.items())
+                             or "no settings") + f" (on Cargo's `{base}` defaults)")
+
+
+def _rust_setting(paths, key):
+    """What a Rust struct literal in `paths` sets `key` to (`work_stealing: false,` → "false"),
+    or None when none does."""
+    for path in paths:
+        try:
+            with open(path) as f:
+                text = f.read()
+        except OSError:
+            continue
+        m = re.search(rf"\b{key}\s*:\s*([\w.]+)\s*,", text)
+        if m:
+            return m.group(1)
+    return None
+
+
+def _version(argv):
+    if not shutil.which(argv[0]):
+        return f"{argv[0]} not installed"
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"{argv[0]}: {e}"
+    return ((out.stdout or out.stderr).strip().splitlines() or ["?"])[0]
+
+
+def _built(key, path):
+    how, profile = BUILD[key]
+    if path != DEFAULT_BIN[key]:
+        return {"built": f"given by the caller ({path})", "profile": "unknown"}
+    return {"built": f"`{how}`", "profile": _profile(profile)}
+
+
+def describe():
+    """How every contender of this harness is built and configured, for the results files
+    (suite.py records it in each part's `meta.contenders`) and the report's contenders table.
+    Whether a runtime is work-stealing is read from the sources (the `work_stealing:` of the
+    ServerConf that examples/bare_pingora.rs and src/ build; Pingora's default, true, when the
+    example sets none)."""
+    src = sorted(glob.glob(os.path.join(ROOT, "src", "**", "*.rs"), recursive=True))
+    lb_ws = _rust_setting(src, "work_stealing")
+    bare_ws = _rust_setting([BARE_PINGORA_SRC], "work_stealing")
+    haproxy, nginx = _version(["haproxy", "-v"]), _version(["nginx", "-v"])
+    nginx_common = (f"`worker_processes {THREADS}` (the master process serves no request), "
+                    "upstream `keepalive 64`, `access_log off`")
+    return {
+        "lb-agent": {
+            **_built("lb-agent", LB_AGENT),
+            "threads": f"{THREADS} (`threads: {THREADS}`)",
+            "work_stealing": lb_ws or "not found in src/",
+            "config": "`limit` per route, least in flight, FIFO queue (`queue.max_waiting`, "
+                      "`queue.timeout`), `RUST_LOG=warn`; the admin listener runs on threads "
+                      "of its own",
+        },
+        "pingora": {
+            **_built("pingora", BARE_PINGORA),
+            "threads": f"{THREADS} (its THREADS argument)",
+            "work_stealing": (f"{bare_ws} (set in examples/bare_pingora.rs)" if bare_ws
+                              else "true (Pingora's default; examples/bare_pingora.rs sets none)"),
+            "config": "`ProxyHttp` with one fixed peer, no logic, no logger, Pingora's default "
+                      "server settings otherwise",
+        },
+        "haproxy": {
+            "built": haproxy, "profile": "distribution package",
+            "threads": f"{THREADS} (`nbthread {THREADS}`)", "work_stealing": "—",
+            "config": "`balance leastconn`, `maxconn <limit>` per server, `http-reuse always`, "
+                      "`timeout queue`, no `log`",
+        },
+        "nginx": {
+            "built": nginx, "profile": "distribution package",
+            "threads": f"{THREADS} worker", "work_stealing": "—",
+            "config": f"`least_conn`, `max_conns=<limit>` per server (no queue: 502 when all "
+                      f"are full), {nginx_common}",
+        },
+        "nginx-lc": {
+            "built": nginx, "profile": "distribution package",
+            "threads": f"{THREADS} worker", "work_stealing": "—",
+            "config": f"`least_conn` only, no `max_conns` (no cap), {nginx_common}",
+        },
+        "random": {
+            "built": f"bench/benchkit/randfwd.py, Python {sys.version.split()[0]}",
+            "profile": "—", "threads": "1 (asyncio)", "work_stealing": "—",
+            "config": "a pod uniformly at random per TCP connection, no cap, no queue",
+        },
+    }

@@ -11,10 +11,10 @@ open (`-m`), N requests in all (`-n`), each `GET /work?ms=SERVICE_MS`. Ideal mak
 ceil(N / 8) × SERVICE_MS.
 
 Contenders, each with an h2c listener: lb-agent (its normal port), HAProxy (`bind … proto h2`),
-NGINX OSS 1.22 (`listen … http2` on a plain listener accepts prior-knowledge h2c), and the
-random model (kube-proxy: one random pod per TCP connection). The random model forwards
-bytes, so its pods must speak HTTP/2: each pod gets an h2c front door of its own
-(contenders.H2cShim, an uncapped HAProxy per-pod listener).
+NGINX OSS 1.22 with `max_conns` and with plain `least_conn` (`listen … http2` on a plain
+listener accepts prior-knowledge h2c), and the random model (kube-proxy: one random pod per TCP
+connection). The random model forwards bytes, so its pods must speak HTTP/2: each pod gets an
+h2c front door of its own (contenders.H2cShim, an uncapped HAProxy per-pod listener).
 
 Measured per run, from h2load's per-request log (`--log-file`: start µs, status, duration µs)
 and the pods' own `/_stats`: makespan (first stream opened → last response), failed requests
@@ -37,7 +37,7 @@ SLOTS = PODS * LIMIT
 N = int(os.environ.get("BENCH_H2_N", "128"))
 STREAMS = 32
 SERVICE_MS = 200
-ORDER = ["lb-agent", "haproxy", "nginx", "random"]
+ORDER = ["lb-agent", "haproxy", "nginx", "nginx-lc", "random"]
 
 
 def h2load(url, log_path, out_path):

@@ -2,12 +2,14 @@
 
 Backend: NGINX `return 200` on 127.0.2.1 (fast, keep-alive). Load: wrk, 1 thread, CONNS
 keep-alive connections, DURATION s after a WARMUP s warm-up; ROUNDS rounds with the proxies
-interleaved, median reported. Proxies run with one worker
-(lb-agent `threads: 1`, HAProxy `nbthread 1`, NGINX `worker_processes 1`), each with a cap far
-above the load so that only the forwarding is measured. `direct` is wrk against the backend
-itself (the floor of the network path); `pingora` is a bare Pingora proxy with one fixed peer
-and no logic (examples/bare_pingora.rs, default release build): the floor lb-agent stands on,
-so lb-agent's own per-request cost is its difference to that row.
+interleaved (every other round in reverse order), every round recorded, median and range
+reported. Proxies run with one worker (lb-agent `threads: 1`, HAProxy `nbthread 1`, NGINX
+`worker_processes 1`, bare Pingora one thread), each with a cap far above the load so that only
+the forwarding is measured; NGINX runs twice, with `max_conns` (`nginx`) and with plain
+`least_conn` (`nginx-lc`). `direct` is wrk against the backend itself (the floor of the network
+path); `pingora` is a bare Pingora proxy with one fixed peer and no logic
+(examples/bare_pingora.rs, built with the same `dist` profile as lb-agent): the floor lb-agent
+stands on, so lb-agent's own per-request cost is its difference to that row.
 
 On a machine with 2+ cores the proxy is pinned to CPU 1 and wrk + backend to CPU 0, so the
 proxy under test always has a core of its own. CPU seconds per 10k requests are read from
@@ -27,7 +29,7 @@ from .stats import median
 
 CONNS, DURATION, WARMUP = 32, 6, 2
 ROUNDS = int(os.environ.get("BENCH_OVERHEAD_ROUNDS", "3"))
-ORDER = ["direct", "pingora", "lb-agent", "haproxy", "nginx"]
+ORDER = ["direct", "pingora", "lb-agent", "haproxy", "nginx", "nginx-lc"]
 
 
 def cpu_plan():

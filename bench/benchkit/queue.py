@@ -20,6 +20,10 @@ lb-agent adds to an idle connection, and what a queued request adds on top of it
 When the blockers finish the 16 slots free and the queue drains; drain time is from the first
 blocker's response to the last queued response. NGINX OSS and the random model have no queue
 and are not run here.
+
+REPS repetitions (BENCH_QUEUE_REPS), each running lb-agent, HAProxy and bare Pingora (a fresh
+process each) in turn, the order reversed every other repetition so that none always runs
+first or after the same neighbour; every repetition is recorded, median and range reported.
 """
 
 import asyncio
@@ -29,13 +33,16 @@ import time
 from . import contenders as C
 from .client import Result, one, read_status, request_bytes
 from .procs import BenchError, cpu_seconds, rss_kib
+from .stats import median
 
 PODS, LIMIT = 4, 4
 SLOTS = PODS * LIMIT
 N = int(os.environ.get("BENCH_QUEUE_N", "10000"))
 HOLD_MS = int(os.environ.get("BENCH_QUEUE_HOLD_MS", "25000"))
 IDLE_S = 5
-ORDER = ["lb-agent", "haproxy"]
+REPS = int(os.environ.get("BENCH_QUEUE_REPS", "3"))
+# "pingora" is bare Pingora, run for the idle connections only (idle_connections).
+ORDER = ["lb-agent", "haproxy", "pingora"]
 
 
 async def poll(pred, timeout, what, every=0.1):
@@ -185,35 +192,69 @@ async def idle_connections(c):
             "kib_per_idle_connection": (rss_idle - rss0) / N}
 
 
-def run(workdir, log):
+def summarize(rs):
+    """Median of each figure over the repetitions `rs`, its range as `<key>_range`; counts
+    summed, each pod's highest in-flight count over all of them."""
+    out = {}
+    for k, v in rs[0].items():
+        if k not in ("rep", "position") and isinstance(v, (int, float)) \
+                and not isinstance(v, bool):
+            vals = [r[k] for r in rs]
+            out[k] = median(vals)
+            out[k + "_range"] = [min(vals), max(vals)]
+    if "statuses" in rs[0]:
+        statuses = {}
+        for r in rs:
+            for k, v in r["statuses"].items():
+                statuses[k] = statuses.get(k, 0) + v
+        out["statuses"] = statuses
+        out["failed"] = sum(r["failed"] for r in rs)
+        out["cap_violations"] = sum(r["cap_violations"] for r in rs)
+        out["max_inflight"] = [max(r["max_inflight"][p] for r in rs) for p in range(PODS)]
+    out["reps"] = len(rs)
+    return out
+
+
+def run(workdir, reps, log):
+    if reps < 1:
+        raise BenchError("BENCH_QUEUE_REPS must be ≥ 1")
     pods = C.FakePods(workdir, "127.0.1.1", PODS)
-    results = {}
+    runs = {name: [] for name in ORDER}
     try:
-        for name in ORDER:
-            c = C.ALL[name](workdir, pods.addrs, LIMIT, max_waiting=N + 1000,
-                            queue_timeout=HOLD_MS // 1000 + 300)
-            try:
-                r = asyncio.run(scenario(c, pods, log))
-            finally:
-                c.stop()
-            results[name] = r
-            log(f"queue {name}: {r['kib_per_queued_request']:.2f} KiB per queued request, idle "
-                f"{r['idle_core_share']:.2%} of a core, drained {N} in {r['drain_s']:.2f} s "
-                f"({r['drain_rps']:.0f}/s), failed {r['failed']}, max in flight {r['max_inflight']}")
-        # The floor: bare Pingora in front of one of the same pods, connections only.
-        c = C.BarePingora(workdir, pods.addrs[:1], LIMIT)
-        try:
-            bare = asyncio.run(idle_connections(c))
-        finally:
-            c.stop()
-        log(f"queue pingora (bare): RSS {bare['rss_before_kib']} KiB → "
-            f"{bare['rss_idle_conns_kib']} KiB with {N} idle connections: "
-            f"{bare['kib_per_idle_connection']:.2f} KiB per idle connection")
+        for rep in range(reps):
+            order = ORDER if rep % 2 == 0 else ORDER[::-1]
+            for position, name in enumerate(order):
+                if name == "pingora":
+                    # The floor: bare Pingora in front of one of the same pods, connections only.
+                    c = C.BarePingora(workdir, pods.addrs[:1], LIMIT)
+                    try:
+                        r = asyncio.run(idle_connections(c))
+                    finally:
+                        c.stop()
+                    log(f"queue rep {rep + 1}/{reps} pingora (bare): RSS {r['rss_before_kib']} "
+                        f"KiB → {r['rss_idle_conns_kib']} KiB with {N} idle connections: "
+                        f"{r['kib_per_idle_connection']:.2f} KiB per idle connection")
+                else:
+                    c = C.ALL[name](workdir, pods.addrs, LIMIT, max_waiting=N + 1000,
+                                    queue_timeout=HOLD_MS // 1000 + 300)
+                    try:
+                        r = asyncio.run(scenario(c, pods, log))
+                    finally:
+                        c.stop()
+                    log(f"queue rep {rep + 1}/{reps} {name}: {r['kib_per_queued_request']:.2f} KiB "
+                        f"per queued request, idle {r['idle_core_share']:.2%} of a core, drained "
+                        f"{N} in {r['drain_s']:.2f} s ({r['drain_rps']:.0f}/s), failed "
+                        f"{r['failed']}, max in flight {r['max_inflight']}")
+                r["rep"], r["position"] = rep + 1, position + 1
+                runs[name].append(r)
     finally:
         pods.stop()
     return {
-        "bare_pingora": bare,
+        "bare_pingora": summarize(runs["pingora"]),
         "setup": {"pods": PODS, "limit": LIMIT, "queued": N, "hold_ms": HOLD_MS,
-                  "idle_window_s": IDLE_S},
-        "results": results,
+                  "idle_window_s": IDLE_S, "reps": reps,
+                  "order": ORDER, "order_note": "repetitions 1, 3, … in this order, 2, 4, … "
+                                                "reversed"},
+        "results": {name: summarize(runs[name]) for name in ORDER if name != "pingora"},
+        "runs": runs,
     }

@@ -1,5 +1,7 @@
 """Scenario 4, selection cost: the criterion micro-benchmark bench/selection.rs
-(`cargo bench --bench selection`), pick + release with 10, 100 and 1,000 pods."""
+(`cargo bench --bench selection`), pick + release with 10, 100 and 1,000 pods; and
+release_with_queued_retries: 4 pods × limit 1, all busy, with 0, 1,000 and 10,000 queued
+retries that tried pod 0, one iteration giving pod 0's slot back and taking it again."""
 
 import json
 import os
@@ -10,6 +12,23 @@ from .procs import BenchError
 
 SIZES = [10, 100, 1000]
 STATES = ["idle", "mixed"]
+QUEUED_RETRIES = [0, 1000, 10000]
+
+
+def estimates(*group):
+    """criterion's mean and median of one benchmark (target/criterion/<group…>/new)."""
+    path = os.path.join(ROOT, "target", "criterion", *group, "new", "estimates.json")
+    try:
+        with open(path) as f:
+            est = json.load(f)
+    except (OSError, ValueError) as e:
+        raise BenchError(f"cargo bench wrote no estimate for {'/'.join(group)}: {e}")
+    return {
+        "mean_ns": est["mean"]["point_estimate"],
+        "mean_ci_ns": [est["mean"]["confidence_interval"]["lower_bound"],
+                       est["mean"]["confidence_interval"]["upper_bound"]],
+        "median_ns": est["median"]["point_estimate"],
+    }
 
 
 def run(workdir, log):
@@ -24,16 +43,12 @@ def run(workdir, log):
     results = {}
     for state in STATES:
         for n in SIZES:
-            path = os.path.join(ROOT, "target", "criterion", "pick_release", state, str(n),
-                                "new", "estimates.json")
-            with open(path) as f:
-                est = json.load(f)
-            r = {
-                "mean_ns": est["mean"]["point_estimate"],
-                "mean_ci_ns": [est["mean"]["confidence_interval"]["lower_bound"],
-                               est["mean"]["confidence_interval"]["upper_bound"]],
-                "median_ns": est["median"]["point_estimate"],
-            }
+            r = estimates("pick_release", state, str(n))
             results[f"{state}/{n}"] = r
             log(f"selection {state:5} {n:5} pods: {r['mean_ns'] / 1000:.2f} µs per pick + release")
-    return {"setup": {"limit": 4, "sizes": SIZES, "states": STATES}, "results": results}
+    for n in QUEUED_RETRIES:
+        r = estimates("release_with_queued_retries", str(n))
+        results[f"release_with_queued_retries/{n}"] = r
+        log(f"selection release with {n:5} queued retries: {r['mean_ns'] / 1000:.2f} µs")
+    return {"setup": {"limit": 4, "sizes": SIZES, "states": STATES,
+                      "queued_retries": QUEUED_RETRIES}, "results": results}

@@ -53,3 +53,32 @@ def pod_figures(stats, limit, slots, makespan_s):
         "utilisation": work_ms / (slots * makespan_s * 1000),
         "cap_violations": sum(1 for s in stats if s["max_inflight"] > limit),
     }
+
+
+# --- verdicts of the targets, from the ranges over repetitions --------------------------------
+# Each is True (met), False (not met) or None (a tie: the repetitions do not decide it).
+
+
+def meets(span, target, higher_is_better):
+    """A figure's range over the repetitions, [lo, hi], against a fixed target: met when every
+    repetition meets it, not met when none does, a tie when the range spans the target."""
+    lo, hi = span
+    if higher_is_better:
+        return True if lo >= target else False if hi < target else None
+    return True if hi <= target else False if lo > target else None
+
+
+def beats(mine, other, higher_is_better):
+    """lb-agent's range against another contender's: a tie when the two overlap, otherwise met
+    when lb-agent's is the better side."""
+    if mine[0] <= other[1] and other[0] <= mine[1]:
+        return None
+    return mine[0] > other[1] if higher_is_better else mine[1] < other[0]
+
+
+def all_of(verdicts):
+    """Several conditions of one target: not met if any is not met, met if all are, else a tie."""
+    verdicts = list(verdicts)
+    if False in verdicts:
+        return False
+    return True if all(v is True for v in verdicts) else None

@@ -267,15 +267,7 @@ async fn client_gone(session: &mut Session) {
         // socket's TCP state instead (the kernel knows about a FIN or RST behind unread data).
         return connection_closed(socket).await;
     }
-    session.as_mut().enable_retry_buffering();
-    let read = async {
-        loop {
-            let done = session.as_mut().is_body_done();
-            if session.as_mut().read_body_or_idle(done).await.is_err() {
-                return;
-            }
-        }
-    };
+    let read = read_past_body(session);
     // Reading past the body sees the close, unless the client pipelined its next request:
     // Pingora keeps those bytes for it and stops reading, and the TCP state tells instead.
     tokio::select! {
@@ -311,17 +303,19 @@ fn client_already_gone(session: &mut Session) -> bool {
     if !body_fits_retry_buffer(session) {
         return false;
     }
+    read_past_body(session).now_or_never().is_some()
+}
+
+/// Reads a small request body into Pingora's retry buffer (it is replayed to the pod) and then
+/// past it: ends when the client's side of the connection ends (see [`client_gone`]).
+async fn read_past_body(session: &mut Session) {
     session.as_mut().enable_retry_buffering();
-    async {
-        loop {
-            let done = session.as_mut().is_body_done();
-            if session.as_mut().read_body_or_idle(done).await.is_err() {
-                return;
-            }
+    loop {
+        let done = session.as_mut().is_body_done();
+        if session.as_mut().read_body_or_idle(done).await.is_err() {
+            return;
         }
     }
-    .now_or_never()
-    .is_some()
 }
 
 /// How soon a queued request first checks its client's TCP state, and the longest between two
